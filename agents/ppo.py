@@ -1,0 +1,205 @@
+"""The PPO core (Schulman et al. 2017): clipped surrogate, value loss, entropy, minibatched epochs.
+
+Every trainer in the project calls :func:`ppo_update`; the classic-control/MuJoCo trainer and
+the language-model trainer differ only in how they evaluate a minibatch (the ``evaluate``
+callable) and in the shape of one sample (a transition, or a sequence of tokens with a mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+# evaluate(minibatch) -> (new log-probs, entropy, new values), each shaped like batch["logprobs"].
+EvaluateFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of the PPO update; defaults follow CleanRL's ppo_continuous_action.py."""
+
+    update_epochs: int = 10
+    """K: epochs of minibatch updates over each rollout"""
+    num_minibatches: int = 32
+    """number of minibatches each epoch is split into"""
+    clip_coef: float = 0.2
+    """ε of the clipped surrogate: the ratio is kept in [1-ε, 1+ε]"""
+    clip_vloss: bool = True
+    """clip the value update around the rollout's values, as the PPO reference code does"""
+    vf_clip_coef: float | None = None
+    """clip range of the value loss (None: same as clip_coef)"""
+    vf_coef: float = 0.5
+    """weight of the value loss"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    norm_adv: bool = True
+    """normalise advantages to zero mean, unit std within each minibatch"""
+    target_kl: float | None = None
+    """stop the epochs early once the approximate KL of the last minibatch exceeds this"""
+    grad_accum_steps: int = 1
+    """split each minibatch into this many micro-batches whose gradients are accumulated"""
+
+    def validate(self, batch_size: int) -> None:
+        """Raise ValueError naming the first setting that cannot work for ``batch_size`` samples."""
+        if self.update_epochs < 1:
+            raise ValueError(f"update_epochs must be >= 1, got {self.update_epochs}")
+        if self.num_minibatches < 1 or batch_size % self.num_minibatches:
+            raise ValueError(
+                f"num_minibatches={self.num_minibatches} must be >= 1 and divide the batch size {batch_size}"
+            )
+        minibatch_size = batch_size // self.num_minibatches
+        if self.grad_accum_steps < 1 or minibatch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide the minibatch size {minibatch_size}"
+            )
+        if self.clip_coef <= 0:
+            raise ValueError(f"clip_coef must be > 0, got {self.clip_coef}")
+        if self.vf_clip_coef is not None and self.vf_clip_coef <= 0:
+            raise ValueError(f"vf_clip_coef must be > 0, got {self.vf_clip_coef}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (all entries when ``mask`` is None).
+
+    ``count`` overrides the denominator, so micro-batches of one minibatch can each divide by
+    the whole minibatch's count and their accumulated gradients equal the minibatch's.
+    """
+    if mask is None:
+        return x.mean() if count is None else x.sum() / count
+    total = (x * mask).sum()
+    return total / (mask.sum().clamp_min(1.0) if count is None else count)
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten ``x`` with the mean and (unbiased) std of its masked entries."""
+    if mask is None:
+        return (x - x.mean()) / (x.std() + eps)
+    n = mask.sum().clamp_min(2.0)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    return (x - mean) / (var.sqrt() + eps)
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
+    """Per-sample PPO policy loss ``-min(ρA, clip(ρ, 1-ε, 1+ε)A)`` (to be minimised)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+    return torch.max(unclipped, clipped)
+
+
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: float | None
+) -> torch.Tensor:
+    """Per-sample value loss ``½(V-R)²``; with ``clip_coef`` the pessimistic clipped form."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped
+    clipped_values = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+    return 0.5 * torch.max(unclipped, (clipped_values - returns) ** 2)
+
+
+def ppo_update(
+    params: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    evaluate: EvaluateFn,
+    config: PPOConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run K epochs of minibatch PPO updates over one rollout and return its metrics.
+
+    ``batch`` holds, with one sample per row of the leading dimension: ``logprobs`` (frozen at
+    collection), ``values`` (critic at collection), ``advantages``, ``returns``, an optional
+    ``mask`` (1 for samples that count: valid transitions, response tokens before EOS), and
+    whatever inputs ``evaluate`` reads. Per-token samples (shape ``[B, L]``) work unchanged:
+    minibatches are drawn over rows and losses are means over masked entries.
+
+    The metrics stay on the batch's device as 0-d tensors (no host sync per minibatch); the
+    only sync is one ``.item()`` per epoch when ``target_kl`` is set.
+    """
+    params = [p for p in params if p.requires_grad]
+    batch_size = batch["logprobs"].shape[0]
+    config.validate(batch_size)
+    minibatch_size = batch_size // config.num_minibatches
+    micro_size = minibatch_size // config.grad_accum_steps
+    vf_clip = (config.vf_clip_coef or config.clip_coef) if config.clip_vloss else None
+    device = batch["logprobs"].device
+    mask_all = batch.get("mask")
+
+    zero = torch.zeros((), device=device)
+    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    num_updates = 0
+    last_approx_kl = zero
+    epochs_run = 0
+    for _epoch in range(config.update_epochs):
+        epochs_run += 1
+        order = torch.randperm(batch_size, device=device, generator=generator)
+        for start in range(0, batch_size, minibatch_size):
+            mb_inds = order[start : start + minibatch_size]
+            mb_mask = mask_all[mb_inds] if mask_all is not None else None
+            mb_count = mb_mask.sum().clamp_min(1.0) if mb_mask is not None else float(mb_inds.numel() * _per_row(batch))
+            mb_adv = batch["advantages"][mb_inds]
+            if config.norm_adv:
+                mb_adv = normalize(mb_adv, mb_mask)
+            optimizer.zero_grad(set_to_none=True)
+            mb_approx_kl = zero
+            for micro_start in range(0, minibatch_size, micro_size):
+                local = slice(micro_start, micro_start + micro_size)
+                inds = mb_inds[local]
+                micro = {k: v[inds] for k, v in batch.items()}
+                mask = mb_mask[local] if mb_mask is not None else None
+                new_logprob, entropy, new_value = evaluate(micro)
+                logratio = new_logprob - micro["logprobs"]
+                ratio = logratio.exp()
+                pg = masked_mean(clipped_surrogate(ratio, mb_adv[local], config.clip_coef), mask, mb_count)
+                vl = masked_mean(value_loss(new_value, micro["values"], micro["returns"], vf_clip), mask, mb_count)
+                ent = masked_mean(entropy, mask, mb_count)
+                loss = pg - config.ent_coef * ent + config.vf_coef * vl
+                loss.backward()
+                with torch.no_grad():
+                    # k3 estimator of KL(old || new): unbiased and non-negative (Schulman's blog "Approximating KL").
+                    approx_kl = masked_mean((ratio - 1.0) - logratio, mask, mb_count)
+                    mb_approx_kl = mb_approx_kl + approx_kl
+                    sums["approx_kl"] += approx_kl
+                    sums["old_approx_kl"] += masked_mean(-logratio, mask, mb_count)
+                    sums["clipfrac"] += masked_mean(((ratio - 1.0).abs() > config.clip_coef).float(), mask, mb_count)
+                    sums["policy_loss"] += pg
+                    sums["value_loss"] += vl
+                    sums["entropy"] += ent
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            last_approx_kl = mb_approx_kl
+            num_updates += 1
+        if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
+            break
+
+    metrics = {k: v / num_updates for k, v in sums.items()}
+    metrics["epochs"] = torch.tensor(float(epochs_run), device=device)
+    return metrics
+
+
+def _per_row(batch: Batch) -> int:
+    """Number of loss entries in one row of the batch (1 for transitions, L for token sequences)."""
+    return batch["logprobs"][0].numel()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - Var[R - V] / Var[R]`` over masked entries: 1 is a perfect critic, ≤ 0 a useless one."""
+    if mask is None:
+        mask = torch.ones_like(returns)
+    n = mask.sum().clamp_min(1.0)
+    mean_r = (returns * mask).sum() / n
+    var_r = (((returns - mean_r) * mask) ** 2).sum() / n
+    diff = (returns - values) * mask
+    mean_d = diff.sum() / n
+    var_d = (((returns - values - mean_d) * mask) ** 2).sum() / n
+    return torch.where(var_r > 0, 1.0 - var_d / var_r, torch.full_like(var_r, float("nan")))
