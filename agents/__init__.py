@@ -1,0 +1,1 @@
+"""PPO with GAE: one core for classic-control, MuJoCo and language-model policies."""
