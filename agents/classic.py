@@ -135,8 +135,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "Pendulum-v1": dict(
         total_timesteps=200_000, num_envs=4, num_steps=1024, learning_rate=1e-3, gamma=0.9, gae_lambda=0.95,
-        ppo=_ppo(update_epochs=10, num_minibatches=64, ent_coef=0.0, clip_coef=0.2), normalize_obs=False,
-        log_std_init=-0.5,
+        ppo=_ppo(update_epochs=10, num_minibatches=64, ent_coef=0.0, clip_coef=0.2), normalize_obs=True,
+        normalize_reward=True, log_std_init=-0.5,
     ),
     **{f"{name}-v5": dict(_MUJOCO) for name in ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid")},
 }
@@ -169,6 +169,27 @@ def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
     )
 
 
+def new_run_dir(config: TrainConfig) -> Path:
+    """A fresh run directory: ``--run-name`` as given (refused if it already holds a run), or
+    ``<env_id>__<seed>__<date-time>`` made unique."""
+    root = Path(config.runs_dir)
+    if config.run_name is not None:
+        run_dir = root / config.run_name
+        if (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"run directory {str(run_dir)!r} already holds a run; choose another --run-name")
+        return run_dir
+    base = f"{config.env_id}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()  # atomic: two runs started in the same second get different names
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {root}")
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train PPO as ``config`` says; write logs, checkpoint and ``summary.json``; return the summary."""
     config.validate()
@@ -177,8 +198,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True
 
-    run_name = config.run_name or f"{config.env_id}__{config.seed}__{int(time.time())}"
-    run_dir = Path(config.runs_dir) / run_name
+    run_dir = new_run_dir(config)
     logger = RunLogger(run_dir, tensorboard=config.tensorboard)
     atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
 

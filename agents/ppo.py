@@ -136,13 +136,16 @@ def ppo_update(
     mask_all = batch.get("mask")
 
     zero = torch.zeros((), device=device)
-    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy")}
+    # Per-minibatch diagnostics are computed after each epoch from the detached log-ratios,
+    # which keeps the hot loop to the ops the gradient needs.
+    kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
     num_updates = 0
-    last_approx_kl = zero
     epochs_run = 0
     for _epoch in range(config.update_epochs):
         epochs_run += 1
         order = torch.randperm(batch_size, device=device, generator=generator)
+        logratios: list[torch.Tensor] = []
         for start in range(0, batch_size, minibatch_size):
             mb_inds = order[start : start + minibatch_size]
             mb_mask = mask_all[mb_inds] if mask_all is not None else None
@@ -151,7 +154,6 @@ def ppo_update(
             if config.norm_adv:
                 mb_adv = normalize(mb_adv, mb_mask)
             optimizer.zero_grad(set_to_none=True)
-            mb_approx_kl = zero
             for micro_start in range(0, minibatch_size, micro_size):
                 local = slice(micro_start, micro_start + micro_size)
                 inds = mb_inds[local]
@@ -165,26 +167,46 @@ def ppo_update(
                 ent = masked_mean(entropy, mask, mb_count)
                 loss = pg - config.ent_coef * ent + config.vf_coef * vl
                 loss.backward()
-                with torch.no_grad():
-                    # k3 estimator of KL(old || new): unbiased and non-negative (Schulman's blog "Approximating KL").
-                    approx_kl = masked_mean((ratio - 1.0) - logratio, mask, mb_count)
-                    mb_approx_kl = mb_approx_kl + approx_kl
-                    sums["approx_kl"] += approx_kl
-                    sums["old_approx_kl"] += masked_mean(-logratio, mask, mb_count)
-                    sums["clipfrac"] += masked_mean(((ratio - 1.0).abs() > config.clip_coef).float(), mask, mb_count)
-                    sums["policy_loss"] += pg
-                    sums["value_loss"] += vl
-                    sums["entropy"] += ent
+                logratios.append(logratio.detach())
+                sums["policy_loss"] += pg.detach()
+                sums["value_loss"] += vl.detach()
+                sums["entropy"] += ent.detach()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            last_approx_kl = mb_approx_kl
             num_updates += 1
+        with torch.no_grad():
+            # k3 estimator of KL(old || new): unbiased and non-negative (Schulman, "Approximating KL").
+            kl = _epoch_kl_stats(torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef)
+            for k in kl_sums:
+                kl_sums[k] += kl[k].sum()
+            last_approx_kl = kl["approx_kl"][-1]
         if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
             break
 
+    sums |= kl_sums
     metrics = {k: v / num_updates for k, v in sums.items()}
     metrics["epochs"] = torch.tensor(float(epochs_run), device=device)
     return metrics
+
+
+def _epoch_kl_stats(
+    logratio: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None, minibatch_size: int, clip_coef: float
+) -> dict[str, torch.Tensor]:
+    """Per-minibatch approx KL (k1 and k3) and clip fraction of one epoch, shape ``[num_minibatches]``.
+
+    ``logratio`` holds the epoch's rows in the order they were visited (``order``).
+    """
+    num_mb = logratio.shape[0] // minibatch_size
+    mask = mask_all[order] if mask_all is not None else torch.ones_like(logratio)
+    logratio = logratio.reshape(num_mb, minibatch_size, -1)
+    mask = mask.reshape(num_mb, minibatch_size, -1).to(logratio.dtype)
+    count = mask.sum(dim=(1, 2)).clamp_min(1.0)
+    ratio = logratio.exp()
+    return {
+        "approx_kl": (((ratio - 1.0) - logratio) * mask).sum(dim=(1, 2)) / count,
+        "old_approx_kl": (-logratio * mask).sum(dim=(1, 2)) / count,
+        "clipfrac": (((ratio - 1.0).abs() > clip_coef).to(logratio.dtype) * mask).sum(dim=(1, 2)) / count,
+    }
 
 
 def _per_row(batch: Batch) -> int:
