@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -77,7 +78,9 @@ def train_config(env_id: str, seed: int, steps_scale: float):
 def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str) -> dict[str, Any]:
     from agents.classic import train
 
-    config = dataclasses.replace(train_config(env_id, seed, steps_scale), runs_dir=f"{out_dir}/runs",
+    # Run directories (TensorBoard files and all) stay out of the repo; raw/ keeps the curve.
+    runs_dir = Path(tempfile.gettempdir()) / "textenv-ppo-bench-runs"
+    config = dataclasses.replace(train_config(env_id, seed, steps_scale), runs_dir=str(runs_dir),
                                  run_name=f"textenv-ppo__{env_id}__{seed}")
     import shutil
 

@@ -1,0 +1,222 @@
+"""The text environments: single vs vector equivalence, Gymnasium/SB3 compatibility, rewards, bad input."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import textenv
+from textenv import RewardError, TextGenerationEnv, TextGenerationVectorEnv, score_batch
+from textenv.models import char_tokenizer, load_causal_lm, tiny_causal_lm
+
+TINY = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
+
+
+def _reference_logprobs(model, prompt_ids, response_ids):
+    """log π_ref of each response token from one full forward over prompt + response, unpadded."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    n = len(prompt_ids)
+    return [logp[n - 1 + i, tok].item() for i, tok in enumerate(response_ids)]
+
+
+def test_ref_logprob_matches_a_full_uncached_forward():
+    env = TextGenerationEnv(**TINY)
+    obs, info = env.reset(seed=3)
+    prompt_ids = env.tokenizer(info["prompt"])["input_ids"][-8:]
+    actions = [5, 9, 3, 3, 7, 4]  # no EOS (id 1): runs to the budget
+    ref = []
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        ref.append(info["ref_logprob"])
+    assert terminated and info["truncated_response"] and info["response_length"] == 6
+    expected = _reference_logprobs(env.reference_model, prompt_ids, actions)
+    np.testing.assert_allclose(ref, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rewards_sum_to_score_plus_beta_ref_logprobs():
+    env = TextGenerationEnv(**TINY)
+    env.reset(seed=0)
+    total, ref_sum = 0.0, 0.0
+    for a in [3, 3, 4, 1]:  # ends with EOS at the 4th token
+        _, reward, terminated, _, info = env.step(a)
+        total += reward
+        ref_sum += info["ref_logprob"]
+    assert terminated and not info["truncated_response"]
+    assert info["response_text"] == "aab"  # EOS is not part of the text
+    assert info["score"] == pytest.approx(2 / 3)
+    assert total == pytest.approx(info["score"] + 0.1 * ref_sum, rel=1e-6)
+
+
+def test_vector_env_matches_single_envs_token_for_token():
+    n, seed = 5, 11
+    envs = TextGenerationVectorEnv(num_envs=n, **TINY)
+    singles = [TextGenerationEnv(**TINY) for _ in range(n)]
+    rng = np.random.default_rng(0)
+    vobs, vinfo = envs.reset(seed=seed)
+    sobs = [env.reset(seed=seed + i) for i, env in enumerate(singles)]
+    assert list(vinfo["prompt"]) == [info["prompt"] for _, info in sobs]
+    for i, (o, _) in enumerate(sobs):
+        for key in ("input_ids", "attention_mask"):
+            np.testing.assert_array_equal(vobs[key][i].numpy(), o[key])
+    alive = [True] * n
+    for t in range(TINY["max_new_tokens"]):
+        # EOS is likely enough that rows end at different steps.
+        actions = rng.integers(0, 12, size=n)
+        vobs, vrew, vterm, vtrunc, vinfo = envs.step(torch.as_tensor(actions))
+        for i, env in enumerate(singles):
+            if not alive[i]:
+                assert vrew[i].item() == 0.0 and not vterm[i]
+                continue
+            o, r, term, trunc, info = env.step(actions[i])
+            for key in ("input_ids", "attention_mask"):
+                np.testing.assert_array_equal(vobs[key][i].numpy(), o[key])
+            assert vrew[i].item() == pytest.approx(r, abs=1e-5)
+            assert vinfo["ref_logprob"][i].item() == pytest.approx(info["ref_logprob"], abs=1e-5)
+            assert bool(vterm[i]) == term and not trunc and not vtrunc[i]
+            if term:
+                assert vinfo["_score"][i] and vinfo["score"][i].item() == pytest.approx(info["score"])
+                assert vinfo["response_text"][i] == info["response_text"]
+                assert bool(vinfo["truncated_response"][i]) == info["truncated_response"]
+                alive[i] = False
+        if not any(alive):
+            break
+    assert not any(alive)
+    assert len({int(x) for x in vinfo.get("response_length", torch.zeros(1)).tolist()}) >= 1
+
+
+def test_vector_env_keeps_tensors_on_device_and_kl_coef_is_settable():
+    envs = gym.make_vec("textenv/Toy-v0", num_envs=3, model="tiny", max_new_tokens=4, kl_coef=0.0)
+    assert isinstance(envs, TextGenerationVectorEnv)
+    obs, _ = envs.reset(seed=0)
+    _, r0, *_ = envs.step(torch.tensor([5, 5, 5]))
+    assert isinstance(r0, torch.Tensor) and torch.all(r0 == 0)
+    envs.set_attr("kl_coef", 0.5)
+    _, r1, _, _, info = envs.step(torch.tensor([5, 5, 5]))
+    torch.testing.assert_close(r1, 0.5 * info["ref_logprob"])
+
+
+def test_gymnasium_env_checker_passes():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make("textenv/Toy-v0", model="tiny", max_new_tokens=4, render_mode="ansi")
+    check_env(env.unwrapped, skip_render_check=False)
+
+
+def test_sb3_env_checker_and_ppo_run():
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_checker import check_env
+
+    env = TextGenerationEnv(**TINY)
+    check_env(env, warn=False)
+    model = PPO("MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps >= 256
+
+
+def test_registered_tasks_build_and_document_themselves():
+    for name in ("Sentiment", "Arithmetic", "Toy", "RewardModel"):
+        spec = gym.spec(f"textenv/{name}-v0")
+        assert spec.vector_entry_point is not None
+        doc = textenv.TASKS[name].__doc__
+        for section in ("## Description", "## Action Space", "## Observation Space", "## Rewards",
+                        "## Starting State", "## Episode End", "## Arguments"):
+            assert section in doc, (name, section)
+    env = gym.make("textenv/Arithmetic-v0", model="tiny", max_prompt_tokens=64)
+    _, info = env.reset(seed=0)
+    task = env.unwrapped.task
+    answer = task.answers[info["prompt"]]
+    reward_fn = task.build_reward()
+    assert reward_fn([info["prompt"]] * 2, [f" {answer} apples", " 99999"]) == [1.0, 0.0]
+
+
+def test_custom_reward_object_and_registered_name():
+    @textenv.register("test_len_chars")
+    def length_chars(prompts, responses):
+        return [len(r) / 10 for r in responses]
+
+    for reward in (length_chars, "test_len_chars"):
+        env = TextGenerationEnv(reward=reward, **TINY)
+        env.reset(seed=0)
+        for a in [3, 4, 1]:
+            _, r, term, _, info = env.step(a)
+        assert info["score"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(lambda p, r: 1 / 0, "raised ZeroDivisionError"),
+     (lambda p, r: [1.0] * (len(r) + 1), "returned 2 scores for 1"),
+     (lambda p, r: [float("nan")], "returned nan for item 0"),
+     (lambda p, r: [float("inf")], "returned inf for item 0"),
+     (lambda p, r: ["x"], "sequence of floats")],
+)
+def test_bad_reward_fails_with_a_clear_error(bad, match):
+    with pytest.raises(RewardError, match=match):
+        score_batch(bad, ["p"], ["r"])
+    env = TextGenerationEnv(reward=bad, **TINY)
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match="reward '<lambda>'"):
+        env.step(1)
+
+
+def test_bad_input_errors():
+    env = TextGenerationEnv(**TINY)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(3)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="outside Discrete"):
+        env.step(10_000)
+    env.step(1)  # EOS ends the episode
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(3)
+    with pytest.raises(ValueError, match="prompt set is empty"):
+        TextGenerationEnv(task="Toy", model="tiny", prompts=[])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        TextGenerationEnv(task="Toy", model="tiny", max_prompt_tokens=250, max_new_tokens=10)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextGenerationEnv(task="Toy", model="./no/such/model")
+    with pytest.raises(ValueError, match="unknown task"):
+        TextGenerationEnv(task="Nope", model="tiny")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            TextGenerationEnv(device="cuda", **TINY)
+
+
+def test_long_prompts_are_left_truncated():
+    env = TextGenerationEnv(**TINY)
+    obs, _ = env.reset(options={"prompt": "abcdefghijklmnop"})
+    kept = env.tokenizer.decode(obs["input_ids"][:8][obs["attention_mask"][:8] == 1])
+    assert kept == "ijklmnop"
+
+
+def test_tokenizer_without_pad_token_pads_with_eos():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok)
+    tok.pad_token = None
+    env = TextGenerationEnv(task="Toy", model=model, tokenizer=tok, max_new_tokens=3)
+    obs, _ = env.reset(seed=0)
+    assert tok.pad_token_id == tok.eos_token_id
+    assert obs["input_ids"][0] == tok.eos_token_id and obs["attention_mask"][0] == 0
+
+
+def test_load_causal_lm_rejects_what_is_not_a_causal_lm(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_causal_lm(str(tmp_path))
+    from transformers import DistilBertConfig  # an encoder: no causal-LM head exists for it
+
+    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
+    with pytest.raises(ValueError, match="not a causal language model"):
+        load_causal_lm(str(tmp_path / "clf"))
+
+
+def test_load_causal_lm_loads_a_saved_model_with_from_pretrained(tmp_path):
+    tok = char_tokenizer()
+    tiny_causal_lm(tok, seed=4).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, tok2 = load_causal_lm(str(tmp_path / "m"))
+    ids = torch.tensor([tok("hello")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_causal_lm(tok, seed=4)(input_ids=ids).logits)
+    assert tok2.decode(ids[0]) == "hello"

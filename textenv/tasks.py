@@ -1,0 +1,202 @@
+"""Tasks: a prompt set, a default reward, a response budget and a KL coefficient.
+
+Each task is registered with Gymnasium as ``textenv/<Name>-v0`` (see ``textenv/__init__.py``)
+and documents itself in Gymnasium's env format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, ClassVar
+
+from textenv.rewards import AnswerRegex, ClassifierReward, KeywordReward, RewardFn, get_reward
+
+
+def _lines(name: str) -> list[str]:
+    text = resources.files("textenv").joinpath("data", name).read_text(encoding="utf-8")
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+
+
+def _jsonl(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(name)]
+
+
+_SECTIONS = """
+    ## Action Space
+    ``Discrete(vocab_size)``: the id of the next token of the policy's tokenizer.
+
+    ## Observation Space
+    ``Dict(input_ids=Box(0, vocab_size-1, (P+B,), int64), attention_mask=Box(0, 1, (P+B,), int64))``
+    with ``P = max_prompt_tokens`` and ``B = max_new_tokens``: the prompt left-padded into the
+    first ``P`` slots, the response so far in the next ``B`` (then padding), mask 1 on real tokens.
+
+    ## Rewards
+    ``score · 1[last step] + kl_coef · log π_ref(a_t | s_t)``: an agent that adds
+    ``−kl_coef · log π(a_t | s_t)`` gets exactly the KL-penalised RLHF reward
+    ``score − kl_coef · Σ_t (log π − log π_ref)``. ``info["ref_logprob"]`` carries ``log π_ref``.
+
+    ## Starting State
+    A prompt drawn uniformly from the task's prompt set with the env's ``np_random``, or
+    ``options["prompt"]``. Prompts longer than ``max_prompt_tokens`` are left-truncated.
+
+    ## Episode End
+    Terminated at the EOS token or when the response reaches ``max_new_tokens`` (a terminal
+    state of the task, not a time limit: ``info["truncated_response"]`` says which). Never truncated.
+"""
+
+
+@dataclass
+class Task:
+    """Base of the tasks; subclasses set the defaults and document the task."""
+
+    name: ClassVar[str] = "Task"
+    prompts: list[str] = field(default_factory=list)
+    reward: str | RewardFn | None = None
+    max_new_tokens: int = 24
+    max_prompt_tokens: int = 64
+    kl_coef: float = 0.05
+
+    def build_reward(self) -> RewardFn:
+        if self.reward is None:
+            raise ValueError(f"task {self.name} needs a reward")
+        return get_reward(self.reward)
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ValueError(f"task {self.name}: the prompt set is empty")
+        for i, p in enumerate(self.prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"task {self.name}: prompt {i} is empty")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"task {self.name}: max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.kl_coef < 0:
+            raise ValueError(f"task {self.name}: kl_coef must be >= 0, got {self.kl_coef}")
+
+
+@dataclass
+class Sentiment(Task):
+    __doc__ = """Continue a review so that it reads positive.
+
+    ## Description
+    Prompts are openings of reviews of films, food, products and places, written for this
+    project. The score is VADER's compound sentiment of the continuation (offline lexicon,
+    in [-1, 1]); pass ``reward=ClassifierReward("<hf sentiment model>", "POSITIVE",
+    probability=True, with_prompt=False)`` to score with a classifier instead.
+    """ + _SECTIONS + """
+    ## Arguments
+    ``gym.make("textenv/Sentiment-v0", model="embedded", max_new_tokens=24, kl_coef=0.05)``
+
+    ## Version History
+    * v0: initial version.
+    """
+    name: ClassVar[str] = "Sentiment"
+    prompts: list[str] = field(default_factory=lambda: _lines("sentiment_prompts.txt"))
+    reward: str | RewardFn | None = "vader"
+    max_new_tokens: int = 24
+    max_prompt_tokens: int = 32
+    kl_coef: float = 0.05
+
+
+@dataclass
+class RewardModel(Task):
+    __doc__ = """Answer an instruction; a learned reward model scores prompt + response.
+
+    ## Description
+    Prompts are short instructions written for this project. ``reward_model`` is any
+    ``AutoModelForSequenceClassification`` id or path; ``label`` picks the logit (0 for a
+    scalar-head reward model, or a label name of ``config.id2label``).
+    """ + _SECTIONS + """
+    ## Arguments
+    ``gym.make("textenv/RewardModel-v0", model=..., reward_model="path/to/rm", label=0)``
+
+    ## Version History
+    * v0: initial version.
+    """
+    name: ClassVar[str] = "RewardModel"
+    prompts: list[str] = field(default_factory=lambda: _lines("instruction_prompts.txt"))
+    reward_model: str | None = None
+    label: str | int = 0
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 48
+    kl_coef: float = 0.05
+
+    def build_reward(self) -> RewardFn:
+        if self.reward is not None:
+            return get_reward(self.reward)
+        if self.reward_model is None:
+            raise ValueError("task RewardModel needs reward_model=<AutoModelForSequenceClassification id or path>")
+        return ClassifierReward(self.reward_model, self.label)
+
+
+@dataclass
+class Arithmetic(Task):
+    __doc__ = """Answer short arithmetic and word problems; the answer is verified.
+
+    ## Description
+    160 generated ``a op b`` questions and 16 word problems, each with its answer (package
+    data). The score is 1 when the first number in the response equals the answer
+    (``AnswerRegex``), else 0; ``ExactMatch`` is the stricter alternative.
+    """ + _SECTIONS + """
+    ## Arguments
+    ``gym.make("textenv/Arithmetic-v0", model="embedded", max_new_tokens=8)``
+
+    ## Version History
+    * v0: initial version.
+    """
+    name: ClassVar[str] = "Arithmetic"
+    answers: dict[str, str] = field(default_factory=lambda: {r["prompt"]: r["answer"] for r in _jsonl("arithmetic.jsonl")})
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 8
+    max_prompt_tokens: int = 48
+    kl_coef: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = list(self.answers)
+
+    def build_reward(self) -> RewardFn:
+        return get_reward(self.reward) if self.reward is not None else AnswerRegex(self.answers)
+
+
+@dataclass
+class Toy(Task):
+    __doc__ = """Say the letter ``a``: learnable by a tiny random model in about a minute on a CPU.
+
+    ## Description
+    Short prompts over the tiny character vocabulary (``model="tiny"``). The score is the
+    fraction of response characters that are ``a`` (``KeywordReward("a")``), so a policy
+    that writes only ``a`` until the budget scores 1.
+    """ + _SECTIONS + """
+    ## Arguments
+    ``gym.make("textenv/Toy-v0", model="tiny", max_new_tokens=8, kl_coef=0.0)``
+
+    ## Version History
+    * v0: initial version.
+    """
+    name: ClassVar[str] = "Toy"
+    prompts: list[str] = field(default_factory=lambda: _lines("toy_prompts.txt"))
+    max_new_tokens: int = 8
+    max_prompt_tokens: int = 16
+    kl_coef: float = 0.0
+
+    def build_reward(self) -> RewardFn:
+        return get_reward(self.reward) if self.reward is not None else KeywordReward("a")
+
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy)}
+
+
+def make_task(task: str | Task, **overrides: Any) -> Task:
+    """A task by name (``"Sentiment"``) or instance, with field overrides (``max_new_tokens=...``)."""
+    if isinstance(task, Task):
+        if overrides:
+            raise ValueError("pass overrides to the Task you construct, not beside it")
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return TASKS[task](**overrides)
