@@ -220,3 +220,31 @@ def test_load_causal_lm_loads_a_saved_model_with_from_pretrained(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, tiny_causal_lm(tok, seed=4)(input_ids=ids).logits)
     assert tok2.decode(ids[0]) == "hello"
+
+
+def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from textenv.rewards import ClassifierReward
+
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm = ClassifierReward(str(tmp_path / "rm"))
+    direct = rm(["hi "], ["there"])
+    ref = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([tok("hi there")["input_ids"]])).logits[0, 0].item()
+    assert direct[0] == pytest.approx(expected, rel=1e-5)
+    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), max_new_tokens=3,
+                   max_prompt_tokens=64)
+    _, info = env.reset(seed=0)
+    for a in (5, 6, 7):
+        _, _, term, _, step_info = env.step(a)
+    assert term
+    assert step_info["score"] == pytest.approx(rm([info["prompt"]], [step_info["response_text"]])[0], rel=1e-5)
+    with pytest.raises(ValueError, match="needs reward_model"):
+        gym.make("textenv/RewardModel-v0", model="tiny")

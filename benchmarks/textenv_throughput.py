@@ -1,0 +1,139 @@
+"""Tokens/s of stepping the vector text env vs a bare KV-cached forward of the same model.
+
+    python -m benchmarks.textenv_throughput --batch-sizes 1 8 32 --max-new-tokens 24
+
+Both sides do the same model work at the same batch: one forward over the left-padded
+prompts, then one single-token forward per step with the KV cache, random tokens as actions
+(a random policy; EOS is rare, so episodes run to the budget). The env adds what an env
+must: the log-prob gather for the KL reward, the observation buffers, the per-step flags,
+and decoding + scoring (VADER) at the end. Overhead = env time / bare time − 1.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ThroughputConfig:
+    """Env stepping vs bare KV-cached forward, same model and batch."""
+
+    model: str = "embedded"
+    """reference model: embedded, tiny, an HF id or path"""
+    task: str = "Sentiment"
+    """task whose prompts and reward the env uses"""
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    """batch sizes to measure"""
+    max_new_tokens: int = 24
+    """response budget (steps per episode)"""
+    repeats: int = 3
+    """timed episodes per side and batch size (median reported), after one warm-up"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    threads: int = 0
+    """torch threads (0: torch's default)"""
+    out: str = "benchmarks/results/textenv_throughput.md"
+    """markdown table to write"""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generator: torch.Generator) -> None:
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    cache, mask = out.past_key_values, prompt_mask
+    ones = torch.ones_like(mask[:, :1])
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (prompt_ids.shape[0], 1), device=prompt_ids.device, generator=generator)
+        torch.log_softmax(out.logits[:, -1].float(), -1)
+        mask = torch.cat([mask, ones], dim=1)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+
+
+def env_episode(envs, steps: int, vocab: int, generator: torch.Generator) -> int:
+    envs.reset(seed=0)
+    n = 0
+    for _ in range(steps):
+        actions = torch.randint(0, vocab, (envs.num_envs,), device=envs.device, generator=generator)
+        _, _, term, _, _ = envs.step(actions)
+        n += 1
+        if bool(term.all()) and n == steps:
+            break
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    from textenv import TextGenerationVectorEnv
+    from textenv.models import load_causal_lm, resolve_device
+
+    args = tyro.cli(ThroughputConfig, args=argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    model, tokenizer = load_causal_lm(args.model, device=device)
+    load_s = time.perf_counter() - t0
+    rows = []
+    for bs in args.batch_sizes:
+        envs = TextGenerationVectorEnv(num_envs=bs, task=args.task, model=model, tokenizer=tokenizer, device=device,
+                                       max_new_tokens=args.max_new_tokens)
+        vocab = envs.single_action_space.n
+        gen = torch.Generator(device=device).manual_seed(0)
+        envs.reset(seed=0)
+        prompt_ids = envs._gen.ids[:, : envs._gen.P].clone()
+        prompt_mask = envs._gen.mask[:, : envs._gen.P].clone()
+        times = {"env": [], "bare": []}
+        for rep in range(args.repeats + 1):
+            for side in ("bare", "env"):
+                _sync(device)
+                start = time.perf_counter()
+                if side == "env":
+                    env_episode(envs, args.max_new_tokens, vocab, gen)
+                else:
+                    bare_episode(model, prompt_ids, prompt_mask, args.max_new_tokens, vocab, gen)
+                _sync(device)
+                if rep > 0:  # the first round warms up
+                    times[side].append(time.perf_counter() - start)
+        tokens = bs * args.max_new_tokens
+        env_s, bare_s = statistics.median(times["env"]), statistics.median(times["bare"])
+        rows.append((bs, tokens / bare_s, tokens / env_s, env_s / bare_s - 1.0))
+        print(f"batch {bs}: bare {tokens / bare_s:.0f} tok/s, env {tokens / env_s:.0f} tok/s, "
+              f"overhead {100 * (env_s / bare_s - 1):.1f}%", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [
+        "# Text env throughput: env stepping vs bare KV-cached forward",
+        "",
+        f"Command: `python -m benchmarks.textenv_throughput {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "",
+        f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, loaded in "
+        f"{load_s:.0f} s), task {args.task}, {args.max_new_tokens} new tokens, random actions; device: {name}; "
+        f"{platform.machine()}, torch {torch.__version__}. Median of {args.repeats} episodes after a warm-up.",
+        "",
+        "| batch | bare forward (tok/s) | env step (tok/s) | env overhead |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {bs} | {bare:,.0f} | {env:,.0f} | {100 * ov:+.1f}% |" for bs, bare, env, ov in rows]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
