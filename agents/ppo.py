@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 Batch = dict[str, torch.Tensor]
-# evaluate(minibatch) -> (new log-probs, entropy, new values), each shaped like batch["logprobs"].
-EvaluateFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# evaluate(minibatch) -> (new log-probs, entropy, new values[, extra per-sample loss]), each shaped
+# like batch["logprobs"]; the optional fourth term (e.g. β·KL to a reference policy) is added
+# to the loss as a masked mean.
+EvaluateFn = Callable[[Batch], tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -136,7 +138,7 @@ def ppo_update(
     mask_all = batch.get("mask")
 
     zero = torch.zeros((), device=device)
-    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy")}
+    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy", "extra_loss")}
     # Per-minibatch diagnostics are computed after each epoch from the detached log-ratios,
     # which keeps the hot loop to the ops the gradient needs.
     kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
@@ -159,13 +161,17 @@ def ppo_update(
                 inds = mb_inds[local]
                 micro = {k: v[inds] for k, v in batch.items()}
                 mask = mb_mask[local] if mb_mask is not None else None
-                new_logprob, entropy, new_value = evaluate(micro)
+                new_logprob, entropy, new_value, *extra = evaluate(micro)
                 logratio = new_logprob - micro["logprobs"]
                 ratio = logratio.exp()
                 pg = masked_mean(clipped_surrogate(ratio, mb_adv[local], config.clip_coef), mask, mb_count)
                 vl = masked_mean(value_loss(new_value, micro["values"], micro["returns"], vf_clip), mask, mb_count)
                 ent = masked_mean(entropy, mask, mb_count)
                 loss = pg - config.ent_coef * ent + config.vf_coef * vl
+                if extra:
+                    extra_loss = masked_mean(extra[0], mask, mb_count)
+                    loss = loss + extra_loss
+                    sums["extra_loss"] += extra_loss.detach()
                 loss.backward()
                 logratios.append(logratio.detach())
                 sums["policy_loss"] += pg.detach()

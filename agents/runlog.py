@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path:
+    """A fresh run directory: ``root/name`` (refused if it already holds a run), or
+    ``root/<prefix>__<date-time>`` made unique even for runs started in the same second."""
+    root = Path(root)
+    if name is not None:
+        run_dir = root / name
+        if (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"run directory {str(run_dir)!r} already holds a run; choose another --run-name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        run_dir = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()  # atomic: the loser of a race moves on to the next name
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {root}")
 
 
 class RunLogger:
@@ -52,6 +75,12 @@ class RunLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._writer.add_scalar(key, value, step)
+
+    def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
+        """Append prompt/response/score rows to ``samples.jsonl``."""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for p, r, s in zip(prompts, responses, scores):
+                f.write(json.dumps({"iteration": step, "prompt": p, "response": r, "score": s}) + "\n")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._writer is not None:

@@ -339,6 +339,8 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
 
     device = property(lambda self: self._gen.device)
+    max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
+    max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
     task = property(lambda self: self._gen.task)
     tokenizer = property(lambda self: self._gen.tokenizer)
     reference_model = property(lambda self: self._gen.model)

@@ -1,0 +1,292 @@
+"""PPO on language models through the text environments (RLHF as in Ziegler et al. 2019 /
+InstructGPT), with the same PPO core and GAE as the classic trainer.
+
+One iteration: reset the vector env and sample one response per row (the policy's own KV
+cache, the env's reference model stepped beside it), shape the per-token reward, GAE over
+tokens, whiten advantages, then K epochs of minibatched PPO over whole sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from agents.gae import gae
+from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
+from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update
+from agents.runlog import RunLogger, atomic_write_json, make_run_dir
+from textenv import TextGenerationVectorEnv
+from textenv.models import load_causal_lm, resolve_device
+
+
+def _text_ppo() -> PPOConfig:
+    # TRL-like defaults: 4 epochs, clipped value loss with vf_coef 0.1, advantages whitened per batch.
+    return PPOConfig(update_epochs=4, num_minibatches=4, clip_coef=0.2, vf_coef=0.1, ent_coef=0.0,
+                     max_grad_norm=1.0, norm_adv=False)
+
+
+@dataclass
+class TextTrainConfig:
+    """PPO on a text-generation task: the policy LM writes responses, the env scores them."""
+
+    task: str = "Sentiment"
+    """task name: Sentiment, RewardModel, Arithmetic or Toy"""
+    model: str = "embedded"
+    """policy and reference model: embedded (SmolLM2-135M), tiny, an HF id or a path"""
+    reward: str | None = None
+    """reward override: a built-in or registered name, or module:callable"""
+    reward_model: str | None = None
+    """RewardModel task: AutoModelForSequenceClassification id or path"""
+    iterations: int = 20
+    """PPO iterations (rollout + update)"""
+    num_envs: int = 16
+    """episodes (responses) per iteration"""
+    max_new_tokens: int | None = None
+    """response budget (default: the task's)"""
+    kl_coef: float | None = None
+    """β of the KL penalty (default: the task's); the initial value when target_kl is set"""
+    target_kl: float | None = None
+    """adaptive β (Ziegler et al.): the KL per response to aim for; None keeps β fixed"""
+    kl_horizon: int = 10_000
+    """horizon of the adaptive KL controller, in episodes"""
+    kl_in_loss: bool = False
+    """put β·KL (k3 estimator) in the loss instead of in the reward"""
+    missing_eos_penalty: float | None = None
+    """subtract this from the score of responses that hit the budget without EOS"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are those of the tempered distribution)"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate"""
+    gamma: float = 1.0
+    """discount over tokens"""
+    gae_lambda: float = 0.95
+    """λ of GAE over tokens"""
+    whiten_advantages: bool = True
+    """whiten advantages over the whole batch's response tokens"""
+    ppo: PPOConfig = dataclasses.field(default_factory=_text_ppo)
+    """the PPO update's hyperparameters"""
+    seed: int = 1
+    """seed of prompts, sampling and minibatches"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+    bf16: bool = True
+    """bf16 weights on CUDA (CPU always runs fp32)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the update"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    sample_every: int = 5
+    """log a table of prompts and responses every this many iterations"""
+    run_name: str | None = None
+    """run directory name (default: <task>__<seed>__<date-time>)"""
+    runs_dir: str = "runs"
+    """parent of run directories"""
+    tensorboard: bool = True
+    """write TensorBoard events beside metrics.jsonl"""
+    progress: bool = True
+    """show a progress bar"""
+    save_checkpoint: bool = True
+    """save the policy with save_pretrained (plus value head) at the end"""
+    trust_remote_code: bool = False
+    """allow model code from the model's repository (off: only transformers' own code runs)"""
+
+    def validate(self) -> None:
+        for name in ("iterations", "num_envs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0, got {self.target_kl}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.ppo.validate(self.num_envs)
+
+
+def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
+    """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` from what the env paid.
+
+    The env pays ``score·1[last] + β·log π_ref``; adding ``−β·log π`` here makes it exact.
+    With the KL in the loss instead, the env's β is 0 and this is the score alone.
+    """
+    rewards = rollout.env_rewards.clone()
+    if kl_in_reward:
+        rewards = rewards - kl_coef * rollout.logprobs * rollout.mask
+    if missing_eos_penalty is not None:
+        last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
+        penalty = missing_eos_penalty * rollout.truncated_response.float()
+        rewards[torch.arange(rewards.shape[0]), last] -= penalty
+    return rewards
+
+
+def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over response tokens. The last token of a response is terminal (EOS or the task's
+    budget), so nothing is bootstrapped past it; tokens after it are masked."""
+    mask = rollout.mask
+    last = torch.zeros_like(mask)
+    lengths = mask.sum(1).long()
+    last[torch.arange(mask.shape[0]), (lengths - 1).clamp_min(0)] = 1.0
+    adv, ret = gae(rewards.T, rollout.values.T, torch.zeros_like(rollout.values[:, 0]), last.T, last.T, gamma, lam)
+    return adv.T * mask, ret.T * mask
+
+
+def train_text(config: TextTrainConfig) -> dict[str, Any]:
+    """Train as ``config`` says; log, checkpoint, write ``summary.json``; return the summary."""
+    config.validate()
+    device = resolve_device(config.device)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
+
+    task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
+                   "reward_model": config.reward_model}
+    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
+    envs = TextGenerationVectorEnv(
+        num_envs=config.num_envs, task=config.task, model=config.model, reward=config.reward, device=device,
+        dtype=dtype, trust_remote_code=config.trust_remote_code, **task_kwargs,
+    )
+    kl_coef = envs.kl_coef
+    controller = AdaptiveKLController(kl_coef, config.target_kl, config.kl_horizon) if config.target_kl else None
+    policy_lm, _ = load_causal_lm(config.model, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.gradient_checkpointing:
+        policy_lm.gradient_checkpointing_enable()
+        policy_lm.config.use_cache = False
+    policy = LMActorCritic(policy_lm, temperature=config.temperature)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  eps=1e-5, weight_decay=0.0)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.task}__{config.seed}")
+    atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
+    logger = RunLogger(run_dir, tensorboard=config.tensorboard)
+    from tqdm import tqdm
+
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    total_tokens = 0
+    bar = tqdm(range(1, config.iterations + 1), disable=not config.progress, unit="it", dynamic_ncols=True)
+    try:
+        for iteration in bar:
+            envs.kl_coef = 0.0 if config.kl_in_loss else kl_coef
+            t0 = time.perf_counter()
+            rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
+            rollout_s = time.perf_counter() - t0
+            rewards = shaped_rewards(rollout, kl_coef, not config.kl_in_loss, config.missing_eos_penalty)
+            advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
+            if config.whiten_advantages:
+                advantages = normalize(advantages, rollout.mask) * rollout.mask
+            batch = {
+                "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "actions": rollout.actions,
+                "logprobs": rollout.logprobs, "values": rollout.values, "advantages": advantages,
+                "returns": returns, "mask": rollout.mask, "ref_logprobs": rollout.ref_logprobs,
+            }
+
+            def evaluate(mb: dict[str, torch.Tensor]):
+                logprob, entropy, value = policy.evaluate_responses(
+                    mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len
+                )
+                if not config.kl_in_loss:
+                    return logprob, entropy, value
+                # k3 estimator of KL(π || π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π.
+                r = mb["ref_logprobs"] - logprob
+                return logprob, entropy, value, kl_coef * (r.exp() - r - 1.0)
+
+            t1 = time.perf_counter()
+            policy.train()
+            stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator)
+            update_s = time.perf_counter() - t1
+            with torch.no_grad():
+                log_ratio = (rollout.logprobs - rollout.ref_logprobs) * rollout.mask
+                stats["kl_k1"] = log_ratio.sum(1).mean()
+                r = (rollout.ref_logprobs - rollout.logprobs) * rollout.mask
+                stats["kl_k3"] = (r.exp() - r - 1.0).sum(1).mean()
+                stats["score_mean"] = rollout.scores.mean()
+                stats["score_std"] = rollout.scores.std() if rollout.scores.numel() > 1 else torch.zeros(())
+                stats["response_length"] = rollout.mask.sum(1).mean()
+                stats["rollout_entropy"] = (rollout.entropy * rollout.mask).sum() / rollout.mask.sum()
+                stats["explained_variance"] = explained_variance(rollout.values, returns, rollout.mask)
+                stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
+                stats["reward_total"] = rewards.sum(1).mean()
+            keys = list(stats)
+            values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()
+            metrics = dict(zip(keys, values))
+            tokens = int(rollout.mask.sum().item())
+            total_tokens += tokens
+            elapsed = time.perf_counter() - start
+            metrics |= {"iteration": iteration, "kl_coef": kl_coef, "rollout_tokens_per_s": tokens / rollout_s,
+                        "tokens_per_s": total_tokens / elapsed, "rollout_s": rollout_s, "update_s": update_s,
+                        "wall_time_s": elapsed}
+            history.append(metrics)
+            logger.log(iteration, metrics)
+            if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
+                logger.text("samples", _samples_table(rollout), iteration)
+                logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
+            bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_k1']:.2f}", refresh=False)
+            if controller is not None:
+                kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    summary: dict[str, Any] = {
+        "task": config.task, "model": config.model, "iterations": len(history), "wall_time_s": wall,
+        "tokens_per_s": total_tokens / wall,
+        "score_mean_first": history[0]["score_mean"] if history else None,
+        "score_mean_last": history[-1]["score_mean"] if history else None,
+        "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
+    }
+    if config.save_checkpoint:
+        summary["checkpoint"] = str(save_policy(run_dir / "policy", policy, envs.tokenizer))
+    atomic_write_json(run_dir / "summary.json", summary)
+    logger.close()
+    return summary
+
+
+def _samples_table(rollout: Rollout, n: int = 8) -> str:
+    rows = ["| prompt | response | score |", "| --- | --- | --- |"]
+    for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:n]:
+        rows.append(f"| {_cell(p)} | {_cell(r)} | {s:.3f} |")
+    return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def save_policy(path: Path, policy: LMActorCritic, tokenizer) -> Path:
+    """``save_pretrained`` of the policy (loads with plain transformers) plus ``value_head.safetensors``,
+    written to a temp directory and renamed, so a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+              str(tmp / "value_head.safetensors"))
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return json.dumps(summary)
