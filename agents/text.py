@@ -53,9 +53,9 @@ class TextTrainConfig:
     max_new_tokens: int | None = None
     """response budget (default: the task's)"""
     kl_coef: float | None = None
-    """β of the KL penalty (default: the task's); the initial value when target_kl is set"""
-    target_kl: float | None = None
-    """adaptive β (Ziegler et al.): the KL per response to aim for; None keeps β fixed"""
+    """β of the KL penalty (default: the task's); the initial value when kl_target is set"""
+    kl_target: float | None = None
+    """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β fixed"""
     kl_horizon: int = 10_000
     """horizon of the adaptive KL controller, in episodes"""
     kl_in_loss: bool = False
@@ -110,8 +110,8 @@ class TextTrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"target_kl must be > 0, got {self.target_kl}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.ppo.validate(self.num_envs)
@@ -162,7 +162,7 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
         dtype=dtype, trust_remote_code=config.trust_remote_code, **task_kwargs,
     )
     kl_coef = envs.kl_coef
-    controller = AdaptiveKLController(kl_coef, config.target_kl, config.kl_horizon) if config.target_kl else None
+    controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
     policy_lm, _ = load_causal_lm(config.model, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         policy_lm.gradient_checkpointing_enable()

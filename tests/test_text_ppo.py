@@ -86,7 +86,7 @@ def test_toy_task_score_rises(tmp_path):
 
 def test_kl_in_loss_and_adaptive_kl_run(tmp_path):
     config = TextTrainConfig(task="Toy", model="tiny", iterations=3, num_envs=8, learning_rate=1e-3, kl_coef=0.1,
-                             target_kl=1.0, kl_in_loss=True, device="cpu", runs_dir=str(tmp_path),
+                             kl_target=1.0, kl_in_loss=True, device="cpu", runs_dir=str(tmp_path),
                              tensorboard=False, progress=False, save_checkpoint=False, run_name="kl")
     summary = train_text(config)
     import json
