@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class TrainConfig:
     eval_episodes: int = 10
     """deterministic evaluation episodes on fresh envs after training (0: skip)"""
     save_checkpoint: bool = True
-    """save the final policy and normalisation statistics as safetensors"""
+    """save the policy, normalisation statistics and training state as safetensors"""
+    checkpoint_every: int = 50
+    """also checkpoint every this many iterations (0: only at the end or on interruption)"""
 
     @property
     def batch_size(self) -> int:
@@ -169,17 +172,55 @@ def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
     )
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train PPO as ``config`` says; write logs, checkpoint and ``summary.json``; return the summary."""
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training at a safe point, after a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint: Path, global_step: int) -> None:
+        self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {global_step}: checkpoint written to {checkpoint}; "
+                         f"continue with --resume {checkpoint.parent}")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` a run directory was started with (its ``config.json``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file() or not (run_dir / "checkpoint.safetensors").is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory with a checkpoint (config.json + checkpoint.safetensors)")
+    return _config_from_dict(json.loads(path.read_text()))
+
+
+def _config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    raw = dict(raw)
+    raw["ppo"] = PPOConfig(**raw["ppo"])
+    raw["hidden_sizes"] = tuple(raw["hidden_sizes"])
+    return TrainConfig(**raw)
+
+
+def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train PPO as ``config`` says; write logs, checkpoint and ``summary.json``; return the summary.
+
+    ``resume``: a run directory to continue from its checkpoint (policy, optimizer, step and
+    LR schedule, normalisation statistics, RNG states); its metrics are appended. Episodes in
+    progress when it stopped are not restored: the envs start new ones.
+    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+    """
     config.validate()
     device = resolve_device(config.device)
     torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True
 
-    run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}")
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = load_run_config(run_dir)
+        if saved.env_id != config.env_id:
+            raise ValueError(f"--resume {run_dir} is a run of {saved.env_id}, not {config.env_id}")
+    else:
+        run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}")
+        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
     logger = RunLogger(run_dir, tensorboard=config.tensorboard)
-    atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
 
     envs = make_train_envs(config)
     envs.action_space.seed(config.seed)
@@ -202,21 +243,36 @@ def train(config: TrainConfig) -> dict[str, Any]:
     valid_np = np.zeros((T, N), dtype=np.float32)
 
     num_iterations = max(1, config.total_timesteps // config.batch_size)
-    next_obs, _ = envs.reset(seed=config.seed)
+    global_step, first_iteration = 0, 1
+    recent_returns: deque[float] = deque(maxlen=100)
+    recent_lengths: deque[int] = deque(maxlen=100)
+    if resume is not None:
+        state = restore_training_state(run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs)
+        global_step, first_iteration = state["global_step"], state["iteration"] + 1
+        recent_returns.extend(state["recent_returns"])
+    next_obs, _ = envs.reset(seed=config.seed + first_iteration - 1)
     next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     # With next-step autoreset the step after an episode's end only resets: its action is
     # ignored and it pays nothing, so it is no transition of the MDP and is masked out.
     prev_ended = np.zeros(N, dtype=bool)
-    recent_returns: deque[float] = deque(maxlen=100)
-    recent_lengths: deque[int] = deque(maxlen=100)
-    global_step = 0
-    start = time.perf_counter()
+    start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
+    start_step, start_clock = global_step, time.perf_counter()
+    stop_signal: list[int] = []
+    previous_handlers = _install_stop_handlers(stop_signal)
+
+    def checkpoint(iteration: int) -> Path:
+        path = run_dir / "checkpoint.safetensors"
+        save_checkpoint(path, policy, normalization_state(envs), config, global_step, optimizer=optimizer,
+                        generator=generator, iteration=iteration, recent_returns=list(recent_returns),
+                        wall_time_s=time.perf_counter() - start)
+        return path
 
     from tqdm import tqdm
 
-    bar = tqdm(total=num_iterations * config.batch_size, disable=not config.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=num_iterations * config.batch_size, initial=global_step, disable=not config.progress, unit="step",
+               dynamic_ncols=True)
     try:
-        for iteration in range(1, num_iterations + 1):
+        for iteration in range(first_iteration, num_iterations + 1):
             if config.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / num_iterations
                 optimizer.param_groups[0]["lr"] = frac * config.learning_rate
@@ -280,7 +336,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             metrics |= {
                 "iteration": iteration,
                 "learning_rate": optimizer.param_groups[0]["lr"],
-                "sps": global_step / elapsed,
+                "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
                 "wall_time_s": elapsed,
             }
             if iter_returns:
@@ -293,7 +349,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.update(config.batch_size)
             if recent_returns:
                 bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
+            if stop_signal:
+                path = checkpoint(iteration)
+                logger.close()
+                raise TrainingInterrupted(stop_signal[0], path, global_step)
+            if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                checkpoint(iteration)
     finally:
+        _restore_handlers(previous_handlers)
         bar.close()
         wall_time = time.perf_counter() - start
         norm_state = normalization_state(envs)
@@ -304,12 +367,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "seed": config.seed,
         "global_step": global_step,
         "wall_time_s": wall_time,
-        "sps": global_step / wall_time,
+        "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
         "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
         "run_dir": str(run_dir),
     }
     if config.save_checkpoint:
-        save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step)
+        save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step,
+                        optimizer=optimizer, generator=generator, iteration=num_iterations,
+                        recent_returns=list(recent_returns), wall_time_s=wall_time)
         summary["checkpoint"] = str(run_dir / "checkpoint.safetensors")
     if config.eval_episodes > 0:
         eval_returns = evaluate_policy(
@@ -372,15 +437,98 @@ def evaluate_policy(
 
 
 def save_checkpoint(
-    path: Path, policy: MLPActorCritic, norm_state: dict[str, np.ndarray], config: TrainConfig, global_step: int
+    path: Path,
+    policy: MLPActorCritic,
+    norm_state: dict[str, np.ndarray],
+    config: TrainConfig,
+    global_step: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    iteration: int = 0,
+    recent_returns: list[float] | None = None,
+    wall_time_s: float = 0.0,
 ) -> None:
-    """Policy weights and normalisation statistics as one safetensors file, written atomically."""
+    """Policy, normalisation statistics and (for resuming) optimizer and RNG states in one
+    safetensors file, written to a temp file and renamed so the last good one survives a crash."""
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     tensors |= {f"norm.{k}": torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1) for k, v in norm_state.items()}
-    metadata = {"config": json.dumps(dataclasses.asdict(config)), "global_step": str(global_step), "format": "textenv-ppo-mlp-v1"}
+    metadata = {"config": json.dumps(dataclasses.asdict(config)), "global_step": str(global_step),
+                "format": "textenv-ppo-mlp-v1", "iteration": str(iteration), "wall_time_s": repr(wall_time_s),
+                "recent_returns": json.dumps(recent_returns or [])}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        metadata["optim.param_groups"] = json.dumps(opt["param_groups"])
+    tensors["rng.torch"] = torch.get_rng_state()
+    if generator is not None:
+        tensors["rng.generator"] = generator.get_state().cpu()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy.keys"] = torch.as_tensor(np_state[1].astype(np.int64))
+    metadata["rng.numpy"] = json.dumps([np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
+    metadata["rng.python"] = json.dumps(random.getstate(), default=list)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def restore_training_state(
+    path: Path, policy: MLPActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    envs: gym.vector.VectorEnv,
+) -> dict[str, Any]:
+    """Load what :func:`save_checkpoint` wrote into live objects; return the counters."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "optim.param_groups" not in metadata:
+        raise ValueError(f"{path} holds no optimizer state; it cannot be resumed")
+    tensors = load_file(str(path), device="cpu")
+    device = next(policy.parameters()).device
+    policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.param_groups"])})
+    norm = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
+    if "obs_rms.mean" in norm:
+        norm["obs_rms.mean"] = norm["obs_rms.mean"].reshape(envs.single_observation_space.shape)
+        norm["obs_rms.var"] = norm["obs_rms.var"].reshape(envs.single_observation_space.shape)
+    load_normalization_state(envs, norm)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.generator" in tensors:
+        generator.set_state(tensors["rng.generator"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    name, pos, has_gauss, cached = json.loads(metadata["rng.numpy"])
+    np.random.set_state((name, tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = json.loads(metadata["rng.python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
+            "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"])}
+
+
+def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
+    """SIGINT/SIGTERM set ``flag`` instead of killing the process, so training stops at a safe point."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda s, _frame: flag.append(s))
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:
@@ -394,10 +542,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
         metadata = f.metadata() or {}
     if metadata.get("format") != "textenv-ppo-mlp-v1":
         raise ValueError(f"{path} is not a checkpoint of the classic PPO trainer")
-    raw = json.loads(metadata["config"])
-    raw["ppo"] = PPOConfig(**raw["ppo"])
-    raw["hidden_sizes"] = tuple(raw["hidden_sizes"])
-    config = TrainConfig(**raw)
+    config = _config_from_dict(json.loads(metadata["config"]))
     tensors = load_file(str(path), device="cpu")
     env = gym.make(config.env_id)
     obs_space = env.observation_space

@@ -11,7 +11,7 @@ import sys
 
 import tyro
 
-from agents.classic import TrainConfig, preset_config, summary_line, train
+from agents.classic import TrainConfig, TrainingInterrupted, load_run_config, preset_config, summary_line, train
 
 
 def _env_id_from_argv(argv: list[str]) -> str:
@@ -23,17 +23,43 @@ def _env_id_from_argv(argv: list[str]) -> str:
     return TrainConfig.env_id
 
 
-def parse(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags on top of the preset of the ``--env-id`` they name."""
+def _pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, resume, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--resume" and i + 1 < len(argv):
+            resume, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--resume="):
+            resume, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return resume, rest
+
+
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """Flags on top of the preset of the ``--env-id`` they name, or, with ``--resume RUN_DIR``,
+    on top of that run's own config (so ``--total-timesteps`` can extend it)."""
     argv = sys.argv[1:] if argv is None else argv
-    default = preset_config(_env_id_from_argv(argv))
-    return tyro.cli(TrainConfig, default=default, args=argv, config=(tyro.conf.OmitArgPrefixes,))
+    resume, argv = _pop_resume(argv)
+    if resume is not None:
+        default = load_run_config(resume)
+        given = _env_id_from_argv(argv) if any(a.startswith("--env-id") for a in argv) else default.env_id
+        if given != default.env_id:
+            raise ValueError(f"--resume {resume} is a run of {default.env_id}, not {given}")
+    else:
+        default = preset_config(_env_id_from_argv(argv))
+    config = tyro.cli(TrainConfig, default=default, args=argv, config=(tyro.conf.OmitArgPrefixes,),
+                      description="PPO on a Gymnasium task. --resume RUN_DIR continues a run from its checkpoint.")
+    return config, resume
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse(argv)
     try:
-        summary = train(config)
+        config, resume = parse(argv)
+        summary = train(config, resume=resume)
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

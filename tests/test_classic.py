@@ -93,3 +93,45 @@ def test_train_script_rejects_bad_input_in_one_line(tmp_path, args, message):
 def test_evaluate_script_on_missing_checkpoint_fails_cleanly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scripts.evaluate", str(tmp_path / "nope")], capture_output=True, text=True)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "scripts.train", "--env-id", "CartPole-v1", "--num-envs", "4", "--num-steps", "64",
+            "--total-timesteps", "400000", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "--eval-episodes", "0", "--runs-dir", str(tmp_path), "--run-name", "r"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint written to" in err and "--resume" in err
+    before = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line intact
+    last_step = before[-1]["global_step"]
+    assert last_step < 400_000 and not (tmp_path / "r" / "summary.json").exists()
+
+    done = subprocess.run([sys.executable, "-m", "scripts.train", "--resume", str(tmp_path / "r"),
+                           "--total-timesteps", str(last_step + 2 * 256), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    after = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert after[: len(before)] == before  # appended, not overwritten
+    assert [r["global_step"] for r in after[len(before):]] == [last_step + 256, last_step + 512]
+    assert after[len(before)]["iteration"] == before[-1]["iteration"] + 1
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["global_step"] == last_step + 512
+
+
+def test_resume_rejects_a_directory_that_is_not_a_run_or_another_env(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "scripts.train", "--resume", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not a run directory" in out.stderr
+    train(preset_config("CartPole-v1", total_timesteps=512, num_envs=4, num_steps=128, runs_dir=str(tmp_path),
+                        run_name="c", eval_episodes=0, **QUIET))
+    out = subprocess.run([sys.executable, "-m", "scripts.train", "--resume", str(tmp_path / "c"), "--env-id",
+                          "Acrobot-v1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "is a run of CartPole-v1" in out.stderr
