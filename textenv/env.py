@@ -206,7 +206,29 @@ def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
     return obs, gym.spaces.Discrete(gen.vocab_size)
 
 
-class TextGenerationEnv(gym.Env):
+class _GenerationAccess:
+    """What both envs expose of their generation state; ``kl_coef`` is settable at run time."""
+
+    _gen: _Generation
+    device = property(lambda self: self._gen.device, doc="the models' device")
+    task = property(lambda self: self._gen.task, doc="the Task (prompts, reward, defaults)")
+    tokenizer = property(lambda self: self._gen.tokenizer, doc="the policy's (and reference's) tokenizer")
+    reference_model = property(lambda self: self._gen.model, doc="the frozen reference model")
+    max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
+    max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
+
+    @property
+    def kl_coef(self) -> float:
+        return self._gen.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {value}")
+        self._gen.kl_coef = float(value)
+
+
+class TextGenerationEnv(_GenerationAccess, gym.Env):
     """Generate a response token by token; see :mod:`textenv.tasks` for the tasks' docs.
 
     Args:
@@ -239,28 +261,6 @@ class TextGenerationEnv(gym.Env):
         self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1, task_kwargs)
         self.observation_space, self.action_space = _spaces(self._gen)
         self.render_mode = render_mode
-
-    @property
-    def task(self) -> Task:
-        return self._gen.task
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._gen.tokenizer
-
-    @property
-    def reference_model(self) -> PreTrainedModel:
-        return self._gen.model
-
-    @property
-    def kl_coef(self) -> float:
-        return self._gen.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {value}")
-        self._gen.kl_coef = float(value)
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {k: v[0].cpu().numpy() for k, v in self._gen.observation().items()}
@@ -296,7 +296,7 @@ class TextGenerationEnv(gym.Env):
         return None
 
 
-class TextGenerationVectorEnv(gym.vector.VectorEnv):
+class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     """``num_envs`` text-generation episodes as one batch of tensors on the models' device.
 
     Observations, rewards, terminations and numeric infos are torch tensors on ``device``;
@@ -337,23 +337,6 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
         self.action_space = gym.spaces.MultiDiscrete(np.full(num_envs, self._gen.vocab_size))
         self.render_mode = render_mode
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
-
-    device = property(lambda self: self._gen.device)
-    max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
-    max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
-    task = property(lambda self: self._gen.task)
-    tokenizer = property(lambda self: self._gen.tokenizer)
-    reference_model = property(lambda self: self._gen.model)
-
-    @property
-    def kl_coef(self) -> float:
-        return self._gen.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {value}")
-        self._gen.kl_coef = float(value)
 
     def set_attr(self, name: str, values: Any) -> None:
         """Gymnasium's vector API; ``kl_coef`` is one value for the whole batch."""
