@@ -61,6 +61,8 @@ class BenchConfig:
     """where raw results, the table and the plot go"""
     report_only: bool = False
     """skip running; rebuild the report from raw results"""
+    skip_existing: bool = False
+    """skip (library, env, seed) runs whose raw result already exists"""
 
 
 def train_config(env_id: str, seed: int, steps_scale: float):
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         (out_dir / "raw").mkdir(parents=True, exist_ok=True)
         tasks = [(lib, env, seed) for env in args.envs for seed in args.seeds for lib in args.libs]
+        if args.skip_existing:
+            tasks = [t for t in tasks if not (out_dir / "raw" / f"{t[0]}__{t[1]}__{t[2]}.json").exists()]
         # Longest first so the pool's tail is short.
         tasks.sort(key=lambda t: (t[1] not in BUDGET, t[0] == "sb3"), reverse=True)
         with ProcessPoolExecutor(max_workers=args.jobs, max_tasks_per_child=1) as pool:

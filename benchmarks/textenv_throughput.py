@@ -53,13 +53,14 @@ def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generat
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache, mask = out.past_key_values, prompt_mask
-    ones = torch.ones_like(mask[:, :1])
-    for _ in range(steps):
+    cache = out.past_key_values
+    P = prompt_ids.shape[1]
+    mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1]).expand(-1, steps)], dim=1)
+    for t in range(steps):
         tokens = torch.randint(0, vocab, (prompt_ids.shape[0], 1), device=prompt_ids.device, generator=generator)
         torch.log_softmax(out.logits[:, -1].float(), -1)
-        mask = torch.cat([mask, ones], dim=1)
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+        step_mask = mask[:, : P + t + 1].contiguous()
+        out = model(input_ids=tokens, attention_mask=step_mask, position_ids=step_mask.sum(-1, keepdim=True) - 1,
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_mask = envs._gen.mask[:, : envs._gen.P].clone()
         times = {"env": [], "bare": []}
         for rep in range(args.repeats + 1):
-            for side in ("bare", "env"):
+            for side in (("bare", "env") if rep % 2 else ("env", "bare")):  # alternate to cancel order effects
                 _sync(device)
                 start = time.perf_counter()
                 if side == "env":
