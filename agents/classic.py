@@ -33,7 +33,7 @@ from agents.envs import (
 )
 from agents.gae import gae
 from agents.policies import MLPActorCritic
-from agents.ppo import PPOConfig, explained_variance, ppo_update
+from agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
 
@@ -106,11 +106,7 @@ class TrainConfig:
         for name in ("total_timesteps", "num_envs", "num_steps", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        validate_rates(self.learning_rate, self.gamma, self.gae_lambda)
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
         self.ppo.validate(self.batch_size)

@@ -117,7 +117,7 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
             for i in ended.nonzero().squeeze(1).tolist():
                 responses[i] = step_info["response_text"][i]
         active = active & ~terminated
-        if not bool(active.any()):
+        if envs.all_done:  # the env's own per-step sync already knows; no second one here
             break
         mask = obs["attention_mask"][:, : P + t + 1]
         logits, values, cache = policy._forward(

@@ -69,6 +69,15 @@ class PPOConfig:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
 
 
+def validate_rates(learning_rate: float, gamma: float, gae_lambda: float) -> None:
+    """One-line errors for a learning rate, γ or λ that cannot work (shared by the trainers)."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is 1 (all entries when ``mask`` is None).
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from agents.gae import gae
 from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
-from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update
+from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm, resolve_device
@@ -103,11 +103,7 @@ class TextTrainConfig:
         for name in ("iterations", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        validate_rates(self.learning_rate, self.gamma, self.gae_lambda)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:

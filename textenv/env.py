@@ -64,6 +64,7 @@ class _Generation:
         self.scores = torch.full((batch_size,), float("nan"), device=device)
         self.steps = 0
         self.started = False
+        self.all_done = True  # host-side copy, refreshed by the one sync of each step
         self.prompts: list[str] = [""] * batch_size
         self.responses: list[str | None] = [None] * batch_size
         self.ref_logp_next: torch.Tensor | None = None
@@ -98,6 +99,7 @@ class _Generation:
         self.scores.fill_(float("nan"))
         self.steps = 0
         self.started = True
+        self.all_done = False
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
@@ -121,7 +123,9 @@ class _Generation:
         any_bad, any_ended, all_done = torch.stack(
             [bad.any(), ended_now.any(), (self.done | ended_now).all()]
         ).tolist()
+        self.all_done = bool(all_done)
         if any_bad:
+            self.all_done = False
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"action {int(actions[row])} (row {row}) is outside Discrete({self.vocab_size})")
         ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
@@ -216,6 +220,7 @@ class _GenerationAccess:
     reference_model = property(lambda self: self._gen.model, doc="the frozen reference model")
     max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
     max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
+    all_done = property(lambda self: self._gen.all_done, doc="every episode of the batch has ended (no sync)")
 
     @property
     def kl_coef(self) -> float:
@@ -276,7 +281,7 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         return self._obs(), {"prompt": prompt}
 
     def step(self, action):
-        if self._gen.started and bool(self._gen.done[0]):
+        if self._gen.started and self._gen.all_done:
             raise RuntimeError("step() called after the episode ended; call reset() first")
         action = int(action)
         reward, terminated, _, ref_lp, end = self._gen.step(torch.tensor([action], device=self._gen.device))
@@ -373,7 +378,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
 
     def step(self, actions):
         gen = self._gen
-        if gen.started and bool(gen.done.all()):
+        if gen.started and gen.all_done:
             raise RuntimeError("step() called after every episode in the batch ended; call reset() first")
         actions = torch.as_tensor(actions, device=gen.device).long().reshape(-1)
         reward, terminated, ended_now, ref_lp, end = gen.step(actions)
