@@ -33,7 +33,7 @@ from agents.envs import (
 )
 from agents.gae import gae
 from agents.policies import MLPActorCritic
-from agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from agents.ppo import NonFiniteGuard, PPOConfig, explained_variance, ppo_update, validate_rates
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
 
@@ -254,6 +254,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
     start_step, start_clock = global_step, time.perf_counter()
     stop_signal: list[int] = []
+    guard = NonFiniteGuard()
     previous_handlers = _install_stop_handlers(stop_signal)
 
     def checkpoint(iteration: int) -> Path:
@@ -285,6 +286,9 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                 logp_buf[t] = logprob
                 val_buf[t] = value
                 next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                if not (np.isfinite(reward).all() and np.isfinite(next_obs).all()):
+                    what = "reward" if not np.isfinite(reward).all() else "observation"
+                    raise ValueError(f"{config.env_id} returned a non-finite {what} at step {global_step + (t + 1) * N}")
                 rew_np[t] = reward
                 term_np[t] = terminated
                 ended = np.logical_or(terminated, truncated)
@@ -342,6 +346,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                     "episodes": len(iter_returns),
                 }
             logger.log(global_step, metrics)
+            guard.check(metrics, f"(up to step {global_step})")
             bar.update(config.batch_size)
             if recent_returns:
                 bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)

@@ -86,7 +86,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor 
     """
     if mask is None:
         return x.mean() if count is None else x.sum() / count
-    total = (x * mask).sum()
+    # where, not multiply: a NaN in a masked-out entry (a reset step, a token after EOS) stays out.
+    total = torch.where(mask > 0, x, torch.zeros_like(x)).sum()
     return total / (mask.sum().clamp_min(1.0) if count is None else count)
 
 
@@ -95,8 +96,9 @@ def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e
     if mask is None:
         return (x - x.mean()) / (x.std() + eps)
     n = mask.sum().clamp_min(2.0)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    x_in = torch.where(mask > 0, x, torch.zeros_like(x))
+    mean = x_in.sum() / n
+    var = (torch.where(mask > 0, x - mean, torch.zeros_like(x)) ** 2).sum() / (n - 1)
     return (x - mean) / (var.sqrt() + eps)
 
 
@@ -145,13 +147,20 @@ def ppo_update(
     vf_clip = (config.vf_clip_coef or config.clip_coef) if config.clip_vloss else None
     device = batch["logprobs"].device
     mask_all = batch.get("mask")
+    if mask_all is not None:
+        # Entries that do not count are zeroed once: a NaN there would otherwise reach the
+        # gradient through the chain rule (0 · NaN) even though the loss masks it out.
+        keep = mask_all > 0
+        batch = dict(batch) | {k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
+                               for k in ("logprobs", "values", "advantages", "returns")}
 
     zero = torch.zeros((), device=device)
-    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "entropy", "extra_loss")}
+    loss_keys = ("policy_loss", "value_loss", "entropy", "extra_loss", "grad_norm")
+    sums = {k: zero.clone() for k in loss_keys}
     # Per-minibatch diagnostics are computed after each epoch from the detached log-ratios,
     # which keeps the hot loop to the ops the gradient needs.
     kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
-    num_updates = 0
+    num_updates = skipped = 0
     epochs_run = 0
     for _epoch in range(config.update_epochs):
         epochs_run += 1
@@ -165,6 +174,7 @@ def ppo_update(
             if config.norm_adv:
                 mb_adv = normalize(mb_adv, mb_mask)
             optimizer.zero_grad(set_to_none=True)
+            mb_sums = {k: zero.clone() for k in loss_keys}
             for micro_start in range(0, minibatch_size, micro_size):
                 local = slice(micro_start, micro_start + micro_size)
                 inds = mb_inds[local]
@@ -180,14 +190,23 @@ def ppo_update(
                 if extra:
                     extra_loss = masked_mean(extra[0], mask, mb_count)
                     loss = loss + extra_loss
-                    sums["extra_loss"] += extra_loss.detach()
+                    mb_sums["extra_loss"] += extra_loss.detach()
                 loss.backward()
-                logratios.append(logratio.detach())
-                sums["policy_loss"] += pg.detach()
-                sums["value_loss"] += vl.detach()
-                sums["entropy"] += ent.detach()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                logratios.append(torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0))
+                mb_sums["policy_loss"] += pg.detach()
+                mb_sums["value_loss"] += vl.detach()
+                mb_sums["entropy"] += ent.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
+            # never applied; the update is skipped and counted.
+            if not bool(torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             optimizer.step()
+            mb_sums["grad_norm"] += grad_norm.detach()
+            for k in loss_keys:
+                sums[k] += mb_sums[k]
             num_updates += 1
         with torch.no_grad():
             # k3 estimator of KL(old || new): unbiased and non-negative (Schulman, "Approximating KL").
@@ -198,10 +217,31 @@ def ppo_update(
         if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
             break
 
-    sums |= kl_sums
-    metrics = {k: v / num_updates for k, v in sums.items()}
+    metrics = {k: v / max(num_updates, 1) for k, v in sums.items()}
+    metrics |= {k: v / max(num_updates + skipped, 1) for k, v in kl_sums.items()}
     metrics["epochs"] = torch.tensor(float(epochs_run), device=device)
+    metrics["skipped_updates"] = torch.tensor(float(skipped), device=device)
+    metrics["updates"] = torch.tensor(float(num_updates), device=device)
     return metrics
+
+
+class NonFiniteTraining(RuntimeError):
+    """Every update of several iterations in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Stop training once ``patience`` iterations in a row had every PPO update skipped."""
+
+    def __init__(self, patience: int = 3) -> None:
+        self.patience, self.streak = patience, 0
+
+    def check(self, metrics: dict[str, float], where: str) -> None:
+        self.streak = self.streak + 1 if metrics["updates"] == 0 else 0
+        if self.streak >= self.patience:
+            raise NonFiniteTraining(
+                f"non-finite loss or gradients in every update of {self.streak} iterations in a row {where}; "
+                "the parameters were left as they were (lower the learning rate, check rewards)"
+            )
 
 
 def _epoch_kl_stats(

@@ -40,7 +40,7 @@ def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
     root.mkdir(parents=True, exist_ok=True)
-    base = f"{prefix}__{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{prefix.replace('/', '-')}__{time.strftime('%Y%m%d-%H%M%S')}"  # env ids may hold a namespace/
     for n in range(1, 1000):
         run_dir = root / (base if n == 1 else f"{base}-{n}")
         try:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from agents.gae import gae
 from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
-from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from agents.ppo import NonFiniteGuard, PPOConfig, explained_variance, normalize, ppo_update, validate_rates
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm, resolve_device
@@ -174,6 +174,7 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     history: list[dict[str, float]] = []
+    guard = NonFiniteGuard()
     start = time.perf_counter()
     total_tokens = 0
     bar = tqdm(range(1, config.iterations + 1), disable=not config.progress, unit="it", dynamic_ncols=True)
@@ -230,6 +231,7 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
                         "wall_time_s": elapsed}
             history.append(metrics)
             logger.log(iteration, metrics)
+            guard.check(metrics, f"(up to iteration {iteration})")
             if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
                 logger.text("samples", _samples_table(rollout), iteration)
                 logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())

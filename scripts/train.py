@@ -12,6 +12,7 @@ import sys
 import tyro
 
 from agents.classic import TrainConfig, TrainingInterrupted, load_run_config, preset_config, summary_line, train
+from agents.ppo import NonFiniteTraining
 
 
 def _env_id_from_argv(argv: list[str]) -> str:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteTraining) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_line(summary), flush=True)

@@ -9,6 +9,7 @@ import sys
 
 import tyro
 
+from agents.ppo import NonFiniteTraining
 from agents.text import TextTrainConfig, summary_line, train_text
 from textenv.rewards import RewardError
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     config = tyro.cli(TextTrainConfig, args=argv, config=(tyro.conf.OmitArgPrefixes,))
     try:
         summary = train_text(config)
-    except (ValueError, FileNotFoundError, RewardError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, RewardError, NotImplementedError, NonFiniteTraining) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_line(summary), flush=True)

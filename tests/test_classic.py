@@ -135,3 +135,33 @@ def test_resume_rejects_a_directory_that_is_not_a_run_or_another_env(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scripts.train", "--resume", str(tmp_path / "c"), "--env-id",
                           "Acrobot-v1"], capture_output=True, text=True)
     assert out.returncode == 2 and "is a run of CartPole-v1" in out.stderr
+
+
+class _NaNRewardAfter(__import__("gymnasium").Wrapper):
+    """CartPole that pays NaN from its 300th step on."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.steps = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return obs, (float("nan") if self.steps >= 300 else reward), terminated, truncated, info
+
+
+def _nan_cartpole(**kwargs):
+    import gymnasium as gym
+
+    return _NaNRewardAfter(gym.make("CartPole-v1", **kwargs))
+
+
+def test_env_that_returns_nan_reward_mid_run_stops_with_a_clear_error(tmp_path):
+    import gymnasium as gym
+
+    if "test/NaNCartPole-v0" not in gym.registry:
+        gym.register("test/NaNCartPole-v0", entry_point=_nan_cartpole)
+    config = preset_config("test/NaNCartPole-v0", total_timesteps=4096, num_envs=2, num_steps=128,
+                           runs_dir=str(tmp_path), eval_episodes=0, **QUIET)
+    with pytest.raises(ValueError, match=r"test/NaNCartPole-v0 returned a non-finite reward at step \d+"):
+        train(config)

@@ -134,3 +134,40 @@ def test_gradient_accumulation_equals_one_big_minibatch():
 def test_config_rejects_settings_that_cannot_work(kw, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(**kw).validate(batch_size=64)
+
+
+def test_non_finite_update_is_skipped_and_counted():
+    torch.manual_seed(0)
+    space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    policy = MLPActorCritic(space, gym.spaces.Discrete(2))
+    obs = torch.randn(16, 3)
+    with torch.inference_mode():
+        actions, logprobs, values = policy.act(obs)
+    advantages = torch.randn(16)
+    advantages[3] = float("nan")
+    batch = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
+             "advantages": advantages, "returns": torch.randn(16)}
+    before = [p.detach().clone() for p in policy.parameters()]
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    stats = ppo_update(policy.parameters(), opt, batch, lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+                       PPOConfig(update_epochs=1, num_minibatches=1, norm_adv=False))
+    assert stats["skipped_updates"].item() == 1 and stats["updates"].item() == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    # Masked out, the same NaN is harmless: the update goes through.
+    batch["mask"] = torch.ones(16)
+    batch["mask"][3] = 0
+    stats = ppo_update(policy.parameters(), opt, batch, lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+                       PPOConfig(update_epochs=1, num_minibatches=1))
+    assert stats["skipped_updates"].item() == 0 and torch.isfinite(stats["policy_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_non_finite_guard_stops_after_patience():
+    from agents.ppo import NonFiniteGuard, NonFiniteTraining
+
+    guard = NonFiniteGuard(patience=2)
+    guard.check({"updates": 0.0}, "x")
+    guard.check({"updates": 3.0}, "x")  # a good iteration resets the streak
+    guard.check({"updates": 0.0}, "x")
+    with pytest.raises(NonFiniteTraining, match="2 iterations in a row"):
+        guard.check({"updates": 0.0}, "x")
