@@ -248,3 +248,23 @@ def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
     assert step_info["score"] == pytest.approx(rm([info["prompt"]], [step_info["response_text"]])[0], rel=1e-5)
     with pytest.raises(ValueError, match="needs reward_model"):
         gym.make("textenv/RewardModel-v0", model="tiny")
+
+
+def test_sentiment_task_scores_with_vader_or_a_named_classifier(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    env = TextGenerationEnv(task="Sentiment", model="tiny", max_prompt_tokens=64, max_new_tokens=2)
+    assert env.task.build_reward()([""], ["what a wonderful, lovely day"])[0] > 0.5
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id,
+                         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(config)
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    env = gym.make("textenv/Sentiment-v0", model="tiny", classifier=str(tmp_path / "clf"), max_prompt_tokens=64)
+    reward = env.unwrapped.task.build_reward()
+    with torch.no_grad():
+        expected = clf(input_ids=torch.tensor([tok("good")["input_ids"]])).logits.softmax(-1)[0, 1].item()
+    assert reward(["ignored prompt "], ["good"])[0] == pytest.approx(expected, rel=1e-5)

@@ -84,21 +84,32 @@ class Sentiment(Task):
     ## Description
     Prompts are openings of reviews of films, food, products and places, written for this
     project. The score is VADER's compound sentiment of the continuation (offline lexicon,
-    in [-1, 1]); pass ``reward=ClassifierReward("<hf sentiment model>", "POSITIVE",
-    probability=True, with_prompt=False)`` to score with a classifier instead.
+    in [-1, 1]); with ``classifier="<hf sentiment model id or path>"`` it is instead that
+    classifier's probability of ``classifier_label`` (default ``"POSITIVE"``) for the
+    continuation alone.
     """ + _SECTIONS + """
     ## Arguments
-    ``gym.make("textenv/Sentiment-v0", model="embedded", max_new_tokens=24, kl_coef=0.05)``
+    ``gym.make("textenv/Sentiment-v0", model="embedded", max_new_tokens=24, kl_coef=0.05)``;
+    ``classifier=..., classifier_label="POSITIVE"`` to score with an HF classifier.
 
     ## Version History
     * v0: initial version.
     """
     name: ClassVar[str] = "Sentiment"
     prompts: list[str] = field(default_factory=lambda: _lines("sentiment_prompts.txt"))
-    reward: str | RewardFn | None = "vader"
+    reward: str | RewardFn | None = None
+    classifier: str | None = None
+    classifier_label: str | int = "POSITIVE"
     max_new_tokens: int = 24
     max_prompt_tokens: int = 32
     kl_coef: float = 0.05
+
+    def build_reward(self) -> RewardFn:
+        if self.reward is not None:
+            return get_reward(self.reward)
+        if self.classifier is not None:
+            return ClassifierReward(self.classifier, self.classifier_label, probability=True, with_prompt=False)
+        return get_reward("vader")
 
 
 @dataclass
