@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import random
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from agents.checkpoint import StopSignals, TrainingInterrupted, pack_training_state, unpack_training_state
 from agents.device import resolve_device
 from agents.envs import (
     Vectorization,
@@ -168,16 +168,6 @@ def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
     )
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM stopped training at a safe point, after a checkpoint was written."""
-
-    def __init__(self, signum: int, checkpoint: Path, global_step: int) -> None:
-        self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {global_step}: checkpoint written to {checkpoint}; "
-                         f"continue with --resume {checkpoint.parent}")
-
-
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The :class:`TrainConfig` a run directory was started with (its ``config.json``)."""
     run_dir = Path(run_dir)
@@ -253,9 +243,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     prev_ended = np.zeros(N, dtype=bool)
     start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
     start_step, start_clock = global_step, time.perf_counter()
-    stop_signal: list[int] = []
     guard = NonFiniteGuard()
-    previous_handlers = _install_stop_handlers(stop_signal)
+    stop = StopSignals().__enter__()
 
     def checkpoint(iteration: int) -> Path:
         path = run_dir / "checkpoint.safetensors"
@@ -350,14 +339,14 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
             bar.update(config.batch_size)
             if recent_returns:
                 bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
-            if stop_signal:
+            if stop.received is not None:
                 path = checkpoint(iteration)
                 logger.close()
-                raise TrainingInterrupted(stop_signal[0], path, global_step)
+                raise TrainingInterrupted(stop.received, path, run_dir, global_step)
             if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)
     finally:
-        _restore_handlers(previous_handlers)
+        stop.__exit__()
         bar.close()
         wall_time = time.perf_counter() - start
         norm_state = normalization_state(envs)
@@ -458,20 +447,9 @@ def save_checkpoint(
                 "format": "textenv-ppo-mlp-v1", "iteration": str(iteration), "wall_time_s": repr(wall_time_s),
                 "recent_returns": json.dumps(recent_returns or [])}
     if optimizer is not None:
-        opt = optimizer.state_dict()
-        for idx, st in opt["state"].items():
-            for key, value in st.items():
-                tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        metadata["optim.param_groups"] = json.dumps(opt["param_groups"])
-    tensors["rng.torch"] = torch.get_rng_state()
-    if generator is not None:
-        tensors["rng.generator"] = generator.get_state().cpu()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    tensors["rng.numpy.keys"] = torch.as_tensor(np_state[1].astype(np.int64))
-    metadata["rng.numpy"] = json.dumps([np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
-    metadata["rng.python"] = json.dumps(random.getstate(), default=list)
+        state_tensors, state_meta = pack_training_state(optimizer, generator)
+        tensors |= state_tensors
+        metadata |= state_meta
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -486,50 +464,17 @@ def restore_training_state(
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    if "optim.param_groups" not in metadata:
-        raise ValueError(f"{path} holds no optimizer state; it cannot be resumed")
     tensors = load_file(str(path), device="cpu")
     device = next(policy.parameters()).device
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.param_groups"])})
+    unpack_training_state(tensors, metadata, optimizer, generator, device)
     norm = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
     if "obs_rms.mean" in norm:
         norm["obs_rms.mean"] = norm["obs_rms.mean"].reshape(envs.single_observation_space.shape)
         norm["obs_rms.var"] = norm["obs_rms.var"].reshape(envs.single_observation_space.shape)
     load_normalization_state(envs, norm)
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.generator" in tensors:
-        generator.set_state(tensors["rng.generator"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    name, pos, has_gauss, cached = json.loads(metadata["rng.numpy"])
-    np.random.set_state((name, tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    py = json.loads(metadata["rng.python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
     return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
             "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"])}
-
-
-def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
-    """SIGINT/SIGTERM set ``flag`` instead of killing the process, so training stops at a safe point."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, lambda s, _frame: flag.append(s))
-    return previous
-
-
-def _restore_handlers(previous: dict[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:

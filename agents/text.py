@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from agents.checkpoint import StopSignals, TrainingInterrupted, pack_training_state, unpack_training_state
 from agents.gae import gae
 from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
 from agents.ppo import NonFiniteGuard, PPOConfig, explained_variance, normalize, ppo_update, validate_rates
@@ -95,7 +96,9 @@ class TextTrainConfig:
     progress: bool = True
     """show a progress bar"""
     save_checkpoint: bool = True
-    """save the policy with save_pretrained (plus value head) at the end"""
+    """save the policy with save_pretrained (plus value head and training state) at the end"""
+    checkpoint_every: int = 10
+    """also checkpoint every this many iterations (0: only at the end or on interruption)"""
     trust_remote_code: bool = False
     """allow model code from the model's repository (off: only transformers' own code runs)"""
 
@@ -140,9 +143,30 @@ def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam:
     return adv.T * mask, ret.T * mask
 
 
-def train_text(config: TextTrainConfig) -> dict[str, Any]:
-    """Train as ``config`` says; log, checkpoint, write ``summary.json``; return the summary."""
+def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
+    """The :class:`TextTrainConfig` a run directory was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / "policy" / STATE_FILE).is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a text run directory with a checkpoint "
+                         f"(config.json + policy/{STATE_FILE})")
+    raw = json.loads((run_dir / "config.json").read_text())
+    raw["ppo"] = PPOConfig(**raw["ppo"])
+    return TextTrainConfig(**raw)
+
+
+def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; log, checkpoint, write ``summary.json``; return the summary.
+
+    ``resume``: a run directory to continue from its last checkpoint (policy, value head,
+    optimizer, β, iteration and RNG states); metrics are appended. SIGINT/SIGTERM stop at the
+    end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+    """
     config.validate()
+    if resume is not None:
+        saved = load_text_run_config(resume)
+        if (saved.task, saved.model) != (config.task, config.model):
+            raise ValueError(f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
+                             f"not {config.task} with {config.model}")
     device = resolve_device(config.device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -159,7 +183,9 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
     )
     kl_coef = envs.kl_coef
     controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
-    policy_lm, _ = load_causal_lm(config.model, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
+    policy_source = str(Path(resume) / "policy") if resume is not None else config.model
+    policy_lm, _ = load_causal_lm(policy_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         policy_lm.gradient_checkpointing_enable()
         policy_lm.config.use_cache = False
@@ -168,16 +194,34 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
                                   eps=1e-5, weight_decay=0.0)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.task}__{config.seed}")
-    atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
+    first_iteration, total_tokens, previous_wall, score_first = 1, 0, 0.0, None
+    if resume is not None:
+        run_dir = Path(resume)
+        state = load_training_state(run_dir / "policy", policy, optimizer, generator)
+        first_iteration = state["iteration"] + 1
+        kl_coef, total_tokens, previous_wall = state["kl_coef"], state["total_tokens"], state["wall_time_s"]
+        score_first = state["score_mean_first"]
+        if controller is not None:
+            controller.value = kl_coef
+    else:
+        run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.task}__{config.seed}")
+        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
     logger = RunLogger(run_dir, tensorboard=config.tensorboard)
     from tqdm import tqdm
 
     history: list[dict[str, float]] = []
     guard = NonFiniteGuard()
-    start = time.perf_counter()
-    total_tokens = 0
-    bar = tqdm(range(1, config.iterations + 1), disable=not config.progress, unit="it", dynamic_ncols=True)
+    start = time.perf_counter() - previous_wall
+
+    def checkpoint(iteration: int) -> Path:
+        return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=optimizer, generator=generator,
+                           state={"iteration": iteration, "kl_coef": kl_coef, "total_tokens": total_tokens,
+                                  "wall_time_s": time.perf_counter() - start,
+                                  "score_mean_first": score_first})
+
+    bar = tqdm(range(first_iteration, config.iterations + 1), disable=not config.progress, unit="it",
+               dynamic_ncols=True)
+    stop = StopSignals().__enter__()
     try:
         for iteration in bar:
             envs.kl_coef = 0.0 if config.kl_in_loss else kl_coef
@@ -220,11 +264,14 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
                 stats["explained_variance"] = explained_variance(rollout.values, returns, rollout.mask)
                 stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
                 stats["reward_total"] = rewards.sum(1).mean()
+                stats["tokens"] = rollout.mask.sum()
             keys = list(stats)
-            values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()
+            values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()  # the iteration's one sync
             metrics = dict(zip(keys, values))
-            tokens = int(rollout.mask.sum().item())
+            tokens = int(metrics.pop("tokens"))
             total_tokens += tokens
+            if score_first is None:
+                score_first = metrics["score_mean"]
             elapsed = time.perf_counter() - start
             metrics |= {"iteration": iteration, "kl_coef": kl_coef, "rollout_tokens_per_s": tokens / rollout_s,
                         "tokens_per_s": total_tokens / elapsed, "rollout_s": rollout_s, "update_s": update_s,
@@ -238,18 +285,25 @@ def train_text(config: TextTrainConfig) -> dict[str, Any]:
             bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_k1']:.2f}", refresh=False)
             if controller is not None:
                 kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
+            if stop.received is not None:
+                path = checkpoint(iteration)
+                logger.close()
+                raise TrainingInterrupted(stop.received, path, run_dir, iteration)
+            if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                checkpoint(iteration)
     finally:
+        stop.__exit__()
         bar.close()
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
-        "task": config.task, "model": config.model, "iterations": len(history), "wall_time_s": wall,
+        "task": config.task, "model": config.model, "iterations": config.iterations, "wall_time_s": wall,
         "tokens_per_s": total_tokens / wall,
-        "score_mean_first": history[0]["score_mean"] if history else None,
+        "score_mean_first": score_first,
         "score_mean_last": history[-1]["score_mean"] if history else None,
         "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
     }
     if config.save_checkpoint:
-        summary["checkpoint"] = str(save_policy(run_dir / "policy", policy, envs.tokenizer))
+        summary["checkpoint"] = str(checkpoint(config.iterations))
     atomic_write_json(run_dir / "summary.json", summary)
     logger.close()
     return summary
@@ -266,15 +320,31 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def save_policy(path: Path, policy: LMActorCritic, tokenizer) -> Path:
-    """``save_pretrained`` of the policy (loads with plain transformers) plus ``value_head.safetensors``,
-    written to a temp directory and renamed, so a crash never leaves half a checkpoint."""
+STATE_FILE = "trainer_state.safetensors"
+
+
+def save_policy(
+    path: Path,
+    policy: LMActorCritic,
+    tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """``save_pretrained`` of the policy (loads with plain transformers) plus ``value_head.safetensors``
+    and, for resuming, ``trainer_state.safetensors`` (optimizer, RNG, counters); written to a
+    temp directory and renamed, so a crash never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
               str(tmp / "value_head.safetensors"))
+    if optimizer is not None:
+        tensors, metadata = pack_training_state(optimizer, generator)
+        metadata["state"] = json.dumps(state or {})
+        save_file(tensors, str(tmp / STATE_FILE), metadata=metadata)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -284,6 +354,20 @@ def save_policy(path: Path, policy: LMActorCritic, tokenizer) -> Path:
     else:
         tmp.rename(path)
     return path
+
+
+def load_training_state(
+    path: Path, policy: LMActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
+    """Value head, optimizer and RNG states from a checkpoint directory; returns its counters."""
+    from safetensors import safe_open
+
+    device = policy.value_head.weight.device
+    policy.value_head.load_state_dict(load_file(str(path / "value_head.safetensors"), device=str(device)))
+    with safe_open(str(path / STATE_FILE), framework="pt") as f:
+        metadata = f.metadata() or {}
+    unpack_training_state(load_file(str(path / STATE_FILE)), metadata, optimizer, generator, device)
+    return json.loads(metadata["state"])
 
 
 def summary_line(summary: dict[str, Any]) -> str:

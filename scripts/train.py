@@ -11,8 +11,10 @@ import sys
 
 import tyro
 
-from agents.classic import TrainConfig, TrainingInterrupted, load_run_config, preset_config, summary_line, train
+from agents.checkpoint import TrainingInterrupted
+from agents.classic import TrainConfig, load_run_config, preset_config, summary_line, train
 from agents.ppo import NonFiniteTraining
+from scripts._resume import pop_resume
 
 
 def _env_id_from_argv(argv: list[str]) -> str:
@@ -24,24 +26,11 @@ def _env_id_from_argv(argv: list[str]) -> str:
     return TrainConfig.env_id
 
 
-def _pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
-    rest, resume, i = [], None, 0
-    while i < len(argv):
-        if argv[i] == "--resume" and i + 1 < len(argv):
-            resume, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--resume="):
-            resume, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return resume, rest
-
-
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """Flags on top of the preset of the ``--env-id`` they name, or, with ``--resume RUN_DIR``,
     on top of that run's own config (so ``--total-timesteps`` can extend it)."""
     argv = sys.argv[1:] if argv is None else argv
-    resume, argv = _pop_resume(argv)
+    resume, argv = pop_resume(argv)
     if resume is not None:
         default = load_run_config(resume)
         given = _env_id_from_argv(argv) if any(a.startswith("--env-id") for a in argv) else default.env_id

@@ -9,15 +9,31 @@ import sys
 
 import tyro
 
+from agents.checkpoint import TrainingInterrupted
 from agents.ppo import NonFiniteTraining
-from agents.text import TextTrainConfig, summary_line, train_text
+from agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
+from scripts._resume import pop_resume
 from textenv.rewards import RewardError
 
 
+def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
+    """Flags on top of the defaults, or with ``--resume RUN_DIR`` on top of that run's config
+    (so ``--iterations`` can extend it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    resume, argv = pop_resume(argv)
+    default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
+    config = tyro.cli(TextTrainConfig, default=default, args=argv, config=(tyro.conf.OmitArgPrefixes,),
+                      description="PPO on a text task. --resume RUN_DIR continues a run from its checkpoint.")
+    return config, resume
+
+
 def main(argv: list[str] | None = None) -> int:
-    config = tyro.cli(TextTrainConfig, args=argv, config=(tyro.conf.OmitArgPrefixes,))
     try:
-        summary = train_text(config)
+        config, resume = parse(argv)
+        summary = train_text(config, resume=resume)
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, RewardError, NotImplementedError, NonFiniteTraining) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

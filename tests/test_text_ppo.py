@@ -96,3 +96,37 @@ def test_kl_in_loss_and_adaptive_kl_run(tmp_path):
     assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # the controller moved β
     assert all(np.isfinite(r["extra_loss"]) for r in rows)
     assert summary["iterations"] == 3
+
+
+def test_text_training_stops_on_sigterm_and_resumes(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "scripts.train_text", "--task", "Toy", "--model", "tiny", "--iterations", "500",
+            "--num-envs", "8", "--learning-rate", "1e-3", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "--torch-threads", "1", "--runs-dir", str(tmp_path), "--run-name", "t"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint written to" in err
+    before = [json.loads(line) for line in metrics.read_text().splitlines()]
+    last = before[-1]["iteration"]
+    done = subprocess.run([sys.executable, "-m", "scripts.train_text", "--resume", str(tmp_path / "t"),
+                           "--iterations", str(last + 2), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    after = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert after[: len(before)] == before
+    assert [r["iteration"] for r in after[len(before):]] == [last + 1, last + 2]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["iterations"] == last + 2 and summary["score_mean_first"] == before[0]["score_mean"]
+    bad = subprocess.run([sys.executable, "-m", "scripts.train_text", "--resume", str(tmp_path / "t"), "--task",
+                          "Sentiment"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "is a run of task Toy" in bad.stderr

@@ -1,0 +1,95 @@
+"""Training state for resuming: optimizer and RNG states as safetensors tensors + JSON metadata.
+
+No pickle anywhere: tensors go to safetensors, everything else to JSON strings in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def pack_training_state(
+    optimizer: torch.optim.Optimizer, generator: torch.Generator | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` holding the optimizer's state and every RNG the trainers draw from."""
+    tensors: dict[str, torch.Tensor] = {}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    metadata = {"optim.param_groups": json.dumps(opt["param_groups"])}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if generator is not None:
+        tensors["rng.generator"] = generator.get_state().cpu()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy.keys"] = torch.as_tensor(np_state[1].astype(np.int64))
+    metadata["rng.numpy"] = json.dumps([np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
+    metadata["rng.python"] = json.dumps(random.getstate(), default=list)
+    return tensors, metadata
+
+
+def unpack_training_state(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> None:
+    """Load what :func:`pack_training_state` wrote into a live optimizer and the RNGs."""
+    if "optim.param_groups" not in metadata:
+        raise ValueError("the checkpoint holds no optimizer state; it cannot be resumed")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    if generator is not None and "rng.generator" in tensors:
+        generator.set_state(tensors["rng.generator"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    name, pos, has_gauss, cached = json.loads(metadata["rng.numpy"])
+    np.random.set_state((name, tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(metadata["rng.python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training at a safe point, after a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint: Any, run_dir: Any, step: int) -> None:
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}; "
+                         f"continue with --resume {run_dir}")
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM are recorded instead of killing the process, so the
+    trainer can stop at the end of an iteration with a checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
