@@ -16,12 +16,14 @@ class LMActorCritic(nn.Module):
     so the logits are exactly the model's, whatever post-processing its head does.
     """
 
-    def __init__(self, model: PreTrainedModel, temperature: float = 1.0) -> None:
+    def __init__(self, model: PreTrainedModel, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
         self.lm = model
-        self.temperature = temperature
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         hidden = model.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         # Zero init: the critic starts at V = 0 and learns from the returns, not from noise.
@@ -57,6 +59,25 @@ class LMActorCritic(nn.Module):
         logprob = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logprob, entropy, values
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k / nucleus filtering (``-inf`` outside the kept set); identity with ``top_k=0, top_p=1``.
+
+    Sampling from the filtered distribution while the update scores tokens under the full one
+    biases the PPO ratio (the stored log-prob is of the filtered distribution); that is why
+    both are off by default.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 @dataclass
@@ -100,11 +121,12 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     truncated = torch.zeros(N, dtype=torch.bool, device=device)
     responses: list[str | None] = [None] * N
     for t in range(B):
-        logp_all = torch.log_softmax(logits[:, -1], dim=-1)
+        logp_all = torch.log_softmax(filter_logits(logits[:, -1], policy.top_k, policy.top_p), dim=-1)
         action = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
         cols["actions"].append(action)
         cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
-        cols["entropy"].append(-(logp_all.exp() * logp_all).sum(-1))
+        probs = logp_all.exp()
+        cols["entropy"].append(-(probs * torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))).sum(-1))
         cols["values"].append(values[:, -1])
         cols["mask"].append(active.float())
         obs, reward, terminated, _, step_info = envs.step(action)

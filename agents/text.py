@@ -65,6 +65,10 @@ class TextTrainConfig:
     """subtract this from the score of responses that hit the budget without EOS"""
     temperature: float = 1.0
     """sampling temperature (log-probs are those of the tempered distribution)"""
+    top_k: int = 0
+    """sample among the k most likely tokens (0: off; on, it biases the PPO ratio)"""
+    top_p: float = 1.0
+    """nucleus sampling (1: off; below 1 it biases the PPO ratio)"""
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     gamma: float = 1.0
@@ -189,7 +193,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if config.gradient_checkpointing:
         policy_lm.gradient_checkpointing_enable()
         policy_lm.config.use_cache = False
-    policy = LMActorCritic(policy_lm, temperature=config.temperature)
+    policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   eps=1e-5, weight_decay=0.0)
     generator = torch.Generator(device=device).manual_seed(config.seed)

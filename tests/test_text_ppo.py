@@ -130,3 +130,24 @@ def test_text_training_stops_on_sigterm_and_resumes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "scripts.train_text", "--resume", str(tmp_path / "t"), "--task",
                           "Sentiment"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is a run of task Toy" in bad.stderr
+
+
+def test_filter_logits_keeps_top_k_and_the_nucleus():
+    from agents.lm import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.equal(filter_logits(logits, 0, 1.0), logits)
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    # 0.5 < 0.7, 0.5 + 0.3 crosses 0.7: the nucleus is the first two tokens.
+    assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits[:, [2, 0, 3, 1]], 0, 0.7)).tolist() == [[True, False, True, False]]
+    envs = TextGenerationVectorEnv(num_envs=8, **ENV)
+    policy = _policy()
+    policy.top_k = 3
+    ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = torch.log_softmax(policy._forward(ro.input_ids, ro.attention_mask,
+                                                 (ro.attention_mask.cumsum(-1) - 1).clamp_min(0))[0], -1)
+    top3 = full[:, ro.prompt_len - 1 : -1].topk(3, dim=-1).indices
+    m = ro.mask.bool()
+    assert (top3 == ro.actions.unsqueeze(-1)).any(-1)[m].all()  # every sampled token was in the top 3
