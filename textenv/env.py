@@ -156,9 +156,9 @@ class _Generation:
         return reward, ended_now.clone(), ended_now, ref_lp, end_info
 
     def _advance_reference(self, tokens: torch.Tensor) -> None:
-        # The new token sits at cache slot P + steps - 1; rows that had ended feed pad, mask 0.
-        # Rows active at this step wrote their token at slot P + steps - 1 (mask 1); rows that
-        # had ended never write there (mask 0), so the obs mask is the cache's mask.
+        # The new token takes cache slot P + steps - 1. Rows active at this step wrote it at that
+        # slot of the observation (mask 1); rows that had ended never write there (mask 0, they
+        # feed pad), so the observation's mask is exactly the cache's attention mask.
         attn = self.mask[:, : self.P + self.steps].contiguous()
         position_ids = (attn.sum(-1, keepdim=True) - 1).clamp_min(0)
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
