@@ -8,6 +8,7 @@ tokens, whiten advantages, then K epochs of minibatched PPO over whole sequences
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -87,6 +88,10 @@ class TextTrainConfig:
     """bf16 weights on CUDA (CPU always runs fp32)"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the update"""
+    lora_r: int = 0
+    """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0: off)"""
+    lora_alpha: int = 16
+    """LoRA scaling α"""
     torch_threads: int = 0
     """torch CPU threads (0: torch's default)"""
     sample_every: int = 5
@@ -115,6 +120,8 @@ class TextTrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.ppo.validate(self.num_envs)
@@ -188,8 +195,12 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     kl_coef = envs.kl_coef
     controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
     # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
-    policy_source = str(Path(resume) / "policy") if resume is not None else config.model
+    # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
+    policy_source = str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
     policy_lm, _ = load_causal_lm(policy_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.lora_r:
+        policy_lm = with_lora(policy_lm, config.lora_r, config.lora_alpha,
+                              Path(resume) / "policy" / "adapter" if resume is not None else None)
     if config.gradient_checkpointing:
         policy_lm.gradient_checkpointing_enable()
         policy_lm.config.use_cache = False
@@ -327,6 +338,16 @@ def _cell(text: str) -> str:
 STATE_FILE = "trainer_state.safetensors"
 
 
+def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
+    """``model`` wrapped with trainable LoRA adapters on all linear layers (or the saved ones)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
 def save_policy(
     path: Path,
     policy: LMActorCritic,
@@ -341,7 +362,11 @@ def save_policy(
     temp directory and renamed, so a crash never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.lm.save_pretrained(tmp)
+    if hasattr(policy.lm, "merge_and_unload"):  # LoRA: the adapter (to resume) + merged weights (to use)
+        policy.lm.save_pretrained(tmp / "adapter")
+        copy.deepcopy(policy.lm).merge_and_unload().save_pretrained(tmp)
+    else:
+        policy.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
               str(tmp / "value_head.safetensors"))
