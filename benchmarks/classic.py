@@ -234,7 +234,9 @@ def plot(rows: list[dict], envs: list[str], libs: list[str], path: Path) -> None
                 steps = np.array([s for s, _, _ in c], dtype=float)
                 vals = np.array([v for _, v, _ in c], dtype=float)
                 k = max(1, len(vals) // 50)
-                smooth = np.convolve(vals, np.ones(k) / k, mode="same") if k > 1 else vals
+                # Edge-corrected moving average: divide by how many points each window really holds.
+                window = np.ones(k)
+                smooth = np.convolve(vals, window, mode="same") / np.convolve(np.ones_like(vals), window, mode="same")
                 ys.append(np.interp(grid, steps, smooth))
             ys = np.stack(ys)
             ax.plot(grid, ys.mean(0), label=f"{lib} ({len(curves)} seeds)")
