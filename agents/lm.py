@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from textenv.models import cache_kwargs, output_cache
+
 
 class LMActorCritic(nn.Module):
     """A causal LM as the policy and a linear value head on its last hidden states.
@@ -33,23 +35,26 @@ class LMActorCritic(nn.Module):
 
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values=None, logits_to_keep: int = 0,
                  use_cache: bool = False):
+        cache = cache_kwargs(self.lm, past_key_values) if past_key_values is not None else {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache,
-                      output_hidden_states=True, logits_to_keep=logits_to_keep)
+                      use_cache=use_cache, output_hidden_states=True, logits_to_keep=logits_to_keep, **cache)
         hidden = out.hidden_states[-1]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = out.logits.float() / self.temperature
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return logits, values, out.past_key_values
+        return logits, values, output_cache(out) if use_cache else None
 
     def evaluate_responses(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor, prompt_len: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor, prompt_len: int,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log π(a_t|s_t), entropy_t, V(s_t))`` for the ``T`` response tokens, one full forward.
 
         ``input_ids`` is ``[n, prompt_len + T]`` in the env's layout; the logits at position
-        ``prompt_len + t - 1`` give the distribution of response token ``t``.
+        ``prompt_len + t - 1`` give the distribution of response token ``t``. With
+        ``entropy_grad=False`` the entropy is a detached diagnostic (no backward through the
+        full-vocabulary softmax when the loss has no entropy bonus).
         """
         T = actions.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -57,7 +62,8 @@ class LMActorCritic(nn.Module):
         logits, values = logits[:, :T], values[:, :T]
         logp_all = torch.log_softmax(logits, dim=-1)
         logprob = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logprob, entropy, values
 
 
@@ -80,12 +86,21 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` (rows need not be normalised): inverse-CDF sampling, one
+    uniform per row; over a large vocabulary it is far cheaper than ``torch.multinomial``.
+    Zero-probability entries are never drawn (``right=True`` skips flat steps of the CDF)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
 @dataclass
 class Rollout:
     """One batch of episodes, laid out ``[N, T]`` (rows: episodes, columns: response tokens)."""
 
-    input_ids: torch.Tensor  # [N, P + T] final observation
-    attention_mask: torch.Tensor  # [N, P + T]
+    input_ids: torch.Tensor  # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
+    attention_mask: torch.Tensor  # [N, prompt_len + T]
     actions: torch.Tensor  # [N, T]
     logprobs: torch.Tensor  # log π of the sampled token under the sampling distribution
     values: torch.Tensor
@@ -111,10 +126,13 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     obs, info = envs.reset(seed=seed)
     P, B, N = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
     device = obs["input_ids"].device
-    prompt_mask = obs["attention_mask"][:, :P]
+    # Prompts are left-padded into P slots: columns that are padding in every row are left out
+    # of every forward here and in the update (less compute, same result).
+    start = int(obs["attention_mask"][:, :P].any(0).long().argmax())
+    prompt_mask = obs["attention_mask"][:, start:P]
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    logits, values, cache = policy._forward(obs["input_ids"][:, :P], prompt_mask, position_ids, logits_to_keep=1,
-                                     use_cache=True)
+    logits, values, cache = policy._forward(obs["input_ids"][:, start:P], prompt_mask, position_ids,
+                                            logits_to_keep=1, use_cache=True)
     cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask")}
     active = torch.ones(N, dtype=torch.bool, device=device)
     scores = torch.zeros(N, device=device)
@@ -122,10 +140,10 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     responses: list[str | None] = [None] * N
     for t in range(B):
         logp_all = torch.log_softmax(filter_logits(logits[:, -1], policy.top_k, policy.top_p), dim=-1)
-        action = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+        probs = logp_all.exp()
+        action = sample_categorical(probs, generator)
         cols["actions"].append(action)
         cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
-        probs = logp_all.exp()
         cols["entropy"].append(-(probs * torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))).sum(-1))
         cols["values"].append(values[:, -1])
         cols["mask"].append(active.float())
@@ -141,7 +159,7 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
         active = active & ~terminated
         if envs.all_done:  # the env's own per-step sync already knows; no second one here
             break
-        mask = obs["attention_mask"][:, : P + t + 1]
+        mask = obs["attention_mask"][:, start : P + t + 1]
         logits, values, cache = policy._forward(
             action.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
         )
@@ -149,9 +167,9 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     stacked = {k: torch.stack(v, dim=1) for k, v in cols.items()}
     policy.train(was_training)
     return Rollout(
-        input_ids=obs["input_ids"][:, : P + T], attention_mask=obs["attention_mask"][:, : P + T],
+        input_ids=obs["input_ids"][:, start : P + T], attention_mask=obs["attention_mask"][:, start : P + T],
         scores=scores, truncated_response=truncated, prompts=list(info["prompt"]),
-        responses=[r or "" for r in responses], prompt_len=P, **stacked,
+        responses=[r or "" for r in responses], prompt_len=P - start, **stacked,
     )
 
 

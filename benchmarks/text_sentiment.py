@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ class SentimentBenchConfig:
     model: str = "embedded"
     """policy and reference model"""
     iterations: int = 60
-    """PPO iterations"""
+    """PPO iterations (at most, with target_score)"""
+    target_score: float | None = None
+    """stop once the mean score over the last 5 iterations reaches this"""
     num_envs: int = 16
     """responses per iteration"""
     max_new_tokens: int = 24
@@ -73,6 +76,7 @@ def sample_scores(policy_name: str, config: SentimentBenchConfig, device: str) -
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
+    from agents.checkpoint import TrainingInterrupted
     from agents.text import TextTrainConfig, train_text
     from textenv.models import resolve_device
 
@@ -81,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     before, before_rows = sample_scores(args.model, args, device)
     print(f"before: mean score {before:.3f}", flush=True)
     with tempfile.TemporaryDirectory() as runs_dir:
-        config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations, num_envs=args.num_envs,
+        config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations, target_score=args.target_score, num_envs=args.num_envs,
                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
                                  kl_coef=args.kl_coef, kl_target=args.kl_target, seed=args.seed, device=device,
                                  runs_dir=runs_dir, run_name="run", tensorboard=False)
         config.ppo = dataclasses.replace(config.ppo, num_minibatches=args.num_minibatches,
                                          update_epochs=args.update_epochs)
-        summary = train_text(config)
+        stopped = None
+        try:
+            train_text(config)
+        except TrainingInterrupted as stop:  # SIGTERM/Ctrl-C: report what the checkpoint reached
+            stopped = f"stopped by {signal.Signals(stop.signum).name} after iteration {stop.step}"
+            print(stopped, flush=True)
         rows = [json.loads(line) for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
         after, after_rows = sample_scores(str(Path(runs_dir) / "run" / "policy"), args, device)
     print(f"after: mean score {after:.3f}", flush=True)
@@ -127,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| mean score before ({args.eval_samples} samples) | {before:.3f} |",
         f"| mean score after ({args.eval_samples} samples, same prompts) | {after:.3f} |",
         f"| KL to reference, last iteration (k1, nats/response) | {rows[-1]['kl_k1']:.2f} |",
-        f"| iterations × responses × budget | {args.iterations} × {args.num_envs} × {args.max_new_tokens} |",
-        f"| wall time (s) | {summary['wall_time_s']:.0f} |",
-        f"| tokens/s (rollout + update) | {summary['tokens_per_s']:.1f} |", "",
+        f"| iterations × responses × budget | {rows[-1]['iteration']} × {args.num_envs} × {args.max_new_tokens} |",
+        f"| wall time of training (s) | {rows[-1]['wall_time_s']:.0f} |",
+        f"| tokens/s (rollout + update) | {rows[-1]['tokens_per_s']:.1f} |", "",
+        *([f"Training was {stopped}.", ""] if stopped else []),
         "## Before", "", *table(before_rows), "", "## After", "", *table(after_rows), "",
     ]
     (out / f"{args.out_name}.md").write_text("\n".join(lines))

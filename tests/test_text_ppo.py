@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agents.gae import gae
-from agents.lm import LMActorCritic, collect_rollout
+from agents.lm import LMActorCritic, collect_rollout, sample_categorical
 from agents.text import TextTrainConfig, shaped_rewards, token_advantages, train_text
 from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.models import load_causal_lm
@@ -22,16 +22,27 @@ def _policy(seed=1, temperature=1.0):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_a_fresh_forward(temperature):
-    envs = TextGenerationVectorEnv(num_envs=6, **ENV)
+    envs = TextGenerationVectorEnv(num_envs=16, **ENV)
     policy = _policy(temperature=temperature)
     ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logprob, entropy, values = policy.evaluate_responses(ro.input_ids, ro.attention_mask, ro.actions, ro.prompt_len)
     m = ro.mask.bool()
-    assert m.sum() > 6 and (~m).any()  # some responses ended early (EOS), others ran on
+    assert m.sum() > 16 and (~m).any()  # some responses ended early (EOS), others ran on
     torch.testing.assert_close(logprob[m], ro.logprobs[m], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(values[m], ro.values[m], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy[m], ro.entropy[m], rtol=1e-4, atol=1e-4)
+
+
+def test_sample_categorical_matches_the_distribution():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.25, 0.0, 0.25, 0.0, 0.25, 0.25]])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, g) for _ in range(n)], dim=1)
+    freq = torch.stack([torch.bincount(row, minlength=6).double() / n for row in draws])
+    assert torch.all(freq[probs == 0] == 0)  # zero-probability tokens are never drawn
+    # 4.5 standard errors of a frequency with p(1-p) <= 1/4
+    torch.testing.assert_close(freq, probs.double(), rtol=0, atol=4.5 * 0.5 / n**0.5)
 
 
 def test_shaped_rewards_sum_to_score_minus_beta_kl():
@@ -186,3 +197,37 @@ def test_gradient_checkpointing_gives_the_same_first_update(tmp_path):
         row = json.loads((tmp_path / f"gc{gc}" / "metrics.jsonl").read_text().splitlines()[0])
         losses.append((row["policy_loss"], row["value_loss"], row["score_mean"]))
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+
+
+def _not_a_causal_lm(tmp_path):
+    from transformers import DistilBertConfig
+
+    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
+    return str(tmp_path / "clf")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--task", "Nope"], "unknown task"),
+     (["--model", "/no/such/model"], "does not exist"),
+     (["--model", _not_a_causal_lm], "not a causal language model"),
+     (["--reward", "no-such-reward"], "unknown reward"),
+     (["--reward", "json:no_such_function"], "cannot import reward"),
+     (["--reward", "math:sqrt"], "raised TypeError"),  # fails at the first scoring, named
+     (["--learning-rate", "-1"], "learning_rate"),
+     (["--gamma", "1.5"], "gamma"),
+     (["--num-envs", "6", "--num-minibatches", "4"], "num_minibatches"),
+     (["--clip-coef", "0"], "clip_coef"),
+     (["--device", "cuda"], "cuda"),
+     (["--resume", "RUNS_DIR"], "not a text run directory")],
+)
+def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
+    from scripts.train_text import main
+
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("a GPU is present")
+    args = [a(tmp_path) if callable(a) else a.replace("RUNS_DIR", str(tmp_path)) for a in args]
+    code = main(["--task", "Toy", "--model", "tiny", "--iterations", "1", "--num-envs", "4",
+                 "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--no-tensorboard", *args])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message.lower() in errors[0].lower(), errors

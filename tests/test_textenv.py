@@ -1,5 +1,7 @@
 """The text environments: single vs vector equivalence, Gymnasium/SB3 compatibility, rewards, bad input."""
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -209,6 +211,45 @@ def test_load_causal_lm_rejects_what_is_not_a_causal_lm(tmp_path):
     DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(str(tmp_path / "clf"))
+
+
+_REMOTE_CONFIG = """
+import os
+from pathlib import Path
+from transformers import LlamaConfig
+Path(os.environ["TEXTENV_REMOTE_CODE_MARKER"]).write_text("ran")
+class RemoteConfig(LlamaConfig):
+    model_type = "textenv-remote-llama"
+"""
+_REMOTE_MODEL = """
+from transformers import LlamaForCausalLM
+from .configuration_remote import RemoteConfig
+class RemoteLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+"""
+
+
+def test_model_code_from_a_model_directory_runs_only_when_trusted(tmp_path, monkeypatch):
+    tok = char_tokenizer()
+    path = tmp_path / "remote"
+    tiny_causal_lm(tok, seed=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config |= {"model_type": "textenv-remote-llama", "architectures": ["RemoteLM"],
+               "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteLM"}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "configuration_remote.py").write_text(_REMOTE_CONFIG)
+    (path / "modeling_remote.py").write_text(_REMOTE_MODEL)
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("TEXTENV_REMOTE_CODE_MARKER", str(marker))
+
+    with pytest.raises(ValueError, match="needs its own Python code.*trust_remote_code=True"):
+        load_causal_lm(str(path))
+    assert not marker.exists()  # refused before any of the directory's code ran
+
+    model, _ = load_causal_lm(str(path), trust_remote_code=True)
+    assert marker.read_text() == "ran" and type(model).__name__ == "RemoteLM"
 
 
 def test_load_causal_lm_loads_a_saved_model_with_from_pretrained(tmp_path):

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import ensure_pad_token, load_causal_lm, resolve_device
+from textenv.models import cache_kwargs, ensure_pad_token, load_causal_lm, output_cache, resolve_device
 from textenv.rewards import RewardFn, get_reward, score_batch
 from textenv.tasks import Task, make_task
 
@@ -69,12 +69,15 @@ class _Generation:
         self.responses: list[str | None] = [None] * batch_size
         self.ref_logp_next: torch.Tensor | None = None
         self.cache = None
+        self.start = 0  # first column of the reference's cache
 
     # -- reset -------------------------------------------------------------------------------
-    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots."""
+    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots; also
+        returns the longest prompt's length."""
         ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), self.P), dtype=torch.long)
+        width = 1
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"prompt {i} is empty")
@@ -82,12 +85,13 @@ class _Generation:
             if not toks:
                 raise ValueError(f"prompt {i} ({prompt[:40]!r}) tokenizes to no tokens")
             ids[i, self.P - len(toks) :] = torch.tensor(toks)
+            width = max(width, len(toks))
             mask[i, self.P - len(toks) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return ids.to(self.device), mask.to(self.device), width
 
     @torch.inference_mode()
     def reset(self, prompts: list[str]) -> None:
-        prompt_ids, prompt_mask = self.tokenize_prompts(prompts)
+        prompt_ids, prompt_mask, width = self.tokenize_prompts(prompts)
         self.prompts = list(prompts)
         self.responses = [None] * self.batch_size
         self.ids.fill_(self.pad_id)
@@ -100,10 +104,13 @@ class _Generation:
         self.steps = 0
         self.started = True
         self.all_done = False
+        # Columns that are padding in every row are left out of the reference's cache.
+        self.start = self.P - width
+        prompt_ids, prompt_mask = prompt_ids[:, self.start :], prompt_mask[:, self.start :]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     # -- step --------------------------------------------------------------------------------
@@ -159,11 +166,11 @@ class _Generation:
         # The new token takes cache slot P + steps - 1. Rows active at this step wrote it at that
         # slot of the observation (mask 1); rows that had ended never write there (mask 0, they
         # feed pad), so the observation's mask is exactly the cache's attention mask.
-        attn = self.mask[:, : self.P + self.steps].contiguous()
+        attn = self.mask[:, self.start : self.P + self.steps].contiguous()
         position_ids = (attn.sum(-1, keepdim=True) - 1).clamp_min(0)
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **cache_kwargs(self.model, self.cache))
+        self.cache = output_cache(out)
         self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def observation(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import inspect
 import os
 import string
 from pathlib import Path
@@ -134,7 +135,13 @@ def load_causal_lm(
                 f"could not load model {name!r}: not a local model directory and not in the HF cache "
                 f"({str(err).splitlines()[0]})"
             ) from None
-        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        except ValueError as err:
+            if "trust_remote_code" in str(err) and not trust_remote_code:
+                raise ValueError(f"model {name!r} needs its own Python code to load; it runs only with "
+                                 "trust_remote_code=True (--trust-remote-code)") from None
+            raise
+        remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote_causal:
             raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model")
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -164,3 +171,16 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
     tokenizer.pad_token = tokenizer.eos_token
     return int(tokenizer.eos_token_id)
+
+
+def cache_kwargs(model: PreTrainedModel, cache) -> dict:
+    """The KV-cache argument of ``model.forward``: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps forward
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
