@@ -33,7 +33,7 @@ from agents.envs import (
 )
 from agents.gae import gae
 from agents.policies import MLPActorCritic
-from agents.ppo import NonFiniteGuard, PPOConfig, explained_variance, ppo_update, validate_rates
+from agents.ppo import NonFiniteGuard, NonFiniteTraining, PPOConfig, explained_variance, ppo_update, validate_rates
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
 
@@ -345,6 +345,14 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                 raise TrainingInterrupted(stop.received, path, run_dir, global_step)
             if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)
+    except NonFiniteTraining as err:
+        logger.close()
+        if not config.save_checkpoint:
+            raise
+        # Every update of the last iterations was skipped: the parameters are still good.
+        path = checkpoint(iteration)
+        raise NonFiniteTraining(f"{err}; the last good state is saved in {path}, "
+                                f"continue with --resume {run_dir}") from None
     finally:
         stop.__exit__()
         bar.close()

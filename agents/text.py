@@ -24,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from agents.checkpoint import StopSignals, TrainingInterrupted, pack_training_state, unpack_training_state
 from agents.gae import gae
 from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
-from agents.ppo import NonFiniteGuard, PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from agents.ppo import (NonFiniteGuard, NonFiniteTraining, PPOConfig, explained_variance, normalize, ppo_update,
+                        validate_rates)
 from agents.runlog import RunLogger, atomic_write_json, make_run_dir
 from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm, resolve_device
+from textenv.rewards import RewardError
 
 
 def _text_ppo() -> PPOConfig:
@@ -327,6 +329,15 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                 break
             if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)
+    except (RewardError, NonFiniteTraining) as err:
+        # The parameters are those of the last completed iteration (a reward fails before the
+        # update; a non-finite update is skipped): keep them, so the run can be resumed.
+        logger.close()
+        if not config.save_checkpoint or last_iteration < 1:
+            raise
+        path = checkpoint(last_iteration)
+        raise type(err)(f"{err}; the last good state (iteration {last_iteration}) is saved in {path}, "
+                        f"continue with --resume {run_dir}") from None
     finally:
         stop.__exit__()
         bar.close()

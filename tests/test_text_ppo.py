@@ -231,3 +231,50 @@ def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args,
                  "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--no-tensorboard", *args])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message.lower() in errors[0].lower(), errors
+
+
+_FLAKY = {"calls": 0, "fail_after": None}
+
+
+def _nan_later(prompts, responses):
+    """Counts 'a's, and pays NaN once ``fail_after`` scoring calls have been made."""
+    _FLAKY["calls"] += 1
+    broken = _FLAKY["fail_after"] is not None and _FLAKY["calls"] > _FLAKY["fail_after"]
+    return [float("nan") if broken else float(r.count("a")) for r in responses]
+
+
+def test_nan_reward_mid_run_stops_with_the_last_good_state_saved_and_resumes(tmp_path):
+    import json
+    import re
+
+    from textenv.rewards import RewardError, available, register
+
+    if "test-nan-later" not in available():
+        register("test-nan-later")(_nan_later)
+    _FLAKY.update(calls=0, fail_after=8)  # a rollout scores at most max_new_tokens (6) times
+    config = TextTrainConfig(task="Toy", model="tiny", reward="test-nan-later", iterations=8, num_envs=4,
+                             max_new_tokens=6, learning_rate=1e-3, device="cpu", runs_dir=str(tmp_path), run_name="r",
+                             progress=False, tensorboard=False, checkpoint_every=0)
+    with pytest.raises(RewardError, match=r"returned nan .*last good state \(iteration \d+\) is saved in") as err:
+        train_text(config)
+    good = int(re.search(r"iteration (\d+)\)", str(err.value)).group(1))
+    assert good >= 1
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["iteration"] == good  # the failed iteration logged nothing
+
+    _FLAKY.update(fail_after=None)
+    summary = train_text(config, resume=tmp_path / "r")
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == list(range(1, 9)) and summary["iterations"] == 8
+
+
+def test_training_stops_once_the_score_window_reaches_the_target(tmp_path):
+    import json
+
+    config = TextTrainConfig(task="Toy", model="tiny", iterations=10, num_envs=4, max_new_tokens=4, device="cpu",
+                             target_score=-1.0, target_window=3, runs_dir=str(tmp_path), run_name="r",
+                             progress=False, tensorboard=False)
+    summary = train_text(config)  # every score is >= 0 > -1: stop as soon as 3 iterations exist
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert summary["iterations"] == 3 and [json.loads(m)["iteration"] for m in metrics] == [1, 2, 3]
+    assert (tmp_path / "r" / "policy" / "config.json").is_file()
