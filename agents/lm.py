@@ -104,7 +104,7 @@ class Rollout:
     actions: torch.Tensor  # [N, T]
     logprobs: torch.Tensor  # log π of the sampled token under the sampling distribution
     values: torch.Tensor
-    env_rewards: torch.Tensor  # what the env paid: score·1[last] + β_env·log π_ref
+    env_rewards: torch.Tensor  # what the env paid: score·1[last] + β_env·log π_ref (per step or summed at the end)
     ref_logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor  # 1 on response tokens (up to and including EOS)
@@ -134,6 +134,7 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     logits, values, cache = policy._forward(obs["input_ids"][:, start:P], prompt_mask, position_ids,
                                             logits_to_keep=1, use_cache=True)
     cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask")}
+    ref_at_end = torch.zeros((N, B), device=device)  # filled as rows end, with kl_shaping="at_end"
     active = torch.ones(N, dtype=torch.bool, device=device)
     scores = torch.zeros(N, device=device)
     truncated = torch.zeros(N, dtype=torch.bool, device=device)
@@ -149,7 +150,10 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
         cols["mask"].append(active.float())
         obs, reward, terminated, _, step_info = envs.step(action)
         cols["env_rewards"].append(reward)
-        cols["ref_logprobs"].append(step_info["ref_logprob"])
+        if "ref_logprob" in step_info:
+            cols["ref_logprobs"].append(step_info["ref_logprob"])
+        if "_ref_logprobs" in step_info:
+            ref_at_end = torch.where(step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end)
         if "_score" in step_info:
             ended = step_info["_score"]
             scores = torch.where(ended, step_info["score"], scores)
@@ -164,7 +168,8 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
             action.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
         )
     T = len(cols["actions"])
-    stacked = {k: torch.stack(v, dim=1) for k, v in cols.items()}
+    stacked = {k: torch.stack(v, dim=1) for k, v in cols.items() if v}
+    stacked.setdefault("ref_logprobs", ref_at_end[:, :T])
     policy.train(was_training)
     return Rollout(
         input_ids=obs["input_ids"][:, start : P + T], attention_mask=obs["attention_mask"][:, start : P + T],

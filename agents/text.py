@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,6 +66,9 @@ class TextTrainConfig:
     """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β fixed"""
     kl_horizon: int = 10_000
     """horizon of the adaptive KL controller, in episodes"""
+    kl_shaping: Literal["at_end", "per_step"] = "at_end"
+    """the env's reference pass: at_end (one forward per finished response) or per_step (one
+    KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
     kl_in_loss: bool = False
     """put β·KL (k3 estimator) in the loss instead of in the reward"""
     missing_eos_penalty: float | None = None
@@ -136,18 +139,23 @@ class TextTrainConfig:
 
 
 def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
-    """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` from what the env paid.
+    """Per-token reward ``score·1[last] − β·(log π − log π_ref)``.
 
-    The env pays ``score·1[last] + β·log π_ref``; adding ``−β·log π`` here makes it exact.
-    With the KL in the loss instead, the env's β is 0 and this is the score alone.
+    Built from what the env reported (each response's score and each token's ``log π_ref``,
+    with either ``kl_shaping``) and the log-probs stored at sampling, so no second forward is
+    paid. With the per-step env this equals the env's reward ``score·1[last] + β·log π_ref``
+    plus ``−β·log π``. With the KL in the loss instead, it is the score alone.
     """
-    rewards = rollout.env_rewards.clone()
-    if kl_in_reward:
-        rewards = rewards - kl_coef * rollout.logprobs * rollout.mask
+    mask = rollout.mask
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    last = (mask.sum(1).long() - 1).clamp_min(0)
+    score = rollout.scores
     if missing_eos_penalty is not None:
-        last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
-        penalty = missing_eos_penalty * rollout.truncated_response.float()
-        rewards[torch.arange(rewards.shape[0]), last] -= penalty
+        score = score - missing_eos_penalty * rollout.truncated_response.float()
+    rewards = torch.zeros_like(rollout.logprobs)
+    rewards[rows, last] = score
+    if kl_in_reward:
+        rewards = rewards + kl_coef * (rollout.ref_logprobs - rollout.logprobs) * mask
     return rewards
 
 
@@ -207,7 +215,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
     envs = TextGenerationVectorEnv(
         num_envs=config.num_envs, task=config.task, model=config.model, reward=config.reward, device=device,
-        dtype=dtype, trust_remote_code=config.trust_remote_code, **task_kwargs,
+        dtype=dtype, trust_remote_code=config.trust_remote_code, kl_shaping=config.kl_shaping, **task_kwargs,
     )
     kl_coef = envs.kl_coef
     controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None

@@ -51,6 +51,8 @@ class SentimentBenchConfig:
     """PPO epochs per iteration"""
     eval_samples: int = 32
     """responses sampled before and after training"""
+    kl_shaping: Literal["at_end", "per_step"] = "at_end"
+    """the env's reference pass: at_end or per_step (same rewards)"""
     seed: int = 1
     """seed"""
     device: str = "auto"
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     before, before_rows = sample_scores(args.model, args, device)
     print(f"before: mean score {before:.3f}", flush=True)
     with tempfile.TemporaryDirectory() as runs_dir:
-        config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations, target_score=args.target_score, num_envs=args.num_envs,
+        config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations,
+                                 target_score=args.target_score, kl_shaping=args.kl_shaping, num_envs=args.num_envs,
                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
                                  kl_coef=args.kl_coef, kl_target=args.kl_target, seed=args.seed, device=device,
                                  runs_dir=runs_dir, run_name="run", tensorboard=False)

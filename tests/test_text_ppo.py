@@ -53,8 +53,29 @@ def test_shaped_rewards_sum_to_score_minus_beta_kl():
     expected = ro.scores - beta * ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)
     torch.testing.assert_close(rewards.sum(1), expected, rtol=1e-5, atol=1e-5)
     assert torch.all(rewards[ro.mask == 0] == 0)
+    # Per token, they are what the per-step env paid plus −β·log π (the design's identity).
+    torch.testing.assert_close(rewards, (ro.env_rewards - beta * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6)
     penalised = shaped_rewards(ro, beta, kl_in_reward=True, missing_eos_penalty=1.0)
     torch.testing.assert_close(penalised.sum(1), expected - ro.truncated_response.float())
+
+
+def test_kl_shaping_at_end_gives_the_same_rollout_and_shaped_rewards():
+    rollouts = {}
+    for mode in ("per_step", "at_end"):
+        envs = TextGenerationVectorEnv(num_envs=16, kl_shaping=mode, **ENV)
+        rollouts[mode] = collect_rollout(_policy(), envs, seed=0, generator=torch.Generator().manual_seed(0))
+    step, end = rollouts["per_step"], rollouts["at_end"]
+    assert torch.equal(step.actions, end.actions) and torch.equal(step.mask, end.mask)
+    assert (~step.mask.bool()).any()  # some rows ended early: ragged ends are covered
+    torch.testing.assert_close(end.ref_logprobs, step.ref_logprobs, rtol=1e-4, atol=1e-5)
+    # The env pays the same return, the KL term all at the last token.
+    torch.testing.assert_close(end.env_rewards.sum(1), step.env_rewards.sum(1), rtol=1e-4, atol=1e-5)
+    last = step.mask.sum(1).long() - 1
+    not_last = torch.arange(end.mask.shape[1]).unsqueeze(0) != last.unsqueeze(1)
+    assert torch.all(end.env_rewards[not_last] == 0)
+    beta = 0.1
+    torch.testing.assert_close(shaped_rewards(end, beta, True, None), shaped_rewards(step, beta, True, None),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_vector_rollout_and_single_envs_give_the_same_advantages():

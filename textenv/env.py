@@ -3,7 +3,8 @@
 :class:`TextGenerationVectorEnv` keeps a batch of sequences as tensors on the models' device
 and steps the frozen reference model with a KV cache; :class:`TextGenerationEnv` is the same
 machinery at batch size 1 behind the single-env API (numpy observations, float rewards).
-Both pay ``score · 1[last] + kl_coef · log π_ref(a_t | s_t)`` and report ``ref_logprob``.
+Both pay ``score · 1[last] + kl_coef · log π_ref(a_t | s_t)`` and report ``ref_logprob``
+(or, with ``kl_shaping="at_end"``, pay the KL term's sum at the end; see the vector env).
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class _Generation:
         reward: RewardFn,
         batch_size: int,
         device: torch.device,
+        kl_shaping: str = "per_step",
     ) -> None:
         task.validate()
+        if kl_shaping not in KL_SHAPINGS:
+            raise ValueError(f"kl_shaping must be one of {KL_SHAPINGS}, got {kl_shaping!r}")
+        self.at_end = kl_shaping == "at_end"
         self.task, self.model, self.tokenizer, self.reward = task, model, tokenizer, reward
         self.device, self.batch_size = device, batch_size
         self.pad_id = ensure_pad_token(tokenizer)
@@ -106,6 +111,9 @@ class _Generation:
         self.all_done = False
         # Columns that are padding in every row are left out of the reference's cache.
         self.start = self.P - width
+        if self.at_end:  # the reference reads each response once, when it ends
+            self.cache = self.ref_logp_next = None
+            return
         prompt_ids, prompt_mask = prompt_ids[:, self.start :], prompt_mask[:, self.start :]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
@@ -135,8 +143,11 @@ class _Generation:
             self.all_done = False
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"action {int(actions[row])} (row {row}) is outside Discrete({self.vocab_size})")
-        ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
-        ref_lp = torch.where(active, ref_lp, torch.zeros_like(ref_lp))
+        if self.at_end:
+            ref_lp = torch.zeros(self.batch_size, device=self.device)
+        else:
+            ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
+            ref_lp = torch.where(active, ref_lp, torch.zeros_like(ref_lp))
         slot = (self.P + self.resp_len).clamp_max(self.L - 1).unsqueeze(1)
         self.ids.scatter_(1, slot, torch.where(active, a, self.ids.gather(1, slot).squeeze(1)).unsqueeze(1))
         self.mask.scatter_(1, slot, torch.where(active, 1, self.mask.gather(1, slot).squeeze(1)).unsqueeze(1))
@@ -157,10 +168,26 @@ class _Generation:
             self.scores[idx] = score_t
             reward = reward.index_add(0, idx, score_t)
             end_info = {"rows": rows, "scores": scores, "texts": texts}
+            if self.at_end:
+                ref_lps = self._response_ref_logprobs(idx, max(lengths))
+                reward = reward.index_add(0, idx, self.kl_coef * ref_lps.sum(1))
+                end_info["ref_logprobs"] = ref_lps
         self.steps += 1
-        if not all_done:
+        if not all_done and not self.at_end:
             self._advance_reference(torch.where(active, a, torch.full_like(a, self.pad_id)))
         return reward, ended_now.clone(), ended_now, ref_lp, end_info
+
+    def _response_ref_logprobs(self, idx: torch.Tensor, width: int) -> torch.Tensor:
+        """``log π_ref`` of each response token of rows ``idx`` (``[k, width]``, 0 past a row's
+        end), from one forward over their prompt + response."""
+        ids = self.ids[idx, self.start : self.P + width]
+        mask = self.mask[idx, self.start : self.P + width]
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        # The logits at the column before each response token give its distribution.
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                            logits_to_keep=width + 1).logits[:, :width]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, -width:].unsqueeze(-1)).squeeze(-1)
+        return logp * mask[:, -width:]
 
     def _advance_reference(self, tokens: torch.Tensor) -> None:
         # The new token takes cache slot P + steps - 1. Rows active at this step wrote it at that
@@ -182,6 +209,9 @@ class _Generation:
                                                          skip_special_tokens=True)
 
 
+KL_SHAPINGS = ("per_step", "at_end")
+
+
 def _build(
     task: str | Task,
     model: str | PreTrainedModel,
@@ -191,6 +221,7 @@ def _build(
     dtype: torch.dtype,
     trust_remote_code: bool,
     batch_size: int,
+    kl_shaping: str,
     task_kwargs: dict[str, Any],
 ) -> _Generation:
     device = resolve_device(device)
@@ -206,7 +237,7 @@ def _build(
     else:
         model = model.to(device)
     model.eval().requires_grad_(False)  # the frozen reference
-    return _Generation(task, model, tokenizer, reward_fn, batch_size, device)
+    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, kl_shaping)
 
 
 def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
@@ -250,6 +281,8 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         reward: overrides the task's reward: a registered name, ``"module:callable"`` or a callable.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         render_mode: ``"ansi"`` returns prompt + response so far.
+        kl_shaping: ``"per_step"`` pays ``kl_coef · log π_ref`` at each token; ``"at_end"`` pays
+            their sum with the score and reports them in ``info["ref_logprobs"]`` (faster).
         **task_kwargs: task fields: ``max_new_tokens``, ``max_prompt_tokens``, ``kl_coef``,
             ``prompts``, and task-specific ones (``reward_model``, ``label``).
     """
@@ -266,11 +299,12 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         dtype: torch.dtype = torch.float32,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        kl_shaping: str = "per_step",
         **task_kwargs: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1, task_kwargs)
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1, kl_shaping, task_kwargs)
         self.observation_space, self.action_space = _spaces(self._gen)
         self.render_mode = render_mode
 
@@ -292,7 +326,9 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset() first")
         action = int(action)
         reward, terminated, _, ref_lp, end = self._gen.step(torch.tensor([action], device=self._gen.device))
-        info: dict[str, Any] = {"ref_logprob": float(ref_lp[0])}
+        info: dict[str, Any] = {} if self._gen.at_end else {"ref_logprob": float(ref_lp[0])}
+        if end and self._gen.at_end:
+            info["ref_logprobs"] = end["ref_logprobs"][0, : self._gen.resp_len[0]].cpu().numpy()
         if end:
             info |= {
                 "score": end["scores"][0],
@@ -321,6 +357,14 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     Infos: ``ref_logprob`` ``[N]`` every step; when rows end, ``score``, ``truncated_response``,
     ``response_length`` and ``response_text`` (an object array, None elsewhere) with Gymnasium's
     ``_<key>`` masks. ``kl_coef`` is settable (``envs.kl_coef = 0.1`` or ``set_attr``).
+
+    ``kl_shaping="at_end"`` (both envs) trades the per-token timing of the KL term for speed:
+    the reference model reads each response once, in one forward when it ends, instead of one
+    KV-cached step per token; the episode's last reward is then
+    ``score + kl_coef · Σ_t log π_ref(a_t | s_t)`` (the same return), earlier rewards are 0,
+    and the per-token values come in ``info["ref_logprobs"]`` (``[N, B]``, 0 past each end)
+    instead of ``ref_logprob``. An agent that shapes its own per-token rewards from them (as
+    ``agents.text`` does) gets exactly the per-step rewards back.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.DISABLED}
@@ -336,13 +380,15 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         dtype: torch.dtype = torch.float32,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        kl_shaping: str = "per_step",
         **task_kwargs: Any,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs, task_kwargs)
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs, kl_shaping,
+                           task_kwargs)
         self.num_envs = num_envs
         self.single_observation_space, self.single_action_space = _spaces(self._gen)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -389,7 +435,11 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             raise RuntimeError("step() called after every episode in the batch ended; call reset() first")
         actions = torch.as_tensor(actions, device=gen.device).long().reshape(-1)
         reward, terminated, ended_now, ref_lp, end = gen.step(actions)
-        info: dict[str, Any] = {"ref_logprob": ref_lp}
+        info: dict[str, Any] = {} if gen.at_end else {"ref_logprob": ref_lp}
+        if end and gen.at_end:
+            ref_lps = torch.zeros((self.num_envs, gen.B), device=gen.device)
+            ref_lps[end["rows"], : end["ref_logprobs"].shape[1]] = end["ref_logprobs"]
+            info |= {"ref_logprobs": ref_lps, "_ref_logprobs": ended_now}
         if end:
             texts = np.full(self.num_envs, None, dtype=object)
             texts[end["rows"]] = end["texts"]
