@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test test-slow bench-classic bench-textenv clean
+.PHONY: train train-classic test test-slow bench-classic bench-textenv bench-text-ppo bench-sentiment clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench-classic: $(VENV)/.installed
 
 bench-textenv: $(VENV)/.installed
 	$(PY) -m benchmarks.textenv_throughput
+
+# Side by side with TRL's PPO trainer (the [bench] extra pins trl==0.29.*).
+bench-text-ppo: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.text_ppo --iterations 3
+
+bench-sentiment: $(VENV)/.installed
+	$(PY) -m benchmarks.text_sentiment --iterations 150 --learning-rate 1.5e-5 --num-minibatches 2 --kl-target 6 --target-score 0.85
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

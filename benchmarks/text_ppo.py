@@ -1,7 +1,7 @@
 """PPO iteration speed and memory: this project vs TRL's PPO trainer, plus bare ``generate``.
 
-    pip install "trl==0.29.*"          # TRL 1.x dropped PPO; 0.29 ships it as trl.experimental.ppo
-    python -m benchmarks.text_ppo --iterations 5
+    pip install -e ".[bench]"          # trl==0.29.*: TRL 1.x dropped PPO; 0.29 ships it as trl.experimental.ppo
+    python -m benchmarks.text_ppo --iterations 3
 
 Same model (the embedded SmolLM2-135M by default), same sentiment prompts, batch, response
 budget, PPO epochs and minibatches, fixed β, fp32 on CPU (bf16 on CUDA) on both sides. The
