@@ -46,6 +46,8 @@ class SentimentBenchConfig:
     """β (initial β when kl_target is set)"""
     kl_target: float | None = 6.0
     """adaptive β target for the KL per response"""
+    kl_horizon: int = 10_000
+    """horizon of the adaptive β controller, in episodes (β moves by up to 20%·num_envs/horizon per iteration)"""
     num_minibatches: int = 4
     """minibatches per epoch"""
     update_epochs: int = 4
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations,
                                  target_score=args.target_score, kl_shaping=args.kl_shaping, num_envs=args.num_envs,
                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
-                                 kl_coef=args.kl_coef, kl_target=args.kl_target, seed=args.seed, device=device,
+                                 kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
+                                 seed=args.seed, device=device,
                                  runs_dir=runs_dir, run_name="run", tensorboard=False)
         config.ppo = dataclasses.replace(config.ppo, num_minibatches=args.num_minibatches,
                                          update_epochs=args.update_epochs)
