@@ -5,8 +5,9 @@
 
 Measures the mean score of 32 sampled responses before training, trains with
 ``agents.text.train_text``, measures again with the trained policy (same prompts, same
-sampling), and writes ``benchmarks/results/<out-name>.md`` (numbers, before/after samples)
-and ``<out-name>.png`` (score and KL to the reference per iteration).
+sampling), and writes ``benchmarks/results/<out-name>.md`` (numbers, before/after samples),
+``<out-name>.png`` (score, KL to the reference and β per iteration) and the per-iteration
+metrics in ``raw/<out-name>.metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -114,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
     ax[0].plot(its, [r["score_mean"] for r in rows])
     ax[0].set_title("mean score per iteration")
     ax[1].plot(its, [r["kl_k1"] for r in rows], label="KL (k1)")
     ax[1].plot(its, [r["kl_k3"] for r in rows], label="KL (k3)")
     ax[1].set_title("KL to the reference per response (nats)")
     ax[1].legend()
+    ax[2].plot(its, [r["kl_coef"] for r in rows])
+    ax[2].set_title("KL coefficient β")
     for a in ax:
         a.set_xlabel("iteration")
         a.grid(alpha=0.3)
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{args.out_name}.png", dpi=110)
+    (out / "raw").mkdir(exist_ok=True)
+    (out / "raw" / f"{args.out_name}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def table(sample_rows):
         lines = ["| prompt | response | score |", "| --- | --- | --- |"]
