@@ -15,7 +15,9 @@ its own (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). Seconds 
 iteration are the median over the timed iterations after ``warmup``. Rollout tokens/s
 counts response tokens up to and including EOS; it is the whole rollout for this project
 (sampling, reference log-probs, values and reward), TRL's ``generate`` call alone, and
-``model.generate`` alone for the bare baseline.
+``model.generate`` alone for the bare baseline. This project's rollout is also split: the
+seconds in the reference's and the reward model's forward passes (timed around them) and
+the rest, the policy's sampling through the env.
 """
 
 from __future__ import annotations
@@ -118,11 +120,39 @@ def _prompts() -> list[str]:
     return make_task("Sentiment").prompts
 
 
+def _timed(fn, parts: list[dict], key: str, device: torch.device):
+    """``fn`` that adds its (synchronised) seconds to ``parts[-1][key]``."""
+
+    def wrapper(*a, **kw):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        _sync(device)
+        parts[-1][key] += time.perf_counter() - t0
+        return out
+
+    return wrapper
+
+
 def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
+    import agents.text
     from agents.text import TextTrainConfig, train_text
+    from textenv.env import _Generation
     from textenv.rewards import ClassifierReward, register
 
-    register("bench-reward-model")(ClassifierReward(args.reward_model_dir, device=str(device)))
+    # Rollout breakdown: the reference's and the reward model's forward passes (work bare
+    # generate does not do) timed apart from the policy's sampling through the env.
+    parts: list[dict] = []
+    collect = agents.text.collect_rollout
+
+    def collect_rollout(*a, **kw):
+        parts.append({"reference_s": 0.0, "reward_s": 0.0})
+        return collect(*a, **kw)
+
+    agents.text.collect_rollout = collect_rollout
+    _Generation._response_ref_logprobs = _timed(_Generation._response_ref_logprobs, parts, "reference_s", device)
+    reward = ClassifierReward(args.reward_model_dir, device=str(device))
+    register("bench-reward-model")(_timed(reward, parts, "reward_s", device))
     with tempfile.TemporaryDirectory() as runs_dir:
         config = TextTrainConfig(
             task="Sentiment", model=args.model, reward="bench-reward-model", iterations=args.warmup + args.iterations,
@@ -134,13 +164,17 @@ def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
                                          num_minibatches=args.num_minibatches)
         train_text(config)
         rows = [json.loads(line) for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[args.warmup:]
+    timed, timed_parts = rows[args.warmup:], parts[args.warmup:]
     walls = [rows[0]["wall_time_s"]] + [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])]
+    tokens = sum(r["rollout_tokens_per_s"] * r["rollout_s"] for r in timed)
+    rollout_s = sum(r["rollout_s"] for r in timed)
+    reference_s, reward_s = (sum(p[k] for p in timed_parts) for k in ("reference_s", "reward_s"))
     return {
         "iteration_s": statistics.median(walls[args.warmup:]),
         "rollout_s": statistics.median(r["rollout_s"] for r in timed),
-        "rollout_tokens_per_s": sum(r["rollout_tokens_per_s"] * r["rollout_s"] for r in timed)
-        / sum(r["rollout_s"] for r in timed),
+        "rollout_tokens_per_s": tokens / rollout_s,
+        "sampling_tokens_per_s": tokens / (rollout_s - reference_s - reward_s),
+        "reference_share": reference_s / rollout_s, "reward_share": reward_s / rollout_s,
         "score_first": rows[0]["score_mean"], "score_last": rows[-1]["score_mean"],
     }
 
@@ -287,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| rollout tokens/s | {_fmt(ours.get('rollout_tokens_per_s'), '.0f')} (whole rollout) | "
         f"{_fmt(trl.get('rollout_tokens_per_s'), '.0f')} (generate only) | "
         f"{_fmt(bare.get('rollout_tokens_per_s'), '.0f')} |",
+        f"| policy sampling tokens/s (rollout less the reference and reward passes) | "
+        f"{_fmt(ours.get('sampling_tokens_per_s'), '.0f')} | – | – |",
+        f"| share of the rollout in the reference / reward-model forward | "
+        f"{_fmt(ours.get('reference_share'), '.0%')} / {_fmt(ours.get('reward_share'), '.0%')} | – | – |",
         f"| mean score, first → last iteration | {_fmt(ours.get('score_first'), '.3f')} → "
         f"{_fmt(ours.get('score_last'), '.3f')} | {_fmt(trl.get('score_first'), '.3f')} → "
         f"{_fmt(trl.get('score_last'), '.3f')} | – |",
@@ -295,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if ours.get("iteration_s") and trl.get("iteration_s"):
         ratios.append(f"Iteration speed vs TRL: **{trl['iteration_s'] / ours['iteration_s']:.2f}×**.")
     if ours.get("rollout_tokens_per_s") and bare.get("rollout_tokens_per_s"):
-        ratios.append(f"Rollout tokens/s vs bare generate: **{ours['rollout_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}**.")
+        ratios.append(f"Rollout tokens/s vs bare generate: **{ours['rollout_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
+                      f"for the whole rollout, **{ours['sampling_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
+                      "for the policy's sampling through the env.")
     command = " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         "# PPO on a language model: this project vs TRL", "",
