@@ -41,7 +41,7 @@ bench-text-ppo: $(VENV)/.installed
 	$(PY) -m benchmarks.text_ppo --iterations 3
 
 bench-sentiment: $(VENV)/.installed
-	$(PY) -m benchmarks.text_sentiment --iterations 150 --learning-rate 1.5e-5 --num-minibatches 2 --kl-target 6 --target-score 0.85
+	$(PY) -m benchmarks.text_sentiment --iterations 150 --learning-rate 1.5e-5 --num-minibatches 2 --kl-coef 0.02 --kl-target 6 --kl-horizon 160 --target-score 0.85
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
