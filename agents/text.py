@@ -81,6 +81,8 @@ class TextTrainConfig:
     """nucleus sampling (1: off; below 1 it biases the PPO ratio)"""
     learning_rate: float = 1e-5
     """AdamW learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over ``iterations`` (TRL's and CleanRL's default)"""
     gamma: float = 1.0
     """discount over tokens"""
     gae_lambda: float = 0.95
@@ -265,6 +267,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     try:
         for iteration in bar:
             envs.kl_coef = 0.0 if config.kl_in_loss else kl_coef
+            if config.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / config.iterations) * config.learning_rate
             t0 = time.perf_counter()
             rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
             rollout_s = time.perf_counter() - t0
@@ -314,7 +318,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
             if score_first is None:
                 score_first = metrics["score_mean"]
             elapsed = time.perf_counter() - start
-            metrics |= {"iteration": iteration, "kl_coef": kl_coef, "rollout_tokens_per_s": tokens / rollout_s,
+            metrics |= {"iteration": iteration, "kl_coef": kl_coef, "learning_rate": optimizer.param_groups[0]["lr"],
+                        "rollout_tokens_per_s": tokens / rollout_s,
                         "tokens_per_s": total_tokens / elapsed, "rollout_s": rollout_s, "update_s": update_s,
                         "wall_time_s": elapsed}
             history.append(metrics)

@@ -43,6 +43,8 @@ class SentimentBenchConfig:
     """response budget"""
     learning_rate: float = 3e-6
     """AdamW learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over ``iterations``"""
     kl_coef: float = 0.05
     """β (initial β when kl_target is set)"""
     kl_target: float | None = 6.0
@@ -65,8 +67,10 @@ class SentimentBenchConfig:
     """file stem of the results in benchmarks/results/"""
 
 
-def sample_scores(policy_name: str, config: SentimentBenchConfig, device: str) -> tuple[float, list[tuple[str, str, float]]]:
-    """Mean score of ``eval_samples`` responses of the model at ``policy_name`` (same prompts, seed)."""
+def sample_scores(policy_name: str, config: SentimentBenchConfig,
+                  device: str) -> tuple[float, float, list[tuple[str, str, float]]]:
+    """Mean score and mean KL to the reference (k1, nats per response) of ``eval_samples``
+    responses of the model at ``policy_name`` (same prompts, seed)."""
     from agents.lm import LMActorCritic, collect_rollout
     from textenv import TextGenerationVectorEnv
     from textenv.models import load_causal_lm
@@ -76,7 +80,8 @@ def sample_scores(policy_name: str, config: SentimentBenchConfig, device: str) -
     lm, _ = load_causal_lm(policy_name, device=device)
     rollout = collect_rollout(LMActorCritic(lm), envs, seed=12345, generator=torch.Generator(device).manual_seed(0))
     rows = list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))
-    return float(rollout.scores.mean()), rows
+    kl = float(((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).mean())
+    return float(rollout.scores.mean()), kl, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = tyro.cli(SentimentBenchConfig, args=argv)
     device = str(resolve_device(args.device))
-    before, before_rows = sample_scores(args.model, args, device)
+    before, _, before_rows = sample_scores(args.model, args, device)
     print(f"before: mean score {before:.3f}", flush=True)
     with tempfile.TemporaryDirectory() as runs_dir:
         config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations,
                                  target_score=args.target_score, kl_shaping=args.kl_shaping, num_envs=args.num_envs,
                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
+                                 anneal_lr=args.anneal_lr,
                                  kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
                                  seed=args.seed, device=device,
                                  runs_dir=runs_dir, run_name="run", tensorboard=False)
@@ -106,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             stopped = f"stopped by {signal.Signals(stop.signum).name} after iteration {stop.step}"
             print(stopped, flush=True)
         rows = [json.loads(line) for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
-        after, after_rows = sample_scores(str(Path(runs_dir) / "run" / "policy"), args, device)
-    print(f"after: mean score {after:.3f}", flush=True)
+        after, after_kl, after_rows = sample_scores(str(Path(runs_dir) / "run" / "policy"), args, device)
+    print(f"after: mean score {after:.3f}, KL {after_kl:.2f}", flush=True)
 
     import matplotlib
 
@@ -140,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {p.replace('|', '/')} | {r.replace('|', '/').replace(chr(10), ' ')} | {s:.3f} |")
         return lines
 
+    def last5(key):
+        return sum(r[key] for r in rows[-5:]) / len(rows[-5:])
+
     lines = [
         f"# PPO on {args.task} with {args.model}", "",
         f"Command: `python -m benchmarks.text_sentiment {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
@@ -147,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         "| | value |", "| --- | --- |",
         f"| mean score before ({args.eval_samples} samples) | {before:.3f} |",
         f"| mean score after ({args.eval_samples} samples, same prompts) | {after:.3f} |",
+        f"| KL to reference after ({args.eval_samples} samples, k1, nats/response) | {after_kl:.2f} |",
         f"| KL to reference, last iteration (k1, nats/response) | {rows[-1]['kl_k1']:.2f} |",
+        f"| mean score and KL over the last 5 iterations | {last5('score_mean'):.3f}, {last5('kl_k1'):.2f} |",
         f"| iterations × responses × budget | {rows[-1]['iteration']} × {args.num_envs} × {args.max_new_tokens} |",
         f"| wall time of training (s) | {rows[-1]['wall_time_s']:.0f} |",
         f"| tokens/s (rollout + update) | {rows[-1]['tokens_per_s']:.1f} |", "",
