@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {p.replace('|', '/')} | {r.replace('|', '/').replace(chr(10), ' ')} | {s:.3f} |")
         return lines
 
+    def stderr(sample_rows):
+        scores = [s for _, _, s in sample_rows]
+        mean = sum(scores) / len(scores)
+        return (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) / len(scores)) ** 0.5
+
     def last5(key):
         return sum(r[key] for r in rows[-5:]) / len(rows[-5:])
 
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python -m benchmarks.text_sentiment {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
         f"Device: {device} ({platform.machine()}, torch {torch.__version__}).", "",
         "| | value |", "| --- | --- |",
-        f"| mean score before ({args.eval_samples} samples) | {before:.3f} |",
-        f"| mean score after ({args.eval_samples} samples, same prompts) | {after:.3f} |",
+        f"| mean score before ({args.eval_samples} samples, ± standard error) | {before:.3f} ± {stderr(before_rows):.3f} |",
+        f"| mean score after ({args.eval_samples} samples, same prompts, ± standard error) | {after:.3f} ± {stderr(after_rows):.3f} |",
         f"| KL to reference after ({args.eval_samples} samples, k1, nats/response) | {after_kl:.2f} |",
         f"| KL to reference, last iteration (k1, nats/response) | {rows[-1]['kl_k1']:.2f} |",
         f"| mean score and KL over the last 5 iterations | {last5('score_mean'):.3f}, {last5('kl_k1'):.2f} |",
