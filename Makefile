@@ -41,7 +41,7 @@ bench-text-ppo: $(VENV)/.installed
 	$(PY) -m benchmarks.text_ppo --iterations 3
 
 bench-sentiment: $(VENV)/.installed
-	$(PY) -m benchmarks.text_sentiment --iterations 150 --learning-rate 1.5e-5 --num-minibatches 2 --kl-coef 0.02 --kl-target 6 --kl-horizon 160 --target-score 0.85
+	$(PY) -m benchmarks.text_sentiment --iterations 140 --num-envs 32 --update-epochs 2 --num-minibatches 4 --learning-rate 3e-5 --kl-coef 0.03 --kl-target 7.5 --kl-horizon 320 --eval-samples 128
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
