@@ -16,6 +16,7 @@ import dataclasses
 import json
 import platform
 import signal
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return lines
 
     def stderr(sample_rows):
-        scores = [s for _, _, s in sample_rows]
-        mean = sum(scores) / len(scores)
-        return (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) / len(scores)) ** 0.5
+        return statistics.stdev(s for _, _, s in sample_rows) / len(sample_rows) ** 0.5
 
     def last5(key):
         return sum(r[key] for r in rows[-5:]) / len(rows[-5:])
