@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import StopSignals, TrainingInterrupted, pack_training_state, unpack_training_state
+from agents.checkpoint import pack_training_state, unpack_training_state
 from agents.device import resolve_device
 from agents.envs import (
     Vectorization,
@@ -33,8 +31,11 @@ from agents.envs import (
 )
 from agents.gae import gae
 from agents.policies import MLPActorCritic
-from agents.ppo import NonFiniteGuard, NonFiniteTraining, PPOConfig, explained_variance, ppo_update, validate_rates
-from agents.runlog import RunLogger, atomic_write_json, make_run_dir
+from agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+
+__all__ = ["PRESETS", "TrainConfig", "evaluate_policy", "load_checkpoint", "load_run_config", "preset_config",
+           "seed_everything", "summary_line", "train"]
 
 
 @dataclass
@@ -154,12 +155,6 @@ def preset_config(env_id: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(env_id=env_id, **values)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
     return make_vector_env(
         config.env_id, config.num_envs, vectorization=config.vectorization,
@@ -199,14 +194,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     torch.backends.cudnn.deterministic = True
 
     if resume is not None:
-        run_dir = Path(resume)
-        saved = load_run_config(run_dir)
+        saved = load_run_config(resume)
         if saved.env_id != config.env_id:
-            raise ValueError(f"--resume {run_dir} is a run of {saved.env_id}, not {config.env_id}")
-    else:
-        run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}")
-        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
-    logger = RunLogger(run_dir, tensorboard=config.tensorboard)
+            raise ValueError(f"--resume {resume} is a run of {saved.env_id}, not {config.env_id}")
+    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume)
 
     envs = make_train_envs(config)
     envs.action_space.seed(config.seed)
@@ -229,6 +220,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     valid_np = np.zeros((T, N), dtype=np.float32)
 
     num_iterations = max(1, config.total_timesteps // config.batch_size)
+    schedule = LinearLR(config.learning_rate, num_iterations, enabled=config.anneal_lr)
     global_step, first_iteration = 0, 1
     recent_returns: deque[float] = deque(maxlen=100)
     recent_lengths: deque[int] = deque(maxlen=100)
@@ -236,6 +228,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         state = restore_training_state(run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs)
         global_step, first_iteration = state["global_step"], state["iteration"] + 1
         recent_returns.extend(state["recent_returns"])
+        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
+        saved_schedule = state["lr_schedule"] or {"learning_rate": saved.learning_rate, "enabled": saved.anneal_lr,
+                                                  "horizon": max(1, saved.total_timesteps // saved.batch_size)}
+        schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, num_iterations,
+                                    config.anneal_lr)
     next_obs, _ = envs.reset(seed=config.seed + first_iteration - 1)
     next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     # With next-step autoreset the step after an episode's end only resets: its action is
@@ -243,119 +240,103 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     prev_ended = np.zeros(N, dtype=bool)
     start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
     start_step, start_clock = global_step, time.perf_counter()
-    guard = NonFiniteGuard()
-    stop = StopSignals().__enter__()
 
     def checkpoint(iteration: int) -> Path:
         path = run_dir / "checkpoint.safetensors"
         save_checkpoint(path, policy, normalization_state(envs), config, global_step, optimizer=optimizer,
                         generator=generator, iteration=iteration, recent_returns=list(recent_returns),
-                        wall_time_s=time.perf_counter() - start)
+                        wall_time_s=time.perf_counter() - start, lr_schedule=schedule.state())
         return path
 
+    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint)
+    run.last_iteration = first_iteration - 1
     from tqdm import tqdm
 
-    bar = tqdm(total=num_iterations * config.batch_size, initial=global_step, disable=not config.progress, unit="step",
-               dynamic_ncols=True)
     try:
-        for iteration in range(first_iteration, num_iterations + 1):
-            if config.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / num_iterations
-                optimizer.param_groups[0]["lr"] = frac * config.learning_rate
-            iter_returns: list[float] = []
-            iter_lengths: list[int] = []
+        with run.loop(save_on_failure=config.save_checkpoint), \
+                tqdm(total=num_iterations * config.batch_size, initial=global_step, disable=not config.progress,
+                     unit="step", dynamic_ncols=True) as bar:
+            for iteration in range(first_iteration, num_iterations + 1):
+                lr = schedule.apply(optimizer, iteration)
+                iter_returns: list[float] = []
+                iter_lengths: list[int] = []
 
-            policy.eval()
-            for t in range(T):
-                obs_buf[t] = next_obs_t
-                valid_np[t] = ~prev_ended
+                policy.eval()
+                for t in range(T):
+                    obs_buf[t] = next_obs_t
+                    valid_np[t] = ~prev_ended
+                    with torch.inference_mode():
+                        action, logprob, value = policy.act(next_obs_t)
+                    act_buf[t] = action
+                    logp_buf[t] = logprob
+                    val_buf[t] = value
+                    next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                    if not (np.isfinite(reward).all() and np.isfinite(next_obs).all()):
+                        what = "reward" if not np.isfinite(reward).all() else "observation"
+                        raise ValueError(f"{config.env_id} returned a non-finite {what} at step {global_step + (t + 1) * N}")
+                    rew_np[t] = reward
+                    term_np[t] = terminated
+                    ended = np.logical_or(terminated, truncated)
+                    ended_np[t] = ended
+                    prev_ended = ended
+                    next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+                    if "_episode" in info:
+                        done = info["_episode"]
+                        iter_returns.extend(info["episode"]["r"][done].tolist())
+                        iter_lengths.extend(info["episode"]["l"][done].tolist())
+                global_step += config.batch_size
+
                 with torch.inference_mode():
-                    action, logprob, value = policy.act(next_obs_t)
-                act_buf[t] = action
-                logp_buf[t] = logprob
-                val_buf[t] = value
-                next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                if not (np.isfinite(reward).all() and np.isfinite(next_obs).all()):
-                    what = "reward" if not np.isfinite(reward).all() else "observation"
-                    raise ValueError(f"{config.env_id} returned a non-finite {what} at step {global_step + (t + 1) * N}")
-                rew_np[t] = reward
-                term_np[t] = terminated
-                ended = np.logical_or(terminated, truncated)
-                ended_np[t] = ended
-                prev_ended = ended
-                next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-                if "_episode" in info:
-                    done = info["_episode"]
-                    iter_returns.extend(info["episode"]["r"][done].tolist())
-                    iter_lengths.extend(info["episode"]["l"][done].tolist())
-            global_step += config.batch_size
-
-            with torch.inference_mode():
-                last_value = policy.value(next_obs_t)
-            rewards = torch.from_numpy(rew_np).to(device)
-            valid = torch.from_numpy(valid_np).to(device)
-            advantages, returns = gae(
-                rewards, val_buf, last_value, torch.from_numpy(term_np).to(device),
-                torch.from_numpy(ended_np).to(device), config.gamma, config.gae_lambda,
-            )
-            batch = {
-                "obs": obs_buf.reshape(-1, *obs_shape),
-                "actions": act_buf.reshape(-1, *act_shape),
-                "logprobs": logp_buf.reshape(-1),
-                "values": val_buf.reshape(-1),
-                "advantages": advantages.reshape(-1),
-                "returns": returns.reshape(-1),
-                "mask": valid.reshape(-1),
-            }
-            policy.train()
-            stats = ppo_update(
-                policy.parameters(), optimizer, batch,
-                lambda mb: policy.evaluate(mb["obs"], mb["actions"]), config.ppo, generator,
-            )
-            stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"])
-            if policy.continuous:
-                stats["action_std"] = policy.actor_logstd.exp().mean().detach()
-            # One host sync per iteration for every device-side metric.
-            keys = list(stats)
-            values = torch.stack([stats[k].float() for k in keys]).tolist()
-            metrics: dict[str, float] = dict(zip(keys, values))
-            recent_returns.extend(iter_returns)
-            recent_lengths.extend(iter_lengths)
-            elapsed = time.perf_counter() - start
-            metrics |= {
-                "iteration": iteration,
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
-                "wall_time_s": elapsed,
-            }
-            if iter_returns:
-                metrics |= {
-                    "episodic_return": float(np.mean(iter_returns)),
-                    "episodic_length": float(np.mean(iter_lengths)),
-                    "episodes": len(iter_returns),
+                    last_value = policy.value(next_obs_t)
+                rewards = torch.from_numpy(rew_np).to(device)
+                valid = torch.from_numpy(valid_np).to(device)
+                advantages, returns = gae(
+                    rewards, val_buf, last_value, torch.from_numpy(term_np).to(device),
+                    torch.from_numpy(ended_np).to(device), config.gamma, config.gae_lambda,
+                )
+                batch = {
+                    "obs": obs_buf.reshape(-1, *obs_shape),
+                    "actions": act_buf.reshape(-1, *act_shape),
+                    "logprobs": logp_buf.reshape(-1),
+                    "values": val_buf.reshape(-1),
+                    "advantages": advantages.reshape(-1),
+                    "returns": returns.reshape(-1),
+                    "mask": valid.reshape(-1),
                 }
-            logger.log(global_step, metrics)
-            guard.check(metrics, f"(up to step {global_step})")
-            bar.update(config.batch_size)
-            if recent_returns:
-                bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
-            if stop.received is not None:
-                path = checkpoint(iteration)
-                logger.close()
-                raise TrainingInterrupted(stop.received, path, run_dir, global_step)
-            if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                checkpoint(iteration)
-    except NonFiniteTraining as err:
-        logger.close()
-        if not config.save_checkpoint:
-            raise
-        # Every update of the last iterations was skipped: the parameters are still good.
-        path = checkpoint(iteration)
-        raise NonFiniteTraining(f"{err}; the last good state is saved in {path}, "
-                                f"continue with --resume {run_dir}") from None
+                policy.train()
+                stats = ppo_update(
+                    policy.parameters(), optimizer, batch,
+                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]), config.ppo, generator,
+                )
+                stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"])
+                if policy.continuous:
+                    stats["action_std"] = policy.actor_logstd.exp().mean().detach()
+                # One host sync per iteration for every device-side metric.
+                keys = list(stats)
+                values = torch.stack([stats[k].float() for k in keys]).tolist()
+                metrics: dict[str, float] = dict(zip(keys, values))
+                recent_returns.extend(iter_returns)
+                recent_lengths.extend(iter_lengths)
+                elapsed = time.perf_counter() - start
+                metrics |= {
+                    "iteration": iteration,
+                    "learning_rate": lr,
+                    "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
+                    "wall_time_s": elapsed,
+                }
+                if iter_returns:
+                    metrics |= {
+                        "episodic_return": float(np.mean(iter_returns)),
+                        "episodic_length": float(np.mean(iter_lengths)),
+                        "episodes": len(iter_returns),
+                    }
+                bar.update(config.batch_size)
+                if recent_returns:
+                    bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
+                run.end_iteration(iteration, global_step, metrics, f"(up to step {global_step})")
+                if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                    checkpoint(iteration)
     finally:
-        stop.__exit__()
-        bar.close()
         wall_time = time.perf_counter() - start
         norm_state = normalization_state(envs)
         envs.close()
@@ -372,7 +353,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     if config.save_checkpoint:
         save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step,
                         optimizer=optimizer, generator=generator, iteration=num_iterations,
-                        recent_returns=list(recent_returns), wall_time_s=wall_time)
+                        recent_returns=list(recent_returns), wall_time_s=wall_time, lr_schedule=schedule.state())
         summary["checkpoint"] = str(run_dir / "checkpoint.safetensors")
     if config.eval_episodes > 0:
         eval_returns = evaluate_policy(
@@ -384,9 +365,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
             "eval_return_std": float(np.std(eval_returns)),
             "eval_episodes": len(eval_returns),
         }
-    atomic_write_json(run_dir / "summary.json", summary)
-    logger.close()
-    return summary
+    return run.finish(summary)
 
 
 def evaluate_policy(
@@ -446,6 +425,7 @@ def save_checkpoint(
     iteration: int = 0,
     recent_returns: list[float] | None = None,
     wall_time_s: float = 0.0,
+    lr_schedule: dict[str, Any] | None = None,
 ) -> None:
     """Policy, normalisation statistics and (for resuming) optimizer and RNG states in one
     safetensors file, written to a temp file and renamed so the last good one survives a crash."""
@@ -453,7 +433,7 @@ def save_checkpoint(
     tensors |= {f"norm.{k}": torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1) for k, v in norm_state.items()}
     metadata = {"config": json.dumps(dataclasses.asdict(config)), "global_step": str(global_step),
                 "format": "textenv-ppo-mlp-v1", "iteration": str(iteration), "wall_time_s": repr(wall_time_s),
-                "recent_returns": json.dumps(recent_returns or [])}
+                "recent_returns": json.dumps(recent_returns or []), "lr_schedule": json.dumps(lr_schedule)}
     if optimizer is not None:
         state_tensors, state_meta = pack_training_state(optimizer, generator)
         tensors |= state_tensors
@@ -482,7 +462,8 @@ def restore_training_state(
         norm["obs_rms.var"] = norm["obs_rms.var"].reshape(envs.single_observation_space.shape)
     load_normalization_state(envs, norm)
     return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
-            "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"])}
+            "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"]),
+            "lr_schedule": json.loads(metadata.get("lr_schedule", "null"))}
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:
@@ -512,8 +493,3 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
         norm_state["obs_rms.mean"] = norm_state["obs_rms.mean"].reshape(shape)
         norm_state["obs_rms.var"] = norm_state["obs_rms.var"].reshape(shape)
     return policy.to(device), norm_state, config
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    """The summary as one JSON line (the last line the train script prints)."""
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()})

@@ -1,5 +1,5 @@
 """Device selection shared by the trainers (the text environments use the same rule)."""
 
-from textenv.models import resolve_device
+from textenv.device import resolve_device
 
 __all__ = ["resolve_device"]

@@ -2,8 +2,11 @@
 InstructGPT), with the same PPO core and GAE as the classic trainer.
 
 One iteration: reset the vector env and sample one response per row (the policy's own KV
-cache, the env's reference model stepped beside it), shape the per-token reward, GAE over
-tokens, whiten advantages, then K epochs of minibatched PPO over whole sequences.
+cache, the env's reference model beside it), shape the per-token reward, GAE over tokens,
+whiten advantages, then K epochs of minibatched PPO over whole sequences.
+
+β has one owner, the env's ``kl_coef``: the adaptive controller sets it, the shaped reward
+(:func:`textenv.kl.kl_penalized_rewards`) or the loss's KL term reads it.
 """
 
 from __future__ import annotations
@@ -17,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import StopSignals, TrainingInterrupted, pack_training_state, unpack_training_state
+from agents.checkpoint import pack_training_state, unpack_training_state
 from agents.gae import gae
-from agents.lm import AdaptiveKLController, LMActorCritic, Rollout, collect_rollout
-from agents.ppo import (NonFiniteGuard, NonFiniteTraining, PPOConfig, explained_variance, normalize, ppo_update,
-                        validate_rates)
-from agents.runlog import RunLogger, atomic_write_json, make_run_dir
-from textenv import TextGenerationVectorEnv
+from agents.lm import LMActorCritic, filter_logits, sample_categorical
+from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+from textenv.env import TextGenerationVectorEnv
+from textenv.kl import kl_penalized_rewards
 from textenv.models import load_causal_lm, resolve_device
 from textenv.rewards import RewardError
+
+__all__ = ["AdaptiveKLController", "Rollout", "TextTrainConfig", "collect_rollout", "load_text_run_config",
+           "shaped_rewards", "summary_line", "token_advantages", "train_text"]
 
 
 def _text_ppo() -> PPOConfig:
@@ -61,20 +66,20 @@ class TextTrainConfig:
     max_new_tokens: int | None = None
     """response budget (default: the task's)"""
     kl_coef: float | None = None
-    """β of the KL penalty (default: the task's); the initial value when kl_target is set"""
+    """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when kl_target is set"""
     kl_target: float | None = None
     """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β fixed"""
     kl_horizon: int = 10_000
     """horizon of the adaptive KL controller, in episodes"""
-    kl_shaping: Literal["at_end", "per_step"] = "at_end"
-    """the env's reference pass: at_end (one forward per finished response) or per_step (one
-    KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
+    reference_pass: Literal["at_end", "per_step"] = "at_end"
+    """when the env's reference model runs: at_end (one forward per finished response) or
+    per_step (one KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
     kl_in_loss: bool = False
-    """put β·KL (k3 estimator) in the loss instead of in the reward"""
+    """put β·KL (k3 estimator) in the loss instead of in the reward (the reward is then the score)"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of responses that hit the budget without EOS"""
     temperature: float = 1.0
-    """sampling temperature (log-probs are those of the tempered distribution)"""
+    """sampling temperature; the policy's and the reference's log-probs are both of the tempered distribution"""
     top_k: int = 0
     """sample among the k most likely tokens (0: off; on, it biases the PPO ratio)"""
     top_p: float = 1.0
@@ -82,7 +87,8 @@ class TextTrainConfig:
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     anneal_lr: bool = True
-    """decay the learning rate linearly to 0 over ``iterations`` (TRL's and CleanRL's default)"""
+    """decay the learning rate linearly to 0 over ``iterations`` (TRL's and CleanRL's default); on
+    --resume with more iterations the decay continues from the rate reached, without a jump"""
     gamma: float = 1.0
     """discount over tokens"""
     gae_lambda: float = 0.95
@@ -140,25 +146,111 @@ class TextTrainConfig:
         self.ppo.validate(self.num_envs)
 
 
-def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
-    """Per-token reward ``score·1[last] − β·(log π − log π_ref)``.
+@dataclass
+class Rollout:
+    """One batch of episodes, laid out ``[N, T]`` (rows: episodes, columns: response tokens)."""
 
-    Built from what the env reported (each response's score and each token's ``log π_ref``,
-    with either ``kl_shaping``) and the log-probs stored at sampling, so no second forward is
-    paid. With the per-step env this equals the env's reward ``score·1[last] + β·log π_ref``
-    plus ``−β·log π``. With the KL in the loss instead, it is the score alone.
+    input_ids: torch.Tensor  # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
+    attention_mask: torch.Tensor  # [N, prompt_len + T]
+    actions: torch.Tensor  # [N, T]
+    logprobs: torch.Tensor  # log π of the sampled token under the sampling distribution
+    values: torch.Tensor
+    env_rewards: torch.Tensor  # what the env paid: score·1[last] + β_env·log π_ref (per step or summed at the end)
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor  # 1 on response tokens (up to and including EOS)
+    scores: torch.Tensor  # [N]
+    truncated_response: torch.Tensor  # [N] hit the budget without EOS
+    prompts: list[str]
+    responses: list[str]
+    prompt_len: int
+
+
+@torch.inference_mode()
+def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator) -> Rollout:
+    """Reset ``envs`` and sample one response per row, the policy keeping its own KV cache.
+
+    Stored log-probs are of the distribution actually sampled from (temperature applied).
     """
-    mask = rollout.mask
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    last = (mask.sum(1).long() - 1).clamp_min(0)
+    was_training = policy.training
+    policy.eval()
+    obs, info = envs.reset(seed=seed)
+    P, B, N = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
+    device = obs["input_ids"].device
+    # Prompts are left-padded into P slots: columns that are padding in every row are left out
+    # of every forward here and in the update (less compute, same result).
+    start = int(obs["attention_mask"][:, :P].any(0).long().argmax())
+    prompt_mask = obs["attention_mask"][:, start:P]
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    logits, values, cache = policy._forward(obs["input_ids"][:, start:P], prompt_mask, position_ids,
+                                            logits_to_keep=1, use_cache=True)
+    cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask")}
+    ref_at_end = torch.zeros((N, B), device=device)  # filled as rows end, with reference_pass="at_end"
+    active = torch.ones(N, dtype=torch.bool, device=device)
+    scores = torch.zeros(N, device=device)
+    truncated = torch.zeros(N, dtype=torch.bool, device=device)
+    responses: list[str | None] = [None] * N
+    for t in range(B):
+        logp_all = torch.log_softmax(filter_logits(logits[:, -1], policy.top_k, policy.top_p), dim=-1)
+        probs = logp_all.exp()
+        action = sample_categorical(probs, generator)
+        cols["actions"].append(action)
+        cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
+        cols["entropy"].append(-(probs * torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))).sum(-1))
+        cols["values"].append(values[:, -1])
+        cols["mask"].append(active.float())
+        obs, reward, terminated, _, step_info = envs.step(action)
+        cols["env_rewards"].append(reward)
+        if "ref_logprob" in step_info:
+            cols["ref_logprobs"].append(step_info["ref_logprob"])
+        if "_ref_logprobs" in step_info:
+            ref_at_end = torch.where(step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end)
+        if "_score" in step_info:
+            ended = step_info["_score"]
+            scores = torch.where(ended, step_info["score"], scores)
+            truncated |= step_info["truncated_response"]
+            for i in ended.nonzero().squeeze(1).tolist():
+                responses[i] = step_info["response_text"][i]
+        active = active & ~terminated
+        if envs.all_done:  # the env's own per-step sync already knows; no second one here
+            break
+        mask = obs["attention_mask"][:, start : P + t + 1]
+        logits, values, cache = policy._forward(
+            action.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
+        )
+    T = len(cols["actions"])
+    stacked = {k: torch.stack(v, dim=1) for k, v in cols.items() if v}
+    stacked.setdefault("ref_logprobs", ref_at_end[:, :T])
+    policy.train(was_training)
+    return Rollout(
+        input_ids=obs["input_ids"][:, start : P + T], attention_mask=obs["attention_mask"][:, start : P + T],
+        scores=scores, truncated_response=truncated, prompts=list(info["prompt"]),
+        responses=[r or "" for r in responses], prompt_len=P - start, **stacked,
+    )
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): nudge β so that the KL per response tracks ``target``."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int = 10_000) -> None:
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
+    """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` (:func:`textenv.kl.kl_penalized_rewards`)
+    from what the env reported and the log-probs stored at sampling: no second forward. With
+    the KL in the loss instead, it is the score alone; ``missing_eos_penalty`` is subtracted
+    from the score of responses that hit the budget."""
     score = rollout.scores
     if missing_eos_penalty is not None:
         score = score - missing_eos_penalty * rollout.truncated_response.float()
-    rewards = torch.zeros_like(rollout.logprobs)
-    rewards[rows, last] = score
-    if kl_in_reward:
-        rewards = rewards + kl_coef * (rollout.ref_logprobs - rollout.logprobs) * mask
-    return rewards
+    return kl_penalized_rewards(score, rollout.ref_logprobs, rollout.logprobs, rollout.mask,
+                                kl_coef if kl_in_reward else 0.0)
 
 
 def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +281,8 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
                          f"(config.json + policy/{STATE_FILE})")
     raw = json.loads((run_dir / "config.json").read_text())
     raw["ppo"] = PPOConfig(**raw["ppo"])
+    if "kl_shaping" in raw:  # the field's name before it was reference_pass
+        raw["reference_pass"] = raw.pop("kl_shaping")
     return TextTrainConfig(**raw)
 
 
@@ -196,8 +290,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     """Train as ``config`` says; log, checkpoint, write ``summary.json``; return the summary.
 
     ``resume``: a run directory to continue from its last checkpoint (policy, value head,
-    optimizer, β, iteration and RNG states); metrics are appended. SIGINT/SIGTERM stop at the
-    end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+    optimizer, β, learning-rate schedule, iteration and RNG states); metrics are appended.
+    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
     """
     config.validate()
     if resume is not None:
@@ -208,8 +302,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     device = resolve_device(config.device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    seed_everything(config.seed)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
 
     task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
@@ -217,10 +310,9 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
     envs = TextGenerationVectorEnv(
         num_envs=config.num_envs, task=config.task, model=config.model, reward=config.reward, device=device,
-        dtype=dtype, trust_remote_code=config.trust_remote_code, kl_shaping=config.kl_shaping, **task_kwargs,
+        dtype=dtype, trust_remote_code=config.trust_remote_code, reference_pass=config.reference_pass,
+        temperature=config.temperature, **task_kwargs,
     )
-    kl_coef = envs.kl_coef
-    controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
     # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
     # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
     policy_source = str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
@@ -234,139 +326,126 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
 
     first_iteration, total_tokens, previous_wall, score_first = 1, 0, 0.0, None
+    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume)
     if resume is not None:
-        run_dir = Path(resume)
         state = load_training_state(run_dir / "policy", policy, optimizer, generator)
         first_iteration = state["iteration"] + 1
-        kl_coef, total_tokens, previous_wall = state["kl_coef"], state["total_tokens"], state["wall_time_s"]
+        envs.kl_coef, total_tokens, previous_wall = state["kl_coef"], state["total_tokens"], state["wall_time_s"]
         score_first = state["score_mean_first"]
-        if controller is not None:
-            controller.value = kl_coef
-    else:
-        run_dir = make_run_dir(config.runs_dir, config.run_name, f"{config.task}__{config.seed}")
-        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
-    logger = RunLogger(run_dir, tensorboard=config.tensorboard)
-    from tqdm import tqdm
-
-    history: list[dict[str, float]] = []
-    last_iteration = first_iteration - 1
-    guard = NonFiniteGuard()
+        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
+        saved_schedule = state.get("lr_schedule") or {"learning_rate": saved.learning_rate, "horizon": saved.iterations,
+                                                      "enabled": saved.anneal_lr}
+        schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, config.iterations,
+                                    config.anneal_lr)
+    # β's one owner is the env; the controller moves it.
+    controller = AdaptiveKLController(envs.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
     start = time.perf_counter() - previous_wall
 
     def checkpoint(iteration: int) -> Path:
         return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=optimizer, generator=generator,
-                           state={"iteration": iteration, "kl_coef": kl_coef, "total_tokens": total_tokens,
-                                  "wall_time_s": time.perf_counter() - start,
-                                  "score_mean_first": score_first})
+                           state={"iteration": iteration, "kl_coef": envs.kl_coef, "total_tokens": total_tokens,
+                                  "wall_time_s": time.perf_counter() - start, "score_mean_first": score_first,
+                                  "lr_schedule": schedule.state()})
+
+    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, recoverable=(RewardError,))
+    run.last_iteration = first_iteration - 1
+    history: list[dict[str, float]] = []
+    from tqdm import tqdm
 
     bar = tqdm(range(first_iteration, config.iterations + 1), disable=not config.progress, unit="it",
                dynamic_ncols=True)
-    stop = StopSignals().__enter__()
     try:
-        for iteration in bar:
-            envs.kl_coef = 0.0 if config.kl_in_loss else kl_coef
-            if config.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / config.iterations) * config.learning_rate
-            t0 = time.perf_counter()
-            rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
-            rollout_s = time.perf_counter() - t0
-            rewards = shaped_rewards(rollout, kl_coef, not config.kl_in_loss, config.missing_eos_penalty)
-            advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
-            if config.whiten_advantages:
-                advantages = normalize(advantages, rollout.mask) * rollout.mask
-            batch = {
-                "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "actions": rollout.actions,
-                "logprobs": rollout.logprobs, "values": rollout.values, "advantages": advantages,
-                "returns": returns, "mask": rollout.mask, "ref_logprobs": rollout.ref_logprobs,
-            }
+        with run.loop(save_on_failure=config.save_checkpoint):
+            for iteration in bar:
+                beta = envs.kl_coef
+                lr = schedule.apply(optimizer, iteration)
+                t0 = time.perf_counter()
+                rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
+                rollout_s = time.perf_counter() - t0
+                rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
+                advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
+                if config.whiten_advantages:
+                    advantages = normalize(advantages, rollout.mask) * rollout.mask
+                batch = {
+                    "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                    "actions": rollout.actions, "logprobs": rollout.logprobs, "values": rollout.values,
+                    "advantages": advantages, "returns": returns, "mask": rollout.mask,
+                    "ref_logprobs": rollout.ref_logprobs,
+                }
 
-            def evaluate(mb: dict[str, torch.Tensor]):
-                logprob, entropy, value = policy.evaluate_responses(
-                    mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
-                    entropy_grad=config.ppo.ent_coef != 0,
-                )
-                if not config.kl_in_loss:
-                    return logprob, entropy, value
-                # k3 estimator of KL(π || π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π.
-                r = mb["ref_logprobs"] - logprob
-                return logprob, entropy, value, kl_coef * (r.exp() - r - 1.0)
+                def evaluate(mb: dict[str, torch.Tensor]):
+                    logprob, entropy, value = policy.evaluate_responses(
+                        mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
+                        entropy_grad=config.ppo.ent_coef != 0,
+                    )
+                    if not config.kl_in_loss:
+                        return logprob, entropy, value
+                    return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
 
-            t1 = time.perf_counter()
-            policy.train()
-            stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator)
-            update_s = time.perf_counter() - t1
-            with torch.no_grad():
-                log_ratio = (rollout.logprobs - rollout.ref_logprobs) * rollout.mask
-                stats["kl_k1"] = log_ratio.sum(1).mean()
-                r = (rollout.ref_logprobs - rollout.logprobs) * rollout.mask
-                stats["kl_k3"] = (r.exp() - r - 1.0).sum(1).mean()
-                stats["score_mean"] = rollout.scores.mean()
-                stats["score_std"] = rollout.scores.std() if rollout.scores.numel() > 1 else torch.zeros(())
-                stats["response_length"] = rollout.mask.sum(1).mean()
-                stats["rollout_entropy"] = (rollout.entropy * rollout.mask).sum() / rollout.mask.sum()
-                stats["explained_variance"] = explained_variance(rollout.values, returns, rollout.mask)
-                stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
-                stats["reward_total"] = rewards.sum(1).mean()
-                stats["tokens"] = rollout.mask.sum()
-            keys = list(stats)
-            values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()  # the iteration's one sync
-            metrics = dict(zip(keys, values))
-            tokens = int(metrics.pop("tokens"))
-            total_tokens += tokens
-            if score_first is None:
-                score_first = metrics["score_mean"]
-            elapsed = time.perf_counter() - start
-            metrics |= {"iteration": iteration, "kl_coef": kl_coef, "learning_rate": optimizer.param_groups[0]["lr"],
-                        "rollout_tokens_per_s": tokens / rollout_s,
-                        "tokens_per_s": total_tokens / elapsed, "rollout_s": rollout_s, "update_s": update_s,
-                        "wall_time_s": elapsed}
-            history.append(metrics)
-            last_iteration = iteration
-            logger.log(iteration, metrics)
-            guard.check(metrics, f"(up to iteration {iteration})")
-            if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
-                logger.text("samples", _samples_table(rollout), iteration)
-                logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
-            bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_k1']:.2f}", refresh=False)
-            if controller is not None:
-                kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
-            if stop.received is not None:
-                path = checkpoint(iteration)
-                logger.close()
-                raise TrainingInterrupted(stop.received, path, run_dir, iteration)
-            window = [m["score_mean"] for m in history[-config.target_window:]]
-            if (config.target_score is not None and len(window) == config.target_window
-                    and sum(window) / len(window) >= config.target_score):
-                break
-            if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                checkpoint(iteration)
-    except (RewardError, NonFiniteTraining) as err:
-        # The parameters are those of the last completed iteration (a reward fails before the
-        # update; a non-finite update is skipped): keep them, so the run can be resumed.
-        logger.close()
-        if not config.save_checkpoint or last_iteration < 1:
-            raise
-        path = checkpoint(last_iteration)
-        raise type(err)(f"{err}; the last good state (iteration {last_iteration}) is saved in {path}, "
-                        f"continue with --resume {run_dir}") from None
+                t1 = time.perf_counter()
+                policy.train()
+                stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator)
+                update_s = time.perf_counter() - t1
+                with torch.no_grad():
+                    mask = rollout.mask
+                    stats["kl_k1"] = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1).mean()
+                    stats["kl_k3"] = (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1).mean()
+                    stats["score_mean"] = rollout.scores.mean()
+                    stats["score_std"] = rollout.scores.std() if rollout.scores.numel() > 1 else torch.zeros(())
+                    stats["response_length"] = mask.sum(1).mean()
+                    stats["rollout_entropy"] = (rollout.entropy * mask).sum() / mask.sum()
+                    stats["explained_variance"] = explained_variance(rollout.values, returns, mask)
+                    stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
+                    stats["reward_total"] = rewards.sum(1).mean()
+                    stats["tokens"] = mask.sum()
+                keys = list(stats)
+                values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()  # the iteration's one sync
+                metrics = dict(zip(keys, values))
+                tokens = int(metrics.pop("tokens"))
+                total_tokens += tokens
+                if score_first is None:
+                    score_first = metrics["score_mean"]
+                elapsed = time.perf_counter() - start
+                metrics |= {"iteration": iteration, "kl_coef": beta, "learning_rate": lr,
+                            "rollout_tokens_per_s": tokens / rollout_s, "tokens_per_s": total_tokens / elapsed,
+                            "rollout_s": rollout_s, "update_s": update_s, "wall_time_s": elapsed}
+                history.append(metrics)
+                if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
+                    run.logger.text("samples", _samples_table(rollout), iteration)
+                    run.logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
+                bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_k1']:.2f}", refresh=False)
+                if controller is not None:
+                    envs.kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
+                run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
+                window = [m["score_mean"] for m in history[-config.target_window:]]
+                if (config.target_score is not None and len(window) == config.target_window
+                        and sum(window) / len(window) >= config.target_score):
+                    break
+                if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                    checkpoint(iteration)
     finally:
-        stop.__exit__()
         bar.close()
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
-        "task": config.task, "model": config.model, "iterations": last_iteration, "wall_time_s": wall,
+        "task": config.task, "model": config.model, "iterations": run.last_iteration, "wall_time_s": wall,
         "tokens_per_s": total_tokens / wall,
         "score_mean_first": score_first,
         "score_mean_last": history[-1]["score_mean"] if history else None,
         "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
     }
     if config.save_checkpoint:
-        summary["checkpoint"] = str(checkpoint(last_iteration))
-    atomic_write_json(run_dir / "summary.json", summary)
-    logger.close()
-    return summary
+        summary["checkpoint"] = str(checkpoint(run.last_iteration))
+    return run.finish(summary)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π || π_ref), ``exp(r) − r − 1`` with ``r = log π_ref − log π``:
+    non-negative and unbiased for samples of π (Schulman, "Approximating KL divergence")."""
+    r = ref_logprobs - logprobs
+    return r.exp() - r - 1.0
 
 
 def _samples_table(rollout: Rollout, n: int = 8) -> str:
@@ -442,7 +521,3 @@ def load_training_state(
         metadata = f.metadata() or {}
     unpack_training_state(load_file(str(path / STATE_FILE)), metadata, optimizer, generator, device)
     return json.loads(metadata["state"])
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    return json.dumps(summary)

@@ -58,7 +58,7 @@ class SentimentBenchConfig:
     """PPO epochs per iteration"""
     eval_samples: int = 32
     """responses sampled before and after training"""
-    kl_shaping: Literal["at_end", "per_step"] = "at_end"
+    reference_pass: Literal["at_end", "per_step"] = "at_end"
     """the env's reference pass: at_end or per_step (same rewards)"""
     seed: int = 1
     """seed"""
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"before: mean score {before:.3f}", flush=True)
     with tempfile.TemporaryDirectory() as runs_dir:
         config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations,
-                                 target_score=args.target_score, kl_shaping=args.kl_shaping, num_envs=args.num_envs,
+                                 target_score=args.target_score, reference_pass=args.reference_pass, num_envs=args.num_envs,
                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
                                  anneal_lr=args.anneal_lr,
                                  kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,

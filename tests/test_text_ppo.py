@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from agents.gae import gae
-from agents.lm import LMActorCritic, collect_rollout, sample_categorical
+from agents.lm import LMActorCritic, sample_categorical
+from agents.text import collect_rollout
 from agents.text import TextTrainConfig, shaped_rewards, token_advantages, train_text
 from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.models import load_causal_lm
@@ -59,10 +60,10 @@ def test_shaped_rewards_sum_to_score_minus_beta_kl():
     torch.testing.assert_close(penalised.sum(1), expected - ro.truncated_response.float())
 
 
-def test_kl_shaping_at_end_gives_the_same_rollout_and_shaped_rewards():
+def test_reference_pass_at_end_gives_the_same_rollout_and_shaped_rewards():
     rollouts = {}
     for mode in ("per_step", "at_end"):
-        envs = TextGenerationVectorEnv(num_envs=16, kl_shaping=mode, **ENV)
+        envs = TextGenerationVectorEnv(num_envs=16, reference_pass=mode, **ENV)
         rollouts[mode] = collect_rollout(_policy(), envs, seed=0, generator=torch.Generator().manual_seed(0))
     step, end = rollouts["per_step"], rollouts["at_end"]
     assert torch.equal(step.actions, end.actions) and torch.equal(step.mask, end.mask)

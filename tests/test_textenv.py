@@ -51,12 +51,12 @@ def test_rewards_sum_to_score_plus_beta_ref_logprobs():
     assert total == pytest.approx(info["score"] + 0.1 * ref_sum, rel=1e-6)
 
 
-def test_kl_shaping_at_end_pays_the_same_return_at_the_last_step():
+def test_reference_pass_at_end_pays_the_same_return_at_the_last_step():
     actions = [3, 3, 4, 1]  # ends with EOS at the 4th token
     env = TextGenerationEnv(**TINY)
     env.reset(seed=0)
     steps = [env.step(a) for a in actions]
-    at_end = TextGenerationEnv(kl_shaping="at_end", **TINY)
+    at_end = TextGenerationEnv(reference_pass="at_end", **TINY)
     at_end.reset(seed=0)
     ends = [at_end.step(a) for a in actions]
     assert [r for _, r, *_ in ends[:-1]] == [0.0, 0.0, 0.0] and "ref_logprob" not in ends[0][-1]
@@ -64,8 +64,8 @@ def test_kl_shaping_at_end_pays_the_same_return_at_the_last_step():
     np.testing.assert_allclose(ends[-1][-1]["ref_logprobs"], per_token, rtol=1e-5, atol=1e-6)
     assert ends[-1][1] == pytest.approx(sum(r for _, r, *_ in steps), rel=1e-5)
     assert ends[-1][-1]["score"] == steps[-1][-1]["score"]
-    with pytest.raises(ValueError, match="kl_shaping must be one of"):
-        TextGenerationEnv(kl_shaping="later", **TINY)
+    with pytest.raises(ValueError, match="reference_pass must be one of"):
+        TextGenerationEnv(reference_pass="later", **TINY)
 
 
 def test_vector_env_matches_single_envs_token_for_token():

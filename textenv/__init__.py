@@ -5,21 +5,36 @@
 
     env = gym.make("textenv/Sentiment-v0", model="embedded")
     envs = gym.make_vec("textenv/Toy-v0", num_envs=16, model="tiny")  # tensors on the model's device
+
+Importing the package only registers the ids: transformers and the models load on first use
+of a name below, so code that needs only ``textenv.device`` stays light.
 """
+
+import importlib
 
 import gymnasium as gym
 
-from textenv.env import TextGenerationEnv, TextGenerationVectorEnv
-from textenv.models import char_tokenizer, load_causal_lm, tiny_causal_lm
-from textenv.rewards import RewardError, RewardFn, get_reward, register, score_batch
-from textenv.tasks import TASKS, Task, make_task
+_EXPORTS = {
+    "TextGenerationEnv": "textenv.env", "TextGenerationVectorEnv": "textenv.env",
+    "char_tokenizer": "textenv.models", "load_causal_lm": "textenv.models", "tiny_causal_lm": "textenv.models",
+    "kl_penalized_rewards": "textenv.kl",
+    "RewardError": "textenv.rewards", "RewardFn": "textenv.rewards", "get_reward": "textenv.rewards",
+    "register": "textenv.rewards", "score_batch": "textenv.rewards",
+    "TASKS": "textenv.tasks", "Task": "textenv.tasks", "make_task": "textenv.tasks",
+}
+__all__ = sorted(_EXPORTS)
+TASK_NAMES = ("Sentiment", "RewardModel", "Arithmetic", "Toy")
 
-__all__ = [
-    "TASKS", "RewardError", "RewardFn", "Task", "TextGenerationEnv", "TextGenerationVectorEnv", "char_tokenizer",
-    "get_reward", "load_causal_lm", "make_task", "register", "score_batch", "tiny_causal_lm",
-]
 
-for _name in TASKS:
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'textenv' has no attribute {name!r}")
+
+
+for _name in TASK_NAMES:
     _id = f"textenv/{_name}-v0"
     if _id not in gym.registry:
         gym.register(

@@ -4,7 +4,10 @@
 and steps the frozen reference model with a KV cache; :class:`TextGenerationEnv` is the same
 machinery at batch size 1 behind the single-env API (numpy observations, float rewards).
 Both pay ``score · 1[last] + kl_coef · log π_ref(a_t | s_t)`` and report ``ref_logprob``
-(or, with ``kl_shaping="at_end"``, pay the KL term's sum at the end; see the vector env).
+(or, with ``reference_pass="at_end"``, pay the KL term's sum at the end; see the vector env).
+``kl_coef`` (β) is owned by the env; :func:`textenv.kl.kl_penalized_rewards` turns what the env
+reports into the exact KL-penalised per-token reward for any agent. The reference scores
+tokens at the env's ``temperature``, which must be the one the policy samples with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import cache_kwargs, ensure_pad_token, load_causal_lm, output_cache, resolve_device
+from textenv.models import (cache_kwargs, disable_dropout, ensure_pad_token, load_causal_lm, output_cache,
+                            resolve_device)
 from textenv.rewards import RewardFn, get_reward, score_batch
 from textenv.tasks import Task, make_task
 
@@ -41,12 +45,14 @@ class _Generation:
         reward: RewardFn,
         batch_size: int,
         device: torch.device,
-        kl_shaping: str = "per_step",
+        reference_pass: str = "per_step",
+        temperature: float = 1.0,
     ) -> None:
         task.validate()
-        if kl_shaping not in KL_SHAPINGS:
-            raise ValueError(f"kl_shaping must be one of {KL_SHAPINGS}, got {kl_shaping!r}")
-        self.at_end = kl_shaping == "at_end"
+        if reference_pass not in REFERENCE_PASSES:
+            raise ValueError(f"reference_pass must be one of {REFERENCE_PASSES}, got {reference_pass!r}")
+        self.at_end = reference_pass == "at_end"
+        self.temperature = check_temperature(temperature)
         self.task, self.model, self.tokenizer, self.reward = task, model, tokenizer, reward
         self.device, self.batch_size = device, batch_size
         self.pad_id = ensure_pad_token(tokenizer)
@@ -119,7 +125,12 @@ class _Generation:
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
         self.cache = output_cache(out)
-        self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.ref_logp_next = self._ref_logp(out.logits[:, -1])
+
+    def _ref_logp(self, logits: torch.Tensor) -> torch.Tensor:
+        """``log π_ref`` at the sampling temperature (a KL between differently tempered
+        distributions is not 0 even when the policy is the reference)."""
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     # -- step --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -186,7 +197,7 @@ class _Generation:
         # The logits at the column before each response token give its distribution.
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                             logits_to_keep=width + 1).logits[:, :width]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, -width:].unsqueeze(-1)).squeeze(-1)
+        logp = self._ref_logp(logits).gather(-1, ids[:, -width:].unsqueeze(-1)).squeeze(-1)
         return logp * mask[:, -width:]
 
     def _advance_reference(self, tokens: torch.Tensor) -> None:
@@ -198,7 +209,7 @@ class _Generation:
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
                          use_cache=True, **cache_kwargs(self.model, self.cache))
         self.cache = output_cache(out)
-        self.ref_logp_next = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.ref_logp_next = self._ref_logp(out.logits[:, -1])
 
     def observation(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids.clone(), "attention_mask": self.mask.clone()}
@@ -209,7 +220,26 @@ class _Generation:
                                                          skip_special_tokens=True)
 
 
-KL_SHAPINGS = ("per_step", "at_end")
+REFERENCE_PASSES = ("per_step", "at_end")
+
+
+def check_temperature(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"temperature must be > 0, got {value}")
+    return float(value)
+
+
+def _reference_pass(reference_pass: str | None, kl_shaping: str | None) -> str:
+    """``kl_shaping`` is the old name of ``reference_pass`` (it picks when the reference runs,
+    not how rewards are shaped); still accepted, with a warning."""
+    if kl_shaping is not None:
+        import warnings
+
+        warnings.warn("kl_shaping is renamed reference_pass", DeprecationWarning, stacklevel=3)
+        if reference_pass is not None and reference_pass != kl_shaping:
+            raise ValueError(f"reference_pass={reference_pass!r} and kl_shaping={kl_shaping!r} disagree")
+        return kl_shaping
+    return reference_pass or "per_step"
 
 
 def _build(
@@ -221,7 +251,8 @@ def _build(
     dtype: torch.dtype,
     trust_remote_code: bool,
     batch_size: int,
-    kl_shaping: str,
+    reference_pass: str,
+    temperature: float,
     task_kwargs: dict[str, Any],
 ) -> _Generation:
     device = resolve_device(device)
@@ -237,7 +268,8 @@ def _build(
     else:
         model = model.to(device)
     model.eval().requires_grad_(False)  # the frozen reference
-    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, kl_shaping)
+    disable_dropout(model)  # frozen and in eval mode already; also right if someone calls train()
+    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature)
 
 
 def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
@@ -259,6 +291,17 @@ class _GenerationAccess:
     max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
     max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
     all_done = property(lambda self: self._gen.all_done, doc="every episode of the batch has ended (no sync)")
+    reference_pass = property(lambda self: "at_end" if self._gen.at_end else "per_step",
+                              doc="when the reference runs: per_step (KV-cached, each token) or at_end")
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the reference scores tokens at: the policy's sampling temperature."""
+        return self._gen.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._gen.temperature = check_temperature(value)
 
     @property
     def kl_coef(self) -> float:
@@ -281,8 +324,12 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         reward: overrides the task's reward: a registered name, ``"module:callable"`` or a callable.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         render_mode: ``"ansi"`` returns prompt + response so far.
-        kl_shaping: ``"per_step"`` pays ``kl_coef · log π_ref`` at each token; ``"at_end"`` pays
-            their sum with the score and reports them in ``info["ref_logprobs"]`` (faster).
+        reference_pass: when the reference model runs. ``"per_step"``: one KV-cached step per
+            token, paying ``kl_coef · log π_ref`` at each token; ``"at_end"``: one forward per
+            finished response, paying their sum with the score and reporting them in
+            ``info["ref_logprobs"]`` (faster; the same return). ``kl_shaping`` is its old name.
+        temperature: the policy's sampling temperature; the reference's log-probs are those of
+            its logits divided by it, so the KL is between distributions of the same family.
         **task_kwargs: task fields: ``max_new_tokens``, ``max_prompt_tokens``, ``kl_coef``,
             ``prompts``, and task-specific ones (``reward_model``, ``label``).
     """
@@ -299,12 +346,15 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         dtype: torch.dtype = torch.float32,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
-        kl_shaping: str = "per_step",
+        reference_pass: str | None = None,
+        temperature: float = 1.0,
+        kl_shaping: str | None = None,
         **task_kwargs: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1, kl_shaping, task_kwargs)
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1,
+                           _reference_pass(reference_pass, kl_shaping), temperature, task_kwargs)
         self.observation_space, self.action_space = _spaces(self._gen)
         self.render_mode = render_mode
 
@@ -356,9 +406,10 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
 
     Infos: ``ref_logprob`` ``[N]`` every step; when rows end, ``score``, ``truncated_response``,
     ``response_length`` and ``response_text`` (an object array, None elsewhere) with Gymnasium's
-    ``_<key>`` masks. ``kl_coef`` is settable (``envs.kl_coef = 0.1`` or ``set_attr``).
+    ``_<key>`` masks. ``kl_coef`` and ``temperature`` are settable (``envs.kl_coef = 0.1`` or
+    ``set_attr``).
 
-    ``kl_shaping="at_end"`` (both envs) trades the per-token timing of the KL term for speed:
+    ``reference_pass="at_end"`` (both envs) trades the per-token timing of the KL term for speed:
     the reference model reads each response once, in one forward when it ends, instead of one
     KV-cached step per token; the episode's last reward is then
     ``score + kl_coef · Σ_t log π_ref(a_t | s_t)`` (the same return), earlier rewards are 0,
@@ -380,15 +431,17 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         dtype: torch.dtype = torch.float32,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
-        kl_shaping: str = "per_step",
+        reference_pass: str | None = None,
+        temperature: float = 1.0,
+        kl_shaping: str | None = None,
         **task_kwargs: Any,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs, kl_shaping,
-                           task_kwargs)
+        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs,
+                           _reference_pass(reference_pass, kl_shaping), temperature, task_kwargs)
         self.num_envs = num_envs
         self.single_observation_space, self.single_action_space = _spaces(self._gen)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -397,13 +450,13 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
 
     def set_attr(self, name: str, values: Any) -> None:
-        """Gymnasium's vector API; ``kl_coef`` is one value for the whole batch."""
-        if name != "kl_coef":
+        """Gymnasium's vector API; ``kl_coef`` and ``temperature`` are one value for the whole batch."""
+        if name not in ("kl_coef", "temperature"):
             raise AttributeError(f"{type(self).__name__} has no settable attribute {name!r}")
         values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
         if len(set(values)) != 1:
-            raise ValueError("kl_coef must be the same for every sub-env")
-        self.kl_coef = values[0]
+            raise ValueError(f"{name} must be the same for every sub-env")
+        setattr(self, name, values[0])
 
     def get_attr(self, name: str) -> tuple:
         return (getattr(self, name),) * self.num_envs

@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from textenv.device import resolve_device
+
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ALPHABET = string.ascii_lowercase + " .,!?"
@@ -148,19 +150,18 @@ def load_causal_lm(
     return model.to(device).eval(), tokenizer
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a one-line error."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
-    return device
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout of ``model`` off, in train mode too (as TRL does for every model it
+    trains or scores with): a PPO ratio is only 1 at the first minibatch when the update's
+    forward is the sampling forward. Covers ``nn.Dropout`` modules and the float attention
+    dropout rates that attention implementations read (``attention_dropout``, ``dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
