@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test test-slow bench-classic bench-textenv bench-text-ppo bench-sentiment clean
+.PHONY: train train-classic test bench-classic bench-textenv bench-text-ppo bench-sentiment clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,6 @@ train-classic: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
-
-test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow
 
 bench-classic: $(VENV)/.installed
 	$(PY) -m benchmarks.classic

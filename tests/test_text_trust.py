@@ -175,3 +175,172 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
         a = load_file(str(tmp_path / "whole" / "policy" / file))
         b = load_file(str(tmp_path / "cut" / "policy" / file))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+# -- β: one owner (the env), moved by the controller in the right direction -----------------
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target_by_the_clipped_error():
+    from agents.text import AdaptiveKLController
+
+    c = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert c.update(5.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error 0.25, clipped to 0.2
+    c = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert c.update(4.4, n_steps=10) == pytest.approx(0.1 * (1 + 0.1 * 10 / 100))  # error 0.1: β rises
+    c = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert c.update(3.6, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))  # error -0.1: β falls
+    c = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert c.update(0.0, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 10 / 100))  # clipped at -0.2
+    assert c.value == pytest.approx(0.098)  # the controller keeps the moved β
+    assert c.update(4.0, n_steps=10) == pytest.approx(0.098)  # on target: unchanged
+
+
+def test_trainer_beta_is_the_envs_and_follows_the_controller(tmp_path):
+    cfg = _config(tmp_path, "b", iterations=4, kl_coef=0.1, kl_target=0.01, kl_horizon=80, learning_rate=3e-3)
+    train_text(cfg)
+    rows = _metrics(tmp_path, "b")
+    assert rows[0]["kl_coef"] == pytest.approx(0.1)
+    for prev, row in zip(rows, rows[1:]):
+        error = min(max(prev["kl_k1"] / 0.01 - 1.0, -0.2), 0.2)
+        assert row["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + error * 8 / 80), rel=1e-12)
+        assert (row["kl_coef"] - prev["kl_coef"]) * (prev["kl_k1"] - 0.01) > 0  # up above target, down below
+
+
+def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path, monkeypatch):
+    import agents.text
+
+    extra = []
+    real_update = agents.text.ppo_update
+
+    def spy(params, optimizer, batch, evaluate, config, generator=None):
+        def recording(mb):
+            logprob, entropy, value, kl_term = evaluate(mb)
+            r = mb["ref_logprobs"] - logprob.detach()
+            extra.append((kl_term.detach(), 0.2 * (r.exp() - r - 1.0)))
+            return logprob, entropy, value, kl_term
+        return real_update(params, optimizer, batch, recording, config, generator)
+
+    monkeypatch.setattr(agents.text, "ppo_update", spy)
+    train_text(_config(tmp_path, "l", iterations=2, kl_coef=0.2, kl_in_loss=True, learning_rate=3e-3))
+    rows = _metrics(tmp_path, "l")
+    assert all(r["reward_total"] == pytest.approx(r["score_mean"], abs=1e-7) for r in rows)  # no KL in the reward
+    for got, want in extra:
+        torch.testing.assert_close(got, want)
+    assert extra[-1][0].abs().sum() > 0  # the policy moved: the KL term is live
+    assert rows[1]["extra_loss"] > 0
+
+
+def test_kl_penalized_rewards_on_hand_computed_values():
+    from textenv.kl import kl_penalized_rewards
+
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -3.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 ends after two tokens
+    rewards = kl_penalized_rewards(torch.tensor([2.0, -1.0]), ref, logprobs, mask, kl_coef=0.5)
+    expected = torch.tensor([[-0.25, 0.5, 2.0], [-0.5, -1.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_env_reward_plus_minus_beta_logpi_is_the_kl_penalized_reward_at_any_temperature():
+    from agents.text import collect_rollout
+    from agents.lm import LMActorCritic
+    from textenv import TextGenerationVectorEnv
+    from textenv.kl import kl_penalized_rewards
+    from textenv.models import load_causal_lm
+
+    envs = TextGenerationVectorEnv(num_envs=6, task="Toy", model="tiny", max_new_tokens=5, kl_coef=0.3,
+                                   temperature=0.6)
+    assert envs.temperature == 0.6
+    policy = LMActorCritic(load_causal_lm("tiny:1")[0], temperature=0.6)
+    ro = collect_rollout(policy, envs, seed=1, generator=torch.Generator().manual_seed(0))
+    shaped = kl_penalized_rewards(ro.scores, ro.ref_logprobs, ro.logprobs, ro.mask, envs.kl_coef)
+    torch.testing.assert_close(shaped, (ro.env_rewards - 0.3 * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6)
+    # The reference's log-probs are those of its logits / T, from one full uncached forward.
+    with torch.no_grad():
+        pos = (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = envs.reference_model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                      position_ids=pos).logits[:, ro.prompt_len - 1 : -1]
+    full = torch.log_softmax(logits / 0.6, -1).gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
+    m = ro.mask.bool()
+    torch.testing.assert_close(ro.ref_logprobs[m], full[m], rtol=1e-5, atol=1e-5)
+
+
+def test_kl_shaping_is_still_accepted_as_the_old_name_of_reference_pass():
+    from textenv import TextGenerationEnv
+
+    with pytest.warns(DeprecationWarning, match="renamed reference_pass"):
+        env = TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end")
+    assert env.reference_pass == "at_end"
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end", reference_pass="per_step")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        TextGenerationEnv(task="Toy", model="tiny", temperature=0.0)
+
+
+# -- the shared plumbing ---------------------------------------------------------------------
+
+def test_linear_lr_is_cleanrls_schedule_and_resumes_without_a_jump():
+    from agents.training import LinearLR
+
+    fresh = LinearLR(1e-3, horizon=10)
+    assert [fresh.rate(i) for i in (1, 2, 10)] == [(1.0 - (i - 1.0) / 10) * 1e-3 for i in (1, 2, 10)]
+    assert LinearLR(1e-3, 10, enabled=False).rate(7) == 1e-3
+    same = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=1e-3, horizon=10)
+    assert [same.rate(i) for i in range(5, 11)] == [fresh.rate(i) for i in range(5, 11)]  # bit for bit
+    longer = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=1e-3, horizon=20)
+    assert longer.rate(4) == fresh.rate(4) and longer.rate(21) == pytest.approx(0.0, abs=1e-18)
+    assert fresh.rate(4) > longer.rate(5) > longer.rate(6) > longer.rate(20) > 0
+    new_lr = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=5e-4, horizon=10)
+    assert new_lr.rate(5) == 5e-4 and new_lr.rate(11) == pytest.approx(0.0, abs=1e-18)
+    off = LinearLR.resumed(LinearLR(1e-3, 10, enabled=False).state(), 4, 1e-3, 20)
+    assert off.rate(5) == pytest.approx(1e-3 * (1 - 1 / 17)) and off.rate(21) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_summary_json_writes_nan_and_inf_as_null():
+    from agents.training import summary_json, summary_line
+
+    assert summary_json({"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x", "e": None}) == \
+        {"a": None, "b": None, "c": 1.5, "d": "x", "e": None}
+    assert json.loads(summary_line({"a": float("-inf"), "n": 3})) == {"a": None, "n": 3}
+
+
+_DRAWS: list[float] = []
+
+
+def _python_random_reward(prompts, responses):
+    import random
+
+    _DRAWS.append(random.random())
+    return [0.0] * len(responses)
+
+
+def test_text_trainer_seeds_pythons_random_for_user_rewards(tmp_path):
+    from textenv.rewards import available, register
+
+    if "test-python-random" not in available():
+        register("test-python-random")(_python_random_reward)
+    draws = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        _DRAWS.clear()
+        train_text(_config(tmp_path, name, seed=seed, reward="test-python-random", max_new_tokens=1))
+        draws.append(list(_DRAWS))
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_training_cartpole_never_imports_the_language_model_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; import scripts.train, agents.classic, agents.training, textenv; "
+            "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'agents.text', 'agents.lm') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_registered_ids_are_the_tasks():
+    import gymnasium as gym
+
+    import textenv
+
+    assert set(textenv.TASK_NAMES) == set(textenv.TASKS)
+    assert all(f"textenv/{name}-v0" in gym.registry for name in textenv.TASKS)

@@ -79,10 +79,11 @@ def test_vector_env_matches_single_envs_token_for_token():
     for i, (o, _) in enumerate(sobs):
         for key in ("input_ids", "attention_mask"):
             np.testing.assert_array_equal(vobs[key][i].numpy(), o[key])
-    alive = [True] * n
+    alive, ended_at = [True] * n, []
     for t in range(TINY["max_new_tokens"]):
-        # EOS is likely enough that rows end at different steps.
-        actions = rng.integers(0, 12, size=n)
+        actions = rng.integers(2, 12, size=n)  # no EOS (id 1) except where planned below
+        actions[0] = 1 if t == 1 else actions[0]  # row 0 ends after 2 tokens, row 2 after 4
+        actions[2] = 1 if t == 3 else actions[2]
         vobs, vrew, vterm, vtrunc, vinfo = envs.step(torch.as_tensor(actions))
         for i, env in enumerate(singles):
             if not alive[i]:
@@ -98,11 +99,13 @@ def test_vector_env_matches_single_envs_token_for_token():
                 assert vinfo["_score"][i] and vinfo["score"][i].item() == pytest.approx(info["score"])
                 assert vinfo["response_text"][i] == info["response_text"]
                 assert bool(vinfo["truncated_response"][i]) == info["truncated_response"]
+                assert int(vinfo["response_length"][i]) == info["response_length"] == t + 1
                 alive[i] = False
+                ended_at.append(t + 1)
         if not any(alive):
             break
     assert not any(alive)
-    assert len({int(x) for x in vinfo.get("response_length", torch.zeros(1)).tolist()}) >= 1
+    assert len(set(ended_at)) > 1  # rows ended at different steps: ragged ends are covered
 
 
 def test_vector_env_keeps_tensors_on_device_and_kl_coef_is_settable():
