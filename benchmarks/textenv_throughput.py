@@ -2,11 +2,14 @@
 
     python -m benchmarks.textenv_throughput --batch-sizes 1 8 32 --max-new-tokens 24
 
-Both sides do the same model work at the same batch: one forward over the left-padded
-prompts, then one single-token forward per step with the KV cache, random tokens as actions
-(a random policy; EOS is rare, so episodes run to the budget). The env adds what an env
-must: the log-prob gather for the KL reward, the observation buffers, the per-step flags,
-and decoding + scoring (VADER) at the end. Overhead = env time / bare time − 1.
+Both sides do the same model work at the same batch through the same API: one forward over
+the left-padded prompts (the columns that are padding in every row left out, as the env
+does), then one single-token forward per step with the KV cache passed and read back by the
+same helpers the env uses (``cache_kwargs`` / ``output_cache``), random tokens as actions (a
+random policy; EOS is rare, so episodes run to the budget). The env adds what an env must:
+the log-prob gather for the KL reward, the observation buffers, the per-step flags, and
+decoding + scoring (VADER) at the end. Overhead = env time / bare time − 1; it cannot be
+meaningfully negative when both sides do the same work.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generator: torch.Generator) -> None:
+    from textenv.models import cache_kwargs, output_cache
+
+    start = int(prompt_mask.any(0).long().argmax())  # the env's first column that is not padding in every row
+    prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     P = prompt_ids.shape[1]
     mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1]).expand(-1, steps)], dim=1)
     for t in range(steps):
@@ -61,8 +68,8 @@ def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generat
         torch.log_softmax(out.logits[:, -1].float(), -1)
         step_mask = mask[:, : P + t + 1].contiguous()
         out = model(input_ids=tokens, attention_mask=step_mask, position_ids=step_mask.sum(-1, keepdim=True) - 1,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **cache_kwargs(model, cache))
+        cache = output_cache(out)
 
 
 def env_episode(envs, steps: int, vocab: int, generator: torch.Generator) -> int:
