@@ -344,3 +344,65 @@ def test_registered_ids_are_the_tasks():
 
     assert set(textenv.TASK_NAMES) == set(textenv.TASKS)
     assert all(f"textenv/{name}-v0" in gym.registry for name in textenv.TASKS)
+
+
+# -- every logged diagnostic and the batch the update sees, recomputed from the rollout ------
+
+def _spy_on_iteration(monkeypatch):
+    """Record each iteration's rollout, the batch given to ppo_update and the optimizer's lr."""
+    import agents.text
+
+    seen = {"rollouts": [], "batches": [], "lrs": []}
+    real_collect, real_update = agents.text.collect_rollout, agents.text.ppo_update
+
+    def collect(*args, **kw):
+        ro = real_collect(*args, **kw)
+        seen["rollouts"].append(ro)
+        return ro
+
+    def update(params, optimizer, batch, evaluate, config, generator=None):
+        seen["batches"].append({k: v.clone() for k, v in batch.items()})
+        seen["lrs"].append(optimizer.param_groups[0]["lr"])
+        return real_update(params, optimizer, batch, evaluate, config, generator)
+
+    monkeypatch.setattr(agents.text, "collect_rollout", collect)
+    monkeypatch.setattr(agents.text, "ppo_update", update)
+    return seen
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_path, monkeypatch, whiten):
+    from agents.ppo import explained_variance
+    from agents.text import shaped_rewards, token_advantages
+
+    seen = _spy_on_iteration(monkeypatch)
+    cfg = _config(tmp_path, "m", iterations=2, kl_coef=0.2, missing_eos_penalty=0.5, whiten_advantages=whiten,
+                  gamma=0.9, gae_lambda=0.8)
+    train_text(cfg)
+    rows = _metrics(tmp_path, "m")
+    for row, ro, batch, lr in zip(rows, seen["rollouts"], seen["batches"], seen["lrs"]):
+        m = ro.mask
+        assert row["learning_rate"] == lr == (1.0 - (row["iteration"] - 1) / 2) * 1e-3
+        assert row["kl_k1"] == pytest.approx(((ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item(), rel=1e-6)
+        r = ro.ref_logprobs - ro.logprobs
+        assert row["kl_k3"] == pytest.approx(((r.exp() - r - 1) * m).sum(1).mean().item(), rel=1e-6)
+        assert row["score_mean"] == pytest.approx(ro.scores.mean().item(), rel=1e-6)
+        assert row["score_std"] == pytest.approx(ro.scores.std().item(), rel=1e-6)
+        assert row["response_length"] == pytest.approx(m.sum(1).mean().item())
+        assert row["rollout_entropy"] == pytest.approx(((ro.entropy * m).sum() / m.sum()).item(), rel=1e-6)
+        assert row["missing_eos_frac"] == pytest.approx(ro.truncated_response.float().mean().item())
+        rewards = shaped_rewards(ro, 0.2, True, 0.5)
+        # The penalty lands on the truncated rows' scores: the reward total says so.
+        penalty = 0.5 * ro.truncated_response.float().mean().item()
+        kl = (0.2 * (ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item()
+        assert row["reward_total"] == pytest.approx(ro.scores.mean().item() - penalty - kl, abs=1e-5)
+        adv, ret = token_advantages(ro, rewards, 0.9, 0.8)
+        assert row["explained_variance"] == pytest.approx(explained_variance(ro.values, ret, m).item(), abs=1e-6)
+        torch.testing.assert_close(batch["returns"], ret)
+        if whiten:  # whitened over the whole batch's response tokens, zero past each end
+            a = batch["advantages"][m.bool()]
+            assert a.mean().item() == pytest.approx(0.0, abs=1e-6) and a.std().item() == pytest.approx(1.0, abs=1e-5)
+            assert torch.all(batch["advantages"][~m.bool()] == 0)
+        else:
+            torch.testing.assert_close(batch["advantages"], adv)
+    assert ro.truncated_response.any()  # the penalty was exercised
