@@ -515,4 +515,5 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         return None
 
     def close_extras(self, **kwargs: Any) -> None:
-        self._gen.cache = None
+        if hasattr(self, "_gen"):  # absent when the constructor raised; __del__ still closes
+            self._gen.cache = None
