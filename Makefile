@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-textenv bench-text-ppo bench-sentiment clean
+.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-text-ppo bench-sentiment clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,10 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 
 bench-classic: $(VENV)/.installed
-	$(PY) -m benchmarks.classic
+	$(PY) -m benchmarks.classic --envs CartPole-v1 Acrobot-v1 Pendulum-v1 --seeds 1 2 3 --jobs 2
+
+bench-cartpole-solve: $(VENV)/.installed
+	$(PY) -m benchmarks.cartpole_solve --seeds 1 2 3 4 5
 
 bench-textenv: $(VENV)/.installed
 	$(PY) -m benchmarks.textenv_throughput
