@@ -21,6 +21,9 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
     (so ``--iterations`` can extend it)."""
     argv = sys.argv[1:] if argv is None else argv
     resume, argv = pop_resume(argv)
+    if any(a == "--kl-shaping" or a.startswith("--kl-shaping=") for a in argv):
+        print("warning: --kl-shaping is renamed --reference-pass", file=sys.stderr)
+        argv = [a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a for a in argv]
     default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
     config = tyro.cli(TextTrainConfig, default=default, args=argv, config=(tyro.conf.OmitArgPrefixes,),
                       description="PPO on a text task. --resume RUN_DIR continues a run from its checkpoint.")

@@ -406,3 +406,12 @@ def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_p
         else:
             torch.testing.assert_close(batch["advantages"], adv)
     assert ro.truncated_response.any()  # the penalty was exercised
+
+
+def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
+    from scripts.train_text import parse
+
+    config, _ = parse(["--kl-shaping", "per_step", "--task", "Toy"])
+    assert config.reference_pass == "per_step" and "renamed --reference-pass" in capsys.readouterr().err
+    config, _ = parse(["--kl-shaping=at_end"])
+    assert config.reference_pass == "at_end"
