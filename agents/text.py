@@ -170,8 +170,12 @@ class Rollout:
 def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator) -> Rollout:
     """Reset ``envs`` and sample one response per row, the policy keeping its own KV cache.
 
-    Stored log-probs are of the distribution actually sampled from (temperature applied).
+    Stored log-probs are of the distribution actually sampled from (temperature applied);
+    the env's reference must score at the same temperature, or the KL is not 0 at the start.
     """
+    if envs.temperature != policy.temperature:
+        raise ValueError(f"the policy samples at temperature {policy.temperature} but the env's reference scores "
+                         f"at {envs.temperature}; set envs.temperature = {policy.temperature}")
     was_training = policy.training
     policy.eval()
     obs, info = envs.reset(seed=seed)

@@ -23,7 +23,7 @@ def _policy(seed=1, temperature=1.0):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_a_fresh_forward(temperature):
-    envs = TextGenerationVectorEnv(num_envs=16, **ENV)
+    envs = TextGenerationVectorEnv(num_envs=16, temperature=temperature, **ENV)
     policy = _policy(temperature=temperature)
     ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

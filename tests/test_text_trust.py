@@ -415,3 +415,17 @@ def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
     assert config.reference_pass == "per_step" and "renamed --reference-pass" in capsys.readouterr().err
     config, _ = parse(["--kl-shaping=at_end"])
     assert config.reference_pass == "at_end"
+
+
+def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():
+    from agents.lm import LMActorCritic
+    from agents.text import collect_rollout
+    from textenv import TextGenerationVectorEnv
+    from textenv.models import load_causal_lm
+
+    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=2, temperature=0.7)
+    policy = LMActorCritic(load_causal_lm("tiny")[0], temperature=1.0)
+    with pytest.raises(ValueError, match="samples at temperature 1.0 but the env's reference scores at 0.7"):
+        collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
+    envs.set_attr("temperature", 1.0)
+    assert collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0)).actions.shape[0] == 2
