@@ -1,0 +1,627 @@
+"""Mutation testing: change one thing in a module, run its tests, see whether some test fails.
+
+    python -m benchmarks.mutation --module agents/ppo.py --tests tests/test_ppo_core.py tests/test_ppo_loss.py
+    python -m benchmarks.mutation --module agents/gae.py --tests tests/test_gae.py --dry-run   # list mutants
+
+Mutants are generated with ``ast`` from the module's source, one change each: arithmetic
+``+ <-> -``, ``* <-> /`` (``//``, ``%``, ``**`` too, and their augmented assignments);
+comparisons made inclusive/exclusive, negated and swapped, ``== <-> !=``, ``is <-> is not``,
+``in <-> not in``; ``and <-> or``; ``not`` dropped; a unary minus dropped; a number ``c`` ->
+``c+1``, ``0``, ``-c``; ``True <-> False``; ``min <-> max`` (builtins, ``torch.max/min``,
+``maximum/minimum``, ``amax/amin``, ``argmax/argmin``, ``clamp_min/clamp_max``); a clamp's
+bounds swapped or the clamp dropped; a statement (assignment, expression, ``raise``,
+``break``, ``continue``) replaced with ``pass`` and a ``return value`` with ``return None``.
+Docstrings, annotations, type aliases, f-strings, string literals and the text of ``raise``
+are left alone.
+
+Nothing is written to disk: the parent imports the heavy libraries once (torch, numpy,
+gymnasium, transformers, pytest) and no project module; each mutant runs in a forked child
+that compiles the mutated source, executes it into a fresh module object registered in
+``sys.modules`` under the module's real name (``__file__`` set), then runs ``pytest -x`` on
+the selected tests. Exit code 0 means the mutant survived; a child that runs past the
+timeout is killed and counted as killed (reported separately as a timeout).
+
+The report is ``benchmarks/results/mutation_<module stem>.md``: the command, the totals and
+every surviving mutant. Survivors known to be equivalent (no input the module is documented
+to accept can tell them apart) are explained in ``benchmarks/mutation_equivalents.toml``,
+matched on (module, function, original code, mutated code).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import os
+import signal
+import sys
+import time
+import tomllib
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.toml")
+PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
+
+
+@dataclass
+class MutationConfig:
+    """Mutation-test one module against a set of tests, without touching files on disk."""
+
+    module: str = "agents/ppo.py"
+    """path of the module to mutate, relative to the repository root (the current directory)"""
+    tests: tuple[str, ...] = ("tests/test_ppo_core.py", "tests/test_ppo_loss.py")
+    """pytest arguments selecting the tests (files or node ids), fastest and most specific first"""
+    max_mutants: int | None = None
+    """run only the first N mutants in source order"""
+    timeout: float | None = None
+    """seconds per mutant before its child is killed (default: 10 x the unmutated run, at least 20)"""
+    jobs: int = 1
+    """mutants run at once (each is one forked process)"""
+    output: str | None = None
+    """report path (default: benchmarks/results/mutation_<module stem>.md)"""
+    dry_run: bool = False
+    """list the mutants and exit without running anything"""
+
+
+# ----------------------------------------------------------------------------- mutant generation
+
+BINOP_SWAPS: dict[type, tuple[type, ...]] = {
+    ast.Add: (ast.Sub,), ast.Sub: (ast.Add,), ast.Mult: (ast.Div,), ast.Div: (ast.Mult,),
+    ast.FloorDiv: (ast.Div, ast.Mult), ast.Mod: (ast.FloorDiv,), ast.Pow: (ast.Mult,),
+}
+# For each comparison: the boundary moved, the negation, the swap.
+CMP_SWAPS: dict[type, tuple[type, ...]] = {
+    ast.Lt: (ast.LtE, ast.GtE, ast.Gt), ast.LtE: (ast.Lt, ast.Gt, ast.GtE),
+    ast.Gt: (ast.GtE, ast.LtE, ast.Lt), ast.GtE: (ast.Gt, ast.Lt, ast.LtE),
+    ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,), ast.Is: (ast.IsNot,), ast.IsNot: (ast.Is,),
+    ast.In: (ast.NotIn,), ast.NotIn: (ast.In,),
+}
+MINMAX = {"min": "max", "max": "min", "maximum": "minimum", "minimum": "maximum", "amax": "amin", "amin": "amax",
+          "argmax": "argmin", "argmin": "argmax", "clamp_min": "clamp_max", "clamp_max": "clamp_min"}
+CLAMPS = {"clamp", "clip"}
+DELETABLE = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Raise, ast.Break, ast.Continue)
+
+
+@dataclass
+class Mutant:
+    """One change to the module: where, what it looked like, what it became."""
+
+    lineno: int
+    scope: str
+    operator: str
+    original: str
+    mutated: str
+    code: object = None  # the compiled module
+
+
+@dataclass
+class _Site:
+    index: int  # position of the node in ast.walk order (identical in a deep copy)
+    operator: str
+    apply: Callable[[ast.AST, dict[int, ast.AST]], ast.AST]  # mutates the copy's node; returns what to display
+
+
+def _replace(parents: dict[int, ast.AST], old: ast.AST, new: ast.AST) -> ast.AST:
+    """Put ``new`` where ``old`` sits in its parent."""
+    parent = parents[id(old)]
+    for field, value in ast.iter_fields(parent):
+        if value is old:
+            setattr(parent, field, new)
+            return new
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if item is old:
+                    value[i] = new
+                    return new
+    raise AssertionError("node not found in its parent")
+
+
+def _is_docstring(node: ast.AST) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _numbers(value: float) -> list[float]:
+    out = [value + 1]
+    if value != 0:
+        out += [type(value)(0), -value]
+    return [v for i, v in enumerate(out) if v not in out[:i] and v != value]
+
+
+class _Collector(ast.NodeVisitor):
+    """Walk the module, remember every mutable site with its scope, skip what must not change."""
+
+    def __init__(self, index: dict[int, int]) -> None:
+        self.index, self.sites, self.scopes = index, [], []
+        self.scope_of: dict[int, str] = {}
+        self.parent_op: dict[int, ast.AST] = {}
+
+    def add(self, node: ast.AST, operator: str, apply) -> None:
+        self.sites.append(_Site(self.index[id(node)], operator, apply))
+        self.scope_of[len(self.sites) - 1] = ".".join(self.scopes) or "<module>"
+
+    # scopes ------------------------------------------------------------------
+    def _scoped(self, node) -> None:
+        self.scopes.append(node.name)
+        for stmt in node.body:
+            self.visit(stmt)
+        for default in [*node.args.defaults, *node.args.kw_defaults]:
+            if default is not None:
+                self.visit(default)
+        self.scopes.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _scoped  # decorators, annotations and returns are skipped
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.scopes.append(node.name)
+        for stmt in node.body:
+            self.visit(stmt)
+        self.scopes.pop()
+
+    # things left alone -------------------------------------------------------
+    def visit_JoinedStr(self, node) -> None:
+        pass
+
+    def visit_Import(self, node) -> None:
+        pass
+
+    visit_ImportFrom = visit_Import
+
+    def visit_Raise(self, node: ast.Raise) -> None:
+        self._delete(node)  # the raise itself may go; its message text stays as it is
+
+    # statements --------------------------------------------------------------
+    def _delete(self, node: ast.stmt) -> None:
+        def apply(n, parents):
+            return _replace(parents, n, ast.Pass())
+
+        self.add(node, "statement -> pass", apply)
+
+    def generic_visit(self, node: ast.AST) -> None:
+        if isinstance(node, DELETABLE) and not _is_docstring(node):
+            alias = not self.scopes and isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript)
+            if not alias:  # `Batch = dict[str, Tensor]` is a type annotation
+                self._delete(node)
+        if _is_docstring(node):
+            return
+        super().generic_visit(node)
+
+    def visit_Return(self, node: ast.Return) -> None:
+        if node.value is not None and not (isinstance(node.value, ast.Constant) and node.value.value is None):
+            def apply(n, parents):
+                n.value = ast.Constant(None)
+                return n
+
+            self.add(node, "return value -> None", apply)
+        self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self._delete(node)
+            self.visit(node.value)  # the annotation is left alone
+
+    def visit_arg(self, node) -> None:
+        pass  # annotations
+
+    # expressions -------------------------------------------------------------
+    def visit_BinOp(self, node: ast.BinOp) -> None:
+        self._ops(node, BINOP_SWAPS.get(type(node.op), ()))
+        self.generic_visit(node)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        self._ops(node, BINOP_SWAPS.get(type(node.op), ()))
+        self.generic_visit(node)
+
+    def _ops(self, node, replacements) -> None:
+        for new in replacements:
+            def apply(n, parents, new=new):
+                n.op = new()
+                return n
+
+            self.add(node, f"{type(node.op).__name__} -> {new.__name__}", apply)
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> None:
+        new = ast.Or if isinstance(node.op, ast.And) else ast.And
+
+        def apply(n, parents):
+            n.op = new()
+            return n
+
+        self.add(node, f"{type(node.op).__name__} -> {new.__name__}", apply)
+        self.generic_visit(node)
+
+    def visit_Compare(self, node: ast.Compare) -> None:
+        for pos, op in enumerate(node.ops):
+            for new in CMP_SWAPS.get(type(op), ()):
+                def apply(n, parents, pos=pos, new=new):
+                    n.ops[pos] = new()
+                    return n
+
+                self.add(node, f"{type(op).__name__} -> {new.__name__}", apply)
+        self.generic_visit(node)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> None:
+        if isinstance(node.op, (ast.USub, ast.Not)):
+            def apply(n, parents):
+                return _replace(parents, n, n.operand)
+
+            self.add(node, f"drop {'not' if isinstance(node.op, ast.Not) else 'unary minus'}", apply)
+        if isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            self.parent_op[id(node.operand)] = node
+        self.generic_visit(node)
+
+    def visit_Constant(self, node: ast.Constant) -> None:
+        value = node.value
+        if isinstance(value, bool):
+            candidates = [not value]
+        elif isinstance(value, (int, float)):
+            candidates = _numbers(value)
+            if id(node) in self.parent_op:  # -c is the "drop unary minus" mutant already
+                candidates = [c for c in candidates if c != -value]
+        else:
+            return
+        for new in candidates:
+            def apply(n, parents, new=new):
+                n.value = new
+                return n
+
+            self.add(node, f"constant {value!r} -> {new!r}", apply)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if name in MINMAX and (isinstance(func, ast.Attribute) or name in ("min", "max")):
+            def apply(n, parents, new=MINMAX[name]):
+                if isinstance(n.func, ast.Name):
+                    n.func.id = new
+                else:
+                    n.func.attr = new
+                return n
+
+            self.add(node, f"{name} -> {MINMAX[name]}", apply)
+        if name in ("clamp_min", "clamp_max") and isinstance(func, ast.Attribute):
+            def apply(n, parents):
+                return _replace(parents, n, n.func.value)
+
+            self.add(node, f"drop {name}", apply)
+        if name in CLAMPS and isinstance(func, ast.Attribute):
+            method = not (isinstance(func.value, ast.Name) and func.value.id in ("torch", "np", "numpy"))
+            bounds = node.args[0 if method else 1:]
+            if len(bounds) == 2 or {k.arg for k in node.keywords} == {"min", "max"}:
+                def swap(n, parents, method=method):
+                    if n.keywords:
+                        for k in n.keywords:
+                            k.arg = "max" if k.arg == "min" else "min"
+                    else:
+                        lo = 0 if method else 1
+                        n.args[lo], n.args[lo + 1] = n.args[lo + 1], n.args[lo]
+                    return n
+
+                self.add(node, f"swap {name} bounds", swap)
+
+            def drop(n, parents, method=method):
+                return _replace(parents, n, n.func.value if method else n.args[0])
+
+            self.add(node, f"drop {name}", drop)
+        self.generic_visit(node)
+
+
+def _parents(tree: ast.AST) -> dict[int, ast.AST]:
+    return {id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+
+
+def _one_line(text: str, limit: int = 140) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _display(source_lines: list[str], node: ast.AST, shown: ast.AST) -> tuple[str, str]:
+    """The changed line before and after (the node's own code when it spans several lines)."""
+    if node.lineno == node.end_lineno:
+        line = source_lines[node.lineno - 1].encode()  # ast offsets count UTF-8 bytes
+        new = line[: node.col_offset] + ast.unparse(shown).encode() + line[node.end_col_offset :]
+        return _one_line(line.decode()), _one_line(new.decode())
+    return _one_line(ast.unparse(node)), _one_line(ast.unparse(shown))
+
+
+def generate_mutants(source: str, filename: str) -> Iterator[Mutant]:
+    """Every mutant of ``source`` that compiles, in source order, duplicates removed."""
+    tree = ast.parse(source, filename)
+    source_lines = source.splitlines()
+    nodes = list(ast.walk(tree))
+    collector = _Collector({id(n): i for i, n in enumerate(nodes)})
+    collector.visit(tree)
+    baseline = ast.unparse(tree)
+    seen = {baseline}
+    def position(i: int) -> tuple[int, int, int]:
+        node = nodes[collector.sites[i].index]
+        return node.lineno, node.col_offset, i
+
+    order = sorted(range(len(collector.sites)), key=position)
+    for i in order:
+        site = collector.sites[i]
+        node = nodes[site.index]
+        mutated_tree = copy.deepcopy(tree)
+        target = list(ast.walk(mutated_tree))[site.index]
+        shown = site.apply(target, _parents(mutated_tree))
+        ast.fix_missing_locations(mutated_tree)
+        text = ast.unparse(mutated_tree)
+        if text in seen:
+            continue
+        seen.add(text)
+        try:
+            code = compile(mutated_tree, filename, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, TypeError):
+            continue
+        yield Mutant(node.lineno, collector.scope_of[i], site.operator, *_display(source_lines, node, shown), code)
+
+
+# ----------------------------------------------------------------------------- running
+
+def module_name(path: Path) -> str:
+    parts = list(path.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def install(name: str, path: Path, code) -> None:
+    """Execute ``code`` as the module ``name`` (as an import would, but from memory)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before executing, as the import system does
+    exec(code, module.__dict__)
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(importlib.import_module(parent), child, module)
+
+
+def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str) -> int:
+    """Start a child that installs the (mutated) module and runs the tests; return its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        try:
+            os.setpgid(pid, pid)  # also here, so a kill right after the fork finds the group
+        except OSError:
+            pass
+        return pid
+    rc = 70
+    try:
+        os.setpgid(0, 0)  # its own process group, so a timeout kills whatever it started too
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.dont_write_bytecode = True
+        import pytest
+
+        install(name, path, code)
+        rc = int(pytest.main([*tests, *PYTEST_ARGS]))
+    except BaseException:  # noqa: BLE001 - a mutant that breaks the import is killed by it
+        traceback.print_exc()
+        rc = 71
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def run_all(name: str, path: Path, mutants: list[Mutant], tests: tuple[str, ...], timeout: float, jobs: int,
+            log_dir: Path) -> list[str]:
+    """Run every mutant; return its outcome: 'killed', 'survived' or 'timeout'."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: a thread holding a lock at fork time could hang a child
+    outcomes: list[str] = [""] * len(mutants)
+    pending = list(range(len(mutants)))[::-1]
+    running: dict[int, tuple[int, float]] = {}
+    bar = tqdm(total=len(mutants), desc=str(path), unit="mutant")
+    try:
+        _run_loop(name, path, mutants, tests, timeout, jobs, log_dir, outcomes, pending, running, bar)
+    finally:  # Ctrl-C or an error: no child outlives the run
+        for pid in running:
+            _kill(pid)
+        bar.close()
+    return outcomes
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _run_loop(name, path, mutants, tests, timeout, jobs, log_dir, outcomes, pending, running, bar) -> None:
+    while pending or running:
+        while pending and len(running) < jobs:
+            i = pending.pop()
+            pid = fork_test_run(name, path, mutants[i].code, tests, str(log_dir / f"{i}.log"))
+            running[pid] = (i, time.monotonic())
+        time.sleep(0.02)
+        for pid, (i, start) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done and time.monotonic() - start > timeout:
+                _kill(pid)
+                outcomes[i] = "timeout"
+            elif done:
+                outcomes[i] = "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+            else:
+                continue
+            del running[pid]
+            bar.update(1)
+            counts = Counter(outcomes)
+            bar.set_postfix(killed=counts["killed"], survived=counts["survived"], timeout=counts["timeout"])
+
+
+def baseline(name: str, path: Path, source: str, tests: tuple[str, ...], log_dir: Path) -> float:
+    """Run the tests against the unmutated module (through the same path); abort unless they pass."""
+    code = compile(ast.parse(source, str(path)), str(path), "exec", dont_inherit=True)
+    log = log_dir / "baseline.log"
+    start = time.monotonic()
+    _, status = os.waitpid(fork_test_run(name, path, code, tests, str(log)), 0)
+    elapsed = time.monotonic() - start
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"error: the unmutated {path} does not pass {' '.join(tests)} (pytest exit code {rc}); "
+                         f"fix that first.\n{tail}")
+    return elapsed
+
+
+# ----------------------------------------------------------------------------- report
+
+def load_equivalents(module: str) -> dict[tuple[str, str, str], str]:
+    if not EQUIVALENTS.exists():
+        return {}
+    entries = tomllib.loads(EQUIVALENTS.read_text())["equivalent"]
+    return {(e["scope"], _one_line(e["original"]), _one_line(e["mutated"])): e["reason"]
+            for e in entries if e["module"] == module}
+
+
+def family(operator: str) -> str:
+    """The kind of change an operator label names, for the per-operator table."""
+    first = operator.split(" ")[0]
+    for prefix, name in (("statement", "statement -> pass"), ("return", "return value -> None"),
+                         ("constant", "number / bool constant"), ("drop not", "drop not"),
+                         ("drop unary", "drop unary minus"), ("swap", "clamp bounds swapped"),
+                         ("drop clamp", "clamp dropped"), ("drop clip", "clamp dropped")):
+        if operator.startswith(prefix):
+            return name
+    if first in MINMAX:
+        return "min <-> max"
+    if first in ("And", "Or"):
+        return "and <-> or"
+    return "comparison" if issubclass(getattr(ast, first), ast.cmpop) else "arithmetic"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Mutant], outcomes: list[str],
+           seconds: float, timeout: float) -> tuple[str, int]:
+    counts = Counter(outcomes)
+    total = len(mutants)
+    killed = counts["killed"] + counts["timeout"]
+    explained = load_equivalents(module)
+    survivors = [(m, explained.get((m.scope, m.original, m.mutated), "")) for m, o in zip(mutants, outcomes)
+                 if o == "survived"]
+    unexplained = sum(1 for _, why in survivors if not why)
+    lines = [
+        f"# Mutation testing: `{module}`",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Each mutant changes one thing in `{module}` (see `benchmarks/mutation.py` for the operators); it runs in "
+        f"a forked child against `pytest {' '.join(tests)} {' '.join(PYTEST_ARGS)}` and survives when every test "
+        f"passes. Timeout {timeout:.0f} s per mutant; {seconds:.0f} s in all.",
+        "",
+        "| mutants | killed | timeout (killed) | survived | kill rate | survivors explained as equivalent "
+        "| unexplained |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {total} | {counts['killed']} | {counts['timeout']} | {counts['survived']} | "
+        f"{100 * killed / max(total, 1):.1f}% | {len(survivors) - unexplained} | {unexplained} |",
+        "",
+        "## Surviving mutants",
+        "",
+    ]
+    if survivors:
+        lines += ["| line | function | operator | original | mutated | why it survives |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for m, why in survivors:
+            lines.append(f"| {m.lineno} | `{m.scope}` | {m.operator} | `{_cell(m.original)}` | `{_cell(m.mutated)}` | "
+                         f"{_cell(why) or '**not explained**'} |")
+    else:
+        lines.append("None.")
+    by_op: dict[str, Counter] = {}
+    for m, o in zip(mutants, outcomes):
+        by_op.setdefault(family(m.operator), Counter())[o] += 1
+    lines += ["", "## By operator", "", "| operator | mutants | killed | timeout | survived |",
+              "| --- | --- | --- | --- | --- |"]
+    for op, c in sorted(by_op.items()):
+        lines.append(f"| {op} | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} |")
+    return "\n".join(lines) + "\n", unexplained
+
+
+def warm_up() -> None:
+    """Import, once in the parent, what every child would otherwise import again (seconds each)."""
+    import gc
+    import importlib.metadata
+
+    import gymnasium  # noqa: F401
+    import numpy  # noqa: F401
+    import pytest  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401  (the first optimizer imports it)
+    import torch.distributions  # noqa: F401
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(1)
+    # pytest plugins, imported here so no child spends time rewriting their asserts (hypothesis is ~100 modules).
+    for entry_point in importlib.metadata.entry_points(group="pytest11"):
+        entry_point.load()
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    # Everything alive now is shared with the children; freezing it keeps their collections short.
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import tyro
+
+    args = tyro.cli(MutationConfig, args=argv)
+    command = "python -m benchmarks.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = Path(args.module)
+    if path.is_absolute() or not path.exists():
+        raise SystemExit(f"error: --module must be a path relative to the repository root, got {args.module}")
+    name = module_name(path)
+    source = path.read_text()
+    mutants = list(generate_mutants(source, str(path)))
+    if args.max_mutants is not None:
+        mutants = mutants[: args.max_mutants]
+    if args.dry_run:
+        for m in mutants:
+            print(f"{m.lineno:4d} {m.scope:28s} {m.operator:28s} {m.original}  ->  {m.mutated}")
+        print(f"{len(mutants)} mutants")
+        return 0
+
+    warm_up()
+    top = name.split(".")[0]
+    loaded = [m for m in sys.modules if m == top or m.startswith(top + ".")]
+    if loaded:
+        raise SystemExit(f"error: the parent imported project modules {loaded}; the children would test those, "
+                         "not the mutants")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        log_dir = Path(tmp)
+        base = baseline(name, path, source, args.tests, log_dir)
+        timeout = args.timeout or max(20.0, 10 * base)
+        print(f"{path}: {len(mutants)} mutants; the unmutated module passes in {base:.1f} s; timeout {timeout:.0f} s",
+              flush=True)
+        start = time.monotonic()
+        outcomes = run_all(name, path, mutants, args.tests, timeout, args.jobs, log_dir)
+        seconds = time.monotonic() - start
+    text, unexplained = report(command, args.module, args.tests, mutants, outcomes, seconds, timeout)
+    out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    counts = Counter(outcomes)
+    print(f"killed {counts['killed']} + timeout {counts['timeout']} / {len(mutants)}; survived {counts['survived']} "
+          f"({unexplained} not explained); report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
