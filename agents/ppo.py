@@ -92,13 +92,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor 
 
 
 def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten ``x`` with the mean and (unbiased) std of its masked entries."""
+    """Whiten ``x`` with the mean and (unbiased) std of its masked entries. A single entry is
+    its own mean and has no spread: it whitens to 0 (not NaN, not ±1)."""
     if mask is None:
+        if x.numel() < 2:
+            return torch.zeros_like(x)
         return (x - x.mean()) / (x.std() + eps)
-    n = mask.sum().clamp_min(2.0)
+    n = mask.sum()
     x_in = torch.where(mask > 0, x, torch.zeros_like(x))
-    mean = x_in.sum() / n
-    var = (torch.where(mask > 0, x - mean, torch.zeros_like(x)) ** 2).sum() / (n - 1)
+    mean = x_in.sum() / n.clamp_min(1.0)
+    var = (torch.where(mask > 0, x - mean, torch.zeros_like(x)) ** 2).sum() / (n - 1).clamp_min(1.0)
     return (x - mean) / (var.sqrt() + eps)
 
 
@@ -273,10 +276,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """``1 - Var[R - V] / Var[R]`` over masked entries: 1 is a perfect critic, ≤ 0 a useless one."""
     if mask is None:
         mask = torch.ones_like(returns)
+    keep = mask > 0  # where, not multiply: a NaN in a masked-out entry stays out
     n = mask.sum().clamp_min(1.0)
-    mean_r = (returns * mask).sum() / n
-    var_r = (((returns - mean_r) * mask) ** 2).sum() / n
-    diff = (returns - values) * mask
-    mean_d = diff.sum() / n
-    var_d = (((returns - values - mean_d) * mask) ** 2).sum() / n
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, x, torch.zeros_like(x))
+
+    mean_r = masked(returns).sum() / n
+    var_r = (masked(returns - mean_r) ** 2).sum() / n
+    mean_d = masked(returns - values).sum() / n
+    var_d = (masked(returns - values - mean_d) ** 2).sum() / n
     return torch.where(var_r > 0, 1.0 - var_d / var_r, torch.full_like(var_r, float("nan")))

@@ -891,3 +891,41 @@ def test_policy_accepts_any_leading_batch_shape(continuous):
         torch.testing.assert_close(_distribution(policy, flat).log_prob(flat_action), lp_flat, rtol=1e-5, atol=1e-5)
         mode = policy.deterministic_action(obs)
         assert mode.shape == ((5, 2, 3) if continuous else (5, 2))
+
+
+def test_normalize_of_a_single_entry_is_zero_with_or_without_mask():
+    from agents.ppo import normalize
+
+    assert normalize(torch.tensor([3.0]), torch.tensor([1.0])).item() == 0.0  # was 1.0
+    assert normalize(torch.tensor([3.0])).item() == 0.0  # was nan
+    x, m = torch.tensor([3.0, 7.0, -1.0]), torch.tensor([0.0, 1.0, 0.0])
+    assert normalize(x, m)[1].item() == 0.0
+
+
+def test_one_sample_minibatches_with_advantage_normalisation_are_applied_not_skipped():
+    import gymnasium as gym
+
+    from agents.policies import MLPActorCritic
+    from agents.ppo import PPOConfig, ppo_update
+
+    torch.manual_seed(0)
+    policy = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2))
+    obs = torch.randn(4, 3)
+    with torch.inference_mode():
+        actions, logprobs, values = policy.act(obs)
+    batch = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
+             "advantages": torch.randn(4), "returns": torch.randn(4)}
+    stats = ppo_update(policy.parameters(), torch.optim.SGD(policy.parameters(), lr=0.1), batch,
+                       lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+                       PPOConfig(update_epochs=1, num_minibatches=4))
+    assert stats["skipped_updates"].item() == 0 and stats["updates"].item() == 4
+    assert stats["policy_loss"].item() == 0.0  # each one-sample advantage whitens to 0
+
+
+def test_explained_variance_ignores_nan_in_masked_out_entries():
+    from agents.ppo import explained_variance
+
+    values, returns = torch.tensor([1.0, 2.0, float("nan")]), torch.tensor([1.5, 2.5, float("nan")])
+    mask = torch.tensor([1.0, 1.0, 0.0])
+    # Var[R] = 0.25, Var[R - V] = 0 over the two kept entries: a perfect critic up to a constant.
+    assert explained_variance(values, returns, mask).item() == 1.0
