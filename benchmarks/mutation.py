@@ -57,6 +57,8 @@ class MutationConfig:
     """pytest arguments selecting the tests (files or node ids), fastest and most specific first"""
     max_mutants: int | None = None
     """run only the first N mutants in source order"""
+    scopes: tuple[str, ...] = ()
+    """run only the mutants inside these functions or classes (e.g. shaped_rewards AdaptiveKLController)"""
     timeout: float | None = None
     """seconds per mutant before its child is killed (default: 10 x the unmutated run, at least 20)"""
     jobs: int = 1
@@ -587,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     name = module_name(path)
     source = path.read_text()
     mutants = list(generate_mutants(source, str(path)))
+    if args.scopes:
+        mutants = [m for m in mutants if any(m.scope == sc or m.scope.startswith(sc + ".") for sc in args.scopes)]
     if args.max_mutants is not None:
         mutants = mutants[: args.max_mutants]
     if args.dry_run:
