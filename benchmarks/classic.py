@@ -267,6 +267,7 @@ def plot(rows: list[dict], envs: list[str], libs: list[str], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
+    colors = {lib: f"C{i}" for i, lib in enumerate(libs)}  # one colour per side in every panel
     for ax, env in zip(axes[0], envs):
         for lib in libs:
             curves = [r["curve"] for r in rows if r["env_id"] == env and r["lib"] == lib and r["curve"]]
@@ -285,13 +286,13 @@ def plot(rows: list[dict], envs: list[str], libs: list[str], path: Path) -> None
                 smooth = np.convolve(vals, window, mode="same") / np.convolve(np.ones_like(vals), window, mode="same")
                 ys.append(np.interp(grid, steps, smooth))
             ys = np.stack(ys)
-            ax.plot(grid, ys.mean(0), label=f"{lib} ({len(curves)} seeds)")
-            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
+            ax.plot(grid, ys.mean(0), label=f"{lib} ({len(curves)} seeds)", color=colors[lib])
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=colors[lib])
         ax.set_title(env)
         ax.set_xlabel("environment steps")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("episodic return (training)")
-    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

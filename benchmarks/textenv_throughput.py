@@ -4,7 +4,8 @@
 
 Both sides do the same model work at the same batch through the same API: one forward over
 the left-padded prompts (the columns that are padding in every row left out, as the env
-does), then one single-token forward per step with the KV cache passed and read back by the
+does), then one single-token forward per step but the last (whose logits nothing reads,
+as in the env) with the KV cache passed and read back by the
 same helpers the env uses (``cache_kwargs`` / ``output_cache``), random tokens as actions (a
 random policy; EOS is rare, so episodes run to the budget). The env adds what an env must:
 the log-prob gather for the KL reward, the observation buffers, the per-step flags, and
@@ -66,6 +67,8 @@ def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generat
     for t in range(steps):
         tokens = torch.randint(0, vocab, (prompt_ids.shape[0], 1), device=prompt_ids.device, generator=generator)
         torch.log_softmax(out.logits[:, -1].float(), -1)
+        if t == steps - 1:  # the last token ends every episode: nothing reads the logits after it
+            break
         step_mask = mask[:, : P + t + 1].contiguous()
         out = model(input_ids=tokens, attention_mask=step_mask, position_ids=step_mask.sum(-1, keepdim=True) - 1,
                     use_cache=True, **cache_kwargs(model, cache))
