@@ -33,7 +33,7 @@ bench-cartpole-solve: $(VENV)/.installed
 	$(PY) -m benchmarks.cartpole_solve --seeds 1 2 3 4 5
 
 bench-textenv: $(VENV)/.installed
-	$(PY) -m benchmarks.textenv_throughput
+	$(PY) -m benchmarks.textenv_throughput --batch-sizes 1 8 32 --max-new-tokens 24 --repeats 6
 
 # Side by side with TRL's PPO trainer (the [bench] extra pins trl==0.29.*).
 bench-text-ppo: $(VENV)/.installed
