@@ -429,3 +429,15 @@ def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():
         collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     envs.set_attr("temperature", 1.0)
     assert collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0)).actions.shape[0] == 2
+
+
+def test_kl_penalized_rewards_on_one_token_and_empty_rows_and_integer_masks():
+    from textenv.kl import kl_penalized_rewards
+
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.5], [-3.0, -3.0]])
+    ref = torch.tensor([[-2.0, -2.0], [-1.5, -0.5], [-1.0, -1.0]])
+    mask = torch.tensor([[1, 0], [1, 1], [0, 0]])  # one token; two tokens; nothing (a padding row)
+    rewards = kl_penalized_rewards(torch.tensor([3.0, -2.0, 5.0]), ref, logprobs, mask, kl_coef=1.0)
+    assert rewards.dtype == torch.float32
+    expected = torch.tensor([[3.0 - 1.0, 0.0], [-1.0, -2.0], [0.0, 0.0]])  # an empty row is paid nothing
+    torch.testing.assert_close(rewards, expected)
