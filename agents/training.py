@@ -146,8 +146,10 @@ class TrainingRun:
         """Log the iteration, stop on a streak of non-finite updates, and on a received signal
         checkpoint and raise :class:`TrainingInterrupted`."""
         self.logger.log(step, metrics)
-        self.guard.check(metrics, where)
+        # An iteration whose updates were all skipped left the parameters as they were: it is a
+        # good state to save, and counting it keeps a resumed run from logging it twice.
         self.last_iteration = iteration
+        self.guard.check(metrics, where)
         if self._stop is not None and self._stop.received is not None:
             path = self.checkpoint(iteration)
             self.logger.close()
