@@ -127,3 +127,11 @@ def test_directory_writes_the_config_for_a_new_run_and_reuses_a_resumed_one(tmp_
     fresh = TrainingRun.directory(str(tmp_path), "r1", "p", Cfg(), None)
     assert fresh == tmp_path / "r1" and json.loads((fresh / "config.json").read_text()) == {"lr": 0.1}
     assert TrainingRun.directory(str(tmp_path), None, "p", Cfg(), tmp_path / "old") == tmp_path / "old"
+
+
+def test_end_iteration_outside_the_loop_logs_without_signal_handling(tmp_path):
+    run, saver = _run(tmp_path)
+    run.end_iteration(1, 5, {"updates": 1.0}, "x")  # e.g. a caller driving iterations by hand
+    assert run.last_iteration == 1 and saver.calls == []
+    run.logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["global_step"] == 5

@@ -35,8 +35,7 @@ def kl_penalized_rewards(
 
     The score is paid at each row's last masked token; nothing is paid past it.
     """
-    mask = mask.to(logprobs.dtype)
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask  # a bool or integer mask promotes to float
     rows = torch.arange(mask.shape[0], device=mask.device)
     last = (mask.sum(1).long() - 1).clamp_min(0)
     rewards[rows, last] += scores.to(rewards.dtype) * (mask.sum(1) > 0)
