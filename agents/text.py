@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, val
 from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
+from textenv.device import set_torch_threads
 from textenv.models import load_causal_lm, resolve_device
 from textenv.rewards import RewardError
+from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
 
 __all__ = ["AdaptiveKLController", "Rollout", "TextTrainConfig", "collect_rollout", "load_text_run_config",
            "shaped_rewards", "summary_line", "token_advantages", "train_text"]
@@ -55,6 +58,9 @@ class TextTrainConfig:
     """reward override: a built-in or registered name, or module:callable"""
     reward_model: str | None = None
     """RewardModel task: AutoModelForSequenceClassification id or path"""
+    prompts: str | None = None
+    """a prompts file instead of the task's: one prompt per line, or JSONL with a "prompt" string or chat
+    "messages" per line (rendered with the tokenizer's chat template)"""
     iterations: int = 20
     """PPO iterations (rollout + update)"""
     target_score: float | None = None
@@ -109,8 +115,12 @@ class TextTrainConfig:
     """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0: off)"""
     lora_alpha: int = 16
     """LoRA scaling α"""
-    torch_threads: int = 0
-    """torch CPU threads (0: torch's default)"""
+    torch_threads: int = 1
+    """torch CPU threads of this process (1 never oversubscribes a machine others use; 0: torch's
+    default, one per core, fastest only on an otherwise idle machine)"""
+    eval_samples: int = 32
+    """responses sampled on the held-out prompts (every 5th of the set, not trained on) before and
+    after training, their mean score and KL printed at the end (0: off, and every prompt is trained on)"""
     sample_every: int = 5
     """log a table of prompts and responses every this many iterations"""
     run_name: str | None = None
@@ -143,6 +153,9 @@ class TextTrainConfig:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("eval_samples", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.ppo.validate(self.num_envs)
 
 
@@ -298,25 +311,44 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
     """
     config.validate()
+
+    def say(message: str) -> None:
+        if config.progress:
+            print(message, file=sys.stderr, flush=True)
+
     if resume is not None:
         saved = load_text_run_config(resume)
         if (saved.task, saved.model) != (config.task, config.model):
             raise ValueError(f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
                              f"not {config.task} with {config.model}")
     device = resolve_device(config.device)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    set_torch_threads(config.torch_threads)
     seed_everything(config.seed)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
 
     task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
                    "reward_model": config.reward_model}
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
+    if config.prompts is not None:
+        task_kwargs["prompts"] = read_prompts(config.prompts)
+    # Held-out prompts (every 5th) are never trained on when there is an evaluation on them.
+    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    if held_out:
+        task_kwargs["split"] = "train"
+    say(f"loading the reference model ({config.model}) ...")
     envs = TextGenerationVectorEnv(
         num_envs=config.num_envs, task=config.task, model=config.model, reward=config.reward, device=device,
         dtype=dtype, trust_remote_code=config.trust_remote_code, reference_pass=config.reference_pass,
         temperature=config.temperature, **task_kwargs,
     )
+    eval_envs = None
+    if held_out:  # the same frozen reference and reward, on the held-out prompts
+        eval_envs = TextGenerationVectorEnv(
+            num_envs=config.eval_samples, task=config.task, model=envs.reference_model, tokenizer=envs.tokenizer,
+            reward=envs.reward_fn, device=device, reference_pass="at_end", temperature=config.temperature,
+            **(task_kwargs | {"split": "test"}),
+        )
+    say(f"loading the policy ({config.model if resume is None else resume}) ...")
     # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
     # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
     policy_source = str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
@@ -332,13 +364,13 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     generator = torch.Generator(device=device).manual_seed(config.seed)
     schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
 
-    first_iteration, total_tokens, previous_wall, score_first = 1, 0, 0.0, None
+    first_iteration, total_tokens, previous_wall, score_first, eval_before = 1, 0, 0.0, None, None
     run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume)
     if resume is not None:
         state = load_training_state(run_dir / "policy", policy, optimizer, generator)
         first_iteration = state["iteration"] + 1
         envs.kl_coef, total_tokens, previous_wall = state["kl_coef"], state["total_tokens"], state["wall_time_s"]
-        score_first = state["score_mean_first"]
+        score_first, eval_before = state["score_mean_first"], state.get("eval_before")
         # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
         saved_schedule = state.get("lr_schedule") or {"learning_rate": saved.learning_rate, "horizon": saved.iterations,
                                                       "enabled": saved.anneal_lr}
@@ -352,20 +384,25 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=optimizer, generator=generator,
                            state={"iteration": iteration, "kl_coef": envs.kl_coef, "total_tokens": total_tokens,
                                   "wall_time_s": time.perf_counter() - start, "score_mean_first": score_first,
-                                  "lr_schedule": schedule.state()})
+                                  "lr_schedule": schedule.state(), "eval_before": eval_before})
 
     run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, recoverable=(RewardError,))
     run.last_iteration = first_iteration - 1
     history: list[dict[str, float]] = []
+    if eval_envs is not None and eval_before is None:
+        say(f"sampling {config.eval_samples} responses on held-out prompts before training ...")
+        eval_before = evaluate_held_out(policy, eval_envs, config.seed)
     from tqdm import tqdm
 
     bar = tqdm(range(first_iteration, config.iterations + 1), disable=not config.progress, unit="it",
                dynamic_ncols=True)
+    postfix = ""
     try:
         with run.loop(save_on_failure=config.save_checkpoint):
             for iteration in bar:
                 beta = envs.kl_coef
                 lr = schedule.apply(optimizer, iteration)
+                bar.set_postfix_str(f"{postfix} sampling", refresh=True)
                 t0 = time.perf_counter()
                 rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
                 rollout_s = time.perf_counter() - t0
@@ -389,6 +426,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                         return logprob, entropy, value
                     return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
 
+                bar.set_postfix_str(f"{postfix} updating", refresh=True)
                 t1 = time.perf_counter()
                 policy.train()
                 stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator)
@@ -420,7 +458,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                 if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
                     run.logger.text("samples", _samples_table(rollout), iteration)
                     run.logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
-                bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_k1']:.2f}", refresh=False)
+                postfix = f"score={metrics['score_mean']:.3f} kl={metrics['kl_k1']:.2f}"
+                bar.set_postfix_str(postfix, refresh=False)
                 if controller is not None:
                     envs.kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
                 run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
@@ -440,9 +479,27 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         "score_mean_last": history[-1]["score_mean"] if history else None,
         "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
     }
+    if eval_envs is not None:
+        say(f"sampling {config.eval_samples} responses on held-out prompts after training ...")
+        after = evaluate_held_out(policy, eval_envs, config.seed)
+        summary |= {"eval_samples": config.eval_samples, "eval_score_before": eval_before["score"],
+                    "eval_score_before_se": eval_before["score_se"], "eval_score_after": after["score"],
+                    "eval_score_after_se": after["score_se"], "eval_kl_after": after["kl"]}
+        eval_envs.close()
     if config.save_checkpoint:
         summary["checkpoint"] = str(checkpoint(run.last_iteration))
     return run.finish(summary)
+
+
+def evaluate_held_out(policy: LMActorCritic, envs: TextGenerationVectorEnv, seed: int) -> dict[str, float]:
+    """Mean score (± its standard error) and mean KL to the reference (k1, nats per response) of
+    one response per row of ``envs``; the same ``seed`` draws the same prompts and sampling noise."""
+    generator = torch.Generator(device=envs.device).manual_seed(seed)
+    rollout = collect_rollout(policy, envs, seed=seed, generator=generator)
+    scores = rollout.scores.double().cpu()
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).double().cpu()
+    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
+    return {"score": float(scores.mean()), "score_se": se, "kl": float(kl.mean())}
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RewardError, NotImplementedError, NonFiniteTraining) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if "eval_score_after" in summary:
+        print(held_out_line(summary), file=sys.stderr, flush=True)
     print(summary_line(summary), flush=True)
     return 0
+
+
+def held_out_line(summary: dict) -> str:
+    """The before/after evaluation on held-out prompts, for people."""
+    return (f"held-out prompts, {summary['eval_samples']} responses: mean score {summary['eval_score_before']:.3f} "
+            f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
+            f"± {summary['eval_score_after_se']:.3f} after; KL to the reference {summary['eval_kl_after']:.2f} "
+            f"nats per response")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from textenv.models import char_tokenizer
 def _config(tmp_path, name, **kw):
     base = dict(task="Toy", model="tiny", iterations=1, num_envs=8, max_new_tokens=6, learning_rate=1e-3, seed=3,
                 device="cpu", runs_dir=str(tmp_path), run_name=name, tensorboard=False, progress=False,
-                save_checkpoint=False)
+                save_checkpoint=False, eval_samples=0)
     return TextTrainConfig(**(base | kw))
 
 

@@ -22,6 +22,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from textenv.device import set_torch_threads
 from textenv.models import (cache_kwargs, disable_dropout, ensure_pad_token, load_causal_lm, output_cache,
                             resolve_device)
 from textenv.rewards import RewardFn, get_reward, score_batch
@@ -77,6 +78,7 @@ class _Generation:
         self.started = False
         self.all_done = True  # host-side copy, refreshed by the one sync of each step
         self.prompts: list[str] = [""] * batch_size
+        self.chat_rows: set[int] = set()  # rows whose prompt is a rendered chat template
         self.responses: list[str | None] = [None] * batch_size
         self.ref_logp_next: torch.Tensor | None = None
         self.cache = None
@@ -92,7 +94,8 @@ class _Generation:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"prompt {i} is empty")
-            toks = self.tokenizer(prompt, add_special_tokens=True)["input_ids"][-self.P :]
+            # A rendered chat template already holds the model's special tokens.
+            toks = self.tokenizer(prompt, add_special_tokens=i not in self.chat_rows)["input_ids"][-self.P :]
             if not toks:
                 raise ValueError(f"prompt {i} ({prompt[:40]!r}) tokenizes to no tokens")
             ids[i, self.P - len(toks) :] = torch.tensor(toks)
@@ -100,8 +103,18 @@ class _Generation:
             mask[i, self.P - len(toks) :] = 1
         return ids.to(self.device), mask.to(self.device), width
 
+    def render(self, prompt: str | list[dict[str, str]]) -> str:
+        """A prompt as text: a list of chat messages goes through the tokenizer's chat template."""
+        if isinstance(prompt, str):
+            return prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
+        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
     @torch.inference_mode()
-    def reset(self, prompts: list[str]) -> None:
+    def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
+        self.chat_rows = {i for i, p in enumerate(prompts) if not isinstance(p, str)}
+        prompts = [self.render(p) for p in prompts]
         prompt_ids, prompt_mask, width = self.tokenize_prompts(prompts)
         self.prompts = list(prompts)
         self.responses = [None] * self.batch_size
@@ -288,6 +301,7 @@ class _GenerationAccess:
     task = property(lambda self: self._gen.task, doc="the Task (prompts, reward, defaults)")
     tokenizer = property(lambda self: self._gen.tokenizer, doc="the policy's (and reference's) tokenizer")
     reference_model = property(lambda self: self._gen.model, doc="the frozen reference model")
+    reward_fn = property(lambda self: self._gen.reward, doc="the reward: (prompts, responses) -> scores")
     max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
     max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
     all_done = property(lambda self: self._gen.all_done, doc="every episode of the batch has ended (no sync)")
@@ -330,6 +344,8 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
             ``info["ref_logprobs"]`` (faster; the same return). ``kl_shaping`` is its old name.
         temperature: the policy's sampling temperature; the reference's log-probs are those of
             its logits divided by it, so the KL is between distributions of the same family.
+        torch_threads: torch's CPU threads for this process (``None``: leave them as they are);
+            1 never oversubscribes a machine other processes use.
         **task_kwargs: task fields: ``max_new_tokens``, ``max_prompt_tokens``, ``kl_coef``,
             ``prompts``, and task-specific ones (``reward_model``, ``label``).
     """
@@ -349,8 +365,10 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         reference_pass: str | None = None,
         temperature: float = 1.0,
         kl_shaping: str | None = None,
+        torch_threads: int | None = None,
         **task_kwargs: Any,
     ) -> None:
+        set_torch_threads(torch_threads)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1,
@@ -369,7 +387,7 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         else:
             prompt = self.task.prompts[int(self.np_random.integers(len(self.task.prompts)))]
         self._gen.reset([prompt])
-        return self._obs(), {"prompt": prompt}
+        return self._obs(), {"prompt": self._gen.prompts[0]}
 
     def step(self, action):
         if self._gen.started and self._gen.all_done:
@@ -434,8 +452,10 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         reference_pass: str | None = None,
         temperature: float = 1.0,
         kl_shaping: str | None = None,
+        torch_threads: int | None = None,
         **task_kwargs: Any,
     ) -> None:
+        set_torch_threads(torch_threads)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -480,7 +500,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             n = len(self.task.prompts)
             prompts = [self.task.prompts[int(rng.integers(n))] for rng in self._rngs]
         self._gen.reset(prompts)
-        return self._gen.observation(), {"prompt": np.array(prompts, dtype=object)}
+        return self._gen.observation(), {"prompt": np.array(self._gen.prompts, dtype=object)}
 
     def step(self, actions):
         gen = self._gen

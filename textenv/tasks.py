@@ -7,9 +7,11 @@ and documents itself in Gymnasium's env format.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from textenv.rewards import AnswerRegex, ClassifierReward, KeywordReward, RewardFn, get_reward
 
@@ -21,6 +23,44 @@ def _lines(name: str) -> list[str]:
 
 def _jsonl(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in _lines(name)]
+
+
+HELD_OUT_EVERY = 5
+"""Every 5th prompt of a task's set (indices 4, 9, ...) is held out: ``split="test"``."""
+
+
+def split_prompts(prompts: list[str], split: str) -> list[str]:
+    """The ``"train"`` or ``"test"`` part of ``prompts`` (``"all"``: unchanged). The split is by
+    position, so it is the same on every machine and independent of the seed."""
+    if split == "all":
+        return list(prompts)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    held_out = split == "test"
+    return [p for i, p in enumerate(prompts) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file: one per line (``.txt`` and anything else), or JSONL (``.jsonl``) with a
+    ``"prompt"`` string or a chat ``"messages"`` list per line (messages are kept as the list;
+    the env renders them with the tokenizer's chat template)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
+        value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        if not isinstance(value, (str, list)):
+            raise ValueError(f"{path}:{n}: each line needs a \"prompt\" string or a \"messages\" list")
+        prompts.append(value)
+    return prompts
 
 
 _SECTIONS = """
@@ -52,11 +92,19 @@ class Task:
     """Base of the tasks; subclasses set the defaults and document the task."""
 
     name: ClassVar[str] = "Task"
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str | list[dict[str, str]]] = field(default_factory=list)
+    """prompt texts or chat message lists, or a path to a prompts file (see read_prompts)"""
     reward: str | RewardFn | None = None
     max_new_tokens: int = 24
     max_prompt_tokens: int = 64
     kl_coef: float = 0.05
+    split: Literal["all", "train", "test"] = "all"
+    """which prompts: all, the training part, or the held-out part (every 5th, see split_prompts)"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, (str, os.PathLike)):  # a path, not a string of one-character prompts
+            self.prompts = read_prompts(self.prompts)
+        self.prompts = split_prompts(self.prompts, self.split)
 
     def build_reward(self) -> RewardFn:
         if self.reward is None:
@@ -65,9 +113,13 @@ class Task:
 
     def validate(self) -> None:
         if not self.prompts:
-            raise ValueError(f"task {self.name}: the prompt set is empty")
+            part = f" (split {self.split!r}: every {HELD_OUT_EVERY}th prompt is held out)" if self.split != "all" else ""
+            raise ValueError(f"task {self.name}: the prompt set is empty{part}")
         for i, p in enumerate(self.prompts):
-            if not isinstance(p, str) or not p.strip():
+            if isinstance(p, list):  # chat messages
+                if not p or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in p):
+                    raise ValueError(f"task {self.name}: prompt {i} is not a list of {{'role', 'content'}} messages")
+            elif not isinstance(p, str) or not p.strip():
                 raise ValueError(f"task {self.name}: prompt {i} is empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"task {self.name}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -168,6 +220,7 @@ class Arithmetic(Task):
     def __post_init__(self) -> None:
         if not self.prompts:
             self.prompts = list(self.answers)
+        super().__post_init__()
 
     def build_reward(self) -> RewardFn:
         return get_reward(self.reward) if self.reward is not None else AnswerRegex(self.answers)
