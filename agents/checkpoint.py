@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -73,9 +74,15 @@ class TrainingInterrupted(RuntimeError):
                          f"continue with --resume {run_dir}")
 
 
+class StoppedNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once, without waiting for the end of the iteration.
+    Checkpoints are written to a temporary path and renamed, so the last one stays intact."""
+
+
 class StopSignals:
-    """While active, SIGINT/SIGTERM are recorded instead of killing the process, so the
-    trainer can stop at the end of an iteration with a checkpoint."""
+    """While active, the first SIGINT/SIGTERM is recorded instead of killing the process, so
+    the trainer can stop at the end of an iteration with a checkpoint; a second one raises
+    :class:`StoppedNow` at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -88,7 +95,12 @@ class StopSignals:
         return self
 
     def _record(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise StoppedNow(signum)
         self.received = signum
+        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
+              f"({key} again stops at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():

@@ -32,6 +32,7 @@ from agents.envs import (
 from agents.gae import gae
 from agents.policies import MLPActorCritic
 from agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from agents.runlog import check_writable_dir
 from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate_policy", "load_checkpoint", "load_run_config", "preset_config",
@@ -107,6 +108,8 @@ class TrainConfig:
         for name in ("total_timesteps", "num_envs", "num_steps", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         validate_rates(self.learning_rate, self.gamma, self.gae_lambda)
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
@@ -147,9 +150,37 @@ CLEANRL_DISCRETE: dict[str, Any] = dict(
 )
 
 
+def default_family(env_id: str) -> tuple[str, dict[str, Any]]:
+    """``(description, settings)`` an env id starts from: its preset, or for an id without one,
+    the MuJoCo defaults for MuJoCo and other continuous-action envs and CleanRL's ``ppo.py``
+    defaults for discrete ones. Builds the env once to read its action space."""
+    if env_id in PRESETS:
+        return f"the {env_id} preset", PRESETS[env_id]
+    spec = env_spec(env_id)
+    if "mujoco" in str(spec.entry_point):
+        return "the MuJoCo defaults (CleanRL's ppo_continuous_action.py, 1M steps)", _MUJOCO
+    env = gym.make(env_id)
+    try:
+        continuous = isinstance(env.action_space, gym.spaces.Box)
+    finally:
+        env.close()
+    if continuous:
+        return "the continuous-control defaults (CleanRL's ppo_continuous_action.py, 1M steps)", _MUJOCO
+    return "the discrete-action defaults (CleanRL's ppo.py, 500k steps)", dict(CLEANRL_DISCRETE, total_timesteps=500_000)
+
+
+def defaults_note(env_id: str) -> str | None:
+    """A line saying which defaults an env id without a preset uses (None for a preset id)."""
+    if env_id in PRESETS:
+        return None
+    family, _ = default_family(env_id)
+    return f"note: {env_id} has no preset; it uses {family}; flags override them"
+
+
 def preset_config(env_id: str, **overrides: Any) -> TrainConfig:
-    """The tuned :class:`TrainConfig` for ``env_id`` (defaults for unknown ids), with overrides."""
-    values = {**PRESETS.get(env_id, {}), **overrides}
+    """The tuned :class:`TrainConfig` for ``env_id`` (see :func:`default_family` for ids without
+    a preset), with overrides."""
+    values = {**default_family(env_id)[1], **overrides}
     if "ppo" in values:
         values["ppo"] = dataclasses.replace(values["ppo"])
     return TrainConfig(env_id=env_id, **values)
@@ -197,9 +228,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         saved = load_run_config(resume)
         if saved.env_id != config.env_id:
             raise ValueError(f"--resume {resume} is a run of {saved.env_id}, not {config.env_id}")
+    if resume is None:
+        check_writable_dir(config.runs_dir, "--runs-dir")
+    envs = make_train_envs(config)  # before the run directory: an env that cannot be built leaves none behind
     run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume)
-
-    envs = make_train_envs(config)
     envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
         envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init

@@ -15,6 +15,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files get the user's usual mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -25,8 +26,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, with a line naming ``flag``, when ``path`` cannot hold run directories (it is a
+    file, or a directory that cannot be written); creates it if missing."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-", delete=True)
+        probe.close()
+    except FileExistsError:
+        raise ValueError(f"{flag} {str(path)!r} is not a directory") from None
+    except OSError as err:
+        raise ValueError(f"{flag} {str(path)!r} is not a writable directory ({err.strerror})") from None
 
 
 def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path:

@@ -28,6 +28,7 @@ from agents.checkpoint import pack_training_state, unpack_training_state
 from agents.gae import gae
 from agents.lm import LMActorCritic, filter_logits, sample_categorical
 from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from agents.runlog import check_writable_dir
 from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
@@ -36,8 +37,9 @@ from textenv.models import load_causal_lm, resolve_device
 from textenv.rewards import RewardError
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
 
-__all__ = ["AdaptiveKLController", "Rollout", "TextTrainConfig", "collect_rollout", "load_text_run_config",
-           "shaped_rewards", "summary_line", "token_advantages", "train_text"]
+__all__ = ["AdaptiveKLController", "Rollout", "TextTrainConfig", "collect_rollout", "evaluate_held_out",
+           "evaluate_text_run", "load_text_run_config", "shaped_rewards", "summary_line", "token_advantages",
+           "train_text"]
 
 
 def _text_ppo() -> PPOConfig:
@@ -153,7 +155,7 @@ class TextTrainConfig:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        for name in ("eval_samples", "torch_threads"):
+        for name in ("eval_samples", "torch_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.ppo.validate(self.num_envs)
@@ -311,6 +313,9 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
     """
     config.validate()
+    config = with_absolute_paths(config)
+    if resume is None:
+        check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
 
     def say(message: str) -> None:
         if config.progress:
@@ -489,6 +494,47 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if config.save_checkpoint:
         summary["checkpoint"] = str(checkpoint(run.last_iteration))
     return run.finish(summary)
+
+
+def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
+    """``config`` with local model, reward-model and prompt paths made absolute, so the saved
+    config resumes from any directory."""
+    from textenv.models import EMBEDDED_NAMES
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or value in EMBEDDED_NAMES or value == "tiny" or value.startswith("tiny:"):
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    return dataclasses.replace(config, model=absolute(config.model), reward_model=absolute(config.reward_model),
+                               prompts=absolute(config.prompts))
+
+
+def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Sample ``samples`` responses of a text run's saved policy on its task (the held-out
+    prompts when it was trained with them) and return the mean score, its standard error and
+    the KL to the reference; the reward, temperature and budget are the run's."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    run_dir = Path(run_dir)
+    config = load_text_run_config(run_dir)
+    device = resolve_device(device)
+    task_kwargs = {"max_new_tokens": config.max_new_tokens, "reward_model": config.reward_model}
+    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
+    if config.prompts is not None:
+        task_kwargs["prompts"] = read_prompts(config.prompts)
+    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    envs = TextGenerationVectorEnv(num_envs=samples, task=config.task, model=config.model, reward=config.reward,
+                                   device=device, reference_pass="at_end", temperature=config.temperature,
+                                   trust_remote_code=config.trust_remote_code,
+                                   **task_kwargs, split="test" if held_out else "all")
+    lm, _ = load_causal_lm(str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code)
+    policy = LMActorCritic(lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    result = evaluate_held_out(policy, envs, seed)
+    envs.close()
+    return {"task": config.task, "prompts": "held-out" if held_out else "all", "responses": samples,
+            "score_mean": result["score"], "score_se": result["score_se"], "kl_to_reference": result["kl"]}
 
 
 def evaluate_held_out(policy: LMActorCritic, envs: TextGenerationVectorEnv, seed: int) -> dict[str, float]:

@@ -102,7 +102,7 @@ def test_without_evaluation_every_prompt_is_trained_on(tmp_path):
 
 
 def test_the_cli_prints_the_held_out_scores_before_the_summary(tmp_path, capsys):
-    from scripts.train_text import main
+    from agents.cli.train_text import main
 
     code = main(["--task", "Toy", "--model", "tiny", "--iterations", "1", "--num-envs", "4", "--max-new-tokens", "3",
                  "--eval-samples", "4", "--runs-dir", str(tmp_path), "--no-tensorboard", "--no-progress",

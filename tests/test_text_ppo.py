@@ -244,7 +244,7 @@ def _not_a_causal_lm(tmp_path):
      (["--resume", "RUNS_DIR"], "not a text run directory")],
 )
 def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
-    from scripts.train_text import main
+    from agents.cli.train_text import main
 
     if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("a GPU is present")

@@ -330,7 +330,7 @@ def test_training_cartpole_never_imports_the_language_model_stack():
     import subprocess
     import sys
 
-    code = ("import sys; import scripts.train, agents.classic, agents.training, textenv; "
+    code = ("import sys; import agents.cli.train, agents.classic, agents.training, textenv; "
             "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'agents.text', 'agents.lm') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -409,7 +409,7 @@ def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_p
 
 
 def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
-    from scripts.train_text import parse
+    from agents.cli.train_text import parse
 
     config, _ = parse(["--kl-shaping", "per_step", "--task", "Toy"])
     assert config.reference_pass == "per_step" and "renamed --reference-pass" in capsys.readouterr().err

@@ -172,7 +172,13 @@ def test_custom_reward_object_and_registered_name():
      (lambda p, r: [1.0] * (len(r) + 1), "returned 2 scores for 1"),
      (lambda p, r: [float("nan")], "returned nan for item 0"),
      (lambda p, r: [float("inf")], "returned inf for item 0"),
-     (lambda p, r: ["x"], "sequence of floats")],
+     (lambda p, r: ["x"], "returned str 'x' for item 0; scores must be numbers"),
+     (lambda p, r: ["1.0"], "returned str '1.0' for item 0"),  # float("1.0") would pass silently
+     (lambda p, r: [True], "returned bool True for item 0"),
+     (lambda p, r: np.array([True]), r"returned bool (np\.True_|True) for item 0"),
+     (lambda p, r: torch.tensor([True]), "returned Tensor tensor\\(\\[?True"),
+     (lambda p, r: "1", "got a string '1'"),
+     (lambda p, r: None, "sequence of floats")],
 )
 def test_bad_reward_fails_with_a_clear_error(bad, match):
     with pytest.raises(RewardError, match=match):

@@ -17,6 +17,8 @@ Nothing is silently zeroed.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -55,6 +57,19 @@ def reward_name(reward: RewardFn) -> str:
     return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
 
 
+def _import_from_cwd(module_name: str):
+    """Import ``module_name`` with the current directory on the import path, as ``python -m``
+    has it, so ``--reward myrewards:fn`` works from an installed console script too."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(cwd)
+
+
 def get_reward(spec: str | RewardFn) -> RewardFn:
     """A reward from a registered name, ``"module:callable"``, or a callable passed through."""
     if callable(spec):
@@ -65,7 +80,9 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
-            obj = getattr(importlib.import_module(module_name), attr)
+            obj = getattr(_import_from_cwd(module_name), attr)
+        except SyntaxError as err:
+            raise ValueError(f"cannot import reward {spec!r}: {err.msg} ({err.filename}, line {err.lineno})") from None
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot import reward {spec!r}: {err}") from None
         return obj() if isinstance(obj, type) else obj
@@ -79,7 +96,15 @@ def score_batch(reward: RewardFn, prompts: list[str], responses: list[str]) -> l
         scores = reward(list(prompts), list(responses))
     except Exception as err:  # the user's code: report it with the reward's name
         raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+    if isinstance(scores, (str, bytes)):
+        raise RewardError(f"reward {name!r} must return a sequence of numbers, got a string {scores[:40]!r}")
     try:
+        scores = list(scores)
+        for i, s in enumerate(scores):
+            # float("1") and float(True) would succeed: a reward that returns text or flags has a bug.
+            if isinstance(s, (str, bytes, bool)) or str(getattr(s, "dtype", "")) in ("bool", "torch.bool"):
+                raise RewardError(f"reward {name!r} returned {type(s).__name__} {s!r} for item {i}; scores must be "
+                                  f"numbers (use float(...) for a pass/fail score)")
         scores = [float(s) for s in scores]
     except (TypeError, ValueError) as err:
         raise RewardError(f"reward {name!r} must return a sequence of floats, got {type(scores).__name__}: {err}") from None

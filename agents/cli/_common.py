@@ -1,0 +1,80 @@
+"""What every command-line program shares: ``--resume`` read before tyro (so a run's own config
+is the default), and one exit path: a failure is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agents.checkpoint import StoppedNow, TrainingInterrupted
+
+TRACEBACK_ENV = "TEXTENV_TRACEBACK"
+
+
+def pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``--resume DIR`` / ``--resume=DIR`` off ``argv``."""
+    rest, resume, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--resume" and i + 1 < len(argv):
+            resume, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--resume="):
+            resume, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return resume, rest
+
+
+def with_resume(args_cls: type, default: Any, resume: str | None) -> Any:
+    """``default`` (a config) as an instance of ``args_cls``, its subclass with a ``resume`` field."""
+    return args_cls(**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, resume=resume)
+
+
+def strip_resume(config_cls: type, args: Any) -> Any:
+    """The plain config of parsed ``args`` (``resume`` dropped)."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are the user's input or environment, reported as one line."""
+    import gymnasium
+
+    from agents.ppo import NonFiniteTraining
+    from textenv.rewards import RewardError
+
+    return (ValueError, OSError, ImportError, NotImplementedError, RewardError, NonFiniteTraining,
+            gymnasium.error.Error)
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run ``body``; a failure prints one line (no traceback) and returns 2, a stop by signal
+    returns 128 + its number. ``TEXTENV_TRACEBACK=1`` re-raises, for bug reports."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is KeyboardInterrupt
+    try:
+        return body()
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    except StoppedNow as stop:
+        print("stopped at once; the last checkpoint written (if any) is intact", file=sys.stderr, flush=True)
+        return 128 + stop.args[0]
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one place errors become a line and an exit code
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        if isinstance(err, expected_errors()):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            print(f"error: {type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+                  file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,60 @@
+"""Train a language model with PPO on a text task: ``textenv-train-text --task Sentiment``
+(``python -m scripts.train_text`` from a clone).
+
+The last line printed is the run's summary as one JSON line; before it, on stderr, the mean
+score on held-out prompts before and after training.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import tyro
+
+from agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
+from agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
+
+
+@dataclass
+class TextTrainArgs(TextTrainConfig):
+    resume: str | None = None
+    """a run directory to continue from its last checkpoint; its config is the default, flags given override it"""
+
+
+def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
+    """Flags on top of the defaults, or with ``--resume RUN_DIR`` on top of that run's config
+    (so ``--iterations`` can extend it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    resume, argv = pop_resume(argv)
+    if any(a == "--kl-shaping" or a.startswith("--kl-shaping=") for a in argv):
+        print("warning: --kl-shaping is renamed --reference-pass", file=sys.stderr)
+        argv = [a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a for a in argv]
+    default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
+    args = tyro.cli(TextTrainArgs, default=with_resume(TextTrainArgs, default, resume), args=argv,
+                    config=(tyro.conf.OmitArgPrefixes,), description="PPO on a text task.")
+    return strip_resume(TextTrainConfig, args), resume
+
+
+def held_out_line(summary: dict) -> str:
+    """The before/after evaluation on held-out prompts, for people."""
+    return (f"held-out prompts, {summary['eval_samples']} responses: mean score {summary['eval_score_before']:.3f} "
+            f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
+            f"± {summary['eval_score_after_se']:.3f} after; KL to the reference {summary['eval_kl_after']:.2f} "
+            f"nats per response")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        config, resume = parse(argv)
+        summary = train_text(config, resume=resume)
+        if summary.get("eval_score_after") is not None:
+            print(held_out_line(summary), file=sys.stderr, flush=True)
+        print(summary_line(summary), flush=True)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
