@@ -1,0 +1,167 @@
+"""The command-line programs as a user meets them: help, one-line errors, signals, text runs."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agents.cli import evaluate as evaluate_cli
+from agents.cli import plot as plot_cli
+from agents.cli import train as train_cli
+from agents.cli import train_text as train_text_cli
+
+TOY = ["--task", "Toy", "--model", "tiny", "--num-envs", "4", "--max-new-tokens", "3", "--no-tensorboard",
+       "--no-progress", "--device", "cpu"]
+
+
+def _help(main, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("main", [train_cli.main, train_text_cli.main])
+def test_resume_is_listed_among_the_options(main, capsys):
+    assert "--resume" in _help(main, capsys)
+
+
+def test_an_env_id_without_a_preset_uses_its_familys_defaults(capsys):
+    from agents.classic import _MUJOCO, CLEANRL_DISCRETE, defaults_note, preset_config
+
+    config = preset_config("InvertedPendulum-v5")  # MuJoCo, no preset
+    assert (config.num_steps, config.learning_rate, config.normalize_obs) == (
+        _MUJOCO["num_steps"], _MUJOCO["learning_rate"], True)
+    assert "MuJoCo defaults" in defaults_note("InvertedPendulum-v5")
+    config = preset_config("MountainCar-v0")  # discrete, no preset
+    assert (config.num_envs, config.num_steps, config.total_timesteps) == (
+        CLEANRL_DISCRETE["num_envs"], CLEANRL_DISCRETE["num_steps"], 500_000)
+    assert "discrete-action defaults" in defaults_note("MountainCar-v0")
+    assert "continuous-control defaults" in defaults_note("MountainCarContinuous-v0")
+    assert defaults_note("CartPole-v1") is None
+
+
+def _one_line_error(code: int, err: str, expected: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_a_missing_optional_dependency_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
+    pytest.importorskip("gymnasium")
+    try:
+        import Box2D  # noqa: F401
+
+        pytest.skip("Box2D is installed here")
+    except ImportError:
+        pass
+    code = train_cli.main(["--env-id", "LunarLander-v3", "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
+    _one_line_error(code, capsys.readouterr().err, "Box2D")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("main,args", [(train_cli.main, ["--env-id", "CartPole-v1", "--no-progress"]),
+                                       (train_text_cli.main, TOY)])
+def test_a_runs_dir_that_is_a_file_fails_before_anything_loads(tmp_path, capsys, main, args):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main([*args, "--runs-dir", str(blocker)])
+    _one_line_error(code, capsys.readouterr().err, f"--runs-dir {str(blocker)!r} is not a directory")
+    code = main([*args, "--runs-dir", str(blocker / "sub")])
+    _one_line_error(code, capsys.readouterr().err, "is not a writable directory")
+
+
+@pytest.mark.parametrize("main,args", [(train_cli.main, ["--env-id", "CartPole-v1"]), (train_text_cli.main, TOY)])
+def test_a_negative_seed_names_the_seed(tmp_path, capsys, main, args):
+    code = main([*args, "--seed", "-1", "--runs-dir", str(tmp_path)])
+    _one_line_error(code, capsys.readouterr().err, "seed must be >= 0, got -1")
+
+
+def test_plot_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    code = plot_cli.main([str(tmp_path), "-o", str(tmp_path / "missing" / "c.png")])
+    _one_line_error(code, capsys.readouterr().err, "does not exist")
+
+
+def test_a_second_signal_stops_at_once(capsys):
+    from agents.checkpoint import StopSignals, StoppedNow
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.received == signal.SIGINT
+        assert "stopping after this iteration" in capsys.readouterr().err
+        with pytest.raises(StoppedNow):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+
+def test_ctrl_c_during_start_up_exits_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.train_text", *TOY, "--runs-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # importing torch and transformers
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_text_run_files_are_0644_and_model_paths_absolute(tmp_path, monkeypatch, capsys):
+    from textenv.models import load_causal_lm
+
+    model, tok = load_causal_lm("tiny")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        code = train_text_cli.main([*TOY, "--model", "./m", "--iterations", "1", "--runs-dir", "runs", "--run-name",
+                                    "r", "--eval-samples", "0", "--no-save-checkpoint"])
+    finally:
+        os.umask(old)
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    assert config["model"] == str(tmp_path / "m")
+    for name in ("config.json", "summary.json"):
+        assert stat.S_IMODE((tmp_path / "runs" / "r" / name).stat().st_mode) == 0o644
+
+
+def test_a_reward_module_in_the_current_folder_imports_without_python_m(tmp_path, monkeypatch):
+    from textenv.rewards import get_reward
+
+    (tmp_path / "my_rewards_cwd.py").write_text("def polite(prompts, responses):\n    return [1.0 for _ in responses]\n")
+    (tmp_path / "broken_rewards_cwd.py").write_text("def f(:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert get_reward("my_rewards_cwd:polite")(["p"], ["r"]) == [1.0]
+    assert str(tmp_path) not in sys.path  # the import path is left as it was
+    with pytest.raises(ValueError, match=r"broken_rewards_cwd\.py, line 1"):
+        get_reward("broken_rewards_cwd:f")
+
+
+def test_evaluate_and_plot_understand_text_runs(tmp_path, capsys):
+    from agents.lm import LMActorCritic
+    from agents.text import evaluate_held_out
+    from textenv import TextGenerationVectorEnv
+    from textenv.models import load_causal_lm
+
+    # A vanishing learning rate: the saved policy is the reference, so the KL is 0 and the score
+    # is the initial policy's on the held-out prompts.
+    code = train_text_cli.main([*TOY, "--iterations", "2", "--learning-rate", "1e-12", "--runs-dir", str(tmp_path),
+                                "--run-name", "t__1", "--eval-samples", "4"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert evaluate_cli.main([str(tmp_path / "t__1"), "--episodes", "5", "--seed", "7"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    envs = TextGenerationVectorEnv(num_envs=5, task="Toy", model="tiny", max_new_tokens=3, split="test")
+    expected = evaluate_held_out(LMActorCritic(load_causal_lm("tiny")[0]), envs, seed=7)
+    assert result["prompts"] == "held-out" and result["responses"] == 5
+    assert result["score_mean"] == pytest.approx(expected["score"], abs=1e-6)
+    assert result["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)
+    assert plot_cli.main([str(tmp_path / "t__1"), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
