@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-busy-cpu bench-text-ppo bench-sentiment clean
+.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The main job: a short PPO run on the sentiment task with the embedded SmolLM2-135M that visibly
 # learns; it ends with the mean score on held-out prompts before and after, and the KL.
-TRAIN_FLAGS ?= --iterations 12 --num-envs 32 --max-new-tokens 12 --learning-rate 1.5e-4 --kl-coef 0.03 \
+TRAIN_FLAGS ?= --iterations 8 --num-envs 32 --max-new-tokens 12 --learning-rate 2e-4 --kl-coef 0.03 \
 	--update-epochs 1 --num-minibatches 4 --eval-samples 32
 train: $(VENV)/.installed
 	$(PY) -m scripts.train_text --task Sentiment --model embedded $(TRAIN_FLAGS)
@@ -41,6 +41,9 @@ bench-textenv: $(VENV)/.installed
 
 bench-busy-cpu: $(VENV)/.installed
 	$(PY) -m benchmarks.busy_cpu
+
+bench-quickstart: $(VENV)/.installed
+	$(PY) -m benchmarks.quickstart --seeds 1 2 3 --fresh-clone
 
 # Side by side with TRL's PPO trainer (the [bench] extra pins trl==0.29.*).
 bench-text-ppo: $(VENV)/.installed
