@@ -67,6 +67,8 @@ class MutationConfig:
     """report path (default: benchmarks/results/mutation_<module stem>.md)"""
     dry_run: bool = False
     """list the mutants and exit without running anything"""
+    survivors_of: str | None = None
+    """run only the mutants listed as surviving in this earlier report (to check that new tests kill them)"""
 
 
 # ----------------------------------------------------------------------------- mutant generation
@@ -486,6 +488,19 @@ def load_equivalents(module: str) -> dict[tuple[str, str, str], str]:
             for e in entries if e["module"] == module}
 
 
+def survivors_in(report_path: Path) -> set[tuple[str, str, str]]:
+    """``(scope, original, mutated)`` of each survivor a report lists (its table cells unescaped)."""
+    import re
+
+    row = re.compile(r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$")
+    found = set()
+    for line in report_path.read_text().splitlines():
+        match = row.match(line)
+        if match:
+            found.add((match["scope"], match["original"].replace("\\|", "|"), match["mutated"].replace("\\|", "|")))
+    return found
+
+
 def family(operator: str) -> str:
     """The kind of change an operator label names, for the per-operator table."""
     first = operator.split(" ")[0]
@@ -591,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     mutants = list(generate_mutants(source, str(path)))
     if args.scopes:
         mutants = [m for m in mutants if any(m.scope == sc or m.scope.startswith(sc + ".") for sc in args.scopes)]
+    if args.survivors_of is not None:
+        listed = survivors_in(Path(args.survivors_of))
+        mutants = [m for m in mutants if (m.scope, m.original, m.mutated) in listed]
     if args.max_mutants is not None:
         mutants = mutants[: args.max_mutants]
     if args.dry_run:

@@ -441,3 +441,101 @@ def test_kl_penalized_rewards_on_one_token_and_empty_rows_and_integer_masks():
     assert rewards.dtype == torch.float32
     expected = torch.tensor([[3.0 - 1.0, 0.0], [-1.0, -2.0], [0.0, 0.0]])  # an empty row is paid nothing
     torch.testing.assert_close(rewards, expected)
+
+
+# -- the training loop's bookkeeping, pinned (each test kills mutants that survived before it) --
+
+def test_resume_refuses_a_run_of_another_task(tmp_path):
+    train_text(_config(tmp_path, "t", save_checkpoint=True))
+    with pytest.raises(ValueError, match="is a run of task Toy with model tiny, not Arithmetic"):
+        train_text(_config(tmp_path, "t", task="Arithmetic", save_checkpoint=True), resume=tmp_path / "t")
+
+
+def test_wall_clock_and_token_counters_add_up_and_continue_across_a_resume(tmp_path):
+    train_text(_config(tmp_path, "w", iterations=2, save_checkpoint=True))
+    first = _metrics(tmp_path, "w")
+    train_text(_config(tmp_path, "w", iterations=4, save_checkpoint=True), resume=tmp_path / "w")
+    rows = _metrics(tmp_path, "w")
+    tokens = 0.0
+    for row in rows:
+        tokens += row["response_length"] * 8
+        # tokens_per_s and wall_time_s share one clock reading: their product is the running token count.
+        assert row["tokens_per_s"] * row["wall_time_s"] == pytest.approx(tokens, rel=1e-9)
+        assert row["rollout_tokens_per_s"] * row["rollout_s"] == pytest.approx(row["response_length"] * 8, rel=1e-9)
+        assert 0 < row["rollout_s"] and 0 < row["update_s"] and row["rollout_s"] + row["update_s"] <= row["wall_time_s"]
+    # A fresh run's clock starts at the loop: iteration 1 is its rollout, its update and a little bookkeeping.
+    assert rows[0]["wall_time_s"] < rows[0]["rollout_s"] + rows[0]["update_s"] + 0.5
+    # The resumed run continues the saved clock: no reset to 0, no jump.
+    assert first[-1]["wall_time_s"] <= rows[2]["wall_time_s"] < first[-1]["wall_time_s"] + 60
+    assert rows[2]["wall_time_s"] - first[-1]["wall_time_s"] >= rows[2]["rollout_s"] + rows[2]["update_s"]
+
+
+def test_a_resume_keeps_the_first_score_and_a_run_with_nothing_left_to_do_reports_its_iterations(tmp_path):
+    first = train_text(_config(tmp_path, "f", iterations=2, save_checkpoint=True))
+    again = train_text(_config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f")
+    assert again["score_mean_first"] == first["score_mean_first"] == _metrics(tmp_path, "f")[0]["score_mean"]
+    done = train_text(_config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f")
+    assert done["iterations"] == 3 and len(_metrics(tmp_path, "f")) == 3
+
+
+def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_path, sigterm_reward):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from agents.checkpoint import TrainingInterrupted
+
+    kw = dict(iterations=6, num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
+    train_text(_config(tmp_path, "whole", **kw))
+    sigterm_reward(3)
+    with pytest.raises(TrainingInterrupted):
+        train_text(_config(tmp_path, "old", **kw))
+    sigterm_reward(None)
+    # Rewrite the checkpoint as versions before the schedule was saved wrote it.
+    path = tmp_path / "old" / "policy" / "trainer_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(metadata["state"])
+    del state["lr_schedule"]
+    save_file(tensors, str(path), metadata=metadata | {"state": json.dumps(state)})
+    train_text(_config(tmp_path, "old", **kw), resume=tmp_path / "old")
+    assert _lrs(tmp_path, "old") == _lrs(tmp_path, "whole")
+
+
+def test_gradient_checkpointing_is_on_in_the_update_and_the_kv_cache_off(tmp_path, monkeypatch):
+    import agents.text
+
+    seen = []
+
+    class Recording(agents.text.LMActorCritic):
+        def evaluate_responses(self, *args, **kw):
+            seen.append((self.lm.is_gradient_checkpointing, self.lm.config.use_cache, self.lm.training))
+            return super().evaluate_responses(*args, **kw)
+
+    monkeypatch.setattr(agents.text, "LMActorCritic", Recording)
+    train_text(_config(tmp_path, "g", gradient_checkpointing=True))
+    assert seen and all(s == (True, False, True) for s in seen)
+
+
+def test_an_entropy_bonus_moves_the_policy_whatever_its_coefficient(tmp_path):
+    from agents.ppo import PPOConfig
+
+    params = {}
+    for ent in (0.0, 1.0):
+        ppo = PPOConfig(update_epochs=1, num_minibatches=1, vf_coef=0.1, ent_coef=ent, max_grad_norm=1.0, norm_adv=False)
+        train_text(_config(tmp_path, f"e{ent}", ppo=ppo, save_checkpoint=True, learning_rate=1e-2))
+        params[ent] = load_file(str(tmp_path / f"e{ent}" / "policy" / "model.safetensors"))
+    # Same rollout (same seed), different update: the bonus's gradient reached the parameters.
+    assert any(not torch.equal(params[0.0][k], params[1.0][k]) for k in params[0.0])
+
+
+def test_no_progress_bar_when_progress_is_off(tmp_path, capfd):
+    train_text(_config(tmp_path, "p", progress=False))
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err
+
+
+def test_a_lora_run_resumes_from_its_adapter(tmp_path):
+    train_text(_config(tmp_path, "l", lora_r=4, save_checkpoint=True, learning_rate=1e-2))
+    summary = train_text(_config(tmp_path, "l", lora_r=4, iterations=2, save_checkpoint=True, learning_rate=1e-2),
+                         resume=tmp_path / "l")
+    assert summary["iterations"] == 2 and (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
