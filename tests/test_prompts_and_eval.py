@@ -127,3 +127,46 @@ def test_thread_flag_sets_torchs_threads_for_the_trainer_and_the_env(tmp_path):
             _config(tmp_path, torch_threads=-1).validate()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prompts_file_of_five_holds_out_its_fifth_and_one_eval_sample_is_enough(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\nba\nabc\ncab\nheld out\n")
+    summary = train_text(_config(tmp_path, prompts=str(prompts), eval_samples=1, num_envs=8))
+    trained_on = {json.loads(line)["prompt"] for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()}
+    assert trained_on <= {"ab", "ba", "abc", "cab"} and "held out" not in trained_on
+    assert summary["eval_samples"] == 1 and summary["eval_score_after"] is not None
+
+
+def test_samples_are_logged_at_the_first_iteration_and_every_sample_every(tmp_path):
+    train_text(_config(tmp_path, eval_samples=0, iterations=7, sample_every=3, num_envs=4))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({r["iteration"] for r in rows}) == [1, 3, 6]
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_score_std_is_the_batchs_sample_std_and_zero_for_one_response(tmp_path, num_envs):
+    import statistics
+
+    from agents.ppo import PPOConfig
+
+    ppo = PPOConfig(update_epochs=1, num_minibatches=1, vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, norm_adv=False)
+    train_text(_config(tmp_path, eval_samples=0, iterations=2, num_envs=num_envs, sample_every=1,
+                       max_new_tokens=8, ppo=ppo))
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    for m in metrics:
+        scores = [r["score"] for r in rows if r["iteration"] == m["iteration"]]
+        expected = statistics.stdev(scores) if num_envs > 1 else 0.0
+        assert m["score_std"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    if num_envs > 1:
+        assert any(m["score_std"] > 0 for m in metrics)  # the check above can tell std from 0
+
+
+def test_progress_says_what_start_up_is_doing(tmp_path, capsys):
+    train_text(_config(tmp_path, progress=True, iterations=1))
+    err = capsys.readouterr().err
+    for line in ("loading the reference model (tiny) ...", "loading the policy (tiny) ...",
+                 "sampling 6 responses on held-out prompts before training ...",
+                 "sampling 6 responses on held-out prompts after training ..."):
+        assert line in err
