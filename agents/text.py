@@ -331,14 +331,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     seed_everything(config.seed)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
 
-    task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
-                   "reward_model": config.reward_model}
-    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
-    if config.prompts is not None:
-        task_kwargs["prompts"] = read_prompts(config.prompts)
-    # Held-out prompts (every 5th) are never trained on when there is an evaluation on them.
-    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
-    if held_out:
+    task_kwargs, held_out = task_settings(config)
+    if held_out:  # held-out prompts are never trained on when there is an evaluation on them
         task_kwargs["split"] = "train"
     say(f"loading the reference model ({config.model}) ...")
     envs = TextGenerationVectorEnv(
@@ -496,6 +490,18 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     return run.finish(summary)
 
 
+def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
+    """The env's task overrides from ``config``, and whether it evaluates on held-out prompts
+    (``eval_samples > 0`` and at least one prompt in the ``test`` split: every 5th)."""
+    task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
+                   "reward_model": config.reward_model}
+    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
+    if config.prompts is not None:
+        task_kwargs["prompts"] = read_prompts(config.prompts)
+    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    return task_kwargs, held_out
+
+
 def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
     """``config`` with local model, reward-model and prompt paths made absolute, so the saved
     config resumes from any directory."""
@@ -520,11 +526,7 @@ def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str 
     run_dir = Path(run_dir)
     config = load_text_run_config(run_dir)
     device = resolve_device(device)
-    task_kwargs = {"max_new_tokens": config.max_new_tokens, "reward_model": config.reward_model}
-    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
-    if config.prompts is not None:
-        task_kwargs["prompts"] = read_prompts(config.prompts)
-    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    task_kwargs, held_out = task_settings(config)
     envs = TextGenerationVectorEnv(num_envs=samples, task=config.task, model=config.model, reward=config.reward,
                                    device=device, reference_pass="at_end", temperature=config.temperature,
                                    trust_remote_code=config.trust_remote_code,
