@@ -170,3 +170,20 @@ def test_progress_says_what_start_up_is_doing(tmp_path, capsys):
                  "sampling 6 responses on held-out prompts before training ...",
                  "sampling 6 responses on held-out prompts after training ..."):
         assert line in err
+
+
+def test_held_out_kl_is_per_response_and_the_standard_error_is_std_over_root_n():
+    # A policy that differs from the reference: the KL is the mean over responses of each
+    # response's summed log-ratio, recomputed here from a rollout with the same seed.
+    from agents.text import collect_rollout
+
+    envs = TextGenerationVectorEnv(num_envs=6, task="Toy", model="tiny", max_new_tokens=4, split="test")
+    policy = LMActorCritic(load_causal_lm("tiny:1")[0])
+    result = evaluate_held_out(policy, envs, seed=3)
+    ro = collect_rollout(policy, envs, seed=3, generator=torch.Generator().manual_seed(3))
+    per_response = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1).double()
+    assert result["kl"] == pytest.approx(float(per_response.mean()), rel=1e-9)
+    assert abs(result["kl"]) > 1e-3  # far from 0: summing over the wrong axis would show
+    scores = ro.scores.double()
+    assert result["score"] == pytest.approx(float(scores.mean()))
+    assert result["score_se"] == pytest.approx(float(scores.std() / 6 ** 0.5))
