@@ -1,7 +1,7 @@
 """PPO on classic-control and MuJoCo tasks: rollout, GAE, the shared PPO update, logging.
 
 The loop reads in the paper's order (CleanRL-style): collect ``num_steps`` transitions from
-``num_envs`` vector envs, compute GAE, run :func:`agents.ppo.ppo_update`, log. Every PPO
+``num_envs`` vector envs, compute GAE, run :func:`textenv.agents.ppo.ppo_update`, log. Every PPO
 implementation detail is a visible line or a field of :class:`TrainConfig`.
 """
 
@@ -20,20 +20,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import pack_training_state, unpack_training_state
-from agents.device import resolve_device
-from agents.envs import (
+from textenv.agents.checkpoint import pack_training_state, unpack_training_state
+from textenv.agents.device import resolve_device
+from textenv.agents.envs import (
     Vectorization,
     env_spec,
     load_normalization_state,
     make_vector_env,
     normalization_state,
 )
-from agents.gae import gae
-from agents.policies import MLPActorCritic
-from agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
-from agents.runlog import check_writable_dir
-from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+from textenv.agents.gae import gae
+from textenv.agents.policies import MLPActorCritic
+from textenv.agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from textenv.agents.runlog import check_writable_dir
+from textenv.agents.training import LinearLR, TrainingRun, seed_everything, summary_line
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate_policy", "load_checkpoint", "load_run_config", "preset_config",
            "seed_everything", "summary_line", "train"]

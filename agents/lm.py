@@ -96,9 +96,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
 
 def __getattr__(name: str):
-    # The rollout and the KL controller moved to the trainer (agents.text); old imports keep working.
+    # The rollout and the KL controller moved to the trainer (textenv.agents.text); old imports keep working.
     if name in ("Rollout", "collect_rollout", "AdaptiveKLController"):
-        import agents.text
+        import textenv.agents.text
 
-        return getattr(agents.text, name)
-    raise AttributeError(f"module 'agents.lm' has no attribute {name!r}")
+        return getattr(textenv.agents.text, name)
+    raise AttributeError(f"module 'textenv.agents.lm' has no attribute {name!r}")

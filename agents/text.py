@@ -24,12 +24,12 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import pack_training_state, unpack_training_state
-from agents.gae import gae
-from agents.lm import LMActorCritic, filter_logits, sample_categorical
-from agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
-from agents.runlog import check_writable_dir
-from agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+from textenv.agents.checkpoint import pack_training_state, unpack_training_state
+from textenv.agents.gae import gae
+from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
+from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from textenv.agents.runlog import check_writable_dir
+from textenv.agents.training import LinearLR, TrainingRun, seed_everything, summary_line
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
 from textenv.device import set_torch_threads

@@ -1,6 +1,6 @@
 """The plumbing every trainer shares, written once: seeding, the learning-rate schedule, the
 run directory and its logs, SIGINT/SIGTERM, the non-finite guard, checkpoint-on-failure and
-the summary. The trainers (:mod:`agents.classic`, :mod:`agents.text`) keep only their loops.
+the summary. The trainers (:mod:`textenv.agents.classic`, :mod:`textenv.agents.text`) keep only their loops.
 
 Imports torch and the standard library only: a classic run never loads the language-model stack.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.checkpoint import StopSignals, TrainingInterrupted
-from agents.ppo import NonFiniteGuard, NonFiniteTraining
-from agents.runlog import RunLogger, atomic_write_json, make_run_dir
+from textenv.agents.checkpoint import StopSignals, TrainingInterrupted
+from textenv.agents.ppo import NonFiniteGuard, NonFiniteTraining
+from textenv.agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
 
 def seed_everything(seed: int) -> None:

@@ -58,7 +58,7 @@ def run_workload(name: str, threads: int) -> dict[str, float]:
 
     import torch
 
-    from agents.text import TextTrainConfig, train_text
+    from textenv.agents.text import TextTrainConfig, train_text
     from textenv.device import set_torch_threads
 
     with tempfile.TemporaryDirectory() as runs:

@@ -5,7 +5,7 @@
 
 Sides (``--libs``):
 
-- ``textenv-ppo``: this project's tuned preset for the env (``agents.classic.PRESETS``), at
+- ``textenv-ppo``: this project's tuned preset for the env (``textenv.agents.classic.PRESETS``), at
   the preset's budget.
 - ``sb3-zoo``: SB3's PPO with rl-baselines3-zoo's tuned hyperparameters for the env
   (``hyperparams/ppo.yml``: n_envs, n_steps, batch size, epochs, γ, λ, lr and clip schedules,
@@ -92,7 +92,7 @@ class BenchConfig:
 
 def train_config(env_id: str, seed: int, steps_scale: float):
     """This project's preset for ``env_id``, its budget scaled to a whole number of rollouts."""
-    from agents.classic import preset_config
+    from textenv.agents.classic import preset_config
 
     config = preset_config(env_id, seed=seed, device="cpu", progress=False, tensorboard=False,
                            save_checkpoint=False, eval_episodes=10)
@@ -101,7 +101,7 @@ def train_config(env_id: str, seed: int, steps_scale: float):
 
 
 def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str) -> dict[str, Any]:
-    from agents.classic import train
+    from textenv.agents.classic import train
 
     # Run directories (TensorBoard files and all) stay out of the repo; raw/ keeps the curve.
     runs_dir = Path(tempfile.gettempdir()) / "textenv-ppo-bench-runs"
@@ -203,7 +203,7 @@ def worker(lib: str, env_id: str, seed: int, steps_scale: float, out_dir: str) -
     else:
         raise SystemExit(f"error: unknown side {lib!r}; known: {', '.join(LIBS)}")
     result |= {"lib": lib, "env_id": env_id, "seed": seed, "steps_scale": steps_scale}
-    from agents.runlog import atomic_write_json
+    from textenv.agents.runlog import atomic_write_json
 
     path = Path(out_dir) / "raw" / f"{lib}__{env_id}__{seed}.json"
     atomic_write_json(path, result)

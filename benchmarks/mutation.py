@@ -369,6 +369,8 @@ def module_name(path: Path) -> str:
     parts = list(path.with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] == "agents":  # the repository's agents/ is the package textenv.agents (pyproject)
+        parts.insert(0, "textenv")
     return ".".join(parts)
 
 

@@ -135,21 +135,21 @@ def _timed(fn, parts: list[dict], key: str, device: torch.device):
 
 
 def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
-    import agents.text
-    from agents.text import TextTrainConfig, train_text
+    import textenv.agents.text
+    from textenv.agents.text import TextTrainConfig, train_text
     from textenv.env import _Generation
     from textenv.rewards import ClassifierReward, register
 
     # Rollout breakdown: the reference's and the reward model's forward passes (work bare
     # generate does not do) timed apart from the policy's sampling through the env.
     parts: list[dict] = []
-    collect = agents.text.collect_rollout
+    collect = textenv.agents.text.collect_rollout
 
     def collect_rollout(*a, **kw):
         parts.append({"reference_s": 0.0, "reward_s": 0.0})
         return collect(*a, **kw)
 
-    agents.text.collect_rollout = collect_rollout
+    textenv.agents.text.collect_rollout = collect_rollout
     _Generation._response_ref_logprobs = _timed(_Generation._response_ref_logprobs, parts, "reference_s", device)
     reward = ClassifierReward(args.reward_model_dir, device=str(device))
     register("bench-reward-model")(_timed(reward, parts, "reward_s", device))

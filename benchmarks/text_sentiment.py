@@ -4,7 +4,7 @@
     python -m benchmarks.text_sentiment --model tiny --task Toy --iterations 15 --out-name toy  # smoke test
 
 Measures the mean score of 32 sampled responses before training, trains with
-``agents.text.train_text``, measures again with the trained policy (same prompts, same
+``textenv.agents.text.train_text``, measures again with the trained policy (same prompts, same
 sampling), and writes ``benchmarks/results/<out-name>.md`` (numbers, before/after samples),
 ``<out-name>.png`` (score, KL to the reference and β per iteration) and the per-iteration
 metrics in ``raw/<out-name>.metrics.jsonl``.
@@ -72,7 +72,7 @@ def sample_scores(policy_name: str, config: SentimentBenchConfig,
                   device: str) -> tuple[float, float, list[tuple[str, str, float]]]:
     """Mean score and mean KL to the reference (k1, nats per response) of ``eval_samples``
     responses of the model at ``policy_name`` (same prompts, seed)."""
-    from agents.lm import LMActorCritic, collect_rollout
+    from textenv.agents.lm import LMActorCritic, collect_rollout
     from textenv import TextGenerationVectorEnv
     from textenv.models import load_causal_lm
 
@@ -88,8 +88,8 @@ def sample_scores(policy_name: str, config: SentimentBenchConfig,
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
-    from agents.checkpoint import TrainingInterrupted
-    from agents.text import TextTrainConfig, train_text
+    from textenv.agents.checkpoint import TrainingInterrupted
+    from textenv.agents.text import TextTrainConfig, train_text
     from textenv.models import resolve_device
 
     args = tyro.cli(SentimentBenchConfig, args=argv)

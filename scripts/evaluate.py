@@ -1,8 +1,8 @@
-"""``python -m scripts.evaluate`` from a clone; installed, the same command is ``textenv-evaluate`` (agents.cli.evaluate)."""
+"""``python -m scripts.evaluate`` from a clone; installed, the same command is ``textenv-evaluate`` (textenv.agents.cli.evaluate)."""
 
 import sys
 
-from agents.cli.evaluate import main
+from textenv.agents.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""``python -m scripts.plot`` from a clone; installed, the same command is ``textenv-plot`` (agents.cli.plot)."""
+"""``python -m scripts.plot`` from a clone; installed, the same command is ``textenv-plot`` (textenv.agents.cli.plot)."""
 
 import sys
 
-from agents.cli.plot import main
+from textenv.agents.cli.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""``python -m scripts.train`` from a clone; installed, the same command is ``textenv-train`` (agents.cli.train)."""
+"""``python -m scripts.train`` from a clone; installed, the same command is ``textenv-train`` (textenv.agents.cli.train)."""
 
 import sys
 
-from agents.cli.train import main
+from textenv.agents.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""``python -m scripts.train_text`` from a clone; installed, the same command is ``textenv-train-text`` (agents.cli.train_text)."""
+"""``python -m scripts.train_text`` from a clone; installed, the same command is ``textenv-train-text`` (textenv.agents.cli.train_text)."""
 
 import sys
 
-from agents.cli.train_text import main
+from textenv.agents.cli.train_text import main
 
 if __name__ == "__main__":
     sys.exit(main())

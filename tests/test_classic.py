@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.classic import evaluate_policy, load_checkpoint, preset_config, train
-from agents.ppo import PPOConfig
+from textenv.agents.classic import evaluate_policy, load_checkpoint, preset_config, train
+from textenv.agents.ppo import PPOConfig
 
 QUIET = dict(device="cpu", progress=False, tensorboard=False)
 

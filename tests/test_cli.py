@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from agents.cli import evaluate as evaluate_cli
-from agents.cli import plot as plot_cli
-from agents.cli import train as train_cli
-from agents.cli import train_text as train_text_cli
+from textenv.agents.cli import evaluate as evaluate_cli
+from textenv.agents.cli import plot as plot_cli
+from textenv.agents.cli import train as train_cli
+from textenv.agents.cli import train_text as train_text_cli
 
 TOY = ["--task", "Toy", "--model", "tiny", "--num-envs", "4", "--max-new-tokens", "3", "--no-tensorboard",
        "--no-progress", "--device", "cpu"]
@@ -32,7 +32,7 @@ def test_resume_is_listed_among_the_options(main, capsys):
 
 
 def test_an_env_id_without_a_preset_uses_its_familys_defaults(capsys):
-    from agents.classic import _MUJOCO, CLEANRL_DISCRETE, defaults_note, preset_config
+    from textenv.agents.classic import _MUJOCO, CLEANRL_DISCRETE, defaults_note, preset_config
 
     config = preset_config("InvertedPendulum-v5")  # MuJoCo, no preset
     assert (config.num_steps, config.learning_rate, config.normalize_obs) == (
@@ -89,7 +89,7 @@ def test_plot_into_a_missing_folder_is_one_line(tmp_path, capsys):
 
 
 def test_a_second_signal_stops_at_once(capsys):
-    from agents.checkpoint import StopSignals, StoppedNow
+    from textenv.agents.checkpoint import StopSignals, StoppedNow
 
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -145,8 +145,8 @@ def test_a_reward_module_in_the_current_folder_imports_without_python_m(tmp_path
 
 
 def test_evaluate_and_plot_understand_text_runs(tmp_path, capsys):
-    from agents.lm import LMActorCritic
-    from agents.text import evaluate_held_out
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import evaluate_held_out
     from textenv import TextGenerationVectorEnv
     from textenv.models import load_causal_lm
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.gae import gae
+from textenv.agents.gae import gae
 
 
 def reference_gae(rewards, values, last_value, terminated, ended, gamma, lam):

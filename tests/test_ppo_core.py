@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.policies import MLPActorCritic, forward_mlp, layer_init, mlp
-from agents.ppo import (
+from textenv.agents.policies import MLPActorCritic, forward_mlp, layer_init, mlp
+from textenv.agents.ppo import (
     NonFiniteGuard,
     NonFiniteTraining,
     PPOConfig,
@@ -894,7 +894,7 @@ def test_policy_accepts_any_leading_batch_shape(continuous):
 
 
 def test_normalize_of_a_single_entry_is_zero_with_or_without_mask():
-    from agents.ppo import normalize
+    from textenv.agents.ppo import normalize
 
     assert normalize(torch.tensor([3.0]), torch.tensor([1.0])).item() == 0.0  # was 1.0
     assert normalize(torch.tensor([3.0])).item() == 0.0  # was nan
@@ -905,8 +905,8 @@ def test_normalize_of_a_single_entry_is_zero_with_or_without_mask():
 def test_one_sample_minibatches_with_advantage_normalisation_are_applied_not_skipped():
     import gymnasium as gym
 
-    from agents.policies import MLPActorCritic
-    from agents.ppo import PPOConfig, ppo_update
+    from textenv.agents.policies import MLPActorCritic
+    from textenv.agents.ppo import PPOConfig, ppo_update
 
     torch.manual_seed(0)
     policy = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2))
@@ -923,7 +923,7 @@ def test_one_sample_minibatches_with_advantage_normalisation_are_applied_not_ski
 
 
 def test_explained_variance_ignores_nan_in_masked_out_entries():
-    from agents.ppo import explained_variance
+    from textenv.agents.ppo import explained_variance
 
     values, returns = torch.tensor([1.0, 2.0, float("nan")]), torch.tensor([1.5, 2.5, float("nan")])
     mask = torch.tensor([1.0, 1.0, 0.0])

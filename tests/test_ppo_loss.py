@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policies import MLPActorCritic
-from agents.ppo import PPOConfig, clipped_surrogate, ppo_update, value_loss
+from textenv.agents.policies import MLPActorCritic
+from textenv.agents.ppo import PPOConfig, clipped_surrogate, ppo_update, value_loss
 
 EPS = 0.2
 
@@ -163,7 +163,7 @@ def test_non_finite_update_is_skipped_and_counted():
 
 
 def test_non_finite_guard_stops_after_patience():
-    from agents.ppo import NonFiniteGuard, NonFiniteTraining
+    from textenv.agents.ppo import NonFiniteGuard, NonFiniteTraining
 
     guard = NonFiniteGuard(patience=2)
     guard.check({"updates": 0.0}, "x")

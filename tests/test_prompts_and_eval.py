@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from agents.lm import LMActorCritic
-from agents.text import TextTrainConfig, evaluate_held_out, train_text
+from textenv.agents.lm import LMActorCritic
+from textenv.agents.text import TextTrainConfig, evaluate_held_out, train_text
 from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts, split_prompts
@@ -102,7 +102,7 @@ def test_without_evaluation_every_prompt_is_trained_on(tmp_path):
 
 
 def test_the_cli_prints_the_held_out_scores_before_the_summary(tmp_path, capsys):
-    from agents.cli.train_text import main
+    from textenv.agents.cli.train_text import main
 
     code = main(["--task", "Toy", "--model", "tiny", "--iterations", "1", "--num-envs", "4", "--max-new-tokens", "3",
                  "--eval-samples", "4", "--runs-dir", str(tmp_path), "--no-tensorboard", "--no-progress",
@@ -148,7 +148,7 @@ def test_samples_are_logged_at_the_first_iteration_and_every_sample_every(tmp_pa
 def test_score_std_is_the_batchs_sample_std_and_zero_for_one_response(tmp_path, num_envs):
     import statistics
 
-    from agents.ppo import PPOConfig
+    from textenv.agents.ppo import PPOConfig
 
     ppo = PPOConfig(update_epochs=1, num_minibatches=1, vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0, norm_adv=False)
     train_text(_config(tmp_path, eval_samples=0, iterations=2, num_envs=num_envs, sample_every=1,
@@ -175,7 +175,7 @@ def test_progress_says_what_start_up_is_doing(tmp_path, capsys):
 def test_held_out_kl_is_per_response_and_the_standard_error_is_std_over_root_n():
     # A policy that differs from the reference: the KL is the mean over responses of each
     # response's summed log-ratio, recomputed here from a rollout with the same seed.
-    from agents.text import collect_rollout
+    from textenv.agents.text import collect_rollout
 
     envs = TextGenerationVectorEnv(num_envs=6, task="Toy", model="tiny", max_new_tokens=4, split="test")
     policy = LMActorCritic(load_causal_lm("tiny:1")[0])

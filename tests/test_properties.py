@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.gae import gae
+from textenv.agents.gae import gae
 from tests.test_gae import reference_gae
 from textenv import RewardError, TextGenerationEnv, score_batch
 

@@ -40,7 +40,7 @@ def test_python_block_runs(index, tmp_path, monkeypatch):
 
 def _parse(module: str, args: list[str]) -> None:
     if module in ("scripts.train", "scripts.train_text"):
-        from agents.cli import train, train_text
+        from textenv.agents.cli import train, train_text
 
         parse = {"scripts.train": train.parse, "scripts.train_text": train_text.parse}[module]
         if "--resume" in " ".join(args):
@@ -51,7 +51,7 @@ def _parse(module: str, args: list[str]) -> None:
             assert exit_info.code == 0
         return
     config = {
-        "scripts.evaluate": "agents.cli.evaluate:EvalConfig", "scripts.plot": "agents.cli.plot:PlotConfig",
+        "scripts.evaluate": "textenv.agents.cli.evaluate:EvalConfig", "scripts.plot": "textenv.agents.cli.plot:PlotConfig",
         "benchmarks.mutation": "benchmarks.mutation:MutationConfig",
     }[module]
     import importlib

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents.gae import gae
-from agents.lm import LMActorCritic, sample_categorical
-from agents.text import collect_rollout
-from agents.text import TextTrainConfig, shaped_rewards, token_advantages, train_text
+from textenv.agents.gae import gae
+from textenv.agents.lm import LMActorCritic, sample_categorical
+from textenv.agents.text import collect_rollout
+from textenv.agents.text import TextTrainConfig, shaped_rewards, token_advantages, train_text
 from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.models import load_causal_lm
 
@@ -166,7 +166,7 @@ def test_text_training_stops_on_sigterm_and_resumes(tmp_path):
 
 
 def test_filter_logits_keeps_top_k_and_the_nucleus():
-    from agents.lm import filter_logits
+    from textenv.agents.lm import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.equal(filter_logits(logits, 0, 1.0), logits)
@@ -199,7 +199,7 @@ def test_lora_training_saves_a_merged_model_that_loads_with_plain_transformers(t
         assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)  # the adapter moved it
     assert (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
     # Resuming restores the adapter exactly: the merged weights of a resumed run's policy match.
-    from agents.text import load_text_run_config, with_lora
+    from textenv.agents.text import load_text_run_config, with_lora
 
     resumed = with_lora(load_causal_lm("tiny")[0], 4, 16, tmp_path / "l" / "policy" / "adapter")
     with torch.no_grad():
@@ -244,7 +244,7 @@ def _not_a_causal_lm(tmp_path):
      (["--resume", "RUNS_DIR"], "not a text run directory")],
 )
 def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
-    from agents.cli.train_text import main
+    from textenv.agents.cli.train_text import main
 
     if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("a GPU is present")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from agents.gae import gae
-from agents.lm import LMActorCritic
-from agents.text import AdaptiveKLController, Rollout, collect_rollout, token_advantages
+from textenv.agents.gae import gae
+from textenv.agents.lm import LMActorCritic
+from textenv.agents.text import AdaptiveKLController, Rollout, collect_rollout, token_advantages
 from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agents.text import TextTrainConfig, train_text
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import char_tokenizer
 
 
@@ -51,10 +51,10 @@ def _tiny_gpt2_dir(tmp_path, dropout=0.1):
 
 
 def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypatch):
-    import agents.text
+    import textenv.agents.text
 
     seen = []
-    real_update = agents.text.ppo_update
+    real_update = textenv.agents.text.ppo_update
 
     def spy(params, optimizer, batch, evaluate, config, generator=None):
         def recording(mb):
@@ -63,7 +63,7 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
             return out
         return real_update(params, optimizer, batch, recording, config, generator)
 
-    monkeypatch.setattr(agents.text, "ppo_update", spy)
+    monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
     train_text(_config(tmp_path, "d", model=_tiny_gpt2_dir(tmp_path), max_new_tokens=8))
     logratio = seen[0]
     ratio = logratio.exp()
@@ -78,7 +78,7 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
 def test_dropout_is_disabled_in_the_policy_even_in_train_mode():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from agents.lm import LMActorCritic, disable_dropout
+    from textenv.agents.lm import LMActorCritic, disable_dropout
 
     tok = char_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -124,7 +124,7 @@ def sigterm_reward():
 
 
 def test_resume_with_a_longer_horizon_continues_the_decay_without_a_jump(tmp_path, sigterm_reward):
-    from agents.checkpoint import TrainingInterrupted
+    from textenv.agents.checkpoint import TrainingInterrupted
 
     kw = dict(num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
     sigterm_reward(4)  # one token per response: one scoring call per iteration, stop after the 4th
@@ -143,7 +143,7 @@ def test_resume_with_a_longer_horizon_continues_the_decay_without_a_jump(tmp_pat
 
 
 def test_resume_with_the_same_horizon_follows_the_uninterrupted_schedule(tmp_path, sigterm_reward):
-    from agents.checkpoint import TrainingInterrupted
+    from textenv.agents.checkpoint import TrainingInterrupted
 
     kw = dict(iterations=10, num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
     train_text(_config(tmp_path, "whole", **kw))
@@ -156,7 +156,7 @@ def test_resume_with_the_same_horizon_follows_the_uninterrupted_schedule(tmp_pat
 
 
 def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path, sigterm_reward):
-    from agents.checkpoint import TrainingInterrupted
+    from textenv.agents.checkpoint import TrainingInterrupted
 
     kw = dict(iterations=5, num_envs=4, max_new_tokens=3, save_checkpoint=True, kl_coef=0.05, kl_target=0.5,
               kl_horizon=20, reward="test-count-a-sigterm")
@@ -180,7 +180,7 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
 # -- β: one owner (the env), moved by the controller in the right direction -----------------
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target_by_the_clipped_error():
-    from agents.text import AdaptiveKLController
+    from textenv.agents.text import AdaptiveKLController
 
     c = AdaptiveKLController(0.1, target=4.0, horizon=100)
     assert c.update(5.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error 0.25, clipped to 0.2
@@ -206,10 +206,10 @@ def test_trainer_beta_is_the_envs_and_follows_the_controller(tmp_path):
 
 
 def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path, monkeypatch):
-    import agents.text
+    import textenv.agents.text
 
     extra = []
-    real_update = agents.text.ppo_update
+    real_update = textenv.agents.text.ppo_update
 
     def spy(params, optimizer, batch, evaluate, config, generator=None):
         def recording(mb):
@@ -219,7 +219,7 @@ def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path,
             return logprob, entropy, value, kl_term
         return real_update(params, optimizer, batch, recording, config, generator)
 
-    monkeypatch.setattr(agents.text, "ppo_update", spy)
+    monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
     train_text(_config(tmp_path, "l", iterations=2, kl_coef=0.2, kl_in_loss=True, learning_rate=3e-3))
     rows = _metrics(tmp_path, "l")
     assert all(r["reward_total"] == pytest.approx(r["score_mean"], abs=1e-7) for r in rows)  # no KL in the reward
@@ -241,8 +241,8 @@ def test_kl_penalized_rewards_on_hand_computed_values():
 
 
 def test_env_reward_plus_minus_beta_logpi_is_the_kl_penalized_reward_at_any_temperature():
-    from agents.text import collect_rollout
-    from agents.lm import LMActorCritic
+    from textenv.agents.text import collect_rollout
+    from textenv.agents.lm import LMActorCritic
     from textenv import TextGenerationVectorEnv
     from textenv.kl import kl_penalized_rewards
     from textenv.models import load_causal_lm
@@ -279,7 +279,7 @@ def test_kl_shaping_is_still_accepted_as_the_old_name_of_reference_pass():
 # -- the shared plumbing ---------------------------------------------------------------------
 
 def test_linear_lr_is_cleanrls_schedule_and_resumes_without_a_jump():
-    from agents.training import LinearLR
+    from textenv.agents.training import LinearLR
 
     fresh = LinearLR(1e-3, horizon=10)
     assert [fresh.rate(i) for i in (1, 2, 10)] == [(1.0 - (i - 1.0) / 10) * 1e-3 for i in (1, 2, 10)]
@@ -296,7 +296,7 @@ def test_linear_lr_is_cleanrls_schedule_and_resumes_without_a_jump():
 
 
 def test_summary_json_writes_nan_and_inf_as_null():
-    from agents.training import summary_json, summary_line
+    from textenv.agents.training import summary_json, summary_line
 
     assert summary_json({"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x", "e": None}) == \
         {"a": None, "b": None, "c": 1.5, "d": "x", "e": None}
@@ -330,8 +330,8 @@ def test_training_cartpole_never_imports_the_language_model_stack():
     import subprocess
     import sys
 
-    code = ("import sys; import agents.cli.train, agents.classic, agents.training, textenv; "
-            "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'agents.text', 'agents.lm') "
+    code = ("import sys; import textenv.agents.cli.train, textenv.agents.classic, textenv.agents.training, textenv; "
+            "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'textenv.agents.text', 'textenv.agents.lm') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -350,10 +350,10 @@ def test_registered_ids_are_the_tasks():
 
 def _spy_on_iteration(monkeypatch):
     """Record each iteration's rollout, the batch given to ppo_update and the optimizer's lr."""
-    import agents.text
+    import textenv.agents.text
 
     seen = {"rollouts": [], "batches": [], "lrs": []}
-    real_collect, real_update = agents.text.collect_rollout, agents.text.ppo_update
+    real_collect, real_update = textenv.agents.text.collect_rollout, textenv.agents.text.ppo_update
 
     def collect(*args, **kw):
         ro = real_collect(*args, **kw)
@@ -365,15 +365,15 @@ def _spy_on_iteration(monkeypatch):
         seen["lrs"].append(optimizer.param_groups[0]["lr"])
         return real_update(params, optimizer, batch, evaluate, config, generator)
 
-    monkeypatch.setattr(agents.text, "collect_rollout", collect)
-    monkeypatch.setattr(agents.text, "ppo_update", update)
+    monkeypatch.setattr(textenv.agents.text, "collect_rollout", collect)
+    monkeypatch.setattr(textenv.agents.text, "ppo_update", update)
     return seen
 
 
 @pytest.mark.parametrize("whiten", [True, False])
 def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_path, monkeypatch, whiten):
-    from agents.ppo import explained_variance
-    from agents.text import shaped_rewards, token_advantages
+    from textenv.agents.ppo import explained_variance
+    from textenv.agents.text import shaped_rewards, token_advantages
 
     seen = _spy_on_iteration(monkeypatch)
     cfg = _config(tmp_path, "m", iterations=2, kl_coef=0.2, missing_eos_penalty=0.5, whiten_advantages=whiten,
@@ -409,7 +409,7 @@ def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_p
 
 
 def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
-    from agents.cli.train_text import parse
+    from textenv.agents.cli.train_text import parse
 
     config, _ = parse(["--kl-shaping", "per_step", "--task", "Toy"])
     assert config.reference_pass == "per_step" and "renamed --reference-pass" in capsys.readouterr().err
@@ -418,8 +418,8 @@ def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
 
 
 def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():
-    from agents.lm import LMActorCritic
-    from agents.text import collect_rollout
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import collect_rollout
     from textenv import TextGenerationVectorEnv
     from textenv.models import load_causal_lm
 
@@ -482,7 +482,7 @@ def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from agents.checkpoint import TrainingInterrupted
+    from textenv.agents.checkpoint import TrainingInterrupted
 
     kw = dict(iterations=6, num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
     train_text(_config(tmp_path, "whole", **kw))
@@ -502,22 +502,22 @@ def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_
 
 
 def test_gradient_checkpointing_is_on_in_the_update_and_the_kv_cache_off(tmp_path, monkeypatch):
-    import agents.text
+    import textenv.agents.text
 
     seen = []
 
-    class Recording(agents.text.LMActorCritic):
+    class Recording(textenv.agents.text.LMActorCritic):
         def evaluate_responses(self, *args, **kw):
             seen.append((self.lm.is_gradient_checkpointing, self.lm.config.use_cache, self.lm.training))
             return super().evaluate_responses(*args, **kw)
 
-    monkeypatch.setattr(agents.text, "LMActorCritic", Recording)
+    monkeypatch.setattr(textenv.agents.text, "LMActorCritic", Recording)
     train_text(_config(tmp_path, "g", gradient_checkpointing=True))
     assert seen and all(s == (True, False, True) for s in seen)
 
 
 def test_an_entropy_bonus_moves_the_policy_whatever_its_coefficient(tmp_path):
-    from agents.ppo import PPOConfig
+    from textenv.agents.ppo import PPOConfig
 
     params = {}
     for ent in (0.0, 1.0):

@@ -1,4 +1,4 @@
-"""The plumbing both trainers share (agents.training): seeding, the LR schedule's branches, the
+"""The plumbing both trainers share (textenv.agents.training): seeding, the LR schedule's branches, the
 run's failure, interruption and summary paths, each checked directly."""
 
 import json
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import TrainingInterrupted
-from agents.ppo import NonFiniteTraining
-from agents.training import LinearLR, TrainingRun, seed_everything
+from textenv.agents.checkpoint import TrainingInterrupted
+from textenv.agents.ppo import NonFiniteTraining
+from textenv.agents.training import LinearLR, TrainingRun, seed_everything
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():

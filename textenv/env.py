@@ -433,7 +433,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     ``score + kl_coef · Σ_t log π_ref(a_t | s_t)`` (the same return), earlier rewards are 0,
     and the per-token values come in ``info["ref_logprobs"]`` (``[N, B]``, 0 past each end)
     instead of ``ref_logprob``. An agent that shapes its own per-token rewards from them (as
-    ``agents.text`` does) gets exactly the per-step rewards back.
+    ``textenv.agents.text`` does) gets exactly the per-step rewards back.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.DISABLED}

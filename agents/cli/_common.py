@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agents.checkpoint import StoppedNow, TrainingInterrupted
+from textenv.agents.checkpoint import StoppedNow, TrainingInterrupted
 
 TRACEBACK_ENV = "TEXTENV_TRACEBACK"
 
@@ -44,7 +44,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that are the user's input or environment, reported as one line."""
     import gymnasium
 
-    from agents.ppo import NonFiniteTraining
+    from textenv.agents.ppo import NonFiniteTraining
     from textenv.rewards import RewardError
 
     return (ValueError, OSError, ImportError, NotImplementedError, RewardError, NonFiniteTraining,

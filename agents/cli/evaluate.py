@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tyro
 
-from agents.cli._common import run_cli
+from textenv.agents.cli._common import run_cli
 
 
 @dataclass
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"episodes must be >= 1, got {args.episodes}")
         path = Path(args.checkpoint)
         if path.is_dir() and (path / "policy").is_dir():
-            from agents.text import evaluate_text_run
+            from textenv.agents.text import evaluate_text_run
 
             if args.video_dir is not None:
                 raise ValueError("--video-dir records classic envs only")
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_classic(args: EvalConfig, path: Path) -> int:
     import numpy as np
 
-    from agents.classic import evaluate_policy, load_checkpoint
-    from agents.device import resolve_device
+    from textenv.agents.classic import evaluate_policy, load_checkpoint
+    from textenv.agents.device import resolve_device
 
     if path.suffix != ".safetensors":
         path = path / "checkpoint.safetensors"

@@ -18,7 +18,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from agents.cli._common import run_cli
+from textenv.agents.cli._common import run_cli
 
 
 @dataclass

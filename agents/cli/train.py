@@ -1,7 +1,7 @@
 """Train PPO on a Gymnasium task: ``textenv-train --env-id HalfCheetah-v5`` (``python -m scripts.train``
 from a clone).
 
-Each env id in ``agents.classic.PRESETS`` starts from its tuned hyperparameters; any flag
+Each env id in ``textenv.agents.classic.PRESETS`` starts from its tuned hyperparameters; any flag
 given on the command line overrides the preset. The last line printed is the run's summary
 as one JSON line.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import tyro
 
-from agents.classic import TrainConfig, defaults_note, load_run_config, preset_config, summary_line, train
-from agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.classic import TrainConfig, defaults_note, load_run_config, preset_config, summary_line, train
+from textenv.agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
 
 
 @dataclass

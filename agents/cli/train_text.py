@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import tyro
 
-from agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
-from agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
+from textenv.agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
 
 
 @dataclass

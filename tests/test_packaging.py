@@ -1,0 +1,61 @@
+"""What the wheel installs: one import name (``textenv``), the programs, the data, the licence."""
+
+import configparser
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (path,) = out.glob("textenv_ppo-*.whl")
+    return path
+
+
+def test_the_wheel_installs_only_the_textenv_import_name(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"textenv"}  # no top-level `agents` (openai-agents owns that name) and no `scripts`
+    for module in ("textenv/agents/ppo.py", "textenv/agents/cli/train_text.py", "textenv/data/sentiment_prompts.txt",
+                   "textenv/data/arithmetic.jsonl"):
+        assert module in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+
+
+def test_the_console_scripts_point_into_textenv_agents_cli(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        parser = configparser.ConfigParser()
+        parser.read_string(archive.read(entry_points).decode())
+    scripts = dict(parser["console_scripts"])
+    assert scripts == {
+        "textenv-train": "textenv.agents.cli.train:main",
+        "textenv-train-text": "textenv.agents.cli.train_text:main",
+        "textenv-evaluate": "textenv.agents.cli.evaluate:main",
+        "textenv-plot": "textenv.agents.cli.plot:main",
+    }
+
+
+def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    # Outside the clone, with the unpacked wheel first on the path: nothing may come from the repository.
+    code = ("import textenv, textenv.agents.cli.train as t, textenv.tasks as k; "
+            "print(textenv.__file__); print(t.__file__); print(len(k.make_task('Sentiment').prompts))")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    textenv_file, train_file, prompts = result.stdout.split()
+    assert Path(textenv_file).is_relative_to(target) and Path(train_file).is_relative_to(target)
+    assert int(prompts) > 0
