@@ -21,6 +21,13 @@ that compiles the mutated source, executes it into a fresh module object registe
 the selected tests. Exit code 0 means the mutant survived; a child that runs past the
 timeout is killed and counted as killed (reported separately as a timeout).
 
+With ``--select coverage`` (the default; needs ``coverage``), one traced run of the tests first
+records which tests execute each line of the module, and each mutant runs only those tests
+(in their original order; for code that runs at import, every test that executes any line of
+the module, so a test that only reads a constant does not count). A mutant on a line no
+test executes survives without running: in-process, no test can observe it (tests that start
+a subprocess import the module from disk, so they never see a mutant either way).
+
 The report is ``benchmarks/results/mutation_<module stem>.md``: the command, the totals and
 every surviving mutant. Survivors known to be equivalent (no input the module is documented
 to accept can tell them apart) are explained in ``benchmarks/mutation_equivalents.toml``,
@@ -42,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.toml")
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
@@ -60,7 +68,7 @@ class MutationConfig:
     scopes: tuple[str, ...] = ()
     """run only the mutants inside these functions or classes (e.g. shaped_rewards AdaptiveKLController)"""
     timeout: float | None = None
-    """seconds per mutant before its child is killed (default: 10 x the unmutated run, at least 20)"""
+    """seconds per mutant before its child is killed (default: 10 x its tests' time in the unmutated run, at least 20)"""
     jobs: int = 1
     """mutants run at once (each is one forked process)"""
     output: str | None = None
@@ -69,6 +77,8 @@ class MutationConfig:
     """list the mutants and exit without running anything"""
     survivors_of: str | None = None
     """run only the mutants listed as surviving in this earlier report (to check that new tests kill them)"""
+    select: Literal["coverage", "all"] = "coverage"
+    """which tests each mutant runs: those that execute its lines (one traced run first), or all of them"""
 
 
 # ----------------------------------------------------------------------------- mutant generation
@@ -100,6 +110,8 @@ class Mutant:
     original: str
     mutated: str
     code: object = None  # the compiled module
+    end_lineno: int = 0
+    module_level: bool = False  # outside any function body: it runs when the module is imported
 
 
 @dataclass
@@ -360,7 +372,18 @@ def generate_mutants(source: str, filename: str) -> Iterator[Mutant]:
             code = compile(mutated_tree, filename, "exec", dont_inherit=True)
         except (SyntaxError, ValueError, TypeError):
             continue
-        yield Mutant(node.lineno, collector.scope_of[i], site.operator, *_display(source_lines, node, shown), code)
+        yield Mutant(node.lineno, collector.scope_of[i], site.operator, *_display(source_lines, node, shown), code,
+                     node.end_lineno or node.lineno, not _in_function(tree, node.lineno))
+
+
+def _in_function(tree: ast.AST, lineno: int) -> bool:
+    """Whether ``lineno`` lies in the body of a function (not its signature, decorators or defaults)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            body = node.body if isinstance(node.body, list) else [node.body]
+            if body[0].lineno <= lineno <= (node.end_lineno or node.lineno):
+                return True
+    return False
 
 
 # ----------------------------------------------------------------------------- running
@@ -385,8 +408,9 @@ def install(name: str, path: Path, code) -> None:
         setattr(importlib.import_module(parent), child, module)
 
 
-def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str) -> int:
-    """Start a child that installs the (mutated) module and runs the tests; return its pid."""
+def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str, lines_out: str | None = None) -> int:
+    """Start a child that installs the (mutated) module and runs the tests; return its pid. With
+    ``lines_out``, the run is traced and the tests that execute each line are written there (JSON)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -405,8 +429,11 @@ def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str)
         sys.dont_write_bytecode = True
         import pytest
 
-        install(name, path, code)
-        rc = int(pytest.main([*tests, *PYTEST_ARGS]))
+        if lines_out is None:
+            install(name, path, code)
+            rc = int(pytest.main([*tests, *PYTEST_ARGS]))
+        else:
+            rc = _traced_run(name, path, code, tests, lines_out)
     except BaseException:  # noqa: BLE001 - a mutant that breaks the import is killed by it
         traceback.print_exc()
         rc = 71
@@ -416,18 +443,75 @@ def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str)
         os._exit(rc)
 
 
-def run_all(name: str, path: Path, mutants: list[Mutant], tests: tuple[str, ...], timeout: float, jobs: int,
-            log_dir: Path) -> list[str]:
-    """Run every mutant; return its outcome: 'killed', 'survived' or 'timeout'."""
+def _traced_run(name: str, path: Path, code, tests: tuple[str, ...], lines_out: str) -> int:
+    """Run the tests under coverage with one context per test; write {line: [test ids]} as JSON."""
+    import json
+
+    import coverage
+    import pytest
+
+    cov = coverage.Coverage(data_file=None, include=[str(path.resolve())])
+    cov.start()
+    install(name, path, code)  # module-level lines run here, in the empty context
+
+    seconds: dict[str, float] = {}  # insertion order is run order
+
+    class PerTest:
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_protocol(self, item, nextitem):
+            cov.switch_context(item.nodeid)
+            start = time.monotonic()
+            yield
+            seconds[item.nodeid] = time.monotonic() - start
+            cov.switch_context("")
+
+    rc = int(pytest.main([*tests, *PYTEST_ARGS], plugins=[PerTest()]))
+    cov.stop()
+    data = cov.get_data()
+    measured = data.measured_files()
+    by_line = data.contexts_by_lineno(measured.pop()) if measured else {}
+    with open(lines_out, "w") as f:
+        json.dump({"seconds": seconds, "lines": {str(line): [c for c in contexts if c] for line, contexts in by_line.items()}},
+                  f)
+    return rc
+
+
+def tests_by_line(name: str, path: Path, source: str, tests: tuple[str, ...], log_dir: Path
+                  ) -> tuple[dict[int, list[str]], dict[str, float]]:
+    """Which test ids execute each line of the unmutated module, and each test's seconds (in run order)."""
+    import json
+
+    code = compile(ast.parse(source, str(path)), str(path), "exec", dont_inherit=True)
+    out = log_dir / "lines.json"
+    _, status = os.waitpid(fork_test_run(name, path, code, tests, str(log_dir / "traced.log"), str(out)), 0)
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0 or not out.exists():
+        raise SystemExit(f"error: the traced run of {' '.join(tests)} failed (exit code {rc}); see --select all")
+    traced = json.loads(out.read_text())
+    return {int(line): ids for line, ids in traced["lines"].items()}, traced["seconds"]
+
+
+def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[str, float]) -> tuple[str, ...]:
+    """The tests a mutant runs: those executing its lines; for import-time code (constants,
+    defaults, class bodies), every test that executes any line of the module."""
+    lines = sorted(by_line) if mutant.module_level else range(mutant.lineno, max(mutant.end_lineno, mutant.lineno) + 1)
+    ids = {test for line in lines for test in by_line.get(line, ())}
+    return tuple(test for test in seconds if test in ids)  # the run order, which -x relies on
+
+
+def run_all(name: str, path: Path, mutants: list[Mutant], tests: list[tuple[str, ...]], timeouts: list[float],
+            jobs: int, log_dir: Path) -> list[str]:
+    """Run every mutant against its tests; return its outcome: 'killed', 'survived' or 'timeout'
+    ('survived' without running when it has no tests)."""
     from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no monitor thread: a thread holding a lock at fork time could hang a child
-    outcomes: list[str] = [""] * len(mutants)
-    pending = list(range(len(mutants)))[::-1]
+    outcomes: list[str] = ["" if tests[i] else "survived" for i in range(len(mutants))]
+    pending = [i for i in range(len(mutants)) if tests[i]][::-1]
     running: dict[int, tuple[int, float]] = {}
-    bar = tqdm(total=len(mutants), desc=str(path), unit="mutant")
+    bar = tqdm(total=len(mutants), initial=len(mutants) - len(pending), desc=str(path), unit="mutant")
     try:
-        _run_loop(name, path, mutants, tests, timeout, jobs, log_dir, outcomes, pending, running, bar)
+        _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar)
     finally:  # Ctrl-C or an error: no child outlives the run
         for pid in running:
             _kill(pid)
@@ -443,16 +527,16 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _run_loop(name, path, mutants, tests, timeout, jobs, log_dir, outcomes, pending, running, bar) -> None:
+def _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             i = pending.pop()
-            pid = fork_test_run(name, path, mutants[i].code, tests, str(log_dir / f"{i}.log"))
+            pid = fork_test_run(name, path, mutants[i].code, tests[i], str(log_dir / f"{i}.log"))
             running[pid] = (i, time.monotonic())
         time.sleep(0.02)
         for pid, (i, start) in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
-            if not done and time.monotonic() - start > timeout:
+            if not done and time.monotonic() - start > timeouts[i]:
                 _kill(pid)
                 outcomes[i] = "timeout"
             elif done:
@@ -524,14 +608,17 @@ def _cell(text: str) -> str:
 
 
 def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Mutant], outcomes: list[str],
-           seconds: float, timeout: float) -> tuple[str, int]:
+           seconds: float, timeout: str, uncovered: set[int] = frozenset(), select: str = "all") -> tuple[str, int]:
     counts = Counter(outcomes)
     total = len(mutants)
     killed = counts["killed"] + counts["timeout"]
     explained = load_equivalents(module)
-    survivors = [(m, explained.get((m.scope, m.original, m.mutated), "")) for m, o in zip(mutants, outcomes)
-                 if o == "survived"]
-    unexplained = sum(1 for _, why in survivors if not why)
+    survivors = [(m, explained.get((m.scope, m.original, m.mutated), ""), i in uncovered)
+                 for i, (m, o) in enumerate(zip(mutants, outcomes)) if o == "survived"]
+    unexplained = sum(1 for _, why, _ in survivors if not why)
+    selection = ("only the tests that execute the mutated lines (a traced run of them all first; all of them for "
+                 "import-time code, every test that executes any line of the module)" if select == "coverage"
+                 else "all of them")
     lines = [
         f"# Mutation testing: `{module}`",
         "",
@@ -539,13 +626,14 @@ def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Muta
         "",
         f"Each mutant changes one thing in `{module}` (see `benchmarks/mutation.py` for the operators); it runs in "
         f"a forked child against `pytest {' '.join(tests)} {' '.join(PYTEST_ARGS)}` and survives when every test "
-        f"passes. Timeout {timeout:.0f} s per mutant; {seconds:.0f} s in all.",
+        f"passes; of those tests it runs {selection}. Timeout {timeout} per mutant; {seconds:.0f} s in all.",
         "",
-        "| mutants | killed | timeout (killed) | survived | kill rate | survivors explained as equivalent "
-        "| unexplained |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mutants | killed | timeout (killed) | survived | of which no test executes | kill rate "
+        "| survivors explained as equivalent | unexplained |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {total} | {counts['killed']} | {counts['timeout']} | {counts['survived']} | "
-        f"{100 * killed / max(total, 1):.1f}% | {len(survivors) - unexplained} | {unexplained} |",
+        f"{sum(1 for *_, u in survivors if u)} | {100 * killed / max(total, 1):.1f}% | {len(survivors) - unexplained} "
+        f"| {unexplained} |",
         "",
         "## Surviving mutants",
         "",
@@ -553,9 +641,10 @@ def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Muta
     if survivors:
         lines += ["| line | function | operator | original | mutated | why it survives |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for m, why in survivors:
+        for m, why, not_run in survivors:
+            why = _cell(why) or "**not explained**" + (" (no test executes this line)" if not_run else "")
             lines.append(f"| {m.lineno} | `{m.scope}` | {m.operator} | `{_cell(m.original)}` | `{_cell(m.mutated)}` | "
-                         f"{_cell(why) or '**not explained**'} |")
+                         f"{why} |")
     else:
         lines.append("None.")
     by_op: dict[str, Counter] = {}
@@ -630,14 +719,25 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         log_dir = Path(tmp)
-        base = baseline(name, path, source, args.tests, log_dir)
-        timeout = args.timeout or max(20.0, 10 * base)
-        print(f"{path}: {len(mutants)} mutants; the unmutated module passes in {base:.1f} s; timeout {timeout:.0f} s",
-              flush=True)
         start = time.monotonic()
-        outcomes = run_all(name, path, mutants, args.tests, timeout, args.jobs, log_dir)
+        if args.select == "coverage":  # the traced run is also the check that the unmutated module passes
+            by_line, test_seconds = tests_by_line(name, path, source, args.tests, log_dir)
+            per_mutant = [selected_tests(m, by_line, test_seconds) for m in mutants]
+            base = [sum(test_seconds[t] for t in tests) + 2.0 for tests in per_mutant]  # + pytest's start-up
+            timeout_text = "10 x its tests' unmutated time, at least 20 s," if args.timeout is None else f"{args.timeout:.0f} s"
+            print(f"{path}: {len(mutants)} mutants; the traced run of the tests took {time.monotonic() - start:.0f} s",
+                  flush=True)
+        else:
+            per_mutant = [args.tests] * len(mutants)
+            base = [baseline(name, path, source, args.tests, log_dir)] * len(mutants)
+            timeout_text = f"{args.timeout or max(20.0, 10 * base[0]):.0f} s"
+            print(f"{path}: {len(mutants)} mutants; the unmutated module passes in {base[0]:.1f} s", flush=True)
+        timeouts = [args.timeout or max(20.0, 10 * b) for b in base]
+        outcomes = run_all(name, path, mutants, per_mutant, timeouts, args.jobs, log_dir)
         seconds = time.monotonic() - start
-    text, unexplained = report(command, args.module, args.tests, mutants, outcomes, seconds, timeout)
+    uncovered = {i for i, t in enumerate(per_mutant) if not t}
+    text, unexplained = report(command, args.module, args.tests, mutants, outcomes, seconds, timeout_text, uncovered,
+                               args.select)
     out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
