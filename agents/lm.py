@@ -16,9 +16,13 @@ class LMActorCritic(nn.Module):
     so the logits are exactly the model's, whatever post-processing its head does. Dropout is
     turned off in the model (:func:`textenv.models.disable_dropout`): the update's forward must
     be the sampling forward, or the first ratio of PPO is not 1.
+
+    ``value_head=False`` builds no head (for critic-free estimators such as GRPO): the values
+    returned are zeros, and the LM's forward skips returning its hidden states.
     """
 
-    def __init__(self, model: PreTrainedModel, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    def __init__(self, model: PreTrainedModel, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 value_head: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -26,23 +30,28 @@ class LMActorCritic(nn.Module):
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
         self.lm = disable_dropout(model)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        hidden = model.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        # Zero init: the critic starts at V = 0 and learns from the returns, not from noise.
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(model.parameters()).device)
+        self.value_head: nn.Linear | None = None
+        if value_head:
+            self.value_head = nn.Linear(model.config.get_text_config().hidden_size, 1)
+            # Zero init: the critic starts at V = 0 and learns from the returns, not from noise.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            self.value_head.to(next(model.parameters()).device)
 
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values=None, logits_to_keep: int = 0,
                  use_cache: bool = False):
         cache = cache_kwargs(self.lm, past_key_values) if past_key_values is not None else {}
+        critic = self.value_head is not None
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=use_cache, output_hidden_states=True, logits_to_keep=logits_to_keep, **cache)
-        hidden = out.hidden_states[-1]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+                      use_cache=use_cache, output_hidden_states=critic, logits_to_keep=logits_to_keep, **cache)
         logits = out.logits.float() / self.temperature
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        if critic:
+            hidden = out.hidden_states[-1]
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        else:
+            values = torch.zeros(logits.shape[:2], device=logits.device)
         return logits, values, output_cache(out) if use_cache else None
 
     def evaluate_responses(

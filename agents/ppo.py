@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -45,6 +46,10 @@ class PPOConfig:
     """stop the epochs early once the approximate KL of the last minibatch exceeds this"""
     grad_accum_steps: int = 1
     """split each minibatch into this many micro-batches whose gradients are accumulated"""
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """for sequence samples (token losses with a mask): token_mean averages over every token of the
+    minibatch (a long response weighs more), sequence_mean over each response's tokens first and
+    then over responses (each response weighs the same, as in the GRPO paper); equal for transitions"""
 
     def validate(self, batch_size: int) -> None:
         """Raise ValueError naming the first setting that cannot work for ``batch_size`` samples."""
@@ -67,6 +72,8 @@ class PPOConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+        if self.loss_aggregation not in ("token_mean", "sequence_mean"):
+            raise ValueError(f"loss_aggregation must be token_mean or sequence_mean, got {self.loss_aggregation!r}")
 
 
 def validate_rates(learning_rate: float, gamma: float, gae_lambda: float) -> None:
@@ -156,6 +163,11 @@ def ppo_update(
         keep = mask_all > 0
         batch = dict(batch) | {k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
                                for k in ("logprobs", "values", "advantages", "returns")}
+    # sequence_mean: each row's tokens weigh 1/len(row), and a minibatch's loss divides by its rows.
+    row_weights = None
+    if config.loss_aggregation == "sequence_mean" and mask_all is not None and mask_all.dim() > 1:
+        lengths = mask_all.flatten(1).sum(1).clamp_min(1.0)
+        row_weights = (mask_all > 0).to(batch["logprobs"].dtype) / lengths.view(-1, *[1] * (mask_all.dim() - 1))
 
     zero = torch.zeros((), device=device)
     loss_keys = ("policy_loss", "value_loss", "entropy", "extra_loss", "grad_norm")
@@ -173,6 +185,8 @@ def ppo_update(
             mb_inds = order[start : start + minibatch_size]
             mb_mask = mask_all[mb_inds] if mask_all is not None else None
             mb_count = mb_mask.sum().clamp_min(1.0) if mb_mask is not None else float(mb_inds.numel() * _per_row(batch))
+            if row_weights is not None:
+                mb_count = float(minibatch_size)
             mb_adv = batch["advantages"][mb_inds]
             if config.norm_adv:
                 mb_adv = normalize(mb_adv, mb_mask)
@@ -183,15 +197,20 @@ def ppo_update(
                 inds = mb_inds[local]
                 micro = {k: v[inds] for k, v in batch.items()}
                 mask = mb_mask[local] if mb_mask is not None else None
+                weights = row_weights[inds] if row_weights is not None else None
+
+                def aggregate(x: torch.Tensor) -> torch.Tensor:
+                    return masked_mean(x if weights is None else x * weights, mask, mb_count)
+
                 new_logprob, entropy, new_value, *extra = evaluate(micro)
                 logratio = new_logprob - micro["logprobs"]
                 ratio = logratio.exp()
-                pg = masked_mean(clipped_surrogate(ratio, mb_adv[local], config.clip_coef), mask, mb_count)
-                vl = masked_mean(value_loss(new_value, micro["values"], micro["returns"], vf_clip), mask, mb_count)
-                ent = masked_mean(entropy, mask, mb_count)
+                pg = aggregate(clipped_surrogate(ratio, mb_adv[local], config.clip_coef))
+                vl = aggregate(value_loss(new_value, micro["values"], micro["returns"], vf_clip))
+                ent = aggregate(entropy)
                 loss = pg - config.ent_coef * ent + config.vf_coef * vl
                 if extra:
-                    extra_loss = masked_mean(extra[0], mask, mb_count)
+                    extra_loss = aggregate(extra[0])
                     loss = loss + extra_loss
                     mb_sums["extra_loss"] += extra_loss.detach()
                 loss.backward()

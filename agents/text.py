@@ -3,7 +3,9 @@ InstructGPT), with the same PPO core and GAE as the classic trainer.
 
 One iteration: reset the vector env and sample one response per row (the policy's own KV
 cache, the env's reference model beside it), shape the per-token reward, GAE over tokens,
-whiten advantages, then K epochs of minibatched PPO over whole sequences.
+whiten advantages, then K epochs of minibatched PPO over whole sequences. ``--advantage``
+swaps GAE for a critic-free estimator (GRPO, RLOO, REINFORCE++: :mod:`textenv.agents.advantages`)
+on the same update; with ``--group-size k`` each prompt is sampled k times in the batch.
 
 β has one owner, the env's ``kl_coef``: the adaptive controller sets it, the shaped reward
 (:func:`textenv.kl.kl_penalized_rewards`) or the loss's KL term reads it.
@@ -24,6 +26,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from textenv.agents.advantages import GROUP_ESTIMATORS, critic_free_advantages, needs_critic
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
@@ -97,12 +100,21 @@ class TextTrainConfig:
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over ``iterations`` (TRL's and CleanRL's default); on
     --resume with more iterations the decay continues from the rate reached, without a jump"""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """advantage estimator: gae (value head, GAE over tokens); critic-free, with no value head: grpo
+    (return minus its group's mean, over the group's std), rloo (minus the mean of the rest of its
+    group), reinforce_pp (REINFORCE++: KL-shaped return to go, whitened over the batch)"""
+    group_size: int = 1
+    """responses sampled per prompt in each batch (consecutive rows share a prompt); grpo and rloo need >= 2"""
+    grpo_scale: bool = True
+    """grpo: divide by the group's std (off: Dr. GRPO, the return minus the group mean only)"""
     gamma: float = 1.0
-    """discount over tokens"""
+    """discount over tokens (gae, reinforce_pp)"""
     gae_lambda: float = 0.95
     """λ of GAE over tokens"""
     whiten_advantages: bool = True
-    """whiten advantages over the whole batch's response tokens"""
+    """gae: whiten advantages over the whole batch's response tokens (reinforce_pp always does, grpo and
+    rloo never: their group baseline is the normalisation)"""
     ppo: PPOConfig = dataclasses.field(default_factory=_text_ppo)
     """the PPO update's hyperparameters"""
     seed: int = 1
@@ -158,6 +170,13 @@ class TextTrainConfig:
         for name in ("eval_samples", "torch_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.advantage not in ("gae", "grpo", "rloo", "reinforce_pp"):
+            raise ValueError(f"advantage must be gae, grpo, rloo or reinforce_pp, got {self.advantage!r}")
+        if self.group_size < 1 or self.num_envs % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must be >= 1 and divide num_envs={self.num_envs}")
+        if self.advantage in GROUP_ESTIMATORS and self.group_size < 2:
+            raise ValueError(f"--advantage {self.advantage} needs --group-size >= 2 (its baseline is the other "
+                             f"responses to the same prompt), got {self.group_size}")
         self.ppo.validate(self.num_envs)
 
 
@@ -182,8 +201,10 @@ class Rollout:
 
 
 @torch.inference_mode()
-def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator) -> Rollout:
-    """Reset ``envs`` and sample one response per row, the policy keeping its own KV cache.
+def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
+                    group_size: int = 1) -> Rollout:
+    """Reset ``envs`` and sample one response per row, the policy keeping its own KV cache;
+    with ``group_size=k``, each run of k consecutive rows shares a prompt.
 
     Stored log-probs are of the distribution actually sampled from (temperature applied);
     the env's reference must score at the same temperature, or the KL is not 0 at the start.
@@ -193,7 +214,7 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
                          f"at {envs.temperature}; set envs.temperature = {policy.temperature}")
     was_training = policy.training
     policy.eval()
-    obs, info = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed, options={"group_size": group_size} if group_size > 1 else None)
     P, B, N = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
     device = obs["input_ids"].device
     # Prompts are left-padded into P slots: columns that are padding in every row are left out
@@ -326,6 +347,9 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         if (saved.task, saved.model) != (config.task, config.model):
             raise ValueError(f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
                              f"not {config.task} with {config.model}")
+        if needs_critic(saved.advantage) != needs_critic(config.advantage):
+            raise ValueError(f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot continue "
+                             f"as --advantage {config.advantage} (one trains a value head, the other has none)")
     device = resolve_device(config.device)
     set_torch_threads(config.torch_threads)
     seed_everything(config.seed)
@@ -358,7 +382,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if config.gradient_checkpointing:
         policy_lm.gradient_checkpointing_enable()
         policy_lm.config.use_cache = False
-    policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                           value_head=needs_critic(config.advantage))
     optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
@@ -403,12 +428,18 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                 lr = schedule.apply(optimizer, iteration)
                 bar.set_postfix_str(f"{postfix} sampling", refresh=True)
                 t0 = time.perf_counter()
-                rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator)
+                rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator,
+                                          group_size=config.group_size)
                 rollout_s = time.perf_counter() - t0
                 rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
-                advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
-                if config.whiten_advantages:
-                    advantages = normalize(advantages, rollout.mask) * rollout.mask
+                if needs_critic(config.advantage):
+                    advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
+                    if config.whiten_advantages:
+                        advantages = normalize(advantages, rollout.mask) * rollout.mask
+                else:  # no critic: values and returns are 0, so the value loss is exactly 0
+                    advantages = critic_free_advantages(config.advantage, rewards, rollout.mask, config.group_size,
+                                                        config.gamma, config.grpo_scale)
+                    returns = torch.zeros_like(rewards)
                 batch = {
                     "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                     "actions": rollout.actions, "logprobs": rollout.logprobs, "values": rollout.values,
@@ -438,7 +469,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                     stats["score_std"] = rollout.scores.std() if rollout.scores.numel() > 1 else torch.zeros(())
                     stats["response_length"] = mask.sum(1).mean()
                     stats["rollout_entropy"] = (rollout.entropy * mask).sum() / mask.sum()
-                    stats["explained_variance"] = explained_variance(rollout.values, returns, mask)
+                    if policy.value_head is not None:
+                        stats["explained_variance"] = explained_variance(rollout.values, returns, mask)
                     stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
                     stats["reward_total"] = rewards.sum(1).mean()
                     stats["tokens"] = mask.sum()
@@ -532,7 +564,8 @@ def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str 
                                    trust_remote_code=config.trust_remote_code,
                                    **task_kwargs, split="test" if held_out else "all")
     lm, _ = load_causal_lm(str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code)
-    policy = LMActorCritic(lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    policy = LMActorCritic(lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                           value_head=False)  # sampling only
     result = evaluate_held_out(policy, envs, seed)
     envs.close()
     return {"task": config.task, "prompts": "held-out" if held_out else "all", "responses": samples,
@@ -601,8 +634,9 @@ def save_policy(
     else:
         policy.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
-              str(tmp / "value_head.safetensors"))
+    if policy.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+                  str(tmp / "value_head.safetensors"))
     if optimizer is not None:
         tensors, metadata = pack_training_state(optimizer, generator)
         metadata["state"] = json.dumps(state or {})
@@ -624,8 +658,12 @@ def load_training_state(
     """Value head, optimizer and RNG states from a checkpoint directory; returns its counters."""
     from safetensors import safe_open
 
-    device = policy.value_head.weight.device
-    policy.value_head.load_state_dict(load_file(str(path / "value_head.safetensors"), device=str(device)))
+    device = next(policy.parameters()).device
+    if policy.value_head is not None:
+        if not (path / "value_head.safetensors").is_file():
+            raise ValueError(f"{path} has no value head (it was trained with a critic-free --advantage); "
+                             "resume it with the same --advantage")
+        policy.value_head.load_state_dict(load_file(str(path / "value_head.safetensors"), device=str(device)))
     with safe_open(str(path / STATE_FILE), framework="pt") as f:
         metadata = f.metadata() or {}
     unpack_training_state(load_file(str(path / STATE_FILE)), metadata, optimizer, generator, device)

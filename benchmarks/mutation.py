@@ -79,6 +79,8 @@ class MutationConfig:
     """run only the mutants listed as surviving in this earlier report (to check that new tests kill them)"""
     select: Literal["coverage", "all"] = "coverage"
     """which tests each mutant runs: those that execute its lines (one traced run first), or all of them"""
+    lines_cache: str | None = None
+    """keep the traced run's line-to-tests map here and reuse it for other modules while the sources are unchanged"""
 
 
 # ----------------------------------------------------------------------------- mutant generation
@@ -433,7 +435,7 @@ def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str,
             install(name, path, code)
             rc = int(pytest.main([*tests, *PYTEST_ARGS]))
         else:
-            rc = _traced_run(name, path, code, tests, lines_out)
+            rc = _traced_run(tests, lines_out)
     except BaseException:  # noqa: BLE001 - a mutant that breaks the import is killed by it
         traceback.print_exc()
         rc = 71
@@ -443,17 +445,34 @@ def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str,
         os._exit(rc)
 
 
-def _traced_run(name: str, path: Path, code, tests: tuple[str, ...], lines_out: str) -> int:
-    """Run the tests under coverage with one context per test; write {line: [test ids]} as JSON."""
+SOURCES = ("agents", "textenv")  # every project module, traced once for all of them
+
+
+def _sources() -> list[Path]:
+    return sorted(p for folder in SOURCES for p in Path(folder).rglob("*.py"))
+
+
+def _fingerprint(tests: tuple[str, ...]) -> str:
+    """What the traced run depends on: the tests selected and every project and test source."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(tests).encode())
+    for p in [*_sources(), *sorted(Path("tests").rglob("*.py"))]:
+        digest.update(str(p).encode() + p.read_bytes())
+    return digest.hexdigest()
+
+
+def _traced_run(tests: tuple[str, ...], lines_out: str) -> int:
+    """Run the unmutated tests under coverage, one context per test; write, for every project
+    file, {line: [test ids]} and each test's seconds as JSON."""
     import json
 
     import coverage
     import pytest
 
-    cov = coverage.Coverage(data_file=None, include=[str(path.resolve())])
-    cov.start()
-    install(name, path, code)  # module-level lines run here, in the empty context
-
+    root = os.path.realpath(".")
+    cov = coverage.Coverage(data_file=None, include=[str(p.resolve()) for p in _sources()])
+    cov.start()  # before any project import: import-time lines fall in the empty context
     seconds: dict[str, float] = {}  # insertion order is run order
 
     class PerTest:
@@ -468,27 +487,35 @@ def _traced_run(name: str, path: Path, code, tests: tuple[str, ...], lines_out: 
     rc = int(pytest.main([*tests, *PYTEST_ARGS], plugins=[PerTest()]))
     cov.stop()
     data = cov.get_data()
-    measured = data.measured_files()
-    by_line = data.contexts_by_lineno(measured.pop()) if measured else {}
+    files = {}
+    for measured in data.measured_files():
+        rel = os.path.relpath(os.path.realpath(measured), root)
+        files[rel] = {str(line): [c for c in contexts if c]
+                      for line, contexts in data.contexts_by_lineno(measured).items()}
     with open(lines_out, "w") as f:
-        json.dump({"seconds": seconds, "lines": {str(line): [c for c in contexts if c] for line, contexts in by_line.items()}},
-                  f)
+        json.dump({"fingerprint": _fingerprint(tests), "seconds": seconds, "files": files}, f)
     return rc
 
 
-def tests_by_line(name: str, path: Path, source: str, tests: tuple[str, ...], log_dir: Path
+def tests_by_line(path: Path, tests: tuple[str, ...], log_dir: Path, cache: Path | None
                   ) -> tuple[dict[int, list[str]], dict[str, float]]:
-    """Which test ids execute each line of the unmutated module, and each test's seconds (in run order)."""
+    """Which test ids execute each line of the unmutated module, and each test's seconds (in run
+    order). The traced run covers every project module at once; with ``cache`` it is kept there
+    and reused while the tests and the sources are unchanged."""
     import json
 
-    code = compile(ast.parse(source, str(path)), str(path), "exec", dont_inherit=True)
-    out = log_dir / "lines.json"
-    _, status = os.waitpid(fork_test_run(name, path, code, tests, str(log_dir / "traced.log"), str(out)), 0)
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0 or not out.exists():
-        raise SystemExit(f"error: the traced run of {' '.join(tests)} failed (exit code {rc}); see --select all")
-    traced = json.loads(out.read_text())
-    return {int(line): ids for line, ids in traced["lines"].items()}, traced["seconds"]
+    out = cache or log_dir / "lines.json"
+    traced = json.loads(out.read_text()) if out.exists() else {}
+    if traced.get("fingerprint") != _fingerprint(tests):
+        print(f"tracing which tests execute which lines (one run of {' '.join(tests)}) ...", flush=True)
+        _, status = os.waitpid(fork_test_run("", path, None, tests, str(log_dir / "traced.log"), str(out)), 0)
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0 or not out.exists():
+            raise SystemExit(f"error: the traced run of {' '.join(tests)} failed (exit code {rc}; log: "
+                             f"{log_dir / 'traced.log'}); fix the tests first, or use --select all")
+        traced = json.loads(out.read_text())
+    lines = traced["files"].get(str(path), {})
+    return {int(line): ids for line, ids in lines.items()}, traced["seconds"]
 
 
 def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[str, float]) -> tuple[str, ...]:
@@ -721,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(tmp)
         start = time.monotonic()
         if args.select == "coverage":  # the traced run is also the check that the unmutated module passes
-            by_line, test_seconds = tests_by_line(name, path, source, args.tests, log_dir)
+            by_line, test_seconds = tests_by_line(path, args.tests, log_dir,
+                                                  Path(args.lines_cache) if args.lines_cache else None)
             per_mutant = [selected_tests(m, by_line, test_seconds) for m in mutants]
             base = [sum(test_seconds[t] for t in tests) + 2.0 for tests in per_mutant]  # + pytest's start-up
             timeout_text = "10 x its tests' unmutated time, at least 20 s," if args.timeout is None else f"{args.timeout:.0f} s"

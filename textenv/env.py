@@ -427,6 +427,10 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     ``_<key>`` masks. ``kl_coef`` and ``temperature`` are settable (``envs.kl_coef = 0.1`` or
     ``set_attr``).
 
+    Reset options: ``prompts`` (one per row), ``prompt`` (the same for every row), or
+    ``group_size=k``: rows ``g*k .. g*k+k-1`` share one prompt, drawn by the group's first row
+    (for GRPO/RLOO-style group baselines; ``num_envs`` must be a multiple of ``k``).
+
     ``reference_pass="at_end"`` (both envs) trades the per-token timing of the KL term for speed:
     the reference model reads each response once, in one forward when it ends, instead of one
     KV-cached step per token; the episode's last reward is then
@@ -490,6 +494,12 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         options = options or {}
         if "reset_mask" in options and not np.all(np.asarray(options["reset_mask"])):
             raise NotImplementedError("partial resets are not supported: the batch shares one KV cache; reset all rows")
+        group = int(options.get("group_size", 1))
+        if group < 1 or self.num_envs % group:
+            raise ValueError(f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}")
+        if group > 1 and ("prompts" in options or "prompt" in options):
+            raise ValueError("options['group_size'] groups sampled prompts; it cannot be combined with 'prompts' or "
+                             "'prompt'")
         if "prompts" in options:
             prompts = list(options["prompts"])
             if len(prompts) != self.num_envs:
@@ -498,7 +508,8 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             prompts = [options["prompt"]] * self.num_envs
         else:
             n = len(self.task.prompts)
-            prompts = [self.task.prompts[int(rng.integers(n))] for rng in self._rngs]
+            drawn = [self.task.prompts[int(rng.integers(n))] for rng in self._rngs[::group]]
+            prompts = [prompt for prompt in drawn for _ in range(group)]
         self._gen.reset(prompts)
         return self._gen.observation(), {"prompt": np.array(self._gen.prompts, dtype=object)}
 
