@@ -165,3 +165,20 @@ def test_a_critic_free_run_cannot_resume_as_gae(tmp_path):
     train_text(_toy(tmp_path, "g", iterations=1, num_envs=8, advantage="grpo", group_size=2))
     with pytest.raises(ValueError, match="trained with --advantage grpo, which cannot continue as --advantage gae"):
         train_text(_toy(tmp_path, "g", iterations=2, num_envs=8), resume=tmp_path / "g")
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp"])
+def test_the_kl_in_the_loss_works_with_every_critic_free_estimator(tmp_path, advantage):
+    in_loss = _toy(tmp_path, "in", iterations=2, num_envs=8, kl_coef=0.5, kl_in_loss=True, advantage=advantage,
+                   group_size=2, save_checkpoint=False, learning_rate=1e-2)
+    train_text(in_loss)
+    metrics = [json.loads(line) for line in (tmp_path / "in" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["extra_loss"] > 0  # β·k3 once the policy has moved from the reference
+    in_reward = _toy(tmp_path, "rw", iterations=2, num_envs=8, kl_coef=0.5, advantage=advantage, group_size=2,
+                     save_checkpoint=False, learning_rate=1e-2)
+    train_text(in_reward)
+    metrics = [json.loads(line) for line in (tmp_path / "rw" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["extra_loss"] == 0
+    # In the reward, the KL lowers the return below the score: reward_total = score − β·KL per response.
+    assert metrics[-1]["reward_total"] == pytest.approx(metrics[-1]["score_mean"] - 0.5 * metrics[-1]["kl_k1"],
+                                                        abs=1e-4)
