@@ -539,3 +539,53 @@ def test_a_lora_run_resumes_from_its_adapter(tmp_path):
     summary = train_text(_config(tmp_path, "l", lora_r=4, iterations=2, save_checkpoint=True, learning_rate=1e-2),
                          resume=tmp_path / "l")
     assert summary["iterations"] == 2 and (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
+
+
+def _half(prompts, responses):
+    return [0.5] * len(responses)
+
+
+def _register_half():
+    from textenv.rewards import available, register
+
+    if "test-half" not in available():
+        register("test-half")(_half)
+
+
+@pytest.mark.parametrize("target, iterations_run", [(0.5, 2), (0.6, 4)])
+def test_target_score_stops_once_the_window_mean_reaches_it(tmp_path, target, iterations_run):
+    # Every response scores 0.5: a window of 2 averages exactly 0.5, which reaches 0.5 but not 0.6.
+    _register_half()
+    summary = train_text(_config(tmp_path, "t", reward="test-half", iterations=4, target_score=target,
+                                 target_window=2, kl_coef=0.0))
+    assert summary["iterations"] == iterations_run
+    assert len(_metrics(tmp_path, "t")) == iterations_run
+
+
+def test_periodic_checkpoints_fall_on_multiples_of_checkpoint_every(tmp_path, monkeypatch):
+    import textenv.agents.text as text
+
+    saved: list[int] = []
+    real = text.save_policy
+
+    def recording(path, policy, tokenizer, **kw):
+        saved.append(kw["state"]["iteration"])
+        return real(path, policy, tokenizer, **kw)
+
+    monkeypatch.setattr(text, "save_policy", recording)
+    train_text(_config(tmp_path, "c", iterations=5, checkpoint_every=2, save_checkpoint=True))
+    assert saved == [2, 4, 5]  # every 2nd iteration, then the final one
+
+
+def test_the_summary_reports_the_last_iteration_and_the_run_throughput(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    summary = train_text(_config(tmp_path, "s", iterations=3, kl_coef=0.1, learning_rate=1e-2))
+    elapsed = time.perf_counter() - start
+    metrics = _metrics(tmp_path, "s")
+    assert summary["kl_last"] == metrics[-1]["kl_k1"] != metrics[0]["kl_k1"]
+    assert summary["score_mean_last"] == metrics[-1]["score_mean"]
+    assert 0 < summary["wall_time_s"] <= elapsed
+    tokens = sum(m["response_length"] * 8 for m in metrics)  # 8 responses per iteration
+    assert summary["tokens_per_s"] == pytest.approx(tokens / summary["wall_time_s"], rel=1e-6)

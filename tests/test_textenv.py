@@ -335,3 +335,24 @@ def test_sentiment_task_scores_with_vader_or_a_named_classifier(tmp_path):
     with torch.no_grad():
         expected = clf(input_ids=torch.tensor([tok("good")["input_ids"]])).logits.softmax(-1)[0, 1].item()
     assert reward(["ignored prompt "], ["good"])[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
+def test_vector_env_returns_ordinary_tensors_a_user_can_modify_and_differentiate_through(reference_pass):
+    # Inference-mode tensors refuse in-place updates and autograd outside inference mode.
+    envs = TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=3,
+                                   reference_pass=reference_pass)
+    envs.reset(seed=0)
+    seen = set()
+    while not envs.all_done:
+        _, reward, terminated, truncated, info = envs.step(torch.full((4,), 5))
+        weight = torch.ones(4, requires_grad=True)
+        for name, x in [("reward", reward), *((k, info[k]) for k in ("ref_logprob", "ref_logprobs", "score")
+                                              if k in info)]:
+            assert not x.is_inference(), name
+            x.add_(1)
+            (x.float().sum() * weight.sum()).backward()
+            seen.add(name)
+        assert not terminated.is_inference() and not truncated.is_inference()
+        terminated |= truncated
+    assert {"reward", "score"} <= seen

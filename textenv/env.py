@@ -111,7 +111,7 @@ class _Generation:
             raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
         return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: returned tensors must work in a user's in-place ops and losses
     def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
         self.chat_rows = {i for i, p in enumerate(prompts) if not isinstance(p, str)}
         prompts = [self.render(p) for p in prompts]
@@ -146,7 +146,7 @@ class _Generation:
         return torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     # -- step --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # see reset
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Advance every active row by its action; returns ``(reward, terminated, ended_now,
         ref_logprob, end_info)``. Rows that have ended ignore their action and pay 0."""
