@@ -356,3 +356,148 @@ def test_vector_env_returns_ordinary_tensors_a_user_can_modify_and_differentiate
         assert not terminated.is_inference() and not truncated.is_inference()
         terminated |= truncated
     assert {"reward", "score"} <= seen
+
+
+def _numpy_vec(num_envs=4):
+    return gym.make_vec("textenv/Toy-v0", num_envs=num_envs, model="tiny", max_new_tokens=4, kl_coef=0.1,
+                        reference_pass="per_step", arrays="numpy")
+
+
+def _random_episode(envs, seed=0):
+    """Step random tokens (EOS included) until every row ended; return the per-step outputs."""
+    rng = np.random.default_rng(seed)
+    envs.reset(seed=seed)
+    steps = []
+    while not envs.unwrapped.all_done:
+        actions = rng.integers(0, envs.unwrapped.single_action_space.n, size=envs.num_envs)
+        steps.append(envs.step(actions))
+    return steps
+
+
+def test_numpy_arrays_mode_returns_numpy_and_matches_the_torch_mode():
+    raw = _random_episode(_numpy_vec())
+    obs, reward, terminated, truncated, info = raw[-1]
+    assert isinstance(obs["input_ids"], np.ndarray) and obs["input_ids"].dtype == np.int64
+    assert reward.dtype == np.float32 and terminated.dtype == np.bool_ and truncated.dtype == np.bool_
+    assert isinstance(info["score"], np.ndarray) and info["_score"].dtype == np.bool_
+    torch_envs = gym.make_vec("textenv/Toy-v0", num_envs=4, model="tiny", max_new_tokens=4, kl_coef=0.1,
+                              reference_pass="per_step")
+    for (o_np, r_np, t_np, _, _), (o_t, r_t, t_t, _, _) in zip(raw, _random_episode(torch_envs)):
+        np.testing.assert_array_equal(o_np["input_ids"], o_t["input_ids"].numpy())
+        np.testing.assert_array_equal(r_np, r_t.numpy())
+        np.testing.assert_array_equal(t_np, t_t.numpy())
+    with pytest.raises(ValueError, match="arrays must be 'torch' or 'numpy'"):
+        TextGenerationVectorEnv(num_envs=2, arrays="jax")
+
+
+def test_gymnasiums_vector_wrappers_work_on_the_numpy_mode():
+    from gymnasium.wrappers import vector as vw
+
+    raw = _random_episode(_numpy_vec())
+    rewards = np.stack([s[1] for s in raw])  # [steps, rows]
+    ended = np.stack([s[2] for s in raw])
+    assert ended.sum(0).tolist() == [1, 1, 1, 1]  # terminated once per row, on the step it ends
+    lengths = ended.argmax(0) + 1
+
+    # RecordEpisodeStatistics: each row's return and length, reported on the step it ends.
+    stats = _random_episode(vw.RecordEpisodeStatistics(_numpy_vec()))
+    for row in range(4):
+        step = lengths[row] - 1
+        episode = stats[step][4]["episode"]
+        assert stats[step][4]["_episode"][row]
+        assert episode["l"][row] == lengths[row]
+        assert episode["r"][row] == pytest.approx(rewards[:lengths[row], row].sum(), abs=1e-5)
+
+    # ClipReward: the same rewards, clipped.
+    clipped = _random_episode(vw.ClipReward(_numpy_vec(), -0.35, 0.0))
+    np.testing.assert_allclose(np.stack([s[1] for s in clipped]), np.clip(rewards, -0.35, 0.0), rtol=1e-6)
+    assert (rewards < -0.35).any()  # the clip did something
+
+    # NormalizeReward: each reward divided by the running std of the discounted return.
+    normalizer = vw.NormalizeReward(_numpy_vec(), gamma=0.9)
+    normalized = []
+    rng = np.random.default_rng(0)
+    normalizer.reset(seed=0)
+    while not normalizer.unwrapped.all_done:
+        normalized.append(normalizer.step(rng.integers(0, 34, size=4))[1])
+        stds = np.sqrt(normalizer.return_rms.var + normalizer.epsilon)
+        np.testing.assert_allclose(normalized[-1], rewards[len(normalized) - 1] / stds, rtol=1e-5)
+
+    # DictInfoToList: one dict per row, the end-of-episode keys only in rows that ended.
+    listed = _random_episode(vw.DictInfoToList(_numpy_vec()))
+    for step, (_, _, term, _, infos) in enumerate(listed):
+        assert isinstance(infos, list) and len(infos) == 4
+        for row, info in enumerate(infos):
+            assert ("score" in info) == bool(term[row])
+            if term[row]:
+                assert isinstance(info["response_text"], str)
+
+
+def _run_rows(envs, actions, until_all_done=True):
+    """Step fixed per-row actions; return per-row reward sums and response texts of episodes that end."""
+    totals, texts = np.zeros(envs.num_envs), [None] * envs.num_envs
+    while not envs.all_done:
+        _, reward, terminated, _, info = envs.step(torch.tensor(actions))
+        totals += reward.numpy()
+        for i in np.flatnonzero(terminated.numpy()):
+            texts[i] = info["response_text"][i]
+    return totals, texts
+
+
+def test_a_partial_reset_restarts_only_its_rows_and_their_episodes_equal_fresh_ones():
+    kw = dict(task="Toy", model="tiny", max_new_tokens=5, kl_coef=0.1, reference_pass="at_end")
+    actions = [5, 6, 7]
+    envs = TextGenerationVectorEnv(num_envs=3, **kw)
+    envs.reset(seed=0, options={"prompts": ["abc", "b", "hello"]})
+    envs.step(torch.tensor(actions))
+    before = envs.step(torch.tensor(actions))[0]["input_ids"]
+    obs, info = envs.reset(options={"reset_mask": np.array([False, True, False]), "prompts": [None, "say a", None]})
+    assert list(info["prompt"]) == ["abc", "say a", "hello"]
+    assert envs._gen.resp_len.tolist() == [2, 0, 2]
+    P = envs.max_prompt_tokens
+    assert obs["attention_mask"][:, P:].sum(1).tolist() == [2, 0, 2]  # row 1's response is gone, the others stay
+    assert torch.equal(obs["input_ids"][[0, 2]], before[[0, 2]]) and not torch.equal(obs["input_ids"][1], before[1])
+    totals, texts = _run_rows(envs, actions)
+
+    uninterrupted = TextGenerationVectorEnv(num_envs=3, **kw)
+    uninterrupted.reset(seed=0, options={"prompts": ["abc", "b", "hello"]})
+    ref_totals, ref_texts = _run_rows(uninterrupted, actions)
+    np.testing.assert_allclose(totals[[0, 2]], ref_totals[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert [texts[0], texts[2]] == [ref_texts[0], ref_texts[2]]
+
+    fresh = TextGenerationVectorEnv(num_envs=1, **kw)
+    fresh.reset(seed=0, options={"prompts": ["say a"]})
+    fresh_total, fresh_text = _run_rows(fresh, [6])
+    np.testing.assert_allclose(totals[1], fresh_total[0], rtol=1e-5, atol=1e-5)
+    assert texts[1] == fresh_text[0]
+
+
+def test_partial_resets_with_record_episode_statistics_count_every_episode():
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    envs = RecordEpisodeStatistics(TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=3,
+                                                           reference_pass="at_end", kl_coef=0.1, arrays="numpy"))
+    rng = np.random.default_rng(0)
+    envs.reset(seed=0)
+    ended = 0
+    for _ in range(20):  # rows end at different steps and restart at once: Gymnasium's DISABLED autoreset loop
+        _, reward, terminated, truncated, info = envs.step(rng.integers(0, 34, size=4))
+        done = terminated | truncated
+        ended += int(done.sum())
+        if done.any():
+            np.testing.assert_array_equal(info["_episode"], done)
+            envs.reset(options={"reset_mask": done})
+    assert envs.episode_count == ended > 20
+
+
+def test_partial_resets_are_refused_clearly_where_they_cannot_work():
+    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="per_step")
+    envs.reset(seed=0)
+    with pytest.raises(NotImplementedError, match="need reference_pass='at_end'"):
+        envs.reset(options={"reset_mask": np.array([True, False])})
+    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="at_end")
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="must be 2 booleans"):
+        envs.reset(options={"reset_mask": np.array([1, 0])})
+    with pytest.raises(ValueError, match="selects no row"):
+        envs.reset(options={"reset_mask": np.array([False, False])})

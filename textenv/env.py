@@ -85,9 +85,13 @@ class _Generation:
         self.start = 0  # first column of the reference's cache
 
     # -- reset -------------------------------------------------------------------------------
-    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def tokenize_prompts(self, prompts: list[str], chat: list[bool] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots; also
-        returns the longest prompt's length."""
+        returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat
+        template (default: row ``i`` is in ``chat_rows``)."""
+        if chat is None:
+            chat = [i in self.chat_rows for i in range(len(prompts))]
         ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), self.P), dtype=torch.long)
         width = 1
@@ -95,7 +99,7 @@ class _Generation:
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"prompt {i} is empty")
             # A rendered chat template already holds the model's special tokens.
-            toks = self.tokenizer(prompt, add_special_tokens=i not in self.chat_rows)["input_ids"][-self.P :]
+            toks = self.tokenizer(prompt, add_special_tokens=not chat[i])["input_ids"][-self.P :]
             if not toks:
                 raise ValueError(f"prompt {i} ({prompt[:40]!r}) tokenizes to no tokens")
             ids[i, self.P - len(toks) :] = torch.tensor(toks)
@@ -139,6 +143,36 @@ class _Generation:
                          use_cache=True, logits_to_keep=1)
         self.cache = output_cache(out)
         self.ref_logp_next = self._ref_logp(out.logits[:, -1])
+
+    @torch.no_grad()
+    def reset_rows(self, rows: list[int], prompts: list[str | list[dict[str, str]]]) -> None:
+        """Start new episodes in ``rows`` only; the other rows carry on where they are. Each row
+        has its own response length, so rows need not be at the same step; only the per-step
+        reference's KV cache (one slot per step for the whole batch) cannot allow it."""
+        if not self.at_end:
+            raise NotImplementedError("partial resets (options['reset_mask']) need reference_pass='at_end': with "
+                                      "'per_step' the reference's KV cache is shared by the batch, one slot per step")
+        if not self.started:
+            raise RuntimeError("the first reset() must reset every row")
+        chat = [not isinstance(p, str) for p in prompts]
+        rendered = [self.render(p) for p in prompts]
+        prompt_ids, prompt_mask, _ = self.tokenize_prompts(rendered, chat)
+        idx = torch.tensor(rows, device=self.device)
+        self.ids[idx] = self.pad_id
+        self.mask[idx] = 0
+        self.ids[idx, : self.P] = prompt_ids
+        self.mask[idx, : self.P] = prompt_mask
+        self.resp_len[idx] = 0
+        self.done[idx] = False
+        self.scores[idx] = float("nan")
+        for r, prompt, is_chat in zip(rows, rendered, chat):
+            self.prompts[r], self.responses[r] = prompt, None
+            self.chat_rows.discard(r)
+            if is_chat:
+                self.chat_rows.add(r)
+        self.all_done = False
+        width = int(self.mask[:, : self.P].sum(1).max())
+        self.start = self.P - width
 
     def _ref_logp(self, logits: torch.Tensor) -> torch.Tensor:
         """``log π_ref`` at the sampling temperature (a KL between differently tempered
@@ -415,7 +449,10 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
 class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     """``num_envs`` text-generation episodes as one batch of tensors on the models' device.
 
-    Observations, rewards, terminations and numeric infos are torch tensors on ``device``;
+    Observations, rewards, terminations and numeric infos are torch tensors on ``device``
+    (ordinary tensors: they can be modified in place and used in a loss); with
+    ``arrays="numpy"`` they are numpy arrays instead, as Gymnasium's numpy vector wrappers
+    (``RecordEpisodeStatistics``, ``NormalizeReward``, ``ClipReward``, ``DictInfoToList``) expect;
     one three-flag host sync per step decides whether any episode ended (then only those
     rows' tokens are copied to decode and score them). Autoreset is DISABLED: rows that have
     ended ignore their actions and pay 0 until ``reset()``, which starts a new batch; the
@@ -457,11 +494,15 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         temperature: float = 1.0,
         kl_shaping: str | None = None,
         torch_threads: int | None = None,
+        arrays: str = "torch",
         **task_kwargs: Any,
     ) -> None:
         set_torch_threads(torch_threads)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if arrays not in ("torch", "numpy"):
+            raise ValueError(f"arrays must be 'torch' or 'numpy', got {arrays!r}")
+        self.arrays = arrays
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs,
@@ -486,32 +527,36 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         return (getattr(self, name),) * self.num_envs
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        options = options or {}
+        rows = self._reset_rows(options.get("reset_mask"))
+        partial = len(rows) < self.num_envs
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
-            self._rngs = [seeding.np_random(s)[0] for s in seeds]
-        options = options or {}
-        if "reset_mask" in options and not np.all(np.asarray(options["reset_mask"])):
-            raise NotImplementedError("partial resets are not supported: the batch shares one KV cache; reset all rows")
+            for i in rows:
+                self._rngs[i] = seeding.np_random(seeds[i])[0]
         group = int(options.get("group_size", 1))
         if group < 1 or self.num_envs % group:
             raise ValueError(f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}")
-        if group > 1 and ("prompts" in options or "prompt" in options):
-            raise ValueError("options['group_size'] groups sampled prompts; it cannot be combined with 'prompts' or "
-                             "'prompt'")
+        if group > 1 and ("prompts" in options or "prompt" in options or partial):
+            raise ValueError("options['group_size'] groups the prompts of a full reset; it cannot be combined with "
+                             "'prompts', 'prompt' or 'reset_mask'")
         if "prompts" in options:
             prompts = list(options["prompts"])
             if len(prompts) != self.num_envs:
                 raise ValueError(f"options['prompts'] needs {self.num_envs} prompts, got {len(prompts)}")
         elif "prompt" in options:
             prompts = [options["prompt"]] * self.num_envs
-        else:
+        else:  # only the rows being reset draw (and advance their generators)
             n = len(self.task.prompts)
-            drawn = [self.task.prompts[int(rng.integers(n))] for rng in self._rngs[::group]]
-            prompts = [prompt for prompt in drawn for _ in range(group)]
-        self._gen.reset(prompts)
-        return self._gen.observation(), {"prompt": np.array(self._gen.prompts, dtype=object)}
+            drawn = {i: self.task.prompts[int(self._rngs[i].integers(n))] for i in rows[::group]}
+            prompts = [drawn.get(i - i % group) for i in range(self.num_envs)]
+        if partial:
+            self._gen.reset_rows(rows, [prompts[i] for i in rows])
+        else:
+            self._gen.reset(prompts)
+        return self._out(self._gen.observation()), {"prompt": np.array(self._gen.prompts, dtype=object)}
 
     def step(self, actions):
         gen = self._gen
@@ -538,7 +583,33 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
                 "_response_text": ended_now.cpu().numpy(),
             }
         truncated = torch.zeros_like(terminated)
-        return gen.observation(), reward, terminated, truncated, info
+        return self._out((gen.observation(), reward, terminated, truncated, info))
+
+    def _reset_rows(self, reset_mask: Any) -> list[int]:
+        """The rows ``options["reset_mask"]`` selects (all of them when it is absent)."""
+        if reset_mask is None:
+            return list(range(self.num_envs))
+        if isinstance(reset_mask, torch.Tensor):
+            reset_mask = reset_mask.cpu().numpy()
+        mask = np.asarray(reset_mask)
+        if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
+            raise ValueError(f"options['reset_mask'] must be {self.num_envs} booleans, got shape {mask.shape} of "
+                             f"{mask.dtype}")
+        if not mask.any():
+            raise ValueError("options['reset_mask'] selects no row to reset")
+        return np.flatnonzero(mask).tolist()
+
+    def _out(self, x: Any) -> Any:
+        """``x`` as the caller asked for it: tensors as they are, or numpy arrays (recursively)."""
+        if self.arrays == "torch":
+            return x
+        if isinstance(x, torch.Tensor):
+            return x.cpu().numpy()
+        if isinstance(x, dict):
+            return {k: self._out(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(self._out(v) for v in x)
+        return x
 
     def render(self) -> list[str] | None:
         if self.render_mode == "ansi":
