@@ -56,7 +56,8 @@ class TextTrainConfig:
     """PPO on a text-generation task: the policy LM writes responses, the env scores them."""
 
     task: str = "Sentiment"
-    """task name: Sentiment, RewardModel, Arithmetic or Toy"""
+    """task name: Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym or a curated reasoning-gym task
+    (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward)"""
     model: str = "embedded"
     """policy and reference model: embedded (SmolLM2-135M), tiny, an HF id or a path"""
     reward: str | None = None

@@ -23,7 +23,8 @@ _EXPORTS = {
     "TASKS": "textenv.tasks", "Task": "textenv.tasks", "make_task": "textenv.tasks",
 }
 __all__ = sorted(_EXPORTS)
-TASK_NAMES = ("Sentiment", "RewardModel", "Arithmetic", "Toy")
+TASK_NAMES = ("Sentiment", "RewardModel", "Arithmetic", "Toy", "ReasoningGym", "RG-BasicArithmetic", "RG-ChainSum",
+              "RG-LegCounting", "RG-LetterCounting", "RG-SpellBackward")
 
 
 def __getattr__(name: str):

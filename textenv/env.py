@@ -112,6 +112,8 @@ class _Generation:
         if isinstance(prompt, str):
             return prompt
         if not getattr(self.tokenizer, "chat_template", None):
+            if self.task.chat_fallback:  # e.g. reasoning-gym's [system, user] with a base model
+                return "\n\n".join(m["content"] for m in prompt) + "\n"
             raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
         return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 

@@ -22,7 +22,7 @@ import sys
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -227,6 +227,42 @@ class AnswerRegex:
                 raise KeyError(f"no known answer for prompt {p[:60]!r}")
             m = self.pattern.search(r)
             out.append(float(m is not None and m.group(1) == self.answers[p].strip()))
+        return out
+
+
+class ReasoningGymReward:
+    """A reasoning-gym dataset's own checker: the answer is extracted from the response as the
+    dataset's prompts ask (between ``<answer>`` tags, ``answer_format="tag"``; or the whole
+    response stripped, ``"raw"``) and scored with ``dataset.score_answer`` (0 when no answer).
+
+    The env hands rewards the rendered prompt (chat template applied), so each prompt is
+    matched to the entry whose question it contains (the longest one, should one question
+    contain another)."""
+
+    name = "reasoning_gym"
+
+    def __init__(self, dataset: Any, answer_format: str = "tag") -> None:
+        if answer_format not in ("tag", "raw"):
+            raise ValueError(f"answer_format must be 'tag' or 'raw', got {answer_format!r}")
+        self.dataset, self.answer_format = dataset, answer_format
+        self.entries = sorted(dataset, key=lambda e: -len(e["question"]))
+        self._by_prompt: dict[str, Any] = {}
+
+    def entry(self, prompt: str) -> Any:
+        if prompt not in self._by_prompt:
+            found = next((e for e in self.entries if e["question"] in prompt), None)
+            if found is None:
+                raise KeyError(f"prompt {prompt[:60]!r} holds none of the dataset's questions")
+            self._by_prompt[prompt] = found
+        return self._by_prompt[prompt]
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from reasoning_gym.utils import extract_answer
+
+        out = []
+        for p, r in zip(prompts, responses):
+            answer = extract_answer(r) if self.answer_format == "tag" else r.strip()
+            out.append(0.0 if answer is None else float(self.dataset.score_answer(answer=answer, entry=self.entry(p))))
         return out
 
 
