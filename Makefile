@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment clean
+.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +55,6 @@ bench-sentiment: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench-estimators: $(VENV)/.installed
+	$(PY) -m benchmarks.estimators --seeds 1 2 3 --jobs 2
