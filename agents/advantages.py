@@ -32,8 +32,8 @@ def needs_critic(estimator: str) -> bool:
 
 
 def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"group_size={group_size} must be >= 1 and divide the batch of {x.shape[0]} responses")
+    if x.shape[0] % group_size:  # group_size >= 2 was checked by the caller
+        raise ValueError(f"group_size={group_size} must divide the batch of {x.shape[0]} responses")
     return x.reshape(-1, group_size)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from textenv.agents.advantages import GROUP_ESTIMATORS, critic_free_advantages, needs_critic
+from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_advantages, needs_critic
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
@@ -171,8 +171,8 @@ class TextTrainConfig:
         for name in ("eval_samples", "torch_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.advantage not in ("gae", "grpo", "rloo", "reinforce_pp"):
-            raise ValueError(f"advantage must be gae, grpo, rloo or reinforce_pp, got {self.advantage!r}")
+        if self.advantage not in ESTIMATORS:
+            raise ValueError(f"advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}")
         if self.group_size < 1 or self.num_envs % self.group_size:
             raise ValueError(f"group_size={self.group_size} must be >= 1 and divide num_envs={self.num_envs}")
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2:

@@ -41,7 +41,7 @@ def test_rloo_by_hand():
 def test_group_estimators_refuse_groups_of_one_and_ragged_groups(estimator):
     with pytest.raises(ValueError, match="group_size >= 2"):
         estimator(torch.ones(4), 1)
-    with pytest.raises(ValueError, match="divide the batch of 5"):
+    with pytest.raises(ValueError, match="must divide the batch of 5"):
         estimator(torch.ones(5), 2)
 
 
@@ -50,17 +50,25 @@ def test_returns_to_go_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 ended after two tokens: its 9 never counts
     expected = torch.tensor([[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0], [4 + 0.5 * 5, 5.0, 0.0]])
     torch.testing.assert_close(returns_to_go(rewards, mask, 0.5), expected)
+    # One-token responses: the return is the reward.
+    torch.testing.assert_close(returns_to_go(torch.tensor([[2.0], [-1.0]]), torch.ones(2, 1), 0.5),
+                               torch.tensor([[2.0], [-1.0]]))
 
 
 def test_critic_free_advantages_are_per_response_and_zero_after_the_end():
     # Two groups of two; the KL-shaped rewards sum to each response's return.
-    rewards = torch.tensor([[0.0, -0.1, 1.0], [-0.2, 0.5, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    # 7 and 9 sit after their responses' ends: they never count.
+    rewards = torch.tensor([[0.0, -0.1, 1.0], [-0.2, 0.5, 7.0], [0.3, 9.0, 0.0], [0.0, 0.0, 2.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     per_response = torch.tensor([0.9, 0.3, 0.3, 2.0])
     for name, fn in (("grpo", lambda r: grpo_advantages(r, 2)), ("rloo", lambda r: rloo_advantages(r, 2))):
         adv = critic_free_advantages(name, rewards, mask, 2)
         torch.testing.assert_close(adv, fn(per_response).unsqueeze(1) * mask)
-    adv = critic_free_advantages("reinforce_pp", rewards, mask, 1, gamma=1.0)
+    adv = critic_free_advantages("reinforce_pp", rewards, mask, 1)  # γ = 1 by default
+    torch.testing.assert_close(adv, critic_free_advantages("reinforce_pp", rewards, mask, 1, gamma=1.0))
+    assert not torch.allclose(adv, critic_free_advantages("reinforce_pp", rewards, mask, 1, gamma=0.5))
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        critic_free_advantages("gae", rewards, mask, 2)
     tokens = adv[mask > 0]
     torch.testing.assert_close(tokens.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     torch.testing.assert_close(tokens.std(), torch.tensor(1.0), atol=1e-5, rtol=0)
@@ -133,6 +141,8 @@ def test_token_mean_weighs_tokens_and_sequence_mean_weighs_responses():
 
 
 def test_rloo_with_groups_of_one_is_refused_with_one_line(capsys):
+    with pytest.raises(ValueError, match="advantage must be one of gae, grpo, rloo, reinforce_pp, got 'ppo'"):
+        TextTrainConfig(advantage="ppo").validate()
     with pytest.raises(ValueError, match="--advantage rloo needs --group-size >= 2"):
         TextTrainConfig(advantage="rloo", group_size=1).validate()
     with pytest.raises(ValueError, match="group_size=3 must be >= 1 and divide num_envs=16"):
