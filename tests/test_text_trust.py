@@ -589,3 +589,22 @@ def test_the_summary_reports_the_last_iteration_and_the_run_throughput(tmp_path)
     assert 0 < summary["wall_time_s"] <= elapsed
     tokens = sum(m["response_length"] * 8 for m in metrics)  # 8 responses per iteration
     assert summary["tokens_per_s"] == pytest.approx(tokens / summary["wall_time_s"], rel=1e-6)
+
+
+def test_the_held_out_standard_error_exists_from_two_responses():
+    from textenv import TextGenerationVectorEnv
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import evaluate_held_out
+    from textenv.models import load_causal_lm
+
+    lm, _ = load_causal_lm("tiny:1")
+    policy = LMActorCritic(lm, value_head=False)
+    two = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end")
+    result = evaluate_held_out(policy, two, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    from textenv.agents.text import collect_rollout
+
+    scores = collect_rollout(policy, two, seed=0, generator=generator).scores.double()
+    assert result["score_se"] == pytest.approx(float(scores.std() / 2**0.5))
+    one = TextGenerationVectorEnv(num_envs=1, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end")
+    assert evaluate_held_out(policy, one, seed=0)["score_se"] != evaluate_held_out(policy, one, seed=0)["score_se"]  # nan
