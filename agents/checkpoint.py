@@ -19,7 +19,10 @@ import torch
 def pack_training_state(
     optimizer: torch.optim.Optimizer, generator: torch.Generator | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` holding the optimizer's state and every RNG the trainers draw from."""
+    """``(tensors, metadata)`` holding the optimizer's state and every RNG the trainers draw from.
+
+    On CPU the optimizer's tensors are not copied (a model-sized saving): write them out before
+    the optimizer steps again, as the trainers do."""
     tensors: dict[str, torch.Tensor] = {}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():

@@ -135,3 +135,40 @@ def test_end_iteration_outside_the_loop_logs_without_signal_handling(tmp_path):
     assert run.last_iteration == 1 and saver.calls == []
     run.logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["global_step"] == 5
+
+
+def test_packed_training_state_restores_every_rng_and_the_optimizer_exactly():
+    import random
+
+    import numpy as np
+    import torch
+
+    from textenv.agents.checkpoint import pack_training_state, unpack_training_state
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    param.grad = torch.tensor([1.0, -2.0, 0.5])
+    optimizer.step()
+    generator = torch.Generator().manual_seed(5)
+    np.random.normal()  # leaves a cached Gaussian in numpy's legacy state
+    tensors, metadata = pack_training_state(optimizer, generator)
+    # Written at once, as the trainers do (on CPU the packed tensors share the live optimizer's storage).
+    from safetensors.torch import load, save
+
+    tensors = load(save(tensors, metadata=metadata))
+
+    def draws():
+        return (torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist(), np.random.normal(size=3).tolist(),
+                np.random.rand(2).tolist(), [random.random(), random.gauss(0, 1)])
+
+    expected = draws()
+    saved_state = {k: v.clone() for k, v in optimizer.state[param].items()}
+    param.grad = torch.tensor([3.0, 3.0, 3.0])
+    optimizer.step()  # the live optimizer moves on
+    fresh = torch.optim.Adam([param], lr=0.1)
+    unpack_training_state(tensors, metadata, fresh, generator, torch.device("cpu"))
+    assert draws() == expected
+    for key, value in saved_state.items():
+        assert torch.equal(fresh.state[param][key], value), key
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        unpack_training_state(tensors, {}, fresh, generator, torch.device("cpu"))
