@@ -56,19 +56,28 @@ class LMActorCritic(nn.Module):
 
     def evaluate_responses(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor, prompt_len: int,
-        entropy_grad: bool = True,
+        entropy_grad: bool = True, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(log π(a_t|s_t), entropy_t, V(s_t))`` for the ``T`` response tokens, one full forward.
+        """``(log π(a_t|s_t), entropy_t, V(s_t))`` for the ``T`` actions, one full forward.
 
         ``input_ids`` is ``[n, prompt_len + T]`` in the env's layout; the logits at position
-        ``prompt_len + t - 1`` give the distribution of response token ``t``. With
-        ``entropy_grad=False`` the entropy is a detached diagnostic (no backward through the
-        full-vocabulary softmax when the loss has no entropy bonus).
+        ``prompt_len + t - 1`` give the distribution of response token ``t``. In a multi-turn
+        conversation the env's tokens sit between the agent's: ``positions`` ``[n, T]`` gives the
+        column of each action in ``input_ids`` (the logits one column before give its
+        distribution). With ``entropy_grad=False`` the entropy is a detached diagnostic (no
+        backward through the full-vocabulary softmax when the loss has no entropy bonus).
         """
         T = actions.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        logits, values, _ = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=T + 1)
-        logits, values = logits[:, :T], values[:, :T]
+        if positions is None:
+            logits, values, _ = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=T + 1)
+            logits, values = logits[:, :T], values[:, :T]
+        else:
+            keep = input_ids.shape[1] - prompt_len + 1
+            logits, values, _ = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=keep)
+            j = (positions - prompt_len).clamp(0, keep - 1)  # logits[:, j] are at column prompt_len - 1 + j
+            logits = logits.gather(1, j.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            values = values.gather(1, j)
         logp_all = torch.log_softmax(logits, dim=-1)
         logprob = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -57,7 +58,8 @@ class TextTrainConfig:
 
     task: str = "Sentiment"
     """task name: Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym or a curated reasoning-gym task
-    (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward)"""
+    (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward); multi-turn:
+    Calculator (a tool task), GuessTheNumber, TicTacToe, TextArena"""
     model: str = "embedded"
     """policy and reference model: embedded (SmolLM2-135M), tiny, an HF id or a path"""
     reward: str | None = None
@@ -76,7 +78,7 @@ class TextTrainConfig:
     num_envs: int = 16
     """episodes (responses) per iteration"""
     max_new_tokens: int | None = None
-    """response budget (default: the task's)"""
+    """response budget (default: the task's); for a multi-turn task, the agent's budget per turn"""
     kl_coef: float | None = None
     """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when kl_target is set"""
     kl_target: float | None = None
@@ -199,20 +201,27 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     prompt_len: int
+    positions: torch.Tensor | None = None  # [N, T] column of each action in input_ids (multi-turn; else prompt_len + t)
+    step_scores: torch.Tensor | None = None  # [N, T] task reward per token (multi-turn turn rewards); else scores at the end
 
 
 @torch.inference_mode()
 def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
                     group_size: int = 1) -> Rollout:
-    """Reset ``envs`` and sample one response per row, the policy keeping its own KV cache;
-    with ``group_size=k``, each run of k consecutive rows shares a prompt.
+    """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
+    row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
+    rows shares a prompt.
 
-    Stored log-probs are of the distribution actually sampled from (temperature applied);
-    the env's reference must score at the same temperature, or the KL is not 0 at the start.
+    Each step feeds the policy what each row gained: its action, and in a multi-turn env the
+    env's reply after a turn (right-padded to the widest row, masked), so the cache continues
+    across turns. Stored log-probs are of the distribution actually sampled from (temperature
+    applied); the env's reference must score at the same temperature, or the KL is not 0 at
+    the start.
     """
     if envs.temperature != policy.temperature:
         raise ValueError(f"the policy samples at temperature {policy.temperature} but the env's reference scores "
                          f"at {envs.temperature}; set envs.temperature = {policy.temperature}")
+    multi_turn = getattr(envs, "multi_turn", False)
     was_training = policy.training
     policy.eval()
     obs, info = envs.reset(seed=seed, options={"group_size": group_size} if group_size > 1 else None)
@@ -221,29 +230,37 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
     # Prompts are left-padded into P slots: columns that are padding in every row are left out
     # of every forward here and in the update (less compute, same result).
     start = int(obs["attention_mask"][:, :P].any(0).long().argmax())
-    prompt_mask = obs["attention_mask"][:, start:P]
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    logits, values, cache = policy._forward(obs["input_ids"][:, start:P], prompt_mask, position_ids,
+    cache_mask = obs["attention_mask"][:, start:P]  # the attention mask of the policy's cache
+    position_ids = (cache_mask.cumsum(-1) - 1).clamp_min(0)
+    logits, values, cache = policy._forward(obs["input_ids"][:, start:P], cache_mask, position_ids,
                                             logits_to_keep=1, use_cache=True)
-    cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask")}
+    logits, values = logits[:, -1], values[:, -1]
+    cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask",
+                            "positions", "step_scores")}
     ref_at_end = torch.zeros((N, B), device=device)  # filled as rows end, with reference_pass="at_end"
     active = torch.ones(N, dtype=torch.bool, device=device)
+    fed = torch.zeros(N, dtype=torch.long, device=device)  # tokens after the prompt the policy has read
     scores = torch.zeros(N, device=device)
     truncated = torch.zeros(N, dtype=torch.bool, device=device)
     responses: list[str | None] = [None] * N
+    rows = torch.arange(N, device=device)
+    fed_host = np.zeros(N, dtype=np.int64)
     for t in range(B):
-        logp_all = torch.log_softmax(filter_logits(logits[:, -1], policy.top_k, policy.top_p), dim=-1)
+        logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
         probs = logp_all.exp()
         action = sample_categorical(probs, generator)
         cols["actions"].append(action)
         cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
         cols["entropy"].append(-(probs * torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))).sum(-1))
-        cols["values"].append(values[:, -1])
+        cols["values"].append(values)
         cols["mask"].append(active.float())
+        cols["positions"].append(P - start + fed)
         obs, reward, terminated, _, step_info = envs.step(action)
         cols["env_rewards"].append(reward)
         if "ref_logprob" in step_info:
             cols["ref_logprobs"].append(step_info["ref_logprob"])
+        if "turn_reward" in step_info:
+            cols["step_scores"].append(step_info["turn_reward"])
         if "_ref_logprobs" in step_info:
             ref_at_end = torch.where(step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end)
         if "_score" in step_info:
@@ -252,19 +269,39 @@ def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: to
             truncated |= step_info["truncated_response"]
             for i in ended.nonzero().squeeze(1).tolist():
                 responses[i] = step_info["response_text"][i]
+        if multi_turn:  # the row's action and, after a turn, the env's reply; host-side counts, no sync
+            lengths = envs.conversation_lengths
+            new_host, fed_host = lengths - fed_host, lengths
+            width, new = int(new_host.max()), torch.as_tensor(new_host, device=device)
+        else:
+            width, new = 1, active.long()
         active = active & ~terminated
         if envs.all_done:  # the env's own per-step sync already knows; no second one here
             break
-        mask = obs["attention_mask"][:, start : P + t + 1]
-        logits, values, cache = policy._forward(
-            action.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
-        )
+        offsets = torch.arange(width, device=device)
+        chunk_mask = (offsets < new.unsqueeze(1)).long()
+        if multi_turn:
+            chunk = obs["input_ids"].gather(1, (P + fed.unsqueeze(1) + offsets).clamp_max(P + B - 1))
+        else:
+            chunk = action.unsqueeze(1)
+        position_ids = cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
+        cache_mask = torch.cat([cache_mask, chunk_mask], dim=1)
+        logits, values, cache = policy._forward(chunk, cache_mask, position_ids.clamp_min(0), past_key_values=cache,
+                                                use_cache=True, logits_to_keep=width)
+        last = (new - 1).clamp_min(0)
+        logits, values = logits[rows, last], values[rows, last]
+        fed = fed + new
     T = len(cols["actions"])
     stacked = {k: torch.stack(v, dim=1) for k, v in cols.items() if v}
     stacked.setdefault("ref_logprobs", ref_at_end[:, :T])
+    if not multi_turn:  # the actions are consecutive columns: evaluate_responses' fast path
+        stacked.pop("positions")
+        end = P + T
+    else:
+        end = P + int(envs.conversation_lengths.max())
     policy.train(was_training)
     return Rollout(
-        input_ids=obs["input_ids"][:, start : P + T], attention_mask=obs["attention_mask"][:, start : P + T],
+        input_ids=obs["input_ids"][:, start:end], attention_mask=obs["attention_mask"][:, start:end],
         scores=scores, truncated_response=truncated, prompts=list(info["prompt"]),
         responses=[r or "" for r in responses], prompt_len=P - start, **stacked,
     )
@@ -284,14 +321,22 @@ class AdaptiveKLController:
 
 def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
     """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` (:func:`textenv.kl.kl_penalized_rewards`)
-    from what the env reported and the log-probs stored at sampling: no second forward. With
-    the KL in the loss instead, it is the score alone; ``missing_eos_penalty`` is subtracted
-    from the score of responses that hit the budget."""
-    score = rollout.scores
+    from what the env reported and the log-probs stored at sampling: no second forward; in a
+    multi-turn episode each turn's reward at the token that ended the turn. With the KL in the
+    loss instead, it is the task reward alone; ``missing_eos_penalty`` is subtracted at the last
+    token of responses that hit the budget (of conversations that ran out of context)."""
+    beta = kl_coef if kl_in_reward else 0.0
+    penalty = None
     if missing_eos_penalty is not None:
-        score = score - missing_eos_penalty * rollout.truncated_response.float()
-    return kl_penalized_rewards(score, rollout.ref_logprobs, rollout.logprobs, rollout.mask,
-                                kl_coef if kl_in_reward else 0.0)
+        penalty = missing_eos_penalty * rollout.truncated_response.float()
+    if rollout.step_scores is None:
+        score = rollout.scores if penalty is None else rollout.scores - penalty
+        return kl_penalized_rewards(score, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta)
+    rewards = kl_penalized_rewards(rollout.step_scores, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta)
+    if penalty is not None:
+        last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
+        rewards[torch.arange(rewards.shape[0], device=rewards.device), last] -= penalty
+    return rewards
 
 
 def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,18 +405,12 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if held_out:  # held-out prompts are never trained on when there is an evaluation on them
         task_kwargs["split"] = "train"
     say(f"loading the reference model ({config.model}) ...")
-    envs = TextGenerationVectorEnv(
-        num_envs=config.num_envs, task=config.task, model=config.model, reward=config.reward, device=device,
-        dtype=dtype, trust_remote_code=config.trust_remote_code, reference_pass=config.reference_pass,
-        temperature=config.temperature, **task_kwargs,
-    )
+    envs = make_text_envs(config, config.num_envs, task_kwargs, device, dtype, config.reference_pass)
     eval_envs = None
     if held_out:  # the same frozen reference and reward, on the held-out prompts
-        eval_envs = TextGenerationVectorEnv(
-            num_envs=config.eval_samples, task=config.task, model=envs.reference_model, tokenizer=envs.tokenizer,
-            reward=envs.reward_fn, device=device, reference_pass="at_end", temperature=config.temperature,
-            **(task_kwargs | {"split": "test"}),
-        )
+        eval_envs = make_text_envs(config, config.eval_samples, task_kwargs | {"split": "test"}, device, dtype,
+                                   "at_end", model=envs.reference_model, tokenizer=envs.tokenizer,
+                                   reward=getattr(envs, "reward_fn", None))
     say(f"loading the policy ({config.model if resume is None else resume}) ...")
     # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
     # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
@@ -447,11 +486,13 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                     "advantages": advantages, "returns": returns, "mask": rollout.mask,
                     "ref_logprobs": rollout.ref_logprobs,
                 }
+                if rollout.positions is not None:
+                    batch["positions"] = rollout.positions
 
                 def evaluate(mb: dict[str, torch.Tensor]):
                     logprob, entropy, value = policy.evaluate_responses(
                         mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
-                        entropy_grad=config.ppo.ent_coef != 0,
+                        entropy_grad=config.ppo.ent_coef != 0, positions=mb.get("positions"),
                     )
                     if not config.kl_in_loss:
                         return logprob, entropy, value
@@ -523,9 +564,26 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     return run.finish(summary)
 
 
+def is_multi_turn(task: str) -> bool:
+    from textenv.multiturn import MULTITURN_TASKS
+
+    return task in MULTITURN_TASKS
+
+
 def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
     """The env's task overrides from ``config``, and whether it evaluates on held-out prompts
-    (``eval_samples > 0`` and at least one prompt in the ``test`` split: every 5th)."""
+    (``eval_samples > 0`` and a held-out part: every 5th prompt, or a multi-turn task's held-out
+    episodes). For a multi-turn task, ``max_new_tokens`` is the agent's budget per turn."""
+    if is_multi_turn(config.task):
+        from textenv.multiturn import make_multiturn_task
+
+        for name in ("reward", "reward_model", "prompts"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to the multi-turn task {config.task} "
+                                 "(its episodes write the prompts and reward the turns)")
+        task_kwargs = {k: v for k, v in {"max_turn_tokens": config.max_new_tokens, "kl_coef": config.kl_coef}.items()
+                       if v is not None}
+        return task_kwargs, config.eval_samples > 0 and make_multiturn_task(config.task, **task_kwargs).has_held_out
     task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
                    "reward_model": config.reward_model}
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
@@ -533,6 +591,21 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
         task_kwargs["prompts"] = read_prompts(config.prompts)
     held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
     return task_kwargs, held_out
+
+
+def make_text_envs(config: TextTrainConfig, num_envs: int, task_kwargs: dict[str, Any], device: torch.device,
+                   dtype: torch.dtype, reference_pass: str, model=None, tokenizer=None, reward=None):
+    """The vector env of ``config``'s task: a :class:`TextGenerationVectorEnv`, or a
+    :class:`textenv.multiturn.MultiTurnTextVectorEnv` for a multi-turn task. ``model`` (with its
+    ``tokenizer``) reuses a loaded reference; ``reward`` a built reward."""
+    common = {"num_envs": num_envs, "task": config.task, "model": model or config.model, "tokenizer": tokenizer,
+              "device": device, "dtype": dtype, "trust_remote_code": config.trust_remote_code,
+              "reference_pass": reference_pass, "temperature": config.temperature}
+    if is_multi_turn(config.task):
+        from textenv.multiturn import MultiTurnTextVectorEnv
+
+        return MultiTurnTextVectorEnv(**common, **task_kwargs)
+    return TextGenerationVectorEnv(**common, reward=reward if reward is not None else config.reward, **task_kwargs)
 
 
 def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
@@ -560,10 +633,8 @@ def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str 
     config = load_text_run_config(run_dir)
     device = resolve_device(device)
     task_kwargs, held_out = task_settings(config)
-    envs = TextGenerationVectorEnv(num_envs=samples, task=config.task, model=config.model, reward=config.reward,
-                                   device=device, reference_pass="at_end", temperature=config.temperature,
-                                   trust_remote_code=config.trust_remote_code,
-                                   **task_kwargs, split="test" if held_out else "all")
+    envs = make_text_envs(config, samples, task_kwargs | {"split": "test" if held_out else "all"}, device,
+                          torch.float32, "at_end")
     lm, _ = load_causal_lm(str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code)
     policy = LMActorCritic(lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                            value_head=False)  # sampling only

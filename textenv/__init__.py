@@ -5,6 +5,7 @@
 
     env = gym.make("textenv/Sentiment-v0", model="embedded")
     envs = gym.make_vec("textenv/Toy-v0", num_envs=16, model="tiny")  # tensors on the model's device
+    game = gym.make("textenv/GuessTheNumber-v0", model="embedded")  # multi-turn: textenv.multiturn
 
 Importing the package only registers the ids: transformers and the models load on first use
 of a name below, so code that needs only ``textenv.device`` stays light.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "RewardError": "textenv.rewards", "RewardFn": "textenv.rewards", "get_reward": "textenv.rewards",
     "register": "textenv.rewards", "score_batch": "textenv.rewards",
     "TASKS": "textenv.tasks", "Task": "textenv.tasks", "make_task": "textenv.tasks",
+    "MultiTurnTextEnv": "textenv.multiturn", "MultiTurnTextVectorEnv": "textenv.multiturn",
+    "MultiTurnTask": "textenv.multiturn", "FunctionTask": "textenv.multiturn", "Turn": "textenv.multiturn",
 }
 __all__ = sorted(_EXPORTS)
 TASK_NAMES = ("Sentiment", "RewardModel", "Arithmetic", "Toy", "ReasoningGym", "RG-BasicArithmetic", "RG-ChainSum",
@@ -34,6 +37,19 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module 'textenv' has no attribute {name!r}")
 
+
+# Multi-turn tasks (textenv.multiturn); textenv/MultiTurn-v0 is FunctionTask: pass respond= and prompts=.
+MULTITURN_TASK_NAMES = ("Calculator", "GuessTheNumber", "TicTacToe", "TextArena", "ToyTurns", "MultiTurn")
+
+for _name in MULTITURN_TASK_NAMES:
+    _id = f"textenv/{_name}-v0"
+    if _id not in gym.registry:
+        gym.register(
+            id=_id,
+            entry_point="textenv.multiturn:MultiTurnTextEnv",
+            vector_entry_point="textenv.multiturn:MultiTurnTextVectorEnv",
+            kwargs={"task": "FunctionTask" if _name == "MultiTurn" else _name},
+        )
 
 for _name in TASK_NAMES:
     _id = f"textenv/{_name}-v0"

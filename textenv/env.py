@@ -588,30 +588,10 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         return self._out((gen.observation(), reward, terminated, truncated, info))
 
     def _reset_rows(self, reset_mask: Any) -> list[int]:
-        """The rows ``options["reset_mask"]`` selects (all of them when it is absent)."""
-        if reset_mask is None:
-            return list(range(self.num_envs))
-        if isinstance(reset_mask, torch.Tensor):
-            reset_mask = reset_mask.cpu().numpy()
-        mask = np.asarray(reset_mask)
-        if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
-            raise ValueError(f"options['reset_mask'] must be {self.num_envs} booleans, got shape {mask.shape} of "
-                             f"{mask.dtype}")
-        if not mask.any():
-            raise ValueError("options['reset_mask'] selects no row to reset")
-        return np.flatnonzero(mask).tolist()
+        return selected_rows(reset_mask, self.num_envs)
 
     def _out(self, x: Any) -> Any:
-        """``x`` as the caller asked for it: tensors as they are, or numpy arrays (recursively)."""
-        if self.arrays == "torch":
-            return x
-        if isinstance(x, torch.Tensor):
-            return x.cpu().numpy()
-        if isinstance(x, dict):
-            return {k: self._out(v) for k, v in x.items()}
-        if isinstance(x, tuple):
-            return tuple(self._out(v) for v in x)
-        return x
+        return as_arrays(x, self.arrays)
 
     def render(self) -> list[str] | None:
         if self.render_mode == "ansi":
@@ -621,3 +601,30 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     def close_extras(self, **kwargs: Any) -> None:
         if hasattr(self, "_gen"):  # absent when the constructor raised; __del__ still closes
             self._gen.cache = None
+
+
+def selected_rows(reset_mask: Any, num_envs: int) -> list[int]:
+    """The rows ``options["reset_mask"]`` selects (all of them when it is absent)."""
+    if reset_mask is None:
+        return list(range(num_envs))
+    if isinstance(reset_mask, torch.Tensor):
+        reset_mask = reset_mask.cpu().numpy()
+    mask = np.asarray(reset_mask)
+    if mask.shape != (num_envs,) or mask.dtype != np.bool_:
+        raise ValueError(f"options['reset_mask'] must be {num_envs} booleans, got shape {mask.shape} of {mask.dtype}")
+    if not mask.any():
+        raise ValueError("options['reset_mask'] selects no row to reset")
+    return np.flatnonzero(mask).tolist()
+
+
+def as_arrays(x: Any, arrays: str) -> Any:
+    """``x`` as the caller asked for it: tensors as they are (``"torch"``), or numpy arrays (recursively)."""
+    if arrays == "torch":
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.cpu().numpy()
+    if isinstance(x, dict):
+        return {k: as_arrays(v, arrays) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(as_arrays(v, arrays) for v in x)
+    return x

@@ -26,16 +26,20 @@ def kl_penalized_rewards(
     """Per-token rewards ``[N, T]`` of ``N`` responses laid out over ``T`` token columns.
 
     Args:
-        scores: ``[N]`` each response's task score (``info["score"]`` when it ended).
+        scores: ``[N]`` each response's task score (``info["score"]`` when it ended), paid at its
+            last token; or ``[N, T]`` rewards per token (a multi-turn episode's turn rewards,
+            ``info["turn_reward"]``, at the tokens that ended the turns), paid where they are.
         ref_logprobs: ``[N, T]`` ``log π_ref`` of each response token (``info["ref_logprob"]``
             step by step, or ``info["ref_logprobs"]`` with ``reference_pass="at_end"``).
         logprobs: ``[N, T]`` ``log π`` of each token under the distribution it was sampled from.
         mask: ``[N, T]`` 1 on response tokens (up to and including EOS), 0 after.
         kl_coef: β, the env's ``kl_coef``.
 
-    The score is paid at each row's last masked token; nothing is paid past it.
+    Nothing is paid past a row's last masked token.
     """
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask  # a bool or integer mask promotes to float
+    if scores.dim() == 2:
+        return rewards + scores.to(rewards.dtype) * mask
     rows = torch.arange(mask.shape[0], device=mask.device)
     last = (mask.sum(1).long() - 1).clamp_min(0)
     rewards[rows, last] += scores.to(rewards.dtype) * (mask.sum(1) > 0)
