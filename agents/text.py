@@ -69,6 +69,9 @@ class TextTrainConfig:
     prompts: str | None = None
     """a prompts file instead of the task's: one prompt per line, or JSONL with a "prompt" string or chat
     "messages" per line (rendered with the tokenizer's chat template)"""
+    task_options: str | None = None
+    """task fields as a JSON object, e.g. '{"config": {"max_terms": 2}, "answer_format": "number"}' for a
+    reasoning-gym task or '{"max_turns": 4}' for a multi-turn one"""
     iterations: int = 20
     """PPO iterations (rollout + update)"""
     target_score: float | None = None
@@ -582,15 +585,38 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
                 raise ValueError(f"--{name.replace('_', '-')} does not apply to the multi-turn task {config.task} "
                                  "(its episodes write the prompts and reward the turns)")
         task_kwargs = {k: v for k, v in {"max_turn_tokens": config.max_new_tokens, "kl_coef": config.kl_coef}.items()
-                       if v is not None}
+                       if v is not None} | task_options(config)
         return task_kwargs, config.eval_samples > 0 and make_multiturn_task(config.task, **task_kwargs).has_held_out
     task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
                    "reward_model": config.reward_model}
-    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None}
+    task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None} | task_options(config)
     if config.prompts is not None:
         task_kwargs["prompts"] = read_prompts(config.prompts)
     held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
     return task_kwargs, held_out
+
+
+def task_options(config: TextTrainConfig) -> dict[str, Any]:
+    """``--task-options`` parsed and checked against the task's fields."""
+    if config.task_options is None:
+        return {}
+    try:
+        options = json.loads(config.task_options)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--task-options is not JSON: {err.msg} (got {config.task_options!r})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--task-options must be a JSON object of task fields, got {config.task_options!r}")
+    if is_multi_turn(config.task):
+        from textenv.multiturn import MULTITURN_TASKS as tasks
+    else:
+        from textenv.tasks import TASKS as tasks
+    if config.task in tasks:
+        known = {f.name for f in dataclasses.fields(tasks[config.task])}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"--task-options: task {config.task} has no field {unknown[0]!r} "
+                             f"(its fields: {', '.join(sorted(known))})")
+    return options
 
 
 def make_text_envs(config: TextTrainConfig, num_envs: int, task_kwargs: dict[str, Any], device: torch.device,

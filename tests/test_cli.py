@@ -165,3 +165,14 @@ def test_evaluate_and_plot_understand_text_runs(tmp_path, capsys):
     assert result["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)
     assert plot_cli.main([str(tmp_path / "t__1"), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("options,expected", [
+    ('{"max_turn": 3}', "task ToyTurns has no field 'max_turn'"),
+    ("[3]", "--task-options must be a JSON object"),
+    ("{max_turns: 3}", "--task-options is not JSON"),
+])
+def test_bad_task_options_are_one_line(tmp_path, capsys, options, expected):
+    code = train_text_cli.main(["--task", "ToyTurns", "--model", "tiny", "--task-options", options,
+                                "--runs-dir", str(tmp_path), "--no-progress"])
+    _one_line_error(code, capsys.readouterr().err, expected)

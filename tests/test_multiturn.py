@@ -394,3 +394,13 @@ def test_trainer_refuses_prompt_and_reward_flags_on_multi_turn_tasks(tmp_path):
     config = TextTrainConfig(task="ToyTurns", model="tiny", reward="vader", runs_dir=str(tmp_path))
     with pytest.raises(ValueError, match="--reward does not apply to the multi-turn task ToyTurns"):
         train_text(config)
+
+
+def test_task_options_reach_the_task(tmp_path):
+    from textenv.agents.text import task_settings
+
+    config = TextTrainConfig(task="ToyTurns", task_options='{"max_turns": 3, "max_context_tokens": 40}', max_new_tokens=5)
+    kwargs, held_out = task_settings(config)
+    assert kwargs == {"max_turn_tokens": 5, "max_turns": 3, "max_context_tokens": 40} and held_out
+    config = TextTrainConfig(task="RG-ChainSum", task_options='{"answer_format": "number", "size": 10}')
+    assert task_settings(config)[0] == {"answer_format": "number", "size": 10}

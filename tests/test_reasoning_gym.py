@@ -41,6 +41,17 @@ def test_raw_answer_format_scores_the_whole_response():
     assert envs.reward_fn([prompts[0]], [f"  {entry['answer']}\n"]) == [1.0]
 
 
+def test_number_answer_format_scores_the_first_number_and_a_custom_system_prompt_is_used():
+    envs, prompts = _rendered_prompts("RG-ChainSum", answer_format="number", system_prompt="Answer with a number.")
+    assert envs.task.prompts[0][0] == {"role": "system", "content": "Answer with a number."}
+    entry = next(e for e in envs.task.generated() if e["question"] in prompts[0])
+    answer = int(entry["answer"])
+    assert envs.reward_fn([prompts[0]] * 4, [f"It is {answer}, 7.", f"{answer + 1} or {answer}", "none", f"{answer:,}"]) \
+        == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="system_prompt must be one of"):
+        make_task("RG-ChainSum", system_prompt="dirct").system_text()
+
+
 def test_prompts_are_deterministic_for_a_seed_and_config_reaches_the_generator():
     a = make_task("RG-ChainSum", size=20, seed=4, config={"min_terms": 2, "max_terms": 2})
     b = make_task("RG-ChainSum", size=20, seed=4, config={"min_terms": 2, "max_terms": 2})

@@ -17,10 +17,10 @@ Nothing is silently zeroed.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -230,10 +230,15 @@ class AnswerRegex:
         return out
 
 
+ANSWER_FORMATS = ("tag", "raw", "number")
+_FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
 class ReasoningGymReward:
     """A reasoning-gym dataset's own checker: the answer is extracted from the response as the
-    dataset's prompts ask (between ``<answer>`` tags, ``answer_format="tag"``; or the whole
-    response stripped, ``"raw"``) and scored with ``dataset.score_answer`` (0 when no answer).
+    dataset's prompts ask (between ``<answer>`` tags, ``answer_format="tag"``; the whole
+    response stripped, ``"raw"``; or its first number, ``"number"``, for numeric datasets and
+    models too small to write tags) and scored with ``dataset.score_answer`` (0 when no answer).
 
     The env hands rewards the rendered prompt (chat template applied), so each prompt is
     matched to the entry whose question it contains (the longest one, should one question
@@ -242,8 +247,8 @@ class ReasoningGymReward:
     name = "reasoning_gym"
 
     def __init__(self, dataset: Any, answer_format: str = "tag") -> None:
-        if answer_format not in ("tag", "raw"):
-            raise ValueError(f"answer_format must be 'tag' or 'raw', got {answer_format!r}")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
         self.dataset, self.answer_format = dataset, answer_format
         self.entries = sorted(dataset, key=lambda e: -len(e["question"]))
         self._by_prompt: dict[str, Any] = {}
@@ -261,7 +266,13 @@ class ReasoningGymReward:
 
         out = []
         for p, r in zip(prompts, responses):
-            answer = extract_answer(r) if self.answer_format == "tag" else r.strip()
+            if self.answer_format == "tag":
+                answer = extract_answer(r)
+            elif self.answer_format == "number":
+                found = _FIRST_NUMBER.search(r)
+                answer = found.group(0).replace(",", "") if found else None
+            else:
+                answer = r.strip()
             out.append(0.0 if answer is None else float(self.dataset.score_answer(answer=answer, entry=self.entry(p))))
         return out
 

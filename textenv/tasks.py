@@ -280,7 +280,9 @@ class ReasoningGym(Task):
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     system_prompt: str = "direct"
-    answer_format: Literal["tag", "raw"] = "tag"
+    """a reasoning-gym system prompt's name (``"direct"``, ``"default"``, ...) or your own text"""
+    answer_format: Literal["tag", "raw", "number"] = "tag"
+    """where the answer is: between <answer> tags, the whole response, or its first number"""
     max_new_tokens: int = 16
     max_prompt_tokens: int = 160
     kl_coef: float = 0.02
@@ -306,9 +308,12 @@ class ReasoningGym(Task):
     def system_text(self) -> str:
         from reasoning_gym.utils import SYSTEM_PROMPTS
 
-        if self.system_prompt not in SYSTEM_PROMPTS:
-            raise ValueError(f"system_prompt must be one of {sorted(SYSTEM_PROMPTS)}, got {self.system_prompt!r}")
-        return SYSTEM_PROMPTS[self.system_prompt]
+        if self.system_prompt in SYSTEM_PROMPTS:
+            return SYSTEM_PROMPTS[self.system_prompt]
+        if not self.system_prompt.strip() or (" " not in self.system_prompt and len(self.system_prompt) < 20):
+            raise ValueError(f"system_prompt must be one of {sorted(SYSTEM_PROMPTS)} or your own text (a sentence), "
+                             f"got {self.system_prompt!r}")
+        return self.system_prompt
 
     def build_reward(self) -> RewardFn:
         if self.reward is not None:
