@@ -58,10 +58,16 @@ def run_one(task: str, estimator: str, seed: int, group_size: int, model: str, r
            "--advantage", estimator, "--group-size", str(group_size if estimator in GROUPED else 1),
            "--seed", str(seed), "--runs-dir", runs_dir, "--run-name", name, "--no-tensorboard", "--no-progress",
            "--torch-threads", "1", "--no-save-checkpoint"]
+    return {"task": task, "estimator": estimator, "seed": seed, **run_train_text(cmd, runs_dir, name)}
+
+
+def run_train_text(cmd: list[str], runs_dir: str, name: str) -> dict:
+    """Run one ``scripts.train_text`` command in its own process; its summary, metrics, wall time
+    and peak resident memory (``wait4``'s ``ru_maxrss``: this child's own, not the benchmark's)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the benchmark's
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -71,8 +77,7 @@ def run_one(task: str, estimator: str, seed: int, group_size: int, model: str, r
         raise SystemExit(f"error: {name} failed (exit code {proc.returncode}):\n{stderr[-2000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
     metrics = [json.loads(line) for line in (Path(runs_dir) / name / "metrics.jsonl").read_text().splitlines()]
-    return {"task": task, "estimator": estimator, "seed": seed, "process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "summary": summary, "metrics": metrics}
+    return {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "summary": summary, "metrics": metrics}
 
 
 def _mean_sd(values: list[float]) -> str:

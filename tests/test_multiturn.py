@@ -404,3 +404,25 @@ def test_task_options_reach_the_task(tmp_path):
     assert kwargs == {"max_turn_tokens": 5, "max_turns": 3, "max_context_tokens": 40} and held_out
     config = TextTrainConfig(task="RG-ChainSum", task_options='{"answer_format": "number", "size": 10}')
     assert task_settings(config)[0] == {"answer_format": "number", "size": 10}
+
+
+def test_textarena_adapter_plays_any_offline_game_by_id():
+    pytest.importorskip("textarena")
+    from textenv.multiturn import TextArena
+
+    episode = TextArena(game="TowerOfHanoi-v0").new_episode(np.random.default_rng(0))
+    assert "Tower" in episode.prompt
+    history = [{"role": "user", "content": episode.prompt}, {"role": "assistant", "content": "[A C]"}]
+    reply, reward, done = episode.respond(history)
+    assert not done and reply.startswith("[GAME]") and "C: [1]" in reply  # the smallest disk moved to C
+
+
+def test_held_out_games_use_seeds_four_mod_five():
+    pytest.importorskip("textarena")
+    from textenv.multiturn import GuessTheNumber
+
+    rng = np.random.default_rng(0)
+    for split, allowed in (("test", {4}), ("train", {0, 1, 2, 3})):
+        task = GuessTheNumber(split=split)
+        residues = {task.new_episode(rng).seed % 5 for _ in range(12)}
+        assert residues <= allowed and (len(residues) > 1 or split == "test")

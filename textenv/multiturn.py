@@ -731,6 +731,7 @@ class _ArenaEpisode:
     prompt: str
     opponent: Callable[[str], str]
     seen: int
+    seed: int
 
     def respond(self, history: Messages) -> Turn:
         done, _ = self.game.step(action=history[-1]["content"])
@@ -806,7 +807,7 @@ class TextArena(MultiTurnTask):
         game.reset(num_players=self.num_players, seed=seed)
         _, obs = game.get_observation()
         opponent = self.opponent or random_legal_move(np.random.default_rng(seed + 1))
-        return _ArenaEpisode(game, obs.strip(), opponent, len(obs))
+        return _ArenaEpisode(game, obs.strip(), opponent, len(obs), seed)
 
 
 @dataclass
