@@ -151,21 +151,18 @@ class _Conversation(_Generation):
         self.agent = torch.zeros((batch_size, self.L), dtype=torch.bool, device=device)
         self.eos_text = tokenizer.convert_ids_to_tokens(self.eos_id)
         self.use_chat = bool(task.chat and getattr(tokenizer, "chat_template", None))
-        self._zero_rows(range(batch_size))
-        self.episodes: list[Episode | None] = [None] * batch_size
+        n = batch_size
+        self.length = np.zeros(n, dtype=np.int64)  # tokens after the prompt, the agent's and the env's
+        self.n_actions = np.zeros(n, dtype=np.int64)  # the agent's tokens
+        self.turns = np.zeros(n, dtype=np.int64)  # the agent's finished turns
+        self.turn_tokens: list[list[int]] = [[] for _ in range(n)]  # the agent's current turn
+        self.score_host = np.zeros(n)  # the sum of the turn rewards
+        self.done_host = np.ones(n, dtype=bool)
+        self.histories: list[Messages] = [[] for _ in range(n)]
+        self.end_reason: list[str | None] = [None] * n
+        self.episodes: list[Episode | None] = [None] * n
 
-    def _zero_rows(self, rows) -> None:
-        rows = list(rows)
-        if not hasattr(self, "length"):
-            n = self.batch_size
-            self.length = np.zeros(n, dtype=np.int64)  # conversation tokens
-            self.n_actions = np.zeros(n, dtype=np.int64)
-            self.turn_tokens: list[list[int]] = [[] for _ in range(n)]
-            self.turns = np.zeros(n, dtype=np.int64)
-            self.score_host = np.zeros(n)
-            self.done_host = np.ones(n, dtype=bool)
-            self.histories: list[Messages] = [[] for _ in range(n)]
-            self.end_reason: list[str | None] = [None] * n
+    def _zero_rows(self, rows: list[int]) -> None:
         for r in rows:
             self.length[r] = self.n_actions[r] = self.turns[r] = 0
             self.turn_tokens[r] = []
