@@ -156,6 +156,11 @@ def default_family(env_id: str) -> tuple[str, dict[str, Any]]:
     defaults for discrete ones. Builds the env once to read its action space."""
     if env_id in PRESETS:
         return f"the {env_id} preset", PRESETS[env_id]
+    from textenv.control import gymnasium_twin
+
+    twin = gymnasium_twin(env_id)  # a torch classic-control env: its Gymnasium twin's settings
+    if twin is not None:
+        return default_family(twin)
     spec = env_spec(env_id)
     if "mujoco" in str(spec.entry_point):
         return "the MuJoCo defaults (CleanRL's ppo_continuous_action.py, 1M steps)", _MUJOCO

@@ -55,7 +55,12 @@ def make_vector_env(
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     mode = resolve_vectorization(env_id, vectorization)
-    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **(env_kwargs or {}))
+    env_kwargs = dict(env_kwargs or {})
+    if str(env_spec(env_id).vector_entry_point or "").startswith("textenv.control:"):
+        # Torch classic-control envs: the trainer's rollout and Gymnasium's wrappers are numpy code;
+        # on the CPU the arrays share the tensors' memory (no copy).
+        env_kwargs.setdefault("arrays", "numpy")
+    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs)
     if envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP) != gym.vector.AutoresetMode.NEXT_STEP:
         raise ValueError(f"{env_id}: the trainer expects next-step autoreset, got {envs.metadata['autoreset_mode']}")
     obs_space = envs.single_observation_space

@@ -51,6 +51,13 @@ for _name in MULTITURN_TASK_NAMES:
             kwargs={"task": "FunctionTask" if _name == "MultiTurn" else _name},
         )
 
+# Classic control as torch vector envs on the policy's device (textenv.control).
+for _name, _cls in (("TorchCartPole-v1", "TorchCartPole"), ("TorchAcrobot-v1", "TorchAcrobot"),
+                    ("TorchPendulum-v1", "TorchPendulum"), ("TorchMountainCar-v0", "TorchMountainCar"),
+                    ("TorchMountainCarContinuous-v0", "TorchMountainCarContinuous")):
+    if f"textenv/{_name}" not in gym.registry:
+        gym.register(id=f"textenv/{_name}", vector_entry_point=f"textenv.control:{_cls}")
+
 for _name in TASK_NAMES:
     _id = f"textenv/{_name}-v0"
     if _id not in gym.registry:

@@ -22,6 +22,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from textenv.arrays import as_arrays, selected_rows
 from textenv.device import set_torch_threads
 from textenv.models import (cache_kwargs, disable_dropout, ensure_pad_token, load_causal_lm, output_cache,
                             resolve_device)
@@ -602,29 +603,3 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         if hasattr(self, "_gen"):  # absent when the constructor raised; __del__ still closes
             self._gen.cache = None
 
-
-def selected_rows(reset_mask: Any, num_envs: int) -> list[int]:
-    """The rows ``options["reset_mask"]`` selects (all of them when it is absent)."""
-    if reset_mask is None:
-        return list(range(num_envs))
-    if isinstance(reset_mask, torch.Tensor):
-        reset_mask = reset_mask.cpu().numpy()
-    mask = np.asarray(reset_mask)
-    if mask.shape != (num_envs,) or mask.dtype != np.bool_:
-        raise ValueError(f"options['reset_mask'] must be {num_envs} booleans, got shape {mask.shape} of {mask.dtype}")
-    if not mask.any():
-        raise ValueError("options['reset_mask'] selects no row to reset")
-    return np.flatnonzero(mask).tolist()
-
-
-def as_arrays(x: Any, arrays: str) -> Any:
-    """``x`` as the caller asked for it: tensors as they are (``"torch"``), or numpy arrays (recursively)."""
-    if arrays == "torch":
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.cpu().numpy()
-    if isinstance(x, dict):
-        return {k: as_arrays(v, arrays) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(as_arrays(v, arrays) for v in x)
-    return x

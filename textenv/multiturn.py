@@ -42,7 +42,8 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.device import set_torch_threads
-from textenv.env import _Generation, as_arrays, check_temperature, selected_rows
+from textenv.arrays import as_arrays, selected_rows
+from textenv.env import _Generation, check_temperature
 from textenv.models import disable_dropout, load_causal_lm, resolve_device
 from textenv.rewards import RewardError
 

@@ -1,0 +1,89 @@
+"""Classic control as torch vector envs: Gymnasium's dynamics step for step (same initial states
+for a seed, observations within float tolerance over long random rollouts, the same terminations,
+truncations and autoresets), its vector API, and the on-device RNG."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import textenv  # noqa: F401  (registers the ids)
+from textenv.control import TORCH_CONTROL, TorchCartPole
+
+IDS = sorted(TORCH_CONTROL)
+
+
+def _random_actions(space, n, steps, seed):
+    rng = np.random.default_rng(seed)
+    if isinstance(space, gym.spaces.Discrete):
+        return rng.integers(space.n, size=(steps, n))
+    low, high = space.low[0], space.high[0]
+    return rng.uniform(low * 1.2, high * 1.2, size=(steps, n, 1)).astype(np.float32)  # some out of bounds
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_rows_replay_gymnasiums_own_envs_step_for_step(name):
+    cls, n, steps = TORCH_CONTROL[name], 4, 1200
+    ours = gym.make_vec(f"textenv/{name}", num_envs=n)
+    ref = gym.make_vec(cls.gym_id, num_envs=n, vectorization_mode="sync")
+    obs, _ = ours.reset(seed=7)
+    ref_obs, _ = ref.reset(seed=7)
+    np.testing.assert_allclose(obs.numpy(), ref_obs, atol=1e-6)
+    ends = 0
+    for action in _random_actions(ref.single_action_space, n, steps, 0):
+        obs, reward, term, trunc, _ = ours.step(torch.as_tensor(action))
+        ref_obs, ref_reward, ref_term, ref_trunc, _ = ref.step(action)
+        np.testing.assert_allclose(obs.numpy(), ref_obs, atol=1e-5, rtol=0)  # bit-exact but MountainCarContinuous
+        np.testing.assert_allclose(reward.numpy(), ref_reward, atol=1e-5)
+        assert term.tolist() == ref_term.tolist() and trunc.tolist() == ref_trunc.tolist()
+        ends += int(ref_term.sum() + ref_trunc.sum())
+    assert ends >= n  # every row went through at least one autoreset on average
+
+
+def test_spaces_and_time_limits_are_gymnasiums():
+    for name, cls in TORCH_CONTROL.items():
+        ref = gym.make(cls.gym_id)
+        env = cls(num_envs=2)
+        assert env.single_observation_space == ref.observation_space, name
+        assert env.single_action_space == ref.action_space, name
+        assert env.max_episode_steps == ref.spec.max_episode_steps, name
+
+
+def test_the_torch_rng_draws_on_the_device_from_the_same_distribution():
+    env = TorchCartPole(num_envs=4096, rng="torch")
+    obs, _ = env.reset(seed=0)
+    assert obs.abs().max() <= 0.05 and obs.std() == pytest.approx(0.1 / 12**0.5, rel=0.05)
+    again, _ = TorchCartPole(num_envs=4096, rng="torch").reset(seed=0)
+    assert torch.equal(obs, again)  # reproducible for a seed
+    for _ in range(60):  # autoresets draw on the device too
+        obs, reward, term, trunc, _ = env.step(torch.ones(4096, dtype=torch.long))
+    assert (reward == 0).any() and obs.isfinite().all()
+
+
+def test_numpy_arrays_and_bad_actions():
+    env = TorchCartPole(num_envs=2, arrays="numpy")
+    obs, _ = env.reset(seed=0)
+    assert isinstance(obs, np.ndarray) and obs.dtype == np.float32
+    with pytest.raises(ValueError, match=r"actions must be in Discrete\(2\)"):
+        env.step(np.array([0, 2]))
+    with pytest.raises(ValueError, match="expected 2 actions"):
+        env.step(np.array([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="before reset"):
+        TorchCartPole(num_envs=1).step(np.array([0]))
+
+
+def test_the_classic_trainer_on_the_torch_env_equals_it_on_gymnasiums(tmp_path):
+    """Same seed, same dynamics and initial states: the same training run, parameter for parameter."""
+    from safetensors.torch import load_file
+
+    from textenv.agents.classic import preset_config, train
+
+    summaries, params = [], []
+    for env_id, vectorization in (("CartPole-v1", "sync"), ("textenv/TorchCartPole-v1", "auto")):
+        config = preset_config(env_id, total_timesteps=2048, vectorization=vectorization, runs_dir=str(tmp_path),
+                               progress=False, tensorboard=False, eval_episodes=0)
+        summaries.append(train(config))
+        params.append(load_file(summaries[-1]["checkpoint"]))
+    assert summaries[0]["train_return_last100"] == summaries[1]["train_return_last100"]
+    policy_keys = [k for k in params[0] if k.startswith("policy.")]
+    assert policy_keys and all(torch.equal(params[0][k], params[1][k]) for k in policy_keys)
