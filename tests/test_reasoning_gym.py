@@ -48,6 +48,8 @@ def test_number_answer_format_scores_the_first_number_and_a_custom_system_prompt
     answer = int(entry["answer"])
     assert envs.reward_fn([prompts[0]] * 4, [f"It is {answer}, 7.", f"{answer + 1} or {answer}", "none", f"{answer:,}"]) \
         == [1.0, 0.0, 0.0, 1.0]
+    last = _rendered_prompts("RG-ChainSum", answer_format="last_number")[0].reward_fn
+    assert last([prompts[0]] * 3, [f"{answer + 1} or {answer}", f"It is {answer}, 7.", "none"]) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="system_prompt must be one of"):
         make_task("RG-ChainSum", system_prompt="dirct").system_text()
 

@@ -230,15 +230,15 @@ class AnswerRegex:
         return out
 
 
-ANSWER_FORMATS = ("tag", "raw", "number")
-_FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_FORMATS = ("tag", "raw", "number", "last_number")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class ReasoningGymReward:
     """A reasoning-gym dataset's own checker: the answer is extracted from the response as the
     dataset's prompts ask (between ``<answer>`` tags, ``answer_format="tag"``; the whole
-    response stripped, ``"raw"``; or its first number, ``"number"``, for numeric datasets and
-    models too small to write tags) and scored with ``dataset.score_answer`` (0 when no answer).
+    response stripped, ``"raw"``; or its first or last number, ``"number"`` or ``"last_number"``,
+    for numeric datasets and models too small to write tags) and scored with ``dataset.score_answer`` (0 when no answer).
 
     The env hands rewards the rendered prompt (chat template applied), so each prompt is
     matched to the entry whose question it contains (the longest one, should one question
@@ -268,9 +268,9 @@ class ReasoningGymReward:
         for p, r in zip(prompts, responses):
             if self.answer_format == "tag":
                 answer = extract_answer(r)
-            elif self.answer_format == "number":
-                found = _FIRST_NUMBER.search(r)
-                answer = found.group(0).replace(",", "") if found else None
+            elif self.answer_format in ("number", "last_number"):
+                found = _NUMBER.findall(r)
+                answer = (found[0] if self.answer_format == "number" else found[-1]).replace(",", "") if found else None
             else:
                 answer = r.strip()
             out.append(0.0 if answer is None else float(self.dataset.score_answer(answer=answer, entry=self.entry(p))))

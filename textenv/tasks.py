@@ -281,8 +281,8 @@ class ReasoningGym(Task):
     config: dict[str, Any] = field(default_factory=dict)
     system_prompt: str = "direct"
     """a reasoning-gym system prompt's name (``"direct"``, ``"default"``, ...) or your own text"""
-    answer_format: Literal["tag", "raw", "number"] = "tag"
-    """where the answer is: between <answer> tags, the whole response, or its first number"""
+    answer_format: Literal["tag", "raw", "number", "last_number"] = "tag"
+    """where the answer is: between <answer> tags, the whole response, or its first or last number"""
     max_new_tokens: int = 16
     max_prompt_tokens: int = 160
     kl_coef: float = 0.02
