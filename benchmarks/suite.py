@@ -59,7 +59,7 @@ class SuiteConfig:
     jobs: int = 2
     """runs at once (each uses one torch thread)"""
     transcripts: int = 2
-    """sample transcripts per task, from the first and the last iteration"""
+    """sample transcripts per run from its first and last iteration: the best-scoring one, then the batch's first"""
     out: str = "benchmarks/results/suite.md"
     """markdown to write (the plot goes beside it as .png)"""
 
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(f"{r['task']} seed {r['seed']}: held-out {r['summary']['eval_score_before']:.3f} -> "
                   f"{r['summary']['eval_score_after']:.3f}, {r['process_s']:.0f} s", file=sys.stderr, flush=True)
+    raw = ROOT / "benchmarks" / "results" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for r in runs:  # everything the report is made of, to re-render or re-plot it
+        (raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json").write_text(json.dumps(r) + "\n")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         its = sorted({x["iteration"] for x in r["samples"]})
         for it in (its[0], its[-1]):
-            rows = [x for x in r["samples"] if x["iteration"] == it][: args.transcripts]
+            batch = [x for x in r["samples"] if x["iteration"] == it]
+            best = max(batch, key=lambda x: x["score"])  # the best one, then the batch's first ones
+            rows = [best] + [x for x in batch if x is not best][: args.transcripts - 1]
             for x in rows:
                 lines += [f"**{r['task']}, seed {r['seed']}, iteration {it}, score {x['score']:.3f}**", "",
                           _quote(x["prompt"], 300), "    ──", _quote(x["response"]), ""]
