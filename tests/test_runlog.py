@@ -81,13 +81,17 @@ def _events(run_dir):
 
 
 def test_run_logger_writes_jsonl_at_once_and_tensorboard_by_default(tmp_path):
+    import threading
+
     run_dir = tmp_path / "nested" / "run"
+    threads = threading.active_count()
     logger = RunLogger(run_dir)  # TensorBoard on by default
     logger.log(3, {"loss": 0.5, "name": "not a scalar"})
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # flushed before close
     assert [json.loads(line) for line in lines] == [{"global_step": 3, "loss": 0.5, "name": "not a scalar"}]
     logger.text("samples", "| a | b |", 3)
     logger.close()
+    assert threading.active_count() == threads  # TensorBoard's writer thread is stopped, not leaked
     acc = _events(run_dir)
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(3, 0.5)]
     assert any("samples" in tag for tag in acc.Tags()["tensors"])
