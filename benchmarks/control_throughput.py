@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import textenv  # noqa: F401  (registers the ids)
+from textenv.agents.runlog import atomic_write_text
 from textenv.control import TORCH_CONTROL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], file=sys.stderr, flush=True)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.estimators import run_train_text
+from textenv.agents.runlog import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--model", "embedded", "--kl-coef", "0.03", "--num-minibatches", "4", "--torch-threads", "1",
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = ROOT / "benchmarks" / "results" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for r in runs:  # everything the report is made of, to re-render or re-plot it
-        (raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json").write_text(json.dumps(r) + "\n")
+        atomic_write_text(raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json", json.dumps(r) + "\n")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -160,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for x in rows:
                 lines += [f"**{r['task']}, seed {r['seed']}, iteration {it}, score {x['score']:.3f}**", "",
                           _quote(x["prompt"], 300), "    ──", _quote(x["response"]), ""]
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

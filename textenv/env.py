@@ -310,6 +310,14 @@ def _build(
     if reward is not None:
         task.reward = reward
     reward_fn = task.build_reward() if reward is None else get_reward(reward)
+    model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
+    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature)
+
+
+def frozen_reference(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, device: torch.device,
+                     dtype: torch.dtype, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The reference model (loaded by name, or the object given with its tokenizer) on ``device``,
+    in eval mode, without gradients or dropout."""
     if isinstance(model, str):
         model, loaded_tok = load_causal_lm(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tok
@@ -317,9 +325,9 @@ def _build(
         raise ValueError("pass the tokenizer of the model object you give")
     else:
         model = model.to(device)
-    model.eval().requires_grad_(False)  # the frozen reference
+    model.eval().requires_grad_(False)
     disable_dropout(model)  # frozen and in eval mode already; also right if someone calls train()
-    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature)
+    return model, tokenizer
 
 
 def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:

@@ -43,8 +43,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.device import set_torch_threads
 from textenv.arrays import as_arrays, selected_rows
-from textenv.env import _Generation, check_temperature
-from textenv.models import disable_dropout, load_causal_lm, resolve_device
+from textenv.env import _Generation, _GenerationAccess, check_temperature, frozen_reference
+from textenv.models import resolve_device
 from textenv.rewards import RewardError
 
 Messages = list[dict[str, str]]
@@ -334,15 +334,7 @@ def _build(task, model, tokenizer, device, dtype, trust_remote_code, batch_size,
                          f"'at_end', got {reference_pass!r}")
     device = resolve_device(device)
     task = make_multiturn_task(task, **task_kwargs)
-    if isinstance(model, str):
-        model, loaded_tok = load_causal_lm(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer or loaded_tok
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer of the model object you give")
-    else:
-        model = model.to(device)
-    model.eval().requires_grad_(False)
-    disable_dropout(model)
+    model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
     return _Conversation(task, model, tokenizer, batch_size, device, check_temperature(temperature))
 
 
@@ -358,40 +350,18 @@ def _episode(task: MultiTurnTask, rng: np.random.Generator) -> tuple[Episode, in
     return task.new_episode(np.random.default_rng(seed)), seed
 
 
-class _ConversationAccess:
+class _ConversationAccess(_GenerationAccess):
+    """The single-turn envs' attributes (``kl_coef`` and ``temperature`` settable), plus the
+    conversation's lengths."""
+
     _gen: _Conversation
-    device = property(lambda self: self._gen.device, doc="the models' device")
-    task = property(lambda self: self._gen.task, doc="the MultiTurnTask")
-    tokenizer = property(lambda self: self._gen.tokenizer, doc="the policy's (and reference's) tokenizer")
-    reference_model = property(lambda self: self._gen.model, doc="the frozen reference model")
-    max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
     max_new_tokens = property(lambda self: self._gen.B, doc="the context budget after the prompt")
-    all_done = property(lambda self: self._gen.all_done, doc="every episode of the batch has ended")
-    reference_pass = "at_end"
     multi_turn = True
 
     @property
     def conversation_lengths(self) -> np.ndarray:
         """Tokens after the prompt per row (host-side: reading it costs no device sync)."""
         return self._gen.length.copy()
-
-    @property
-    def temperature(self) -> float:
-        return self._gen.temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._gen.temperature = check_temperature(value)
-
-    @property
-    def kl_coef(self) -> float:
-        return self._gen.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {value}")
-        self._gen.kl_coef = float(value)
 
 
 class MultiTurnTextEnv(_ConversationAccess, gym.Env):
