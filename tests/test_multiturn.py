@@ -426,3 +426,15 @@ def test_held_out_games_use_seeds_four_mod_five():
         task = GuessTheNumber(split=split)
         residues = {task.new_episode(rng).seed % 5 for _ in range(12)}
         assert residues <= allowed and (len(residues) > 1 or split == "test")
+
+
+def test_a_multi_turn_run_evaluates_from_its_directory(tmp_path):
+    from textenv.agents.text import evaluate_text_run
+
+    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=1, num_envs=4, eval_samples=4,
+                             runs_dir=str(tmp_path), run_name="r", progress=False, tensorboard=False, sample_every=0)
+    config.ppo.num_minibatches = 2
+    summary = train_text(config)
+    result = evaluate_text_run(tmp_path / "r", samples=4, seed=config.seed)
+    assert result["prompts"] == "held-out" and result["responses"] == 4
+    assert result["score_mean"] == pytest.approx(summary["eval_score_after"], abs=1e-6)  # same episodes and noise
