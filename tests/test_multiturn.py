@@ -163,7 +163,8 @@ def test_partial_reset_restarts_only_the_selected_rows():
     single = _play(MultiTurnTextEnv(task=_task(), model="tiny"), acts, seed=7)
     for t, a in enumerate(acts):
         obs, *_ = vec.step(torch.tensor([a, A]))
-        assert obs["input_ids"][0].tolist() == single[t][0]["input_ids"].tolist()
+        for key in ("input_ids", "attention_mask", "agent_mask"):
+            assert obs[key][0].tolist() == single[t][0][key].tolist(), key
 
 
 def test_group_rows_share_the_episode():
@@ -438,3 +439,137 @@ def test_a_multi_turn_run_evaluates_from_its_directory(tmp_path):
     result = evaluate_text_run(tmp_path / "r", samples=4, seed=config.seed)
     assert result["prompts"] == "held-out" and result["responses"] == 4
     assert result["score_mean"] == pytest.approx(summary["eval_score_after"], abs=1e-6)  # same episodes and noise
+
+
+# -- edges: validation, bad results, budgets, resets, positions ---------------------------------
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_turns", 0, "max_turns must be >= 1"), ("max_turn_tokens", 0, "max_turn_tokens must be >= 1"),
+    ("kl_coef", -0.1, "kl_coef must be >= 0"), ("stop", [""], "stop strings must be non-empty"),
+    ("stop", [3], "stop strings must be non-empty"), ("reply_format", " no reply ", "must contain '{reply}'"),
+])
+def test_task_validation_names_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        MultiTurnTextEnv(task=_task(**{field: value}), model="tiny")
+    MultiTurnTextEnv(task=_task(max_turns=1, max_turn_tokens=1, kl_coef=0.0), model="tiny")  # the bounds are valid
+
+
+@pytest.mark.parametrize("result,message", [
+    ("just text", r"must return \(reply, reward, done\)"), ((3, 0.0, False), "reply must be a string or None"),
+    (("x", True, False), "reward must be a number, got True"), (("x", "1", False), "reward must be a number"),
+    (("x", [1], False), "reward must be a number"),
+])
+def test_a_bad_respond_result_is_a_reward_error(result, message):
+    env = MultiTurnTextEnv(task=FunctionTask(respond=lambda h: result, prompts=["hi"]), model="tiny")
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match=message):
+        env.step(EOS)
+
+
+def test_a_reward_error_from_respond_passes_through_unchanged():
+    def respond(history):
+        raise RewardError("my own message")
+
+    env = MultiTurnTextEnv(task=FunctionTask(respond=respond, prompts=["hi"]), model="tiny")
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match="^my own message$"):
+        env.step(EOS)
+
+
+def test_turn_defaults_and_task_defaults():
+    assert Turn("x") == ("x", 0.0, False)
+    assert not _task().has_held_out and Calculator().has_held_out
+    with pytest.raises(NotImplementedError):
+        from textenv.multiturn import MultiTurnTask
+
+        MultiTurnTask().new_episode(np.random.default_rng(0))
+
+
+def test_bad_steps_fail_clearly():
+    env = MultiTurnTextVectorEnv(num_envs=2, task=_task(), model="tiny")
+    with pytest.raises(RuntimeError, match="before reset"):
+        env._gen.step(torch.tensor([A, A]))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="expected 2 actions"):
+        env.step(torch.tensor([A, A, A]))
+    vocab = env.single_action_space.n
+    with pytest.raises(ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"):
+        env.step(torch.tensor([A, vocab]))
+    assert env.single_observation_space["input_ids"].high.max() == vocab - 1
+    assert env.single_observation_space["agent_mask"].high.max() == 1
+    assert env.single_observation_space["attention_mask"].high.max() == 1
+
+
+def test_a_reply_that_leaves_exactly_one_token_fits():
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], max_context_tokens=8, max_turn_tokens=3,
+                        reply_format=" {reply} ")
+    env = MultiTurnTextEnv(task=task, model="tiny")
+    steps = _play(env, [A, A, A, B_], seed=0)
+    assert not steps[2][2] and steps[2][0]["attention_mask"].sum() - steps[0][0]["attention_mask"].sum() == 6
+    assert steps[3][2] and steps[3][3]["end_reason"] == "context"  # 3 + 4 + 1 = 8 tokens: the context is full
+
+
+def test_a_turn_cut_by_the_context_is_not_answered():
+    calls = []
+    task = FunctionTask(respond=lambda h: calls.append(1) or ("ok", 1.0, False), prompts=["hi"], max_context_tokens=5,
+                        max_turn_tokens=10)
+    _, _, terminated, info = _play(MultiTurnTextEnv(task=task, model="tiny"), [A] * 5, seed=0)[-1]
+    assert terminated and info["end_reason"] == "context" and info["score"] == 0.0 and calls == []
+
+
+def test_a_second_reset_starts_clean():
+    env = MultiTurnTextEnv(task=_task(), model="tiny")
+    acts = [A, EOS, B_, A, EOS, A, EOS]
+    _play(env, [A, A, EOS, B_], seed=3)  # a finished turn with a reward, another under way
+    again = _play(env, acts, seed=4)
+    fresh = _play(MultiTurnTextEnv(task=_task(), model="tiny"), acts, seed=4)
+    for (o1, r1, t1, i1), (o2, r2, t2, i2) in zip(again, fresh):
+        assert all(np.array_equal(o1[k], o2[k]) for k in o1) and r1 == pytest.approx(r2) and t1 == t2
+        assert {k: v for k, v in i1.items() if k != "ref_logprobs"} == {k: v for k, v in i2.items() if k != "ref_logprobs"}
+
+
+def test_response_text_and_render_are_the_decoded_conversation():
+    env = MultiTurnTextEnv(task=_task(), model="tiny", render_mode="ansi")
+    _, info = env.reset(seed=0)
+    steps = _play(env, [A, A, EOS, B_, A, A, A, A, EOS], seed=0)
+    assert steps[-1][3]["response_text"] == "aa ok baaa okok a"
+    assert env.render() == info["prompt"] + "aa ok baaa okok a"
+
+
+def test_a_template_without_the_eos_text_falls_back_to_the_reply_format():
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format=" {reply} ", max_turn_tokens=2)
+    env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
+    env.reset(seed=0)
+    env.step(B_)
+    obs, *_ = env.step(EOS)
+    ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
+    assert tok.decode(ids).endswith("b<eos> ok ")
+
+
+def test_rows_ending_together_with_different_lengths_on_an_absolute_position_model(tmp_path):
+    """The reference's one forward at the end: rows of different lengths, on GPT-2 (absolute
+    positions), give each row's unpadded log-probs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_text_trust import _tiny_gpt2_dir
+
+    path = _tiny_gpt2_dir(tmp_path, dropout=0.0)
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    task = FunctionTask(respond=lambda h: ("ok" + "k" * len(h[-1]["content"]), 0.0, len(h) > 3), prompts=["hi", "yo x"],
+                        max_prompt_tokens=6, max_context_tokens=24, reply_format=" {reply} ")
+    vec = MultiTurnTextVectorEnv(num_envs=2, task=task, model=model, tokenizer=tok)
+    vec.reset(seed=0)
+    for a in ([EOS, A], [A, A], [A, EOS], [EOS, EOS]):  # both rows end at the 4th step
+        obs, _, terminated, _, info = vec.step(torch.tensor(a))
+    assert terminated.all() and len(set(vec.conversation_lengths.tolist())) == 2
+    for i in range(2):
+        real = obs["attention_mask"][i].bool()
+        ids = obs["input_ids"][i][real][None]
+        agent = obs["agent_mask"][i][real].bool()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+        cols = agent.nonzero().squeeze(1).tolist()
+        expected = [logp[c - 1, ids[0, c]].item() for c in cols]
+        np.testing.assert_allclose(info["ref_logprobs"][i, : len(cols)].numpy(), expected, atol=1e-5)

@@ -278,7 +278,6 @@ class _Conversation(_Generation):
                 self.histories[r].append({"role": self.task.reply_role, "content": turn.reply})
         for r in ended:
             self.done_host[r] = True
-        self.done = torch.as_tensor(self.done_host, device=self.device)
         self.all_done = bool(self.done_host.all())
         ended_now = np.zeros(self.batch_size, dtype=bool)
         ended_now[ended] = True
@@ -289,11 +288,8 @@ class _Conversation(_Generation):
             ref_lps = self._agent_ref_logprobs(ended)
             reward = reward.index_add(0, idx, self.kl_coef * ref_lps.sum(1))
             texts = [self.conversation_text(r) for r in ended]
-            for r, text in zip(ended, texts):
-                self.responses[r] = text
             self.scores[idx] = torch.tensor(self.score_host[ended], dtype=torch.float32, device=self.device)
             end_info = {"rows": ended, "ref_logprobs": ref_lps, "texts": texts}
-        self.steps += 1
         as_t = lambda x: torch.as_tensor(x, device=self.device)  # noqa: E731
         return reward, as_t(ended_now), reward.new_tensor(turn_reward), as_t(turn_ended), end_info
 
