@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = ROOT / "benchmarks" / "results" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for r in runs:  # everything the report is made of, to re-render or re-plot it
+        r["summary"].pop("run_dir", None)  # a temporary directory, gone by now
         atomic_write_text(raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json", json.dumps(r) + "\n")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv)
