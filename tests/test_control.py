@@ -87,3 +87,14 @@ def test_the_classic_trainer_on_the_torch_env_equals_it_on_gymnasiums(tmp_path):
     assert summaries[0]["train_return_last100"] == summaries[1]["train_return_last100"]
     policy_keys = [k for k in params[0] if k.startswith("policy.")]
     assert policy_keys and all(torch.equal(params[0][k], params[1][k]) for k in policy_keys)
+
+
+def test_row_seeds_are_seed_plus_row_or_the_list_given():
+    from textenv.arrays import row_seeds
+
+    assert row_seeds(5, 3) == [5, 6, 7] and row_seeds([9, 1], 2) == [9, 1]
+    with pytest.raises(ValueError, match="expected 3 seeds, got 2"):
+        TorchCartPole(num_envs=3).reset(seed=[1, 2])
+    a, _ = TorchCartPole(num_envs=2).reset(seed=[4, 9])
+    b, _ = TorchCartPole(num_envs=2).reset(seed=4)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])

@@ -33,3 +33,12 @@ def as_arrays(x: Any, arrays: str) -> Any:
     if isinstance(x, tuple):
         return tuple(as_arrays(v, arrays) for v in x)
     return x
+
+
+def row_seeds(seed: int | list[int], num_envs: int) -> list[int]:
+    """One seed per row: ``seed + i`` for an int (row ``i`` then replays a single env seeded
+    ``seed + i``), or the list given, which must have ``num_envs`` entries."""
+    seeds = [seed + i for i in range(num_envs)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != num_envs:
+        raise ValueError(f"expected {num_envs} seeds, got {len(seeds)}")
+    return seeds

@@ -29,7 +29,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from textenv.device import resolve_device
-from textenv.arrays import as_arrays
+from textenv.arrays import as_arrays, row_seeds
 
 
 class TorchControlVectorEnv(gym.vector.VectorEnv):
@@ -86,9 +86,7 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if seed is not None:
-            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+            seeds = row_seeds(seed, self.num_envs)
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
             self._gen.manual_seed(seeds[0])
         if options:

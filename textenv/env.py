@@ -22,7 +22,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.arrays import as_arrays, selected_rows
+from textenv.arrays import as_arrays, row_seeds, selected_rows
 from textenv.device import set_torch_threads
 from textenv.models import (cache_kwargs, disable_dropout, ensure_pad_token, load_causal_lm, output_cache,
                             resolve_device)
@@ -542,9 +542,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         rows = self._reset_rows(options.get("reset_mask"))
         partial = len(rows) < self.num_envs
         if seed is not None:
-            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+            seeds = row_seeds(seed, self.num_envs)
             for i in rows:
                 self._rngs[i] = seeding.np_random(seeds[i])[0]
         group = int(options.get("group_size", 1))

@@ -42,7 +42,7 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.device import set_torch_threads
-from textenv.arrays import as_arrays, selected_rows
+from textenv.arrays import as_arrays, row_seeds, selected_rows
 from textenv.env import _Generation, _GenerationAccess, check_temperature, frozen_reference
 from textenv.models import resolve_device
 from textenv.rewards import RewardError
@@ -454,9 +454,7 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
         options = options or {}
         rows = selected_rows(options.get("reset_mask"), self.num_envs)
         if seed is not None:
-            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+            seeds = row_seeds(seed, self.num_envs)
             for i in rows:
                 self._rngs[i] = seeding.np_random(seeds[i])[0]
         group = int(options.get("group_size", 1))
