@@ -25,6 +25,7 @@ from textenv.agents.device import resolve_device
 from textenv.agents.envs import (
     Vectorization,
     env_spec,
+    is_device_env,
     load_normalization_state,
     make_vector_env,
     normalization_state,
@@ -191,11 +192,12 @@ def preset_config(env_id: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(env_id=env_id, **values)
 
 
-def make_train_envs(config: TrainConfig) -> gym.vector.VectorEnv:
+def make_train_envs(config: TrainConfig, device: torch.device | None = None) -> gym.vector.VectorEnv:
+    """The training envs; a torch env (``textenv/Torch*``) lives on ``device``, the policy's."""
     return make_vector_env(
         config.env_id, config.num_envs, vectorization=config.vectorization,
         normalize_obs=config.normalize_obs, normalize_reward=config.normalize_reward,
-        clip_obs=config.clip_obs, clip_reward=config.clip_reward, gamma=config.gamma,
+        clip_obs=config.clip_obs, clip_reward=config.clip_reward, gamma=config.gamma, device=device,
     )
 
 
@@ -235,7 +237,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
             raise ValueError(f"--resume {resume} is a run of {saved.env_id}, not {config.env_id}")
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")
-    envs = make_train_envs(config)  # before the run directory: an env that cannot be built leaves none behind
+    on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
+    envs = make_train_envs(config, device if on_device else None)  # before the run directory: an env that cannot be built leaves none behind
     run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume)
     envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
@@ -251,10 +254,12 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     act_buf = torch.zeros((T, N, *act_shape), device=device, dtype=torch.float32 if policy.continuous else torch.long)
     logp_buf = torch.zeros((T, N), device=device)
     val_buf = torch.zeros((T, N), device=device)
-    rew_np = np.zeros((T, N), dtype=np.float32)
-    term_np = np.zeros((T, N), dtype=np.float32)
-    ended_np = np.zeros((T, N), dtype=np.float32)
-    valid_np = np.zeros((T, N), dtype=np.float32)
+    rew_buf, term_buf, ended_buf, valid_buf = (torch.zeros((T, N), device=device) for _ in range(4))
+    # Finished episodes' returns and lengths, read on the host once per iteration.
+    ep_return = torch.zeros((T, N), dtype=torch.float64, device=device)
+    ep_length = torch.zeros((T, N), dtype=torch.long, device=device)
+    ep_done = torch.zeros((T, N), dtype=torch.bool, device=device)
+    finite = torch.ones((T, 2), dtype=torch.bool, device=device)  # reward, observation of each step
 
     num_iterations = max(1, config.total_timesteps // config.batch_size)
     schedule = LinearLR(config.learning_rate, num_iterations, enabled=config.anneal_lr)
@@ -274,7 +279,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     # With next-step autoreset the step after an episode's end only resets: its action is
     # ignored and it pays nothing, so it is no transition of the MDP and is masked out.
-    prev_ended = np.zeros(N, dtype=bool)
+    prev_ended = torch.zeros(N, dtype=torch.bool, device=device)
+
+    def as_t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=dtype, device=device)
     start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
     start_step, start_clock = global_step, time.perf_counter()
 
@@ -295,41 +303,42 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                      unit="step", dynamic_ncols=True) as bar:
             for iteration in range(first_iteration, num_iterations + 1):
                 lr = schedule.apply(optimizer, iteration)
-                iter_returns: list[float] = []
-                iter_lengths: list[int] = []
+                ep_done.zero_()
 
                 policy.eval()
                 for t in range(T):
                     obs_buf[t] = next_obs_t
-                    valid_np[t] = ~prev_ended
+                    valid_buf[t] = ~prev_ended
                     with torch.inference_mode():
                         action, logprob, value = policy.act(next_obs_t)
                     act_buf[t] = action
                     logp_buf[t] = logprob
                     val_buf[t] = value
-                    next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                    if not (np.isfinite(reward).all() and np.isfinite(next_obs).all()):
-                        what = "reward" if not np.isfinite(reward).all() else "observation"
-                        raise ValueError(f"{config.env_id} returned a non-finite {what} at step {global_step + (t + 1) * N}")
-                    rew_np[t] = reward
-                    term_np[t] = terminated
-                    ended = np.logical_or(terminated, truncated)
-                    ended_np[t] = ended
-                    prev_ended = ended
-                    next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+                    next_obs, reward, terminated, truncated, info = envs.step(
+                        action if on_device else action.cpu().numpy())
+                    reward, next_obs_t = as_t(reward, torch.float32), as_t(next_obs, torch.float32)
+                    # Checked on the device and read once per iteration: no host sync per step.
+                    finite[t, 0], finite[t, 1] = reward.isfinite().all(), next_obs_t.isfinite().all()
+                    if not on_device and not bool(finite[t].all()):  # host envs: stop at the bad step
+                        check_finite(finite, config.env_id, global_step, N)
+                    rew_buf[t] = reward
+                    term_buf[t] = as_t(terminated)
+                    prev_ended = as_t(terminated, torch.bool) | as_t(truncated, torch.bool)
+                    ended_buf[t] = prev_ended
                     if "_episode" in info:
-                        done = info["_episode"]
-                        iter_returns.extend(info["episode"]["r"][done].tolist())
-                        iter_lengths.extend(info["episode"]["l"][done].tolist())
+                        ep_done[t] = as_t(info["_episode"])
+                        ep_return[t] = as_t(info["episode"]["r"], torch.float64)
+                        ep_length[t] = as_t(info["episode"]["l"], torch.long)
+                check_finite(finite, config.env_id, global_step, N)
+                # Episodes in step order, rows in order within a step, as the envs report them.
+                iter_returns: list[float] = ep_return[ep_done].tolist()
+                iter_lengths: list[int] = ep_length[ep_done].tolist()
                 global_step += config.batch_size
 
                 with torch.inference_mode():
                     last_value = policy.value(next_obs_t)
-                rewards = torch.from_numpy(rew_np).to(device)
-                valid = torch.from_numpy(valid_np).to(device)
                 advantages, returns = gae(
-                    rewards, val_buf, last_value, torch.from_numpy(term_np).to(device),
-                    torch.from_numpy(ended_np).to(device), config.gamma, config.gae_lambda,
+                    rew_buf, val_buf, last_value, term_buf, ended_buf, config.gamma, config.gae_lambda,
                 )
                 batch = {
                     "obs": obs_buf.reshape(-1, *obs_shape),
@@ -338,7 +347,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                     "values": val_buf.reshape(-1),
                     "advantages": advantages.reshape(-1),
                     "returns": returns.reshape(-1),
-                    "mask": valid.reshape(-1),
+                    "mask": valid_buf.reshape(-1),
                 }
                 policy.train()
                 stats = ppo_update(
@@ -403,6 +412,15 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
             "eval_episodes": len(eval_returns),
         }
     return run.finish(summary)
+
+
+def check_finite(finite: torch.Tensor, env_id: str, global_step: int, num_envs: int) -> None:
+    """Raise naming the first step whose reward or observation was not finite (``finite``: ``[T, 2]``)."""
+    if bool(finite.all()):
+        return
+    t, what = (~finite).nonzero()[0].tolist()
+    raise ValueError(f"{env_id} returned a non-finite {('reward', 'observation')[what]} at step "
+                     f"{global_step + (t + 1) * num_envs}")
 
 
 def evaluate_policy(
@@ -503,6 +521,22 @@ def restore_training_state(
             "lr_schedule": json.loads(metadata.get("lr_schedule", "null"))}
 
 
+def single_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """One env's (flattened) observation space and action space, without stepping anything."""
+    from textenv.control import torch_control_class
+
+    cls = torch_control_class(env_id)  # vector-only ids: the class carries its spaces
+    if cls is not None:
+        obs_space, action_space = cls.single_observation_space, cls.single_action_space
+    else:
+        env = gym.make(env_id)
+        obs_space, action_space = env.observation_space, env.action_space
+        env.close()
+    if not isinstance(obs_space, gym.spaces.Box):
+        obs_space = gym.spaces.flatten_space(obs_space)
+    return obs_space, action_space
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:
     """Rebuild ``(policy, normalisation state, config)`` from :func:`save_checkpoint`'s file."""
     from safetensors import safe_open
@@ -516,12 +550,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
         raise ValueError(f"{path} is not a checkpoint of the classic PPO trainer")
     config = _config_from_dict(json.loads(metadata["config"]))
     tensors = load_file(str(path), device="cpu")
-    env = gym.make(config.env_id)
-    obs_space = env.observation_space
-    if not isinstance(obs_space, gym.spaces.Box):
-        obs_space = gym.spaces.flatten_space(obs_space)
-    policy = MLPActorCritic(obs_space, env.action_space, config.hidden_sizes, config.log_std_init)
-    env.close()
+    obs_space, action_space = single_spaces(config.env_id)
+    policy = MLPActorCritic(obs_space, action_space, config.hidden_sizes, config.log_std_init)
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     norm_state = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
     if "obs_rms.count" in norm_state:

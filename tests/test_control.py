@@ -2,6 +2,8 @@
 for a seed, observations within float tolerance over long random rollouts, the same terminations,
 truncations and autoresets), its vector API, and the on-device RNG."""
 
+import math
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -87,6 +89,12 @@ def test_the_classic_trainer_on_the_torch_env_equals_it_on_gymnasiums(tmp_path):
     assert summaries[0]["train_return_last100"] == summaries[1]["train_return_last100"]
     policy_keys = [k for k in params[0] if k.startswith("policy.")]
     assert policy_keys and all(torch.equal(params[0][k], params[1][k]) for k in policy_keys)
+    from textenv.agents.classic import evaluate_policy, load_checkpoint
+
+    policy, _, config = load_checkpoint(summaries[1]["checkpoint"])  # a vector-only id reloads too
+    assert config.env_id == "textenv/TorchCartPole-v1"
+    assert all(torch.equal(v, params[1][f"policy.{k}"]) for k, v in policy.state_dict().items())
+    assert len(evaluate_policy(policy, config.env_id, 2, seed=0)) == 2
 
 
 def test_row_seeds_are_seed_plus_row_or_the_list_given():
@@ -98,3 +106,66 @@ def test_row_seeds_are_seed_plus_row_or_the_list_given():
     a, _ = TorchCartPole(num_envs=2).reset(seed=[4, 9])
     b, _ = TorchCartPole(num_envs=2).reset(seed=4)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("env_id", ["textenv/TorchPendulum-v1", "textenv/TorchCartPole-v1"])
+def test_the_torch_wrappers_equal_gymnasiums_on_the_same_stream(env_id):
+    """Episode statistics, action clipping, observation and reward normalisation (with clipping):
+    the on-device wrapper stack against Gymnasium's numpy one, over several autoresets."""
+    from textenv.agents.envs import load_normalization_state, make_vector_env, normalization_state
+
+    kw = dict(normalize_obs=True, normalize_reward=True, clip_obs=1.5, clip_reward=2.0, gamma=0.9)
+    host = make_vector_env(env_id, 3, **kw)
+    dev = make_vector_env(env_id, 3, device="cpu", **kw)
+    h_obs, _ = host.reset(seed=7)
+    d_obs, _ = dev.reset(seed=7)
+    assert isinstance(d_obs, torch.Tensor)
+    np.testing.assert_allclose(d_obs.numpy(), h_obs, rtol=1e-5, atol=1e-6)
+    episodes, clipped = 0, False
+    for a in _random_actions(host.unwrapped.single_action_space, 3, 450, seed=3):
+        h = host.step(a)
+        d = dev.step(torch.as_tensor(a))
+        for x, y in zip(d[:4], h[:4]):
+            np.testing.assert_allclose(x.numpy(), y, rtol=1e-5, atol=1e-5)
+        clipped |= bool((np.abs(h[0]) == 1.5).any() or (np.abs(h[1]) == 2.0).any())
+        if "_episode" in h[4]:
+            done = h[4]["_episode"]
+            episodes += int(done.sum())
+            assert np.array_equal(d[4]["_episode"].numpy(), done)
+            np.testing.assert_allclose(d[4]["episode"]["r"].numpy()[done], h[4]["episode"]["r"][done], rtol=1e-6)
+            assert np.array_equal(d[4]["episode"]["l"].numpy()[done], h[4]["episode"]["l"][done])
+        else:
+            assert not d[4]["_episode"].any()
+    assert episodes >= 3 and clipped  # the stream crossed autoresets and hit both clips
+    h_state, d_state = normalization_state(host), normalization_state(dev)
+    assert sorted(h_state) == sorted(d_state)
+    for k in h_state:
+        np.testing.assert_allclose(d_state[k], h_state[k], rtol=1e-5)
+    fresh = make_vector_env(env_id, 3, device="cpu", **kw)
+    load_normalization_state(fresh, h_state, freeze=True)
+    assert normalization_state(fresh).keys() == h_state.keys()
+    for k, v in normalization_state(fresh).items():
+        np.testing.assert_allclose(v, np.asarray(h_state[k], dtype=np.float64).reshape(v.shape), rtol=1e-6)
+    before = normalization_state(fresh)["obs_rms.mean"].copy()
+    fresh.reset(seed=0)
+    assert np.array_equal(normalization_state(fresh)["obs_rms.mean"], before)  # frozen
+
+
+class _NaNAfter(TorchCartPole):
+    def dynamics(self, state, action):
+        state, reward, terminated = super().dynamics(state, action)
+        self.calls = getattr(self, "calls", 0) + 1
+        return state, reward * (math.nan if self.calls > 40 else 1.0), terminated
+
+
+def test_a_non_finite_reward_on_the_device_path_stops_at_the_named_step(tmp_path):
+    from textenv.agents.classic import preset_config, train
+
+    if "test/NaNTorchCartPole-v1" not in gym.registry:
+        gym.register("test/NaNTorchCartPole-v1", vector_entry_point=_NaNAfter)
+    config = preset_config("test/NaNTorchCartPole-v1", total_timesteps=4096,
+                           num_envs=2, num_steps=32, runs_dir=str(tmp_path), eval_episodes=0, progress=False,
+                           tensorboard=False)
+    # the 41st step of the envs is the 9th of the second rollout: step 64 + 9 * 2
+    with pytest.raises(ValueError, match=r"test/NaNTorchCartPole-v1 returned a non-finite reward at step 82$"):
+        train(config)

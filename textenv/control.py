@@ -123,7 +123,10 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
             a = a.reshape(-1).long()
             if a.shape != (self.num_envs,):
                 raise ValueError(f"expected {self.num_envs} actions, got shape {tuple(a.shape)}")
-            if bool(((a < 0) | (a >= self.single_action_space.n)).any()):
+            # Checked for host input; a tensor already on an accelerator (the policy's own samples)
+            # is trusted, since reading the check back would stall every step on the host.
+            on_host = not isinstance(actions, torch.Tensor) or actions.device.type == "cpu"
+            if on_host and bool(((a < 0) | (a >= self.single_action_space.n)).any()):
                 raise ValueError(f"actions must be in Discrete({self.single_action_space.n}), got {a.tolist()[:8]}")
             return a
         a = a.to(torch.float64).reshape(self.num_envs, -1)
@@ -311,8 +314,20 @@ TORCH_CONTROL = {f"Torch{cls.gym_id}": cls for cls in (TorchCartPole, TorchAcrob
 """Registered as ``textenv/Torch<Gymnasium id>`` (``textenv/TorchCartPole-v1``, ...)."""
 
 
+def torch_control_class(env_id: str) -> type[TorchControlVectorEnv] | None:
+    """The :class:`TorchControlVectorEnv` subclass registered as ``env_id``'s vector entry point
+    (``textenv/Torch*``, or a user's own subclass), or None for any other id."""
+    spec = gym.envs.registration.registry.get(env_id)
+    entry = spec.vector_entry_point if spec is not None else None
+    if isinstance(entry, str):
+        if ":" not in entry:
+            return None
+        entry = gym.envs.registration.load_env_creator(entry)
+    return entry if isinstance(entry, type) and issubclass(entry, TorchControlVectorEnv) else None
+
+
 def gymnasium_twin(env_id: str) -> str | None:
     """The Gymnasium id whose dynamics ``env_id`` runs (``"textenv/TorchCartPole-v1"`` ->
     ``"CartPole-v1"``), or None for any other id."""
-    cls = TORCH_CONTROL.get(env_id.removeprefix("textenv/"))
-    return cls.gym_id if cls is not None and env_id.startswith("textenv/") else None
+    cls = torch_control_class(env_id)
+    return cls.gym_id or None if cls is not None else None
