@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators clean
+.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-classic: $(VENV)/.installed
 
 bench-cartpole-solve: $(VENV)/.installed
 	$(PY) -m benchmarks.cartpole_solve --seeds 1 2 3 4 5
+
+# Every CUDA check in one run (tests, on-device envs, classic and text PPO throughput); on a
+# machine without CUDA it runs its CPU fallback and says so in the result file.
+bench-gpu: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu
 
 bench-textenv: $(VENV)/.installed
 	$(PY) -m benchmarks.textenv_throughput --batch-sizes 1 8 32 --max-new-tokens 24 --repeats 6

@@ -43,6 +43,10 @@ class ThroughputConfig:
     """auto, cpu or cuda"""
     threads: int = 0
     """torch threads (0: torch's default)"""
+    dtype: str = "auto"
+    """model weights: auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32"""
+    hf_generate: bool = True
+    """also time transformers' ``generate`` (sampling, EOS suppressed) at the same batch and length"""
     out: str = "benchmarks/results/textenv_throughput.md"
     """markdown table to write"""
 
@@ -75,6 +79,12 @@ def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generat
         cache = output_cache(out)
 
 
+@torch.inference_mode()
+def hf_generate(model, prompt_ids, prompt_mask, steps: int, tokenizer) -> None:
+    model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=steps, min_new_tokens=steps,
+                   do_sample=True, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+
+
 def env_episode(envs, steps: int, vocab: int, generator: torch.Generator) -> int:
     envs.reset(seed=0)
     n = 0
@@ -98,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model, device=device)
+    if args.dtype not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --dtype must be auto, bf16 or fp32, got {args.dtype!r}")
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, tokenizer = load_causal_lm(args.model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     rows = []
     for bs in args.batch_sizes:
@@ -109,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         envs.reset(seed=0)
         prompt_ids = envs._gen.ids[:, : envs._gen.P].clone()
         prompt_mask = envs._gen.mask[:, : envs._gen.P].clone()
-        times = {"env": [], "bare": []}
+        sides = ("env", "bare", "generate") if args.hf_generate else ("env", "bare")
+        times = {side: [] for side in sides}
         for rep in range(args.repeats + 1):
-            for side in (("bare", "env") if rep % 2 else ("env", "bare")):  # alternate to cancel order effects
+            for side in (sides[::-1] if rep % 2 else sides):  # alternate to cancel order effects
                 _sync(device)
                 start = time.perf_counter()
                 if side == "env":
                     env_episode(envs, args.max_new_tokens, vocab, gen)
+                elif side == "generate":
+                    hf_generate(model, prompt_ids, prompt_mask, args.max_new_tokens, tokenizer)
                 else:
                     bare_episode(model, prompt_ids, prompt_mask, args.max_new_tokens, vocab, gen)
                 _sync(device)
@@ -123,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                     times[side].append(time.perf_counter() - start)
         tokens = bs * args.max_new_tokens
         env_s, bare_s = statistics.median(times["env"]), statistics.median(times["bare"])
-        rows.append((bs, tokens / bare_s, tokens / env_s, env_s / bare_s - 1.0))
+        gen_tps = tokens / statistics.median(times["generate"]) if args.hf_generate else float("nan")
+        rows.append((bs, tokens / bare_s, tokens / env_s, env_s / bare_s - 1.0, gen_tps))
         print(f"batch {bs}: bare {tokens / bare_s:.0f} tok/s, env {tokens / env_s:.0f} tok/s, "
               f"overhead {100 * (env_s / bare_s - 1):.1f}%", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -132,14 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python -m benchmarks.textenv_throughput {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
-        f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, loaded in "
+        f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+        f"{str(dtype).removeprefix('torch.')}, loaded in "
         f"{load_s:.0f} s), task {args.task}, {args.max_new_tokens} new tokens, random actions; device: {name}; "
         f"{platform.machine()}, torch {torch.__version__}. Median of {args.repeats} episodes after a warm-up.",
         "",
-        "| batch | bare forward (tok/s) | env step (tok/s) | env overhead |",
-        "| --- | --- | --- | --- |",
+        "`generate`: transformers' `model.generate` sampling the same number of tokens (EOS suppressed), for "
+        "reference; it samples from the model, the other two columns feed random tokens.",
+        "",
+        "| batch | bare forward (tok/s) | env step (tok/s) | env overhead | HF generate (tok/s) |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {bs} | {bare:,.0f} | {env:,.0f} | {100 * ov:+.1f}% |" for bs, bare, env, ov in rows]
+    lines += [f"| {bs} | {bare:,.0f} | {env:,.0f} | {100 * ov:+.1f}% | {g:,.0f} |" for bs, bare, env, ov, g in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -83,7 +83,7 @@ def test_the_classic_trainer_on_the_torch_env_equals_it_on_gymnasiums(tmp_path):
     summaries, params = [], []
     for env_id, vectorization in (("CartPole-v1", "sync"), ("textenv/TorchCartPole-v1", "auto")):
         config = preset_config(env_id, total_timesteps=2048, vectorization=vectorization, runs_dir=str(tmp_path),
-                               progress=False, tensorboard=False, eval_episodes=0)
+                               device="cpu", progress=False, tensorboard=False, eval_episodes=0)
         summaries.append(train(config))
         params.append(load_file(summaries[-1]["checkpoint"]))
     assert summaries[0]["train_return_last100"] == summaries[1]["train_return_last100"]

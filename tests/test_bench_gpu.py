@@ -1,0 +1,26 @@
+"""benchmarks/gpu.py must run unchanged on a GPU machine: its CPU fallback is exercised here."""
+
+import json
+
+import torch
+
+from benchmarks.gpu import main
+
+
+def test_the_gpu_benchmark_runs_its_cpu_fallback_and_writes_every_section(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    code = main(["--quick", "--device", "cpu", "--sections", "tests", "control", "classic", "--out", str(out)])
+    text = out.read_text()
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert code == 0 and "errors" not in raw, raw.get("errors")
+    assert "CPU fallback run" in text and "## Classic PPO training throughput" in text
+    assert [r["num_envs"] for r in raw["control"] if r["env"] == "CartPole-v1"] == [1, 64]
+    assert all(r["torch"] > 0 and r["gymnasium"] > 0 for r in raw["control"])
+    assert [r["num_envs"] for r in raw["classic"]] == [16, 64]
+    if not torch.cuda.is_available():
+        assert "skipped" in raw["gpu_tests"]["summary"]
+
+
+def test_an_unknown_section_is_a_one_line_error(tmp_path, capsys):
+    assert main(["--sections", "nope", "--out", str(tmp_path / "x.md")]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text"
