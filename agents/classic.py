@@ -121,17 +121,20 @@ def _ppo(**kw: Any) -> PPOConfig:
     return PPOConfig(**kw)
 
 
-# Tuned presets. CartPole's is tuned for wall time to a solved policy; Acrobot follows
-# CleanRL's ppo.py; Pendulum follows rl-baselines3-zoo; MuJoCo follows CleanRL's
-# ppo_continuous_action.py (1M steps), the budget its published results use.
+# Tuned presets. CartPole's is tuned for wall time to a solved policy on a small CPU, chosen by
+# benchmarks/preset_sweep.py (results/sweep_CartPole-v1.md): many envs per policy forward, few
+# steps per rollout, few large minibatches, and no value clipping (returns reach ~100, and
+# clipping V's change to ±0.2 per update slowed the critic; with it 2-4 of 10 seeds missed 500).
+# Acrobot follows CleanRL's ppo.py; Pendulum follows rl-baselines3-zoo; MuJoCo follows
+# CleanRL's ppo_continuous_action.py (1M steps), the budget its published results use.
 _MUJOCO = dict(
     total_timesteps=1_000_000, num_envs=1, num_steps=2048, learning_rate=3e-4, gamma=0.99, gae_lambda=0.95,
     ppo=_ppo(update_epochs=10, num_minibatches=32, ent_coef=0.0), normalize_obs=True, normalize_reward=True,
 )
 PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": dict(
-        total_timesteps=120_000, num_envs=16, num_steps=32, learning_rate=2e-3, gamma=0.98, gae_lambda=0.8,
-        ppo=_ppo(update_epochs=10, num_minibatches=2, ent_coef=0.0),
+        total_timesteps=98_304, num_envs=128, num_steps=16, learning_rate=3e-3, gamma=0.99, gae_lambda=0.9,
+        ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
     "Acrobot-v1": dict(
         total_timesteps=500_000, num_envs=4, num_steps=128, learning_rate=2.5e-4, gamma=0.99, gae_lambda=0.95,
@@ -149,6 +152,19 @@ CLEANRL_DISCRETE: dict[str, Any] = dict(
     num_envs=4, num_steps=128, learning_rate=2.5e-4, gamma=0.99, gae_lambda=0.95,
     ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.01),
 )
+
+
+PRESET_FAMILIES = ("tuned", "cleanrl")
+
+
+def cleanrl_family(env_id: str) -> tuple[str, dict[str, Any]]:
+    """CleanRL's published defaults for ``env_id``: ``ppo.py`` (500k steps) for discrete actions,
+    ``ppo_continuous_action.py`` (1M steps) for continuous ones; ``--preset cleanrl``."""
+    env_spec(env_id)  # an unknown id is a one-line error
+    _, action_space = single_spaces(env_id)
+    if isinstance(action_space, gym.spaces.Box):
+        return "CleanRL's ppo_continuous_action.py defaults (1M steps)", _MUJOCO
+    return "CleanRL's ppo.py defaults (500k steps)", dict(CLEANRL_DISCRETE, total_timesteps=500_000)
 
 
 def default_family(env_id: str) -> tuple[str, dict[str, Any]]:
@@ -183,10 +199,14 @@ def defaults_note(env_id: str) -> str | None:
     return f"note: {env_id} has no preset; it uses {family}; flags override them"
 
 
-def preset_config(env_id: str, **overrides: Any) -> TrainConfig:
-    """The tuned :class:`TrainConfig` for ``env_id`` (see :func:`default_family` for ids without
-    a preset), with overrides."""
-    values = {**default_family(env_id)[1], **overrides}
+def preset_config(env_id: str, preset: str = "tuned", **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` for ``env_id`` with overrides: ``preset="tuned"`` (default) is
+    its tuned preset (see :func:`default_family` for ids without one), ``"cleanrl"`` CleanRL's
+    defaults for its action type (:func:`cleanrl_family`)."""
+    if preset not in PRESET_FAMILIES:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESET_FAMILIES)}")
+    family = cleanrl_family if preset == "cleanrl" else default_family
+    values = {**family(env_id)[1], **overrides}
     if "ppo" in values:
         values["ppo"] = dataclasses.replace(values["ppo"])
     return TrainConfig(env_id=env_id, **values)

@@ -46,6 +46,34 @@ def test_an_env_id_without_a_preset_uses_its_familys_defaults(capsys):
     assert defaults_note("CartPole-v1") is None
 
 
+def test_preset_cleanrl_starts_from_cleanrls_defaults_and_flags_still_override(capsys):
+    from textenv.agents.classic import _MUJOCO, CLEANRL_DISCRETE, PRESETS
+
+    config, _ = train_cli.parse(["--env-id", "CartPole-v1", "--preset", "cleanrl", "--seed", "4"])
+    assert (config.num_envs, config.num_steps, config.learning_rate, config.total_timesteps, config.ppo.ent_coef,
+            config.ppo.clip_vloss, config.seed) == (
+        CLEANRL_DISCRETE["num_envs"], CLEANRL_DISCRETE["num_steps"], CLEANRL_DISCRETE["learning_rate"], 500_000,
+        0.01, True, 4)
+    config, _ = train_cli.parse(["--preset=cleanrl", "--env-id=textenv/TorchPendulum-v1", "--num-envs", "2"])
+    assert (config.num_steps, config.learning_rate, config.normalize_reward, config.num_envs) == (
+        _MUJOCO["num_steps"], _MUJOCO["learning_rate"], True, 2)
+    tuned, _ = train_cli.parse(["--env-id", "CartPole-v1"])
+    cartpole = PRESETS["CartPole-v1"]
+    assert (tuned.num_envs, tuned.num_steps) == (cartpole["num_envs"], cartpole["num_steps"])
+    code = train_cli.main(["--env-id", "CartPole-v1", "--preset", "fast"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown preset 'fast'; known: tuned, cleanrl" in err and "Traceback" not in err
+
+
+def test_preset_is_refused_with_resume(tmp_path, capsys):
+    from textenv.agents.classic import preset_config, train
+
+    summary = train(preset_config("CartPole-v1", total_timesteps=2048, runs_dir=str(tmp_path), device="cpu",
+                                  progress=False, tensorboard=False, eval_episodes=0))
+    code = train_cli.main(["--resume", summary["run_dir"], "--preset", "cleanrl"])
+    _one_line_error(code, capsys.readouterr().err, "--preset chooses a new run's starting settings")
+
+
 def _one_line_error(code: int, err: str, expected: str) -> None:
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]

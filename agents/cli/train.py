@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import tyro
 
@@ -21,15 +22,21 @@ from textenv.agents.cli._common import pop_resume, run_cli, strip_resume, with_r
 class TrainArgs(TrainConfig):
     resume: str | None = None
     """a run directory to continue from its last checkpoint; its config is the default, flags given override it"""
+    preset: Literal["tuned", "cleanrl"] = "tuned"
+    """the settings flags start from: the env id's tuned preset, or CleanRL's defaults for its action type"""
+
+
+def _flag_from_argv(argv: list[str], flag: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
 
 
 def _env_id_from_argv(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--env-id="):
-            return arg.split("=", 1)[1]
-        if arg == "--env-id" and i + 1 < len(argv):
-            return argv[i + 1]
-    return TrainConfig.env_id
+    return _flag_from_argv(argv, "--env-id", TrainConfig.env_id)
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
@@ -43,7 +50,9 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         if given != default.env_id:
             raise ValueError(f"--resume {resume} is a run of {default.env_id}, not {given}")
     else:
-        default = preset_config(_env_id_from_argv(argv))
+        default = preset_config(_env_id_from_argv(argv), preset=_flag_from_argv(argv, "--preset", "tuned"))
+    if resume is not None and any(a.startswith("--preset") for a in argv):
+        raise ValueError("--preset chooses a new run's starting settings; --resume continues the run's own")
     args = tyro.cli(TrainArgs, default=with_resume(TrainArgs, default, resume), args=argv,
                     config=(tyro.conf.OmitArgPrefixes,), description="PPO on a Gymnasium task.")
     return strip_resume(TrainConfig, args), resume
@@ -52,7 +61,8 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config, resume = parse(argv)
-        if resume is None and (note := defaults_note(config.env_id)):
+        tuned = _flag_from_argv(sys.argv[1:] if argv is None else argv, "--preset", "tuned") == "tuned"
+        if resume is None and tuned and (note := defaults_note(config.env_id)):
             print(note, file=sys.stderr, flush=True)
         summary = train(config, resume=resume)
         print(summary_line(summary), flush=True)

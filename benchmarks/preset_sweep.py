@@ -1,0 +1,176 @@
+"""The sweep that chose the fast classic-control presets: candidates × seeds, wall time and eval.
+
+    python -m benchmarks.preset_sweep --env-id CartPole-v1 --seeds 1 2 3 4 5 --jobs 2
+
+Each candidate is a set of overrides on the env's preset (``GRIDS`` below, or ``--grid FILE``
+with a JSON object ``{name: overrides}``). Every (candidate, seed) runs in its own process with
+one torch thread, ``--jobs`` at a time, without TensorBoard or checkpoints; it reports the
+training loop's wall time and the deterministic evaluation of ``--eval-episodes`` fresh
+episodes. A candidate is ranked by how many seeds reach ``--target`` first, then by its
+median training time. Timings taken two at a time on two cores are for ranking; the chosen
+preset's time to solve is then measured alone by ``benchmarks.cartpole_solve``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_FAST_DISCRETE = dict(gamma=0.98, gae_lambda=0.8, ppo=dict(ent_coef=0.0))
+GRIDS: dict[str, dict[str, dict]] = {
+    "CartPole-v1": {
+        "current": {},
+        "64x16 lr3e-3 e4 mb2 120k": dict(num_envs=64, num_steps=16, total_timesteps=122_880, learning_rate=3e-3,
+                                         ppo=dict(update_epochs=4, num_minibatches=2)),
+        "64x16 lr3e-3 e10 mb1 100k": dict(num_envs=64, num_steps=16, total_timesteps=102_400, learning_rate=3e-3,
+                                          ppo=dict(update_epochs=10, num_minibatches=1)),
+        "32x16 lr2e-3 e10 mb2 80k": dict(num_envs=32, num_steps=16, total_timesteps=81_920, learning_rate=2e-3,
+                                         ppo=dict(update_epochs=10, num_minibatches=2)),
+        "32x32 lr2e-3 e10 mb1 100k": dict(num_envs=32, num_steps=32, total_timesteps=102_400, learning_rate=2e-3,
+                                          ppo=dict(update_epochs=10, num_minibatches=1)),
+        "64x16 lr2e-3 e10 mb2 g.99 l.95 100k": dict(num_envs=64, num_steps=16, total_timesteps=102_400,
+                                                    learning_rate=2e-3, gamma=0.99, gae_lambda=0.95,
+                                                    ppo=dict(update_epochs=10, num_minibatches=2)),
+        "16x32 lr2e-3 e10 mb2 80k": dict(num_envs=16, num_steps=32, total_timesteps=81_920, learning_rate=2e-3,
+                                         ppo=dict(update_epochs=10, num_minibatches=2)),
+        "128x8 lr3e-3 e8 mb1 120k": dict(num_envs=128, num_steps=8, total_timesteps=122_880, learning_rate=3e-3,
+                                         ppo=dict(update_epochs=8, num_minibatches=1)),
+    },
+}
+
+
+@dataclass
+class SweepConfig:
+    """Candidates × seeds for one env id; a markdown table of solved seeds and wall times."""
+
+    env_id: str = "CartPole-v1"
+    """env id whose preset the candidates override"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """seeds per candidate"""
+    jobs: int = 2
+    """runs at a time (one torch thread each)"""
+    grid: str | None = None
+    """a JSON file {name: overrides} instead of the built-in grid"""
+    only: tuple[str, ...] = ()
+    """run only these candidates of the grid"""
+    target: float = 500.0
+    """mean evaluation return that counts as solved"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes after training"""
+    out: str | None = None
+    """markdown file (default: benchmarks/results/sweep_<env>.md)"""
+    worker: str | None = None
+    """internal: run one (JSON overrides) and print its result"""
+    seed: int = 1
+    """internal: the worker's seed"""
+
+
+def _worker(env_id: str, overrides: dict, seed: int, eval_episodes: int) -> dict:
+    import torch
+
+    from textenv.agents.classic import preset_config, train
+
+    torch.set_num_threads(1)
+    overrides = dict(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = preset_config(env_id)
+        if "ppo" in overrides:
+            import dataclasses
+
+            overrides["ppo"] = dataclasses.replace(base.ppo, **overrides["ppo"])
+        config = preset_config(env_id, seed=seed, runs_dir=tmp, progress=False, tensorboard=False,
+                               save_checkpoint=False, eval_episodes=eval_episodes, device="cpu", **overrides)
+        summary = train(config)
+    return {"seed": seed, "eval": summary["eval_return_mean"], "train_s": summary["wall_time_s"],
+            "steps": summary["global_step"]}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {**base, **extra}
+    if "ppo" in base or "ppo" in extra:
+        out["ppo"] = {**base.get("ppo", {}), **extra.get("ppo", {})}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    args = tyro.cli(SweepConfig, args=argv)
+    if args.worker is not None:
+        result = _worker(args.env_id, json.loads(args.worker), args.seed, args.eval_episodes)
+        print(json.dumps(result), flush=True)
+        return 0
+    if args.grid:
+        grid = json.loads(Path(args.grid).read_text())
+    elif args.env_id in GRIDS:
+        grid = {name: (_merge(_FAST_DISCRETE, o) if o else o) for name, o in GRIDS[args.env_id].items()}
+    else:
+        print(f"error: no built-in grid for {args.env_id!r}; pass --grid FILE", file=sys.stderr)
+        return 2
+    if args.only:
+        missing = [n for n in args.only if n not in grid]
+        if missing:
+            print(f"error: no candidate {missing[0]!r}; known: {', '.join(grid)}", file=sys.stderr)
+            return 2
+        grid = {n: grid[n] for n in args.only}
+
+    def one(item: tuple[str, int]) -> tuple[str, dict]:
+        name, seed = item
+        cmd = [sys.executable, "-m", "benchmarks.preset_sweep", "--env-id", args.env_id, "--worker",
+               json.dumps(grid[name]), "--seed", str(seed), "--eval-episodes", str(args.eval_episodes)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            return name, {"seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name} seed {seed}: eval {result['eval']:.1f}, train {result['train_s']:.2f} s", file=sys.stderr,
+              flush=True)
+        return name, result
+
+    start = time.perf_counter()
+    items = [(name, seed) for name in grid for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(one, items))
+    by_name: dict[str, list[dict]] = {name: [] for name in grid}
+    for name, r in results:
+        by_name[name].append(r)
+    rows = []
+    for name, rs in by_name.items():
+        ok = [r for r in rs if "error" not in r]
+        solved = sum(r["eval"] >= args.target for r in ok)
+        train_s = statistics.median(r["train_s"] for r in ok) if ok else float("nan")
+        rows.append((-solved, train_s, name, rs, ok))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    command = "python -m benchmarks.preset_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"# Preset sweep: {args.env_id}", "", f"Command: `{command}`", "",
+             f"{len(args.seeds)} seeds per candidate, {args.jobs} runs at a time on this machine (one torch thread "
+             f"each; times are for ranking), deterministic evaluation on {args.eval_episodes} fresh episodes; "
+             f"solved: mean return ≥ {args.target:g}. Overrides are on top of the env's preset. "
+             f"Sweep wall time {time.perf_counter() - start:.0f} s.", "",
+             "| candidate | solved | train s (median) | steps | eval returns | overrides |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for neg_solved, train_s, name, rs, ok in rows:
+        evals = ", ".join(f"{r['eval']:.0f}" if "error" not in r else "error" for r in rs)
+        steps = ok[0]["steps"] if ok else "—"
+        lines.append(f"| {name} | {-neg_solved} of {len(rs)} | {train_s:.2f} | {steps} | {evals} | "
+                     f"`{json.dumps(grid[name])}` |")
+    out = ROOT / (args.out or f"benchmarks/results/sweep_{args.env_id.split('/')[-1]}.md")
+    from textenv.agents.runlog import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
