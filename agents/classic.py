@@ -125,8 +125,9 @@ def _ppo(**kw: Any) -> PPOConfig:
 # benchmarks/preset_sweep.py (results/sweep_CartPole-v1.md): many envs per policy forward, few
 # steps per rollout, few large minibatches, and no value clipping (returns reach ~100, and
 # clipping V's change to ±0.2 per update slowed the critic; with it 2-4 of 10 seeds missed 500).
-# Acrobot follows CleanRL's ppo.py; Pendulum follows rl-baselines3-zoo; MuJoCo follows
-# CleanRL's ppo_continuous_action.py (1M steps), the budget its published results use.
+# Acrobot's and Pendulum's come from the same kind of sweep (results/sweep_<env>.md; Pendulum
+# started from rl-baselines3-zoo's settings without gSDE); MuJoCo follows CleanRL's ppo_continuous_action.py (1M steps), the budget
+# its published results use. ``--preset cleanrl`` gives CleanRL's settings for any env id.
 _MUJOCO = dict(
     total_timesteps=1_000_000, num_envs=1, num_steps=2048, learning_rate=3e-4, gamma=0.99, gae_lambda=0.95,
     ppo=_ppo(update_epochs=10, num_minibatches=32, ent_coef=0.0), normalize_obs=True, normalize_reward=True,
@@ -137,13 +138,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
     "Acrobot-v1": dict(
-        total_timesteps=500_000, num_envs=4, num_steps=128, learning_rate=2.5e-4, gamma=0.99, gae_lambda=0.95,
-        ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.01),
+        total_timesteps=299_008, num_envs=64, num_steps=16, learning_rate=2e-3, gamma=0.99, gae_lambda=0.9,
+        ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
     "Pendulum-v1": dict(
-        total_timesteps=200_000, num_envs=4, num_steps=1024, learning_rate=1e-3, gamma=0.9, gae_lambda=0.95,
-        ppo=_ppo(update_epochs=10, num_minibatches=64, ent_coef=0.0, clip_coef=0.2), normalize_obs=True,
-        normalize_reward=True, log_std_init=-0.5,
+        total_timesteps=196_608, num_envs=32, num_steps=64, learning_rate=1e-3, gamma=0.9, gae_lambda=0.95,
+        ppo=_ppo(update_epochs=10, num_minibatches=16, ent_coef=0.0, clip_coef=0.2, clip_vloss=False),
+        normalize_obs=True, normalize_reward=True, log_std_init=-0.5,
     ),
     **{f"{name}-v5": dict(_MUJOCO) for name in ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid")},
 }

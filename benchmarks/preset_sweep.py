@@ -1,9 +1,10 @@
 """The sweep that chose the fast classic-control presets: candidates × seeds, wall time and eval.
 
-    python -m benchmarks.preset_sweep --env-id CartPole-v1 --seeds 1 2 3 4 5 --jobs 2
+    python -m benchmarks.preset_sweep --env-id CartPole-v1 --grid benchmarks/sweeps/cartpole_1_random.json \
+        --seeds 1 2 3 --jobs 2
 
-Each candidate is a set of overrides on the env's preset (``GRIDS`` below, or ``--grid FILE``
-with a JSON object ``{name: overrides}``). Every (candidate, seed) runs in its own process with
+Each candidate is a set of overrides on the env's preset, from ``--grid FILE``: a JSON object
+``{name: overrides}`` (the sweeps behind the presets are in ``benchmarks/sweeps/``). Every (candidate, seed) runs in its own process with
 one torch thread, ``--jobs`` at a time, without TensorBoard or checkpoints; it reports the
 training loop's wall time and the deterministic evaluation of ``--eval-episodes`` fresh
 episodes. A candidate is ranked by how many seeds reach ``--target`` first, then by its
@@ -25,29 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_FAST_DISCRETE = dict(gamma=0.98, gae_lambda=0.8, ppo=dict(ent_coef=0.0))
-GRIDS: dict[str, dict[str, dict]] = {
-    "CartPole-v1": {
-        "current": {},
-        "64x16 lr3e-3 e4 mb2 120k": dict(num_envs=64, num_steps=16, total_timesteps=122_880, learning_rate=3e-3,
-                                         ppo=dict(update_epochs=4, num_minibatches=2)),
-        "64x16 lr3e-3 e10 mb1 100k": dict(num_envs=64, num_steps=16, total_timesteps=102_400, learning_rate=3e-3,
-                                          ppo=dict(update_epochs=10, num_minibatches=1)),
-        "32x16 lr2e-3 e10 mb2 80k": dict(num_envs=32, num_steps=16, total_timesteps=81_920, learning_rate=2e-3,
-                                         ppo=dict(update_epochs=10, num_minibatches=2)),
-        "32x32 lr2e-3 e10 mb1 100k": dict(num_envs=32, num_steps=32, total_timesteps=102_400, learning_rate=2e-3,
-                                          ppo=dict(update_epochs=10, num_minibatches=1)),
-        "64x16 lr2e-3 e10 mb2 g.99 l.95 100k": dict(num_envs=64, num_steps=16, total_timesteps=102_400,
-                                                    learning_rate=2e-3, gamma=0.99, gae_lambda=0.95,
-                                                    ppo=dict(update_epochs=10, num_minibatches=2)),
-        "16x32 lr2e-3 e10 mb2 80k": dict(num_envs=16, num_steps=32, total_timesteps=81_920, learning_rate=2e-3,
-                                         ppo=dict(update_epochs=10, num_minibatches=2)),
-        "128x8 lr3e-3 e8 mb1 120k": dict(num_envs=128, num_steps=8, total_timesteps=122_880, learning_rate=3e-3,
-                                         ppo=dict(update_epochs=8, num_minibatches=1)),
-    },
-}
-
-
 @dataclass
 class SweepConfig:
     """Candidates × seeds for one env id; a markdown table of solved seeds and wall times."""
@@ -58,8 +36,8 @@ class SweepConfig:
     """seeds per candidate"""
     jobs: int = 2
     """runs at a time (one torch thread each)"""
-    grid: str | None = None
-    """a JSON file {name: overrides} instead of the built-in grid"""
+    grid: str = ""
+    """a JSON file {name: overrides} (required)"""
     only: tuple[str, ...] = ()
     """run only these candidates of the grid"""
     target: float = 500.0
@@ -94,13 +72,6 @@ def _worker(env_id: str, overrides: dict, seed: int, eval_episodes: int) -> dict
             "steps": summary["global_step"]}
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = {**base, **extra}
-    if "ppo" in base or "ppo" in extra:
-        out["ppo"] = {**base.get("ppo", {}), **extra.get("ppo", {})}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
@@ -109,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         result = _worker(args.env_id, json.loads(args.worker), args.seed, args.eval_episodes)
         print(json.dumps(result), flush=True)
         return 0
-    if args.grid:
+    try:
         grid = json.loads(Path(args.grid).read_text())
-    elif args.env_id in GRIDS:
-        grid = {name: (_merge(_FAST_DISCRETE, o) if o else o) for name, o in GRIDS[args.env_id].items()}
-    else:
-        print(f"error: no built-in grid for {args.env_id!r}; pass --grid FILE", file=sys.stderr)
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"error: --grid {args.grid!r}: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
+        print(f"error: --grid {args.grid!r} must hold a JSON object {{name: overrides}}", file=sys.stderr)
         return 2
     if args.only:
         missing = [n for n in args.only if n not in grid]
