@@ -9,6 +9,8 @@ results), one after another on an otherwise idle machine, one torch thread each
 
 - ``textenv-ppo``: ``python -m scripts.train --env-id CartPole-v1 --seed S`` (the preset,
   i.e. ``make train-classic``), which evaluates on 10 fresh episodes at the end;
+- ``textenv-ppo-torch-env``: the same with ``--env-id textenv/TorchCartPole-v1`` (the torch
+  env, its state and the rollout in tensors on the CPU; the same preset; not a default side);
 - ``sb3-zoo`` / ``sb3-default``: Stable-Baselines3's PPO with rl-baselines3-zoo's tuned
   CartPole-v1 hyperparameters / with its own defaults, at the zoo's 100k steps, then the
   same 10-episode deterministic evaluation (``benchmarks.classic.run_sb3``).
@@ -49,8 +51,9 @@ class SolveConfig:
 
 
 def _command(lib: str, seed: int, runs_dir: str) -> list[str]:
-    if lib == "textenv-ppo":
-        return [sys.executable, "-m", "scripts.train", "--env-id", "CartPole-v1", "--seed", str(seed),
+    if lib in ("textenv-ppo", "textenv-ppo-torch-env"):
+        env_id = "CartPole-v1" if lib == "textenv-ppo" else "textenv/TorchCartPole-v1"
+        return [sys.executable, "-m", "scripts.train", "--env-id", env_id, "--seed", str(seed),
                 "--runs-dir", runs_dir, "--no-progress"]
     return [sys.executable, "-m", "benchmarks.cartpole_solve", "--worker", lib, "--seed", str(seed)]
 

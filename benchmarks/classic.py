@@ -88,6 +88,8 @@ class BenchConfig:
     """skip running; rebuild the report from raw results"""
     skip_existing: bool = False
     """skip (library, env, seed) runs whose raw result already exists"""
+    note: str = ""
+    """a paragraph printed under the command (say which raw results came from earlier runs)"""
 
 
 def train_config(env_id: str, seed: int, steps_scale: float):
@@ -217,7 +219,7 @@ def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def report(out_dir: Path, command: str) -> None:
+def report(out_dir: Path, command: str, note: str = "") -> None:
     rows = [json.loads(p.read_text()) for p in sorted((out_dir / "raw").glob("*.json"))]
     if not rows:
         raise SystemExit(f"error: no raw results under {out_dir / 'raw'}")
@@ -229,6 +231,7 @@ def report(out_dir: Path, command: str) -> None:
         "",
         f"Command: `{command}`",
         "",
+        *([note, ""] if note else []),
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
         "one worker process per run, one torch thread each, CPU only.",
         "",
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                        for lib, env, seed in tasks}
             for fut in as_completed(futures):
                 print(f"done {futures[fut]} -> {fut.result()}", flush=True)
-    report(out_dir, command)
+    report(out_dir, command, args.note)
     return 0
 
 
