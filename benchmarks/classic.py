@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = tyro.cli(BenchConfig, args=argv)
     out_dir = Path(args.out_dir)
-    command = "python -m benchmarks.classic " + " ".join(sys.argv[1:] if argv is None else argv)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in shown:  # the note is printed on its own line
+        i = shown.index("--note")
+        del shown[i:i + 2]
+    command = "python -m benchmarks.classic " + " ".join(shown)
     if not args.report_only:
         (out_dir / "raw").mkdir(parents=True, exist_ok=True)
         tasks = [(lib, env, seed) for env in args.envs for seed in args.seeds for lib in args.libs]
