@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import textenv  # noqa: F401  (registers the ids)
-from textenv.control import TORCH_CONTROL, TorchCartPole
+from textenv.control import TORCH_CONTROL, TorchCartPole, TorchPendulum
 
 IDS = sorted(TORCH_CONTROL)
 
@@ -169,3 +169,59 @@ def test_a_non_finite_reward_on_the_device_path_stops_at_the_named_step(tmp_path
     # the 41st step of the envs is the 9th of the second rollout: step 64 + 9 * 2
     with pytest.raises(ValueError, match=r"test/NaNTorchCartPole-v1 returned a non-finite reward at step 82$"):
         train(config)
+
+
+def test_bad_construction_and_options_are_one_line_errors_and_the_base_is_abstract():
+    from gymnasium.vector import AutoresetMode
+
+    from textenv.control import TorchControlVectorEnv
+
+    assert TorchCartPole().num_envs == 1
+    assert TorchCartPole.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP  # what Gymnasium's wrappers read
+    for kwargs, message in (({"num_envs": 0}, "num_envs must be >= 1, got 0"),
+                            ({"rng": "cuda"}, "rng must be 'numpy' or 'torch', got 'cuda'"),
+                            ({"arrays": "jax"}, "arrays must be 'torch' or 'numpy', got 'jax'")):
+        with pytest.raises(ValueError, match=message):
+            TorchCartPole(**kwargs)
+    with pytest.raises(ValueError, match=r"TorchCartPole.reset takes no options, got \['reset_mask'\]"):
+        TorchCartPole(num_envs=2).reset(seed=0, options={"reset_mask": np.array([True, False])})
+    base = TorchControlVectorEnv.__new__(TorchControlVectorEnv)
+    for call in (lambda: base.initial_numpy(np.random.default_rng()), lambda: base.initial_torch(1),
+                 lambda: base.dynamics(torch.zeros(1, 4), torch.zeros(1))):
+        with pytest.raises(NotImplementedError):
+            call()
+
+
+def test_unseeded_resets_draw_fresh_states_with_either_rng():
+    for rng in ("numpy", "torch"):
+        a, _ = TorchCartPole(num_envs=4, rng=rng).reset()
+        b, _ = TorchCartPole(num_envs=4, rng=rng).reset()
+        assert a.abs().max() <= 0.05 and not torch.equal(a, b), rng
+
+
+def test_actions_of_any_batch_shape_and_cpu_tensors_are_checked():
+    env = TorchCartPole(num_envs=2)
+    env.reset(seed=0)
+    column = env.step(np.array([[0], [1]]))[0]  # [N, 1] is read as N actions
+    env.reset(seed=0)
+    assert torch.equal(env.step(np.array([0, 1]))[0], column)
+    with pytest.raises(ValueError, match=r"actions must be in Discrete\(2\)"):
+        env.step(torch.tensor([0, 5]))  # a CPU tensor is host input: checked
+    pend = TorchPendulum(num_envs=2)
+    pend.reset(seed=0)
+    flat = pend.step(np.array([0.5, -1.0], dtype=np.float32))[0]
+    pend.reset(seed=0)
+    assert torch.equal(pend.step(np.array([[0.5], [-1.0]], dtype=np.float32))[0], flat)
+
+
+def test_the_torch_rng_redraws_the_rows_that_ended():
+    env = TorchCartPole(num_envs=64, rng="torch")
+    env.reset(seed=0)
+    for _ in range(60):
+        obs, _, term, trunc, _ = env.step(torch.ones(64, dtype=torch.long))  # always push right: falls fast
+        if term.any():
+            ended = term | trunc
+            obs, *_ = env.step(torch.ones(64, dtype=torch.long))
+            assert obs[ended].abs().max() <= 0.05  # the reset step returns a fresh initial state
+            return
+    pytest.fail("no episode ended")
