@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from textenv.agents.distributed import Dist
 
 Batch = dict[str, torch.Tensor]
 # evaluate(minibatch) -> (new log-probs, entropy, new values[, extra per-sample loss]), each shaped
@@ -98,9 +101,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor 
     return total / (mask.sum().clamp_min(1.0) if count is None else count)
 
 
-def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8,
+              dist: Dist | None = None) -> torch.Tensor:
     """Whiten ``x`` with the mean and (unbiased) std of its masked entries. A single entry is
-    its own mean and has no spread: it whitens to 0 (not NaN, not ±1)."""
+    its own mean and has no spread: it whitens to 0 (not NaN, not ±1). With ``dist``, the
+    mean and std are those of every rank's entries together."""
+    if dist is not None and dist.active:
+        return _normalize_global(x, mask if mask is not None else torch.ones_like(x), eps, dist)
     if mask is None:
         if x.numel() < 2:
             return torch.zeros_like(x)
@@ -110,6 +117,14 @@ def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e
     mean = x_in.sum() / n.clamp_min(1.0)
     var = (torch.where(mask > 0, x - mean, torch.zeros_like(x)) ** 2).sum() / (n - 1).clamp_min(1.0)
     return (x - mean) / (var.sqrt() + eps)
+
+
+def _normalize_global(x: torch.Tensor, mask: torch.Tensor, eps: float, dist: Dist) -> torch.Tensor:
+    keep = mask > 0
+    n, total = dist.sum(mask.sum(), torch.where(keep, x, torch.zeros_like(x)).sum())
+    mean = total / n.clamp_min(1.0)
+    (sq,) = dist.sum((torch.where(keep, x - mean, torch.zeros_like(x)) ** 2).sum())
+    return (x - mean) / ((sq / (n - 1).clamp_min(1.0)).sqrt() + eps)
 
 
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
@@ -137,6 +152,7 @@ def ppo_update(
     evaluate: EvaluateFn,
     config: PPOConfig,
     generator: torch.Generator | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run K epochs of minibatch PPO updates over one rollout and return its metrics.
 
@@ -148,7 +164,14 @@ def ppo_update(
 
     The metrics stay on the batch's device as 0-d tensors (no host sync per minibatch); the
     only sync is one ``.item()`` per epoch when ``target_kl`` is set.
+
+    ``dist`` (several processes, :mod:`textenv.agents.distributed`): ``batch`` is this rank's
+    share, each minibatch is the union of every rank's minibatch, and the update is the
+    one-process update of that union: losses divide by the global count, gradients are summed
+    over ranks, advantages whitened and KL diagnostics (so target-KL) computed over all ranks.
     """
+    if dist is not None and not dist.active:
+        dist = None
     params = [p for p in params if p.requires_grad]
     batch_size = batch["logprobs"].shape[0]
     config.validate(batch_size)
@@ -187,9 +210,13 @@ def ppo_update(
             mb_count = mb_mask.sum().clamp_min(1.0) if mb_mask is not None else float(mb_inds.numel() * _per_row(batch))
             if row_weights is not None:
                 mb_count = float(minibatch_size)
+            if dist is not None:  # the global count: a rank's share of the loss is its sum over it
+                local = mb_mask.sum() if mb_mask is not None and row_weights is None else mb_count
+                (mb_count,) = dist.sum(torch.as_tensor(local, dtype=torch.float32, device=device))
+                mb_count = mb_count.clamp_min(1.0)
             mb_adv = batch["advantages"][mb_inds]
             if config.norm_adv:
-                mb_adv = normalize(mb_adv, mb_mask)
+                mb_adv = normalize(mb_adv, mb_mask, dist=dist)
             optimizer.zero_grad(set_to_none=True)
             mb_sums = {k: zero.clone() for k in loss_keys}
             for micro_start in range(0, minibatch_size, micro_size):
@@ -218,6 +245,8 @@ def ppo_update(
                 mb_sums["policy_loss"] += pg.detach()
                 mb_sums["value_loss"] += vl.detach()
                 mb_sums["entropy"] += ent.detach()
+            if dist is not None:
+                dist.reduce_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
             # never applied; the update is skipped and counted.
@@ -232,13 +261,17 @@ def ppo_update(
             num_updates += 1
         with torch.no_grad():
             # k3 estimator of KL(old || new): unbiased and non-negative (Schulman, "Approximating KL").
-            kl = _epoch_kl_stats(torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef)
+            kl = _epoch_kl_stats(torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef, dist)
             for k in kl_sums:
                 kl_sums[k] += kl[k].sum()
             last_approx_kl = kl["approx_kl"][-1]
         if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
             break
 
+    if dist is not None:  # each rank's losses are its share of the global means
+        shares = ("policy_loss", "value_loss", "entropy", "extra_loss")
+        for k, v in zip(shares, dist.sum(*(sums[k] for k in shares))):
+            sums[k] = v
     metrics = {k: v / max(num_updates, 1) for k, v in sums.items()}
     metrics |= {k: v / max(num_updates + skipped, 1) for k, v in kl_sums.items()}
     metrics["epochs"] = torch.tensor(float(epochs_run), device=device)
@@ -267,23 +300,29 @@ class NonFiniteGuard:
 
 
 def _epoch_kl_stats(
-    logratio: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None, minibatch_size: int, clip_coef: float
+    logratio: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None, minibatch_size: int, clip_coef: float,
+    dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-minibatch approx KL (k1 and k3) and clip fraction of one epoch, shape ``[num_minibatches]``.
 
-    ``logratio`` holds the epoch's rows in the order they were visited (``order``).
+    ``logratio`` holds the epoch's rows in the order they were visited (``order``); with
+    ``dist``, minibatch ``i`` is the union of every rank's minibatch ``i``.
     """
     num_mb = logratio.shape[0] // minibatch_size
     mask = mask_all[order] if mask_all is not None else torch.ones_like(logratio)
     logratio = logratio.reshape(num_mb, minibatch_size, -1)
     mask = mask.reshape(num_mb, minibatch_size, -1).to(logratio.dtype)
-    count = mask.sum(dim=(1, 2)).clamp_min(1.0)
     ratio = logratio.exp()
-    return {
-        "approx_kl": (((ratio - 1.0) - logratio) * mask).sum(dim=(1, 2)) / count,
-        "old_approx_kl": (-logratio * mask).sum(dim=(1, 2)) / count,
-        "clipfrac": (((ratio - 1.0).abs() > clip_coef).to(logratio.dtype) * mask).sum(dim=(1, 2)) / count,
+    sums = {
+        "approx_kl": (((ratio - 1.0) - logratio) * mask).sum(dim=(1, 2)),
+        "old_approx_kl": (-logratio * mask).sum(dim=(1, 2)),
+        "clipfrac": (((ratio - 1.0).abs() > clip_coef).to(logratio.dtype) * mask).sum(dim=(1, 2)),
     }
+    count = mask.sum(dim=(1, 2))
+    if dist is not None:
+        *reduced, count = dist.sum(*sums.values(), count)
+        sums = dict(zip(sums, reduced))
+    return {k: v / count.clamp_min(1.0) for k, v in sums.items()}
 
 
 def _per_row(batch: Batch) -> int:
@@ -291,18 +330,21 @@ def _per_row(batch: Batch) -> int:
     return batch["logprobs"][0].numel()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``1 - Var[R - V] / Var[R]`` over masked entries: 1 is a perfect critic, ≤ 0 a useless one."""
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None,
+                       dist: Dist | None = None) -> torch.Tensor:
+    """``1 - Var[R - V] / Var[R]`` over masked entries (of every rank, with ``dist``): 1 is a
+    perfect critic, ≤ 0 a useless one."""
     if mask is None:
         mask = torch.ones_like(returns)
     keep = mask > 0  # where, not multiply: a NaN in a masked-out entry stays out
-    n = mask.sum().clamp_min(1.0)
+    sums = dist.sum if dist is not None and dist.active else (lambda *xs: list(xs))
 
     def masked(x: torch.Tensor) -> torch.Tensor:
         return torch.where(keep, x, torch.zeros_like(x))
 
-    mean_r = masked(returns).sum() / n
-    var_r = (masked(returns - mean_r) ** 2).sum() / n
-    mean_d = masked(returns - values).sum() / n
-    var_d = (masked(returns - values - mean_d) ** 2).sum() / n
+    n, total_r, total_d = sums(mask.sum(), masked(returns).sum(), masked(returns - values).sum())
+    n = n.clamp_min(1.0)
+    mean_r, mean_d = total_r / n, total_d / n
+    sq_r, sq_d = sums((masked(returns - mean_r) ** 2).sum(), (masked(returns - values - mean_d) ** 2).sum())
+    var_r, var_d = sq_r / n, sq_d / n
     return torch.where(var_r > 0, 1.0 - var_d / var_r, torch.full_like(var_r, float("nan")))
