@@ -71,10 +71,12 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> to
 
 
 def critic_free_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
-                           gamma: float = 1.0, grpo_scale: bool = True) -> torch.Tensor:
-    """Per-token advantages ``[N, T]`` of ``grpo``, ``rloo`` or ``reinforce_pp`` (see the module)."""
+                           gamma: float = 1.0, grpo_scale: bool = True, dist=None) -> torch.Tensor:
+    """Per-token advantages ``[N, T]`` of ``grpo``, ``rloo`` or ``reinforce_pp`` (see the module).
+    With ``dist`` (several processes), reinforce_pp whitens over every rank's tokens; a group
+    never spans ranks, so grpo and rloo need nothing global."""
     if estimator == "reinforce_pp":
-        return normalize(returns_to_go(rewards, mask, gamma), mask) * mask
+        return normalize(returns_to_go(rewards, mask, gamma), mask, dist=dist) * mask
     per_response = torch.where(mask > 0, rewards, torch.zeros_like(rewards)).sum(dim=1)
     if estimator == "grpo":
         adv = grpo_advantages(per_response, group_size, grpo_scale)

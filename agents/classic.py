@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.device import resolve_device
+from textenv.agents.distributed import Dist, init_distributed, shutdown_distributed, sync_running_stats
 from textenv.agents.envs import (
     Vectorization,
     env_spec,
@@ -34,7 +36,7 @@ from textenv.agents.gae import gae
 from textenv.agents.policies import MLPActorCritic
 from textenv.agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
 from textenv.agents.runlog import check_writable_dir
-from textenv.agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+from textenv.agents.training import LinearLR, TrainingRun, resumed_world_note, seed_everything, summary_line
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate_policy", "load_checkpoint", "load_run_config", "preset_config",
            "seed_everything", "summary_line", "train"]
@@ -247,9 +249,21 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     LR schedule, normalisation statistics, RNG states); its metrics are appended. Episodes in
     progress when it stopped are not restored: the envs start new ones.
     SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+
+    Under ``torchrun`` each of the N processes steps ``num_envs / N`` of the envs (global env
+    ``i`` is seeded ``seed + i`` as in one process) and the update is the one-process update
+    of the whole batch (:mod:`textenv.agents.distributed`); rank 0 alone writes.
     """
     config.validate()
-    device = resolve_device(config.device)
+    dist, device = init_distributed(resolve_device(config.device))
+    try:
+        return _train(config, resume, dist, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:
+    local_envs = dist.check_divides("num_envs", config.num_envs)
     torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True
@@ -261,16 +275,19 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")
     on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
-    envs = make_train_envs(config, device if on_device else None)  # before the run directory: an env that cannot be built leaves none behind
-    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume)
+    # Before the run directory: an env that cannot be built leaves none behind.
+    envs = make_train_envs(dataclasses.replace(config, num_envs=local_envs), device if on_device else None)
+    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume,
+                                    dist)
     envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
         envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init
     ).to(device)
+    dist.broadcast_parameters(policy.parameters())
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    T, N = config.num_steps, config.num_envs
+    T, N = config.num_steps, local_envs
     obs_shape = envs.single_observation_space.shape
     act_shape = envs.single_action_space.shape
     obs_buf = torch.zeros((T, N, *obs_shape), device=device)
@@ -298,7 +315,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                                                   "horizon": max(1, saved.total_timesteps // saved.batch_size)}
         schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, num_iterations,
                                     config.anneal_lr)
-    next_obs, _ = envs.reset(seed=config.seed + first_iteration - 1)
+        if dist.is_main and (note := resumed_world_note(state["world_size"], dist)):
+            print(note, file=sys.stderr, flush=True)
+    if dist.rank > 0:  # every rank samples its own actions; rank 0 keeps the one-process stream
+        seed_everything(config.seed + 1_000_003 * dist.rank + first_iteration - 1)
+    synced_norm = normalization_state(envs)  # the same on every rank: fresh or loaded
+    # Global env i is seeded seed + i, whichever rank steps it: the one-process run's episodes.
+    next_obs, _ = envs.reset(seed=config.seed + first_iteration - 1 + dist.rank * local_envs)
     next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     # With next-step autoreset the step after an episode's end only resets: its action is
     # ignored and it pays nothing, so it is no transition of the MDP and is masked out.
@@ -311,18 +334,21 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
 
     def checkpoint(iteration: int) -> Path:
         path = run_dir / "checkpoint.safetensors"
-        save_checkpoint(path, policy, normalization_state(envs), config, global_step, optimizer=optimizer,
-                        generator=generator, iteration=iteration, recent_returns=list(recent_returns),
-                        wall_time_s=time.perf_counter() - start, lr_schedule=schedule.state())
+        if dist.is_main:
+            save_checkpoint(path, policy, normalization_state(envs), config, global_step, optimizer=optimizer,
+                            generator=generator, iteration=iteration, recent_returns=list(recent_returns),
+                            wall_time_s=time.perf_counter() - start, lr_schedule=schedule.state(),
+                            world_size=dist.world_size)
         return path
 
-    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint)
+    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, dist=dist)
     run.last_iteration = first_iteration - 1
     from tqdm import tqdm
 
     try:
         with run.loop(save_on_failure=config.save_checkpoint), \
-                tqdm(total=num_iterations * config.batch_size, initial=global_step, disable=not config.progress,
+                tqdm(total=num_iterations * config.batch_size, initial=global_step,
+                     disable=not (config.progress and dist.is_main),
                      unit="step", dynamic_ncols=True) as bar:
             for iteration in range(first_iteration, num_iterations + 1):
                 lr = schedule.apply(optimizer, iteration)
@@ -353,9 +379,16 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                         ep_return[t] = as_t(info["episode"]["r"], torch.float64)
                         ep_length[t] = as_t(info["episode"]["l"], torch.long)
                 check_finite(finite, config.env_id, global_step, N)
-                # Episodes in step order, rows in order within a step, as the envs report them.
+                # Episodes in step order, rows in order within a step, as the envs report them
+                # (with several ranks: rank 0's, then rank 1's, ...).
                 iter_returns: list[float] = ep_return[ep_done].tolist()
                 iter_lengths: list[int] = ep_length[ep_done].tolist()
+                if dist.active:
+                    gathered = dist.gather((iter_returns, iter_lengths))
+                    iter_returns = [r for rank_returns, _ in gathered for r in rank_returns]
+                    iter_lengths = [n for _, rank_lengths in gathered for n in rank_lengths]
+                    synced_norm = sync_running_stats(normalization_state(envs), synced_norm, dist)
+                    load_normalization_state(envs, synced_norm)
                 global_step += config.batch_size
 
                 with torch.inference_mode():
@@ -375,9 +408,9 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
                 policy.train()
                 stats = ppo_update(
                     policy.parameters(), optimizer, batch,
-                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]), config.ppo, generator,
+                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]), config.ppo, generator, dist=dist,
                 )
-                stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"])
+                stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"], dist)
                 if policy.continuous:
                     stats["action_std"] = policy.actor_logstd.exp().mean().detach()
                 # One host sync per iteration for every device-side metric.
@@ -419,12 +452,16 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
         "run_dir": str(run_dir),
     }
+    if dist.world_size > 1:
+        summary["world_size"] = dist.world_size
     if config.save_checkpoint:
-        save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step,
-                        optimizer=optimizer, generator=generator, iteration=num_iterations,
-                        recent_returns=list(recent_returns), wall_time_s=wall_time, lr_schedule=schedule.state())
+        if dist.is_main:
+            save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step,
+                            optimizer=optimizer, generator=generator, iteration=num_iterations,
+                            recent_returns=list(recent_returns), wall_time_s=wall_time, lr_schedule=schedule.state(),
+                            world_size=dist.world_size)
         summary["checkpoint"] = str(run_dir / "checkpoint.safetensors")
-    if config.eval_episodes > 0:
+    if config.eval_episodes > 0 and dist.is_main:  # one evaluation, by rank 0
         eval_returns = evaluate_policy(
             policy, config.env_id, config.eval_episodes, seed=config.seed + 10_000, norm_state=norm_state,
             normalize_obs=config.normalize_obs, clip_obs=config.clip_obs, device=device,
@@ -504,6 +541,7 @@ def save_checkpoint(
     recent_returns: list[float] | None = None,
     wall_time_s: float = 0.0,
     lr_schedule: dict[str, Any] | None = None,
+    world_size: int = 1,
 ) -> None:
     """Policy, normalisation statistics and (for resuming) optimizer and RNG states in one
     safetensors file, written to a temp file and renamed so the last good one survives a crash."""
@@ -511,7 +549,8 @@ def save_checkpoint(
     tensors |= {f"norm.{k}": torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1) for k, v in norm_state.items()}
     metadata = {"config": json.dumps(dataclasses.asdict(config)), "global_step": str(global_step),
                 "format": "textenv-ppo-mlp-v1", "iteration": str(iteration), "wall_time_s": repr(wall_time_s),
-                "recent_returns": json.dumps(recent_returns or []), "lr_schedule": json.dumps(lr_schedule)}
+                "recent_returns": json.dumps(recent_returns or []), "lr_schedule": json.dumps(lr_schedule),
+                "world_size": str(world_size)}
     if optimizer is not None:
         state_tensors, state_meta = pack_training_state(optimizer, generator)
         tensors |= state_tensors
@@ -541,7 +580,8 @@ def restore_training_state(
     load_normalization_state(envs, norm)
     return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
             "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"]),
-            "lr_schedule": json.loads(metadata.get("lr_schedule", "null"))}
+            "lr_schedule": json.loads(metadata.get("lr_schedule", "null")),
+            "world_size": int(metadata.get("world_size", "1"))}
 
 
 def single_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:

@@ -204,19 +204,23 @@ def ppo_update(
         epochs_run += 1
         order = torch.randperm(batch_size, device=device, generator=generator)
         logratios: list[torch.Tensor] = []
-        for start in range(0, batch_size, minibatch_size):
+        if dist is not None:  # every minibatch's global count and advantage statistics, one collective
+            global_stats = _global_minibatch_stats(batch["advantages"], order, mask_all, minibatch_size,
+                                                   row_weights is not None, dist)
+        for k_mb, start in enumerate(range(0, batch_size, minibatch_size)):
             mb_inds = order[start : start + minibatch_size]
             mb_mask = mask_all[mb_inds] if mask_all is not None else None
             mb_count = mb_mask.sum().clamp_min(1.0) if mb_mask is not None else float(mb_inds.numel() * _per_row(batch))
             if row_weights is not None:
                 mb_count = float(minibatch_size)
-            if dist is not None:  # the global count: a rank's share of the loss is its sum over it
-                local = mb_mask.sum() if mb_mask is not None and row_weights is None else mb_count
-                (mb_count,) = dist.sum(torch.as_tensor(local, dtype=torch.float32, device=device))
-                mb_count = mb_count.clamp_min(1.0)
             mb_adv = batch["advantages"][mb_inds]
-            if config.norm_adv:
-                mb_adv = normalize(mb_adv, mb_mask, dist=dist)
+            if dist is not None:
+                count, adv_mean, adv_std = global_stats[:, k_mb]
+                mb_count = count.float()
+                if config.norm_adv:
+                    mb_adv = ((mb_adv - adv_mean) / (adv_std + 1e-8)).to(mb_adv.dtype)
+            elif config.norm_adv:
+                mb_adv = normalize(mb_adv, mb_mask)
             optimizer.zero_grad(set_to_none=True)
             mb_sums = {k: zero.clone() for k in loss_keys}
             for micro_start in range(0, minibatch_size, micro_size):
@@ -297,6 +301,26 @@ class NonFiniteGuard:
                 f"non-finite loss or gradients in every update of {self.streak} iterations in a row {where}; "
                 "the parameters were left as they were (lower the learning rate, check rewards)"
             )
+
+
+def _global_minibatch_stats(advantages: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None,
+                            minibatch_size: int, per_row_count: bool, dist: Dist) -> torch.Tensor:
+    """``[3, num_minibatches]``: each minibatch's loss denominator (entries, or rows with
+    ``per_row_count``), and the mean and unbiased std of its advantages, over every rank's
+    minibatch of the same index (float64 sums: the one-pass variance is exact enough)."""
+    adv = advantages[order].double().reshape(-1, minibatch_size, *advantages.shape[1:]).flatten(1)
+    if mask_all is None:
+        mask = torch.ones_like(adv)
+    else:
+        mask = (mask_all[order] > 0).double().reshape(adv.shape)
+    adv = torch.where(mask > 0, adv, torch.zeros_like(adv))
+    n = mask.sum(1)
+    rows = torch.full_like(n, float(minibatch_size))
+    n, total, sq, rows = dist.sum(n, adv.sum(1), (adv * adv).sum(1), rows)
+    mean = total / n.clamp_min(1.0)
+    var = ((sq - n * mean * mean) / (n - 1).clamp_min(1.0)).clamp_min(0.0)
+    count = (rows if per_row_count else n).clamp_min(1.0)
+    return torch.stack([count, mean, var.sqrt()])
 
 
 def _epoch_kl_stats(

@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_advantages, needs_critic
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
+from textenv.agents.distributed import Dist, init_distributed, shutdown_distributed
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
 from textenv.agents.runlog import check_writable_dir
-from textenv.agents.training import LinearLR, TrainingRun, seed_everything, summary_line
+from textenv.agents.training import LinearLR, TrainingRun, resumed_world_note, seed_everything, summary_line
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
 from textenv.device import set_torch_threads
@@ -381,14 +382,33 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     ``resume``: a run directory to continue from its last checkpoint (policy, value head,
     optimizer, β, learning-rate schedule, iteration and RNG states); metrics are appended.
     SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+
+    Under ``torchrun`` each of the N processes samples ``num_envs / N`` responses (its own
+    prompts and sampling stream) and the update is the one-process update of the whole batch
+    (:mod:`textenv.agents.distributed`): whitening, the KL that drives β and every logged
+    metric are over all responses. Rank 0 alone writes, logs samples and evaluates.
     """
     config.validate()
     config = with_absolute_paths(config)
+    dist, device = init_distributed(resolve_device(config.device))
+    try:
+        return _train_text(config, resume, dist, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:
+    local_envs = dist.check_divides("num_envs", config.num_envs)
+    if local_envs % config.group_size:
+        raise ValueError(f"group_size={config.group_size} must divide each process's {local_envs} responses "
+                         f"(num_envs={config.num_envs} over {dist.world_size} processes)")
+    if dist.world_size > 1:
+        config.ppo.validate(local_envs)
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
 
     def say(message: str) -> None:
-        if config.progress:
+        if config.progress and dist.is_main:
             print(message, file=sys.stderr, flush=True)
 
     if resume is not None:
@@ -399,7 +419,6 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         if needs_critic(saved.advantage) != needs_critic(config.advantage):
             raise ValueError(f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot continue "
                              f"as --advantage {config.advantage} (one trains a value head, the other has none)")
-    device = resolve_device(config.device)
     set_torch_threads(config.torch_threads)
     seed_everything(config.seed)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
@@ -408,9 +427,9 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if held_out:  # held-out prompts are never trained on when there is an evaluation on them
         task_kwargs["split"] = "train"
     say(f"loading the reference model ({config.model}) ...")
-    envs = make_text_envs(config, config.num_envs, task_kwargs, device, dtype, config.reference_pass)
+    envs = make_text_envs(config, local_envs, task_kwargs, device, dtype, config.reference_pass)
     eval_envs = None
-    if held_out:  # the same frozen reference and reward, on the held-out prompts
+    if held_out and dist.is_main:  # the same frozen reference and reward, on the held-out prompts
         eval_envs = make_text_envs(config, config.eval_samples, task_kwargs | {"split": "test"}, device, dtype,
                                    "at_end", model=envs.reference_model, tokenizer=envs.tokenizer,
                                    reward=getattr(envs, "reward_fn", None))
@@ -427,12 +446,14 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         policy_lm.config.use_cache = False
     policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                            value_head=needs_critic(config.advantage))
+    dist.broadcast_parameters(p for p in policy.parameters() if p.requires_grad)
     optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
 
     first_iteration, total_tokens, previous_wall, score_first, eval_before = 1, 0, 0.0, None, None
-    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume)
+    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume,
+                                    dist)
     if resume is not None:
         state = load_training_state(run_dir / "policy", policy, optimizer, generator)
         first_iteration = state["iteration"] + 1
@@ -443,17 +464,27 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                                                       "enabled": saved.anneal_lr}
         schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, config.iterations,
                                     config.anneal_lr)
+        if dist.is_main and (note := resumed_world_note(state.get("world_size", 1), dist)):
+            print(note, file=sys.stderr, flush=True)
+    if dist.rank > 0:  # every rank samples its own responses; rank 0 keeps the one-process stream
+        rank_seed = config.seed + 1_000_003 * dist.rank + first_iteration - 1
+        seed_everything(rank_seed)
+        generator.manual_seed(rank_seed)
     # β's one owner is the env; the controller moves it.
     controller = AdaptiveKLController(envs.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
     start = time.perf_counter() - previous_wall
 
     def checkpoint(iteration: int) -> Path:
+        if not dist.is_main:
+            return run_dir / "policy"
         return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=optimizer, generator=generator,
                            state={"iteration": iteration, "kl_coef": envs.kl_coef, "total_tokens": total_tokens,
                                   "wall_time_s": time.perf_counter() - start, "score_mean_first": score_first,
-                                  "lr_schedule": schedule.state(), "eval_before": eval_before})
+                                  "lr_schedule": schedule.state(), "eval_before": eval_before,
+                                  "world_size": dist.world_size})
 
-    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, recoverable=(RewardError,))
+    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, recoverable=(RewardError,),
+                      dist=dist)
     run.last_iteration = first_iteration - 1
     history: list[dict[str, float]] = []
     if eval_envs is not None and eval_before is None:
@@ -461,7 +492,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         eval_before = evaluate_held_out(policy, eval_envs, config.seed)
     from tqdm import tqdm
 
-    bar = tqdm(range(first_iteration, config.iterations + 1), disable=not config.progress, unit="it",
+    bar = tqdm(range(first_iteration, config.iterations + 1), disable=not (config.progress and dist.is_main), unit="it",
                dynamic_ncols=True)
     postfix = ""
     try:
@@ -471,17 +502,18 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                 lr = schedule.apply(optimizer, iteration)
                 bar.set_postfix_str(f"{postfix} sampling", refresh=True)
                 t0 = time.perf_counter()
-                rollout = collect_rollout(policy, envs, seed=config.seed * 100_003 + iteration, generator=generator,
+                prompt_seed = (config.seed * 100_003 + iteration) * dist.world_size + dist.rank
+                rollout = collect_rollout(policy, envs, seed=prompt_seed, generator=generator,
                                           group_size=config.group_size)
                 rollout_s = time.perf_counter() - t0
                 rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
                 if needs_critic(config.advantage):
                     advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
                     if config.whiten_advantages:
-                        advantages = normalize(advantages, rollout.mask) * rollout.mask
+                        advantages = normalize(advantages, rollout.mask, dist=dist) * rollout.mask
                 else:  # no critic: values and returns are 0, so the value loss is exactly 0
                     advantages = critic_free_advantages(config.advantage, rewards, rollout.mask, config.group_size,
-                                                        config.gamma, config.grpo_scale)
+                                                        config.gamma, config.grpo_scale, dist=dist)
                     returns = torch.zeros_like(rewards)
                 batch = {
                     "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
@@ -504,21 +536,10 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                 bar.set_postfix_str(f"{postfix} updating", refresh=True)
                 t1 = time.perf_counter()
                 policy.train()
-                stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator)
+                stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator, dist=dist)
                 update_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    mask = rollout.mask
-                    stats["kl_k1"] = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1).mean()
-                    stats["kl_k3"] = (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1).mean()
-                    stats["score_mean"] = rollout.scores.mean()
-                    stats["score_std"] = rollout.scores.std() if rollout.scores.numel() > 1 else torch.zeros(())
-                    stats["response_length"] = mask.sum(1).mean()
-                    stats["rollout_entropy"] = (rollout.entropy * mask).sum() / mask.sum()
-                    if policy.value_head is not None:
-                        stats["explained_variance"] = explained_variance(rollout.values, returns, mask)
-                    stats["missing_eos_frac"] = rollout.truncated_response.float().mean()
-                    stats["reward_total"] = rewards.sum(1).mean()
-                    stats["tokens"] = mask.sum()
+                    stats |= rollout_stats(rollout, rewards, returns, policy.value_head is not None, dist)
                 keys = list(stats)
                 values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()  # the iteration's one sync
                 metrics = dict(zip(keys, values))
@@ -531,7 +552,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
                             "rollout_tokens_per_s": tokens / rollout_s, "tokens_per_s": total_tokens / elapsed,
                             "rollout_s": rollout_s, "update_s": update_s, "wall_time_s": elapsed}
                 history.append(metrics)
-                if config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
+                if dist.is_main and config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
                     run.logger.text("samples", _samples_table(rollout), iteration)
                     run.logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
                 postfix = f"score={metrics['score_mean']:.3f} kl={metrics['kl_k1']:.2f}"
@@ -565,6 +586,39 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     if config.save_checkpoint:
         summary["checkpoint"] = str(checkpoint(run.last_iteration))
     return run.finish(summary)
+
+
+def rollout_stats(rollout: Rollout, rewards: torch.Tensor, returns: torch.Tensor, has_critic: bool,
+                  dist: Dist | None = None) -> dict[str, torch.Tensor]:
+    """The rollout's logged statistics (0-d tensors): means per response of the KL to the
+    reference (k1, k3), score, length and shaped return; entropy per token; the score's std,
+    the missing-EOS fraction, the critic's explained variance, the token count. With ``dist``,
+    over every rank's responses (one collective, plus two for the explained variance)."""
+    mask = rollout.mask
+    scores = rollout.scores.double()
+    per_row = {
+        "kl_k1": ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1),
+        "kl_k3": (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1),
+        "score_mean": scores,
+        "response_length": mask.sum(1),
+        "missing_eos_frac": rollout.truncated_response.double(),
+        "reward_total": rewards.sum(1),
+    }
+    sums = [v.double().sum() for v in per_row.values()]
+    extra = [(scores * scores).sum(), (rollout.entropy * mask).sum().double(), mask.sum().double(),
+             torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)]
+    if dist is not None and dist.active:
+        *sums, square, entropy, tokens, n = dist.sum(*sums, *extra)
+    else:
+        square, entropy, tokens, n = extra
+    stats = {k: (v / n).float() for k, v in zip(per_row, sums)}
+    mean = stats["score_mean"].double()
+    stats["score_std"] = ((square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt().float()
+    stats["rollout_entropy"] = (entropy / tokens).float()
+    if has_critic:
+        stats["explained_variance"] = explained_variance(rollout.values, returns, mask, dist)
+    stats["tokens"] = tokens.float()
+    return stats
 
 
 def is_multi_turn(task: str) -> bool:

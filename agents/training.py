@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from textenv.agents.checkpoint import StopSignals, TrainingInterrupted
+from textenv.agents.distributed import Dist
 from textenv.agents.ppo import NonFiniteGuard, NonFiniteTraining
 from textenv.agents.runlog import RunLogger, atomic_write_json, make_run_dir
 
@@ -106,9 +107,11 @@ class TrainingRun:
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, checkpoint: Callable[[int], Path],
-                 recoverable: tuple[type[BaseException], ...] = ()) -> None:
+                 recoverable: tuple[type[BaseException], ...] = (), dist: Dist | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.logger = RunLogger(self.run_dir, tensorboard=tensorboard)
+        self.dist = dist or Dist()
+        # Rank 0 alone writes; the other ranks of a distributed run log nothing.
+        self.logger = RunLogger(self.run_dir, tensorboard=tensorboard) if self.dist.is_main else _NullLogger()
         self.guard = NonFiniteGuard()
         self.checkpoint = checkpoint
         self.recoverable = (NonFiniteTraining, *recoverable)
@@ -116,13 +119,18 @@ class TrainingRun:
         self._stop: StopSignals | None = None
 
     @staticmethod
-    def directory(runs_dir: str, run_name: str | None, prefix: str, config: Any, resume: str | Path | None) -> Path:
-        """The run directory: ``resume`` itself, or a fresh one holding ``config.json``."""
+    def directory(runs_dir: str, run_name: str | None, prefix: str, config: Any, resume: str | Path | None,
+                  dist: Dist | None = None) -> Path:
+        """The run directory: ``resume`` itself, or a fresh one holding ``config.json`` (made by
+        rank 0 and named to every rank)."""
         if resume is not None:
             return Path(resume)
-        run_dir = make_run_dir(runs_dir, run_name, prefix)
-        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
-        return run_dir
+        dist = dist or Dist()
+        run_dir = None
+        if dist.is_main:
+            run_dir = make_run_dir(runs_dir, run_name, prefix)
+            atomic_write_json(run_dir / "config.json", dataclasses.asdict(config))
+        return Path(dist.gather(str(run_dir))[0])
 
     @contextmanager
     def loop(self, save_on_failure: bool = True) -> Iterator[TrainingRun]:
@@ -134,7 +142,9 @@ class TrainingRun:
             yield self
         except self.recoverable as err:
             self.logger.close()
-            if not save_on_failure or self.last_iteration < 1:
+            # Several processes: a failure ends every rank at once (the others cannot join a
+            # checkpoint's collectives); the last periodic checkpoint is the state to resume.
+            if not save_on_failure or self.last_iteration < 1 or self.dist.world_size > 1:
                 raise
             path = self.checkpoint(self.last_iteration)
             raise type(err)(f"{err}; the last good state (iteration {self.last_iteration}) is saved in {path}, "
@@ -150,14 +160,44 @@ class TrainingRun:
         # good state to save, and counting it keeps a resumed run from logging it twice.
         self.last_iteration = iteration
         self.guard.check(metrics, where)
-        if self._stop is not None and self._stop.received is not None:
+        received = self._stop.received if self._stop is not None else None
+        if self.dist.active:  # every rank stops at the same iteration, whichever got the signal
+            flag = torch.tensor([float(received or 0)])
+            received = int(self.dist.all_reduce(flag, op="max").item()) or None
+        if received is not None:
             path = self.checkpoint(iteration)
             self.logger.close()
-            raise TrainingInterrupted(self._stop.received, path, self.run_dir, step)
+            raise TrainingInterrupted(received, path, self.run_dir, step)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write ``summary.json`` (NaN as null) and close the logs."""
         summary = summary_json(summary)
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         self.logger.close()
         return summary
+
+
+def resumed_world_note(saved_world: int, dist: Dist) -> str | None:
+    """What resuming a run made by ``saved_world`` processes with another number means (None: same)."""
+    if saved_world == dist.world_size:
+        return None
+    return (f"note: this run was trained by {saved_world} process(es) and resumes with {dist.world_size}: the "
+            "parameters, optimizer, schedule and statistics continue; each rank's sampling and env streams start "
+            "anew, so it is not the run the original process count would have made")
+
+
+class _NullLogger:
+    """The logger of ranks other than 0: they compute the same global metrics and write none."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

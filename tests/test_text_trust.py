@@ -56,12 +56,12 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
     seen = []
     real_update = textenv.agents.text.ppo_update
 
-    def spy(params, optimizer, batch, evaluate, config, generator=None):
+    def spy(params, optimizer, batch, evaluate, config, generator=None, **kw):
         def recording(mb):
             out = evaluate(mb)
             seen.append((out[0].detach() - mb["logprobs"]) * mb["mask"])
             return out
-        return real_update(params, optimizer, batch, recording, config, generator)
+        return real_update(params, optimizer, batch, recording, config, generator, **kw)
 
     monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
     train_text(_config(tmp_path, "d", model=_tiny_gpt2_dir(tmp_path), max_new_tokens=8))
@@ -211,13 +211,13 @@ def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path,
     extra = []
     real_update = textenv.agents.text.ppo_update
 
-    def spy(params, optimizer, batch, evaluate, config, generator=None):
+    def spy(params, optimizer, batch, evaluate, config, generator=None, **kw):
         def recording(mb):
             logprob, entropy, value, kl_term = evaluate(mb)
             r = mb["ref_logprobs"] - logprob.detach()
             extra.append((kl_term.detach(), 0.2 * (r.exp() - r - 1.0)))
             return logprob, entropy, value, kl_term
-        return real_update(params, optimizer, batch, recording, config, generator)
+        return real_update(params, optimizer, batch, recording, config, generator, **kw)
 
     monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
     train_text(_config(tmp_path, "l", iterations=2, kl_coef=0.2, kl_in_loss=True, learning_rate=3e-3))
@@ -360,10 +360,10 @@ def _spy_on_iteration(monkeypatch):
         seen["rollouts"].append(ro)
         return ro
 
-    def update(params, optimizer, batch, evaluate, config, generator=None):
+    def update(params, optimizer, batch, evaluate, config, generator=None, **kw):
         seen["batches"].append({k: v.clone() for k, v in batch.items()})
         seen["lrs"].append(optimizer.param_groups[0]["lr"])
-        return real_update(params, optimizer, batch, evaluate, config, generator)
+        return real_update(params, optimizer, batch, evaluate, config, generator, **kw)
 
     monkeypatch.setattr(textenv.agents.text, "collect_rollout", collect)
     monkeypatch.setattr(textenv.agents.text, "ppo_update", update)

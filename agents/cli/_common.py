@@ -44,11 +44,27 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that are the user's input or environment, reported as one line."""
     import gymnasium
 
+    from textenv.agents.distributed import PeerFailed
     from textenv.agents.ppo import NonFiniteTraining
     from textenv.rewards import RewardError
 
-    return (ValueError, OSError, ImportError, NotImplementedError, RewardError, NonFiniteTraining,
+    return (ValueError, OSError, ImportError, NotImplementedError, RewardError, NonFiniteTraining, PeerFailed,
             gymnasium.error.Error)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: the one that prints results."""
+    from textenv.agents.distributed import env_rank
+
+    return env_rank() in (None, 0)
+
+
+def _where() -> str:
+    """``"rank N: "`` in a torchrun worker (its errors name it), else nothing."""
+    from textenv.agents.distributed import env_rank
+
+    rank = env_rank()
+    return "" if rank is None else f"rank {rank}: "
 
 
 def run_cli(body: Callable[[], int]) -> int:
@@ -59,7 +75,8 @@ def run_cli(body: Callable[[], int]) -> int:
     try:
         return body()
     except TrainingInterrupted as stop:
-        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        if is_main_process():
+            print(f"interrupted: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
     except StoppedNow as stop:
         print("stopped at once; the last checkpoint written (if any) is intact", file=sys.stderr, flush=True)
@@ -73,8 +90,8 @@ def run_cli(body: Callable[[], int]) -> int:
         if os.environ.get(TRACEBACK_ENV):
             raise
         if isinstance(err, expected_errors()):
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {_where()}{err}", file=sys.stderr, flush=True)
         else:
-            print(f"error: {type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+            print(f"error: {_where()}{type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
                   file=sys.stderr, flush=True)
         return 2

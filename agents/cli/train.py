@@ -15,7 +15,7 @@ from typing import Literal
 import tyro
 
 from textenv.agents.classic import TrainConfig, defaults_note, load_run_config, preset_config, summary_line, train
-from textenv.agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.cli._common import is_main_process, pop_resume, run_cli, strip_resume, with_resume
 
 
 @dataclass
@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config, resume = parse(argv)
         tuned = _flag_from_argv(sys.argv[1:] if argv is None else argv, "--preset", "tuned") == "tuned"
-        if resume is None and tuned and (note := defaults_note(config.env_id)):
+        if resume is None and tuned and is_main_process() and (note := defaults_note(config.env_id)):
             print(note, file=sys.stderr, flush=True)
         summary = train(config, resume=resume)
-        print(summary_line(summary), flush=True)
+        if is_main_process():
+            print(summary_line(summary), flush=True)
         return 0
 
     return run_cli(body)
