@@ -6,10 +6,12 @@ No pickle anywhere: tensors go to safetensors, everything else to JSON strings i
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -90,6 +92,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._at = 0.0
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -99,9 +102,15 @@ class StopSignals:
 
     def _record(self, signum: int, _frame: Any) -> None:
         if self.received is not None:
+            # Under torchrun, Ctrl-C reaches a worker twice: from the terminal and forwarded by
+            # the launcher. That echo is not the user's second Ctrl-C.
+            if signum == self.received and os.environ.get("TORCHELASTIC_RUN_ID") and time.monotonic() - self._at < 2.0:
+                return
             raise StoppedNow(signum)
-        self.received = signum
+        self.received, self._at = signum, time.monotonic()
         key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if os.environ.get("RANK", "0") != "0":  # one message per run, from rank 0
+            return
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
               f"({key} again stops at once)", file=sys.stderr, flush=True)
 

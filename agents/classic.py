@@ -264,6 +264,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
 
 def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:
     local_envs = dist.check_divides("num_envs", config.num_envs)
+    dist.check_local_batch(config.ppo, local_envs * config.num_steps)
     torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True

@@ -70,9 +70,9 @@ class Dist:
         try:
             yield
         except (RuntimeError, tdist.DistError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PeerFailed(f"rank {self.rank} lost the other processes of the run ({first}); the process that "
-                             "failed printed its own error") from None
+            # The collective's own message (a socket error) says nothing the user can act on.
+            raise PeerFailed("stopped: another process of the run failed or exited; its error is printed "
+                             "beside this one") from err
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` over ranks in place (``sum`` or ``max``) and return it."""
@@ -136,6 +136,16 @@ class Dist:
             flat = torch.cat([p.grad.reshape(-1) for p in bucket])
             self.all_reduce(flat)
             _unflatten_into(flat, [p.grad for p in bucket])
+
+    def check_local_batch(self, ppo_config: Any, local_batch: int) -> None:
+        """``ppo_config.validate`` on one rank's share of the batch, its error naming the split."""
+        if self.world_size == 1:
+            return
+        try:
+            ppo_config.validate(local_batch)
+        except ValueError as err:
+            raise ValueError(f"{err} (each of the {self.world_size} processes updates on its share of "
+                             f"{local_batch} samples)") from None
 
     def check_divides(self, name: str, value: int) -> int:
         """``value // world_size``, or a one-line error when it does not divide evenly."""

@@ -402,8 +402,7 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     if local_envs % config.group_size:
         raise ValueError(f"group_size={config.group_size} must divide each process's {local_envs} responses "
                          f"(num_envs={config.num_envs} over {dist.world_size} processes)")
-    if dist.world_size > 1:
-        config.ppo.validate(local_envs)
+    dist.check_local_batch(config.ppo, local_envs)
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
 
@@ -576,6 +575,8 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         "score_mean_last": history[-1]["score_mean"] if history else None,
         "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
     }
+    if dist.world_size > 1:
+        summary["world_size"] = dist.world_size
     if eval_envs is not None:
         say(f"sampling {config.eval_samples} responses on held-out prompts after training ...")
         after = evaluate_held_out(policy, eval_envs, config.seed)

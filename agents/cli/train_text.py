@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import tyro
 
-from textenv.agents.cli._common import pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.cli._common import is_main_process, pop_resume, run_cli, strip_resume, with_resume
 from textenv.agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
 
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config, resume = parse(argv)
         summary = train_text(config, resume=resume)
+        if not is_main_process():
+            return 0
         if summary.get("eval_score_after") is not None:
             print(held_out_line(summary), file=sys.stderr, flush=True)
         print(summary_line(summary), flush=True)

@@ -1,0 +1,133 @@
+"""The trainers launched by a real ``torchrun`` with two CPU processes (gloo): one run
+directory, one summary, a signal that stops both ranks at the same iteration with one
+checkpoint, a resume, and a failure on one rank that ends the whole run promptly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CARTPOLE = ["--env-id", "CartPole-v1", "--num-envs", "8", "--num-steps", "16", "--no-progress", "--no-tensorboard",
+            "--eval-episodes", "2"]
+TOY = ["--task", "Toy", "--model", "tiny", "--num-envs", "4", "--max-new-tokens", "3", "--no-tensorboard",
+       "--no-progress", "--device", "cpu", "--eval-samples", "0", "--num-minibatches", "2"]
+
+
+def torchrun(module: str, args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TEXTENV_TRACEBACK", None)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def summaries(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_two_process_classic_run_writes_one_run_and_resumes(tmp_path):
+    code, out, err = finish(torchrun("scripts.train", [*CARTPOLE, "--total-timesteps", "1024",
+                                                       "--runs-dir", str(tmp_path)]))
+    assert code == 0, err
+    (summary,) = summaries(out)  # rank 0 alone prints it
+    assert summary["world_size"] == 2 and summary["global_step"] == 1024
+    (run_dir,) = tmp_path.iterdir()
+    assert [m["iteration"] for m in metrics(run_dir)] == list(range(1, 9))
+    assert "eval_return_mean" in summary
+
+    code, out, err = finish(torchrun("scripts.train", ["--resume", str(run_dir), "--total-timesteps", "1536"]))
+    assert code == 0, err
+    assert summaries(out)[0]["global_step"] == 1536
+    assert [m["iteration"] for m in metrics(run_dir)] == list(range(1, 13))
+    assert "resumes with" not in err  # same world size: no note
+
+    # Another process count continues the same run, and says what that means.
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "scripts.train", "--resume", str(run_dir), "--total-timesteps", "2048"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert "trained by 2 process(es) and resumes with 1" in one.stderr
+    assert [m["iteration"] for m in metrics(run_dir)] == list(range(1, 17))
+
+
+def test_batches_that_do_not_split_over_the_processes_are_one_line_errors(tmp_path):
+    code, _, err = finish(torchrun("scripts.train", [*CARTPOLE, "--num-envs", "7", "--num-steps", "4",
+                                                     "--runs-dir", str(tmp_path)]))
+    assert code != 0
+    assert "error: rank 0: num_envs=7 must divide evenly over the 2 processes of the run" in err
+    code, _, err = finish(torchrun("scripts.train_text", [*TOY, "--num-minibatches", "4", "--runs-dir", str(tmp_path)]))
+    assert code != 0
+    assert ("error: rank 0: num_minibatches=4 must be >= 1 and divide the batch size 2 (each of the 2 processes "
+            "updates on its share of 2 samples)") in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sigterm_stops_every_rank_at_one_iteration_with_one_checkpoint(tmp_path):
+    proc = torchrun("scripts.train", [*CARTPOLE, "--total-timesteps", "100000000", "--runs-dir", str(tmp_path),
+                                      "--checkpoint-every", "0"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = list(tmp_path.iterdir())
+        if runs and (runs[0] / "metrics.jsonl").is_file() and len(metrics(runs[0])) >= 3:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the run logged no iterations")
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    code, _, err = finish(proc, timeout=60)
+    assert time.monotonic() - start < 30, "the launcher's grace period ran out: the ranks did not stop together"
+    assert code != 0
+    assert err.count("interrupted: SIGTERM") == 1, err  # rank 0 reports, once
+    (run_dir,) = runs
+    logged = metrics(run_dir)
+    from textenv.agents.classic import load_checkpoint
+
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoint.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert int(meta["iteration"]) == logged[-1]["iteration"]
+    assert int(meta["world_size"]) == 2
+    load_checkpoint(run_dir / "checkpoint.safetensors")
+
+
+def test_a_reward_that_raises_on_one_rank_ends_every_rank_promptly(tmp_path):
+    start = time.monotonic()
+    proc = torchrun("scripts.train_text", [*TOY, "--iterations", "50", "--reward",
+                                           "tests.rank_rewards:fails_on_rank_one", "--runs-dir", str(tmp_path)])
+    code, _, err = finish(proc, timeout=120)
+    assert code != 0
+    assert time.monotonic() - start < 90
+    assert "error: rank 1: reward 'fails_on_rank_one' raised RuntimeError" in err, err
+
+
+def test_a_two_process_text_run_and_its_resume(tmp_path):
+    code, out, err = finish(torchrun("scripts.train_text", [*TOY, "--iterations", "2", "--runs-dir", str(tmp_path)]))
+    assert code == 0, err
+    (summary,) = summaries(out)
+    assert summary["world_size"] == 2 and summary["iterations"] == 2
+    (run_dir,) = tmp_path.iterdir()
+    logged = metrics(run_dir)
+    assert [m["iteration"] for m in logged] == [1, 2]
+    code, out, err = finish(torchrun("scripts.train_text", ["--resume", str(run_dir), "--iterations", "3"]))
+    assert code == 0, err
+    assert [m["iteration"] for m in metrics(run_dir)] == [1, 2, 3]
