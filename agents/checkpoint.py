@@ -19,18 +19,21 @@ import torch
 
 
 def pack_training_state(
-    optimizer: torch.optim.Optimizer, generator: torch.Generator | None
+    optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` holding the optimizer's state and every RNG the trainers draw from.
+    """``(tensors, metadata)`` holding the optimizer's state (None: none) and every RNG the
+    trainers draw from.
 
     On CPU the optimizer's tensors are not copied (a model-sized saving): write them out before
     the optimizer steps again, as the trainers do."""
     tensors: dict[str, torch.Tensor] = {}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for key, value in st.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    metadata = {"optim.param_groups": json.dumps(opt["param_groups"])}
+    metadata: dict[str, str] = {}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        metadata["optim.param_groups"] = json.dumps(opt["param_groups"])
     tensors["rng.torch"] = torch.get_rng_state()
     if generator is not None:
         tensors["rng.generator"] = generator.get_state().cpu()

@@ -21,6 +21,7 @@ exits non-zero) and stop with :class:`PeerFailed`, never hang.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -129,6 +130,14 @@ class Dist:
         if not self.active or self.world_size == 1:
             return
         params = list(params)
+        sharded = [p for p in params if _is_dtensor(p)]
+        # FSDP reduce-scattered these gradients itself, as a mean over ranks; each rank's loss is
+        # its share of the global mean, so the gradient is the sum (a divide factor of 1 would
+        # say so to FSDP, but gloo has no pre-multiplied sum).
+        for p in sharded:
+            if p.grad is not None:
+                p.grad.mul_(self.world_size)
+        params = [p for p in params if not _is_dtensor(p)]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -152,6 +161,48 @@ class Dist:
         if value % self.world_size:
             raise ValueError(f"{name}={value} must divide evenly over the {self.world_size} processes of the run")
         return value // self.world_size
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_policy(policy: torch.nn.Module, lm: torch.nn.Module) -> None:
+    """Shard ``policy`` (an :class:`textenv.agents.lm.LMActorCritic`) over the ranks with FSDP2.
+
+    Each transformer block (the model's ``_no_split_modules`` classes) is its own
+    ``fully_shard`` unit, the value head another (it stays fp32 beside a bf16 model), and the
+    root holds the rest (embeddings, final norm, LM head). The methods the trainer calls
+    instead of ``forward`` are registered with FSDP, and gradients are summed over ranks, not
+    averaged (:meth:`Dist.reduce_gradients`): each rank's loss is already its share of the
+    global mean.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    blocks = [m for m in lm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"--fsdp: cannot find the transformer blocks of {type(lm).__name__} "
+                         "(it lists no _no_split_modules)")
+    for block in blocks:
+        fully_shard(block)
+    if getattr(policy, "value_head", None) is not None:
+        fully_shard(policy.value_head)
+    fully_shard(policy)
+    for method in ("_forward", "evaluate_responses"):
+        register_fsdp_forward_method(policy, method)
+    # The trainers never modify the policy's outputs in place, which is what this warns about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP-sharded ``module`` on rank 0, in CPU memory
+    (a collective: every rank calls it; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:

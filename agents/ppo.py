@@ -252,6 +252,8 @@ def ppo_update(
             if dist is not None:
                 dist.reduce_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # an FSDP-sharded model's norm is a (replicated) DTensor
+                grad_norm = grad_norm.full_tensor()
             # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
             # never applied; the update is skipped and counted.
             if not bool(torch.isfinite(grad_norm)):

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_advantages, needs_critic
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
-from textenv.agents.distributed import Dist, init_distributed, shutdown_distributed
+from textenv.agents.distributed import Dist, full_state_dict, init_distributed, shard_policy, shutdown_distributed
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
@@ -136,6 +136,11 @@ class TextTrainConfig:
     """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0: off)"""
     lora_alpha: int = 16
     """LoRA scaling α"""
+    fsdp: bool = False
+    """shard the policy over the torchrun processes with FSDP2 (torch's fully_shard: nccl on GPUs, gloo on
+    CPUs), for models whose weights, gradients and optimizer state do not fit one device; checkpoints hold
+    the full weights but not the sharded optimizer state, so a sharded run cannot be resumed yet; not with
+    --lora-r"""
     torch_threads: int = 1
     """torch CPU threads of this process (1 never oversubscribes a machine others use; 0: torch's
     default, one per core, fastest only on an otherwise idle machine)"""
@@ -172,6 +177,9 @@ class TextTrainConfig:
             raise ValueError(f"target_window must be >= 1, got {self.target_window}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.fsdp and self.lora_r:
+            raise ValueError("--fsdp with --lora-r is not supported (LoRA's adapters are small: train them without "
+                             "sharding)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("eval_samples", "torch_threads", "seed"):
@@ -209,9 +217,24 @@ class Rollout:
     step_scores: torch.Tensor | None = None  # [N, T] task reward per token (multi-turn turn rewards); else scores at the end
 
 
-@torch.inference_mode()
 def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
                     group_size: int = 1) -> Rollout:
+    """Reset ``envs`` and sample one response per row (see :func:`_collect_rollout`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP's all-gather buffers outlive the rollout: inference-mode tensors would refuse the
+    # update's in-place writes, so a sharded policy samples under no_grad.
+    if not isinstance(policy, FSDPModule):
+        with torch.inference_mode():
+            return _collect_rollout(policy, envs, seed, generator, group_size)
+    with torch.no_grad():
+        rollout = _collect_rollout(policy, envs, seed, generator, group_size)
+    policy.reshard()  # the root stays gathered after a forward without backward; the optimizer holds the shards
+    return rollout
+
+
+def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
+                     group_size: int = 1) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
     rows shares a prompt.
@@ -354,13 +377,15 @@ def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam:
     return adv.T * mask, ret.T * mask
 
 
-def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+def adamw(params: list[torch.nn.Parameter], lr: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW, fused where torch has a fused kernel for the parameters (5× faster steps on CPU
     for a 135M model than the for-each one)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
+        except RuntimeError:
+            pass
+    return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
 
 
 def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
@@ -403,6 +428,9 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         raise ValueError(f"group_size={config.group_size} must divide each process's {local_envs} responses "
                          f"(num_envs={config.num_envs} over {dist.world_size} processes)")
     dist.check_local_batch(config.ppo, local_envs)
+    if config.fsdp and not dist.active:
+        raise ValueError("--fsdp shards the policy over torchrun's processes: launch the run with "
+                         "torchrun --nproc-per-node N (one process per GPU)")
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
 
@@ -412,6 +440,10 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
 
     if resume is not None:
         saved = load_text_run_config(resume)
+        if saved.fsdp or config.fsdp:
+            raise ValueError(f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their checkpoint "
+                             f"holds the full weights but not the sharded optimizer state); start a new run from the "
+                             f"weights with --model {Path(resume) / 'policy'}")
         if (saved.task, saved.model) != (config.task, config.model):
             raise ValueError(f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
                              f"not {config.task} with {config.model}")
@@ -428,7 +460,9 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     say(f"loading the reference model ({config.model}) ...")
     envs = make_text_envs(config, local_envs, task_kwargs, device, dtype, config.reference_pass)
     eval_envs = None
-    if held_out and dist.is_main:  # the same frozen reference and reward, on the held-out prompts
+    # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or with a
+    # sharded policy every rank (its forward is a collective), each on the same prompts.
+    if held_out and (dist.is_main or config.fsdp):
         eval_envs = make_text_envs(config, config.eval_samples, task_kwargs | {"split": "test"}, device, dtype,
                                    "at_end", model=envs.reference_model, tokenizer=envs.tokenizer,
                                    reward=getattr(envs, "reward_fn", None))
@@ -446,7 +480,10 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                            value_head=needs_critic(config.advantage))
     dist.broadcast_parameters(p for p in policy.parameters() if p.requires_grad)
-    optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
+    if config.fsdp:
+        shard_policy(policy, policy_lm)
+    optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                      fused=not config.fsdp)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
 
@@ -474,9 +511,11 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     start = time.perf_counter() - previous_wall
 
     def checkpoint(iteration: int) -> Path:
+        weights = full_state_dict(policy) if config.fsdp else None  # a collective: every rank
         if not dist.is_main:
             return run_dir / "policy"
-        return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=optimizer, generator=generator,
+        return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=None if config.fsdp else optimizer,
+                           generator=generator, state_dict=weights,
                            state={"iteration": iteration, "kl_coef": envs.kl_coef, "total_tokens": total_tokens,
                                   "wall_time_s": time.perf_counter() - start, "score_mean_first": score_first,
                                   "lr_schedule": schedule.state(), "eval_before": eval_before,
@@ -775,22 +814,29 @@ def save_policy(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
     state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """``save_pretrained`` of the policy (loads with plain transformers) plus ``value_head.safetensors``
     and, for resuming, ``trainer_state.safetensors`` (optimizer, RNG, counters); written to a
-    temp directory and renamed, so a crash never leaves half a checkpoint."""
+    temp directory and renamed, so a crash never leaves half a checkpoint. ``state_dict``: the
+    policy's full weights, for a sharded policy whose own tensors are shards; then there is no
+    optimizer state to save (``optimizer=None``), only the RNGs and counters."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(policy.lm, "merge_and_unload"):  # LoRA: the adapter (to resume) + merged weights (to use)
+    if state_dict is not None:
+        policy.lm.save_pretrained(tmp, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")})
+        head = {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+    elif hasattr(policy.lm, "merge_and_unload"):  # LoRA: the adapter (to resume) + merged weights (to use)
         policy.lm.save_pretrained(tmp / "adapter")
         copy.deepcopy(policy.lm).merge_and_unload().save_pretrained(tmp)
     else:
         policy.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if policy.value_head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
-                  str(tmp / "value_head.safetensors"))
-    if optimizer is not None:
+        if state_dict is None:
+            head = policy.value_head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
+    if optimizer is not None or state_dict is not None:
         tensors, metadata = pack_training_state(optimizer, generator)
         metadata["state"] = json.dumps(state or {})
         save_file(tensors, str(tmp / STATE_FILE), metadata=metadata)

@@ -14,6 +14,9 @@ the others still run.
   GPU vs CPU (its envs are MuJoCo on the host either way).
 - ``text``: the text env vs a bare KV-cached forward vs transformers' ``generate`` (tokens/s),
   and a short text PPO run (tokens/s, rollout vs update time, peak GPU memory), in bf16.
+- ``torchrun``: both trainers launched by ``torchrun`` with one process per GPU (``nccl``; on
+  the CPU fallback, two ``gloo`` processes), next to the same run as a plain process, and the
+  text trainer with its policy sharded by FSDP2 (``--fsdp``).
 
 Without CUDA the script still runs (on the CPU, with the sizes cut by ``--quick``) so that it is
 ready unchanged for a GPU machine; its result file then says it ran without one.
@@ -40,7 +43,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("tests", "control", "classic", "text")
+SECTIONS = ("tests", "control", "classic", "text", "torchrun")
 
 
 @dataclass
@@ -238,6 +241,53 @@ def section_text(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[
     return lines
 
 
+def _launch(nproc: int | None, args: list[str], timeout: int) -> dict:
+    """One training run as a user starts it (``nproc``: under torchrun), with its summary."""
+    launcher = [sys.executable] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    code, out, secs = _run([*launcher, *args], timeout)
+    summaries = [ln for ln in out.splitlines() if ln.startswith("{")]
+    result = {"rc": code, "seconds": secs, "summary": json.loads(summaries[-1]) if summaries else None}
+    if code != 0:
+        result["tail"] = out[-1500:]
+    return result
+
+
+def section_torchrun(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[str]:
+    cuda = device.type == "cuda"
+    nproc = max(1, torch.cuda.device_count()) if cuda else 2
+    backend = "nccl" if cuda else "gloo"
+    with tempfile.TemporaryDirectory() as tmp:
+        model, described = _text_model(args, Path(tmp))
+        common = ["--runs-dir", tmp, "--no-progress", "--no-tensorboard", "--device", str(device.type)]
+        steps = "65536" if args.quick else "1048576"
+        classic = ["-m", "scripts.train", "--env-id", "textenv/TorchCartPole-v1", "--num-envs", "4096" if cuda else "256",
+                   "--num-steps", "16", "--total-timesteps", steps, "--eval-episodes", "0", *common]
+        n_envs, tokens, iters = (4, 6, 2) if args.quick else (64, 48, 4)
+        text = ["-m", "scripts.train_text", "--task", "Sentiment", "--model", model, "--iterations", str(iters),
+                "--num-envs", str(n_envs), "--max-new-tokens", str(tokens), "--eval-samples", "0", *common]
+        runs = {
+            "classic, plain process": _launch(None, classic, 600),
+            f"classic, torchrun × {nproc} ({backend})": _launch(nproc, classic, 600),
+            "text, plain process": _launch(None, text, 600),
+            f"text, torchrun × {nproc} ({backend})": _launch(nproc, text, 600),
+            f"text, torchrun × {nproc} ({backend}), --fsdp": _launch(nproc, [*text, "--fsdp"], 600),
+        }
+    raw["torchrun"] = runs
+    lines = [f"Classic: `textenv/TorchCartPole-v1`, {classic[classic.index('--num-envs') + 1]} envs × 16 steps, "
+             f"{steps} steps. Text: Sentiment, {described}, {n_envs} envs × {tokens} tokens, {iters} iterations. "
+             "Whole process trees, one after another.", "",
+             "| run | exit | wall (s) | steps/s or tokens/s |", "| --- | --- | --- | --- |"]
+    for name, r in runs.items():
+        s = r["summary"] or {}
+        rate = s.get("sps") or s.get("tokens_per_s")
+        lines.append(f"| {name} | {r['rc']} | {r['seconds']:.1f} | {f'{rate:,.0f}' if rate else '—'} |")
+    for name, r in runs.items():
+        if r["rc"] != 0:
+            lines += ["", f"`{name}` failed; its output ends:", "", "```", r.get("tail", "").strip()[-1200:], "```"]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
@@ -271,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     titles = {"tests": "Tests on this machine", "control": "Classic-control envs on the device (random actions)",
-              "classic": "Classic PPO training throughput", "text": "Text env and text PPO"}
+              "classic": "Classic PPO training throughput", "text": "Text env and text PPO",
+              "torchrun": "torchrun: one process per GPU, and FSDP2"}
     for name in args.sections:
         start = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)

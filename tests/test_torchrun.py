@@ -131,3 +131,40 @@ def test_a_two_process_text_run_and_its_resume(tmp_path):
     code, out, err = finish(torchrun("scripts.train_text", ["--resume", str(run_dir), "--iterations", "3"]))
     assert code == 0, err
     assert [m["iteration"] for m in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_an_fsdp_sharded_text_run_equals_the_unsharded_one_and_saves_full_weights(tmp_path):
+    """One iteration from the same weights samples the same rollout; the sharded update equals
+    the unsharded one to float tolerance, and the checkpoint holds full weights that plain
+    transformers loads."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("plain", []), ("fsdp", ["--fsdp"])):
+        code, out, err = finish(torchrun("scripts.train_text", [*TOY, "--iterations", "1", "--runs-dir", str(tmp_path),
+                                                                "--run-name", name, *extra]))
+        assert code == 0, err
+        runs[name] = load_file(str(tmp_path / name / "policy" / "model.safetensors"))
+    assert runs["plain"].keys() == runs["fsdp"].keys()
+    for key, value in runs["plain"].items():
+        assert runs["fsdp"][key].shape == value.shape, key
+        torch_close(runs["fsdp"][key], value, key)
+    from textenv.agents.text import evaluate_text_run
+
+    assert evaluate_text_run(tmp_path / "fsdp", samples=2, seed=0)["responses"] == 2
+    code, _, err = finish(torchrun("scripts.train_text", ["--resume", str(tmp_path / "fsdp"), "--iterations", "2"]))
+    assert code != 0 and "runs sharded with --fsdp cannot be resumed yet" in err
+
+
+def torch_close(a, b, key: str) -> None:
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path, capsys):
+    from textenv.agents.cli import train_text as train_text_cli
+
+    assert train_text_cli.main([*TOY, "--fsdp", "--runs-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --fsdp shards the policy over torchrun's processes: launch the "
+                                               "run with torchrun --nproc-per-node N (one process per GPU)")
