@@ -540,7 +540,10 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 lr = schedule.apply(optimizer, iteration)
                 bar.set_postfix_str(f"{postfix} sampling", refresh=True)
                 t0 = time.perf_counter()
-                prompt_seed = (config.seed * 100_003 + iteration) * dist.world_size + dist.rank
+                # The env seeds row i with seed + i: each iteration's rows (and each rank's) take
+                # their own block of seeds, so no iteration replays another's prompts and global
+                # row j draws the same prompt with any number of processes.
+                prompt_seed = prompt_seeds(config.seed, iteration, config.num_envs) + dist.rank * local_envs
                 rollout = collect_rollout(policy, envs, seed=prompt_seed, generator=generator,
                                           group_size=config.group_size)
                 rollout_s = time.perf_counter() - t0
@@ -626,6 +629,12 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     if config.save_checkpoint:
         summary["checkpoint"] = str(checkpoint(run.last_iteration))
     return run.finish(summary)
+
+
+def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
+    """The seed of row 0 of ``iteration``'s reset (row ``i`` gets this + ``i``): disjoint blocks
+    of ``num_envs`` seeds per iteration, and per run seed for up to 100,003 iterations."""
+    return (seed * 100_003 + iteration) * num_envs
 
 
 def rollout_stats(rollout: Rollout, rewards: torch.Tensor, returns: torch.Tensor, has_critic: bool,

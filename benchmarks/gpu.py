@@ -248,8 +248,9 @@ def _launch(nproc: int | None, args: list[str], timeout: int) -> dict:
     code, out, secs = _run([*launcher, *args], timeout)
     summaries = [ln for ln in out.splitlines() if ln.startswith("{")]
     result = {"rc": code, "seconds": secs, "summary": json.loads(summaries[-1]) if summaries else None}
-    if code != 0:
-        result["tail"] = out[-1500:]
+    if code != 0:  # the trainers' one-line errors first, then the end of the output
+        errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        result["tail"] = "\n".join(errors[:4]) + "\n...\n" + out[-800:]
     return result
 
 
@@ -263,7 +264,7 @@ def section_torchrun(args: GpuBenchConfig, device: torch.device, raw: dict) -> l
         steps = "65536" if args.quick else "1048576"
         classic = ["-m", "scripts.train", "--env-id", "textenv/TorchCartPole-v1", "--num-envs", "4096" if cuda else "256",
                    "--num-steps", "16", "--total-timesteps", steps, "--eval-episodes", "0", *common]
-        n_envs, tokens, iters = (4, 6, 2) if args.quick else (64, 48, 4)
+        n_envs, tokens, iters = (8, 6, 2) if args.quick else (64, 48, 4)  # 4 minibatches of each process's share
         text = ["-m", "scripts.train_text", "--task", "Sentiment", "--model", model, "--iterations", str(iters),
                 "--num-envs", str(n_envs), "--max-new-tokens", str(tokens), "--eval-samples", "0", *common]
         runs = {

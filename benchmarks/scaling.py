@@ -46,6 +46,8 @@ class ScalingConfig:
     """seeds of the text task (default: --seeds)"""
     out: str = "benchmarks/results/scaling.md"
     """markdown table to write (the plot goes beside it, .png)"""
+    extend: bool = False
+    """add these runs to the ones already in the result's JSON (more seeds without rerunning the others)"""
 
 
 def command(task: str, side: str, seed: int, runs_dir: str) -> tuple[list[str], dict[str, str]]:
@@ -89,10 +91,11 @@ def _ms(xs: list[float], fmt: str = ".1f") -> str:
     return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
 
 
-def write(results: dict, config: ScalingConfig, cmdline: str) -> None:
+def write(results: dict, config: ScalingConfig, cmdline: str | list[str]) -> None:
+    commands = [cmdline] if isinstance(cmdline, str) else cmdline
     lines = [
         "# Scaling out: 1 process × 2 threads vs 2 processes × 1 thread (torchrun, gloo)", "",
-        f"Command: `{cmdline}`", "",
+        "Commands: " + "; then ".join(f"`{c}`" for c in commands), "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; runs one "
         "after another on an otherwise idle machine; each row is a whole process tree timed from launch to exit.",
         "Both sides: the same seeds, the same global batch and hyperparameters (`num_envs` is global; each "
@@ -123,7 +126,7 @@ def write(results: dict, config: ScalingConfig, cmdline: str) -> None:
     png = Path(config.out).with_suffix(".png")
     lines += [f"Learning curves of every run: `{png.name}`.", ""]
     Path(config.out).write_text("\n".join(lines))
-    Path(config.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    Path(config.out).with_suffix(".json").write_text(json.dumps(results | {"commands": commands}, indent=1))
     _plot(results, png)
 
 
@@ -133,9 +136,11 @@ def _plot(results: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    n = len([k for k in results if k != "commands"])
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
     labels = {"cartpole": ("CartPole-v1: episodic return", "env steps"),
               "text": ("Sentiment: mean score per iteration", "iteration")}
+    results = {k: v for k, v in results.items() if k != "commands"}
     for ax, (task, sides) in zip(axes[0], results.items()):
         for color, (side, runs) in zip(("tab:blue", "tab:orange"), sides.items()):
             for i, run in enumerate(runs):
@@ -158,9 +163,13 @@ def main() -> None:
             raise SystemExit(f"error: unknown task {task!r} (cartpole, text)")
     cmdline = "python -m benchmarks.scaling " + " ".join(sys.argv[1:])
     results: dict[str, dict[str, list[dict]]] = {}
+    previous = Path(config.out).with_suffix(".json")
+    if config.extend and previous.is_file():
+        results = json.loads(previous.read_text())
+        cmdline = results.pop("commands") + [cmdline] if "commands" in results else [cmdline]
     for task in config.tasks:
         seeds = config.text_seeds if task == "text" and config.text_seeds else config.seeds
-        results[task] = {side: [] for side in SIDES}
+        results.setdefault(task, {side: [] for side in SIDES})
         for seed in seeds:
             for side in SIDES:  # interleaved, so a slow patch of the machine hits both sides
                 r = run_one(task, side, seed)

@@ -23,4 +23,15 @@ def test_the_gpu_benchmark_runs_its_cpu_fallback_and_writes_every_section(tmp_pa
 
 def test_an_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert main(["--sections", "nope", "--out", str(tmp_path / "x.md")]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text"
+    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text, torchrun"
+
+
+def test_the_torchrun_section_runs_both_trainers_sharded_and_not_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    code = main(["--quick", "--device", "cpu", "--sections", "torchrun", "--model", "tiny", "--out", str(out)])
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert code == 0 and "errors" not in raw, raw.get("errors")
+    runs = raw["torchrun"]
+    assert len(runs) == 5 and all(r["rc"] == 0 for r in runs.values()), runs
+    two = [r["summary"] for name, r in runs.items() if "torchrun × 2 (gloo)" in name]
+    assert len(two) == 3 and all(s["world_size"] == 2 for s in two)

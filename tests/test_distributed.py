@@ -309,3 +309,39 @@ def test_an_fsdp_sharded_update_over_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(params[k], ref_params[k], rtol=1e-4, atol=2e-6, msg=k)
     for k in ("policy_loss", "value_loss", "approx_kl", "grad_norm"):
         assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-4, abs=1e-6), k
+
+
+# ---------------------------------------------------------------- the text trainer's prompts
+
+
+def _text_run_prompts(dist: Dist | None, runs_dir: str) -> list[list[str]]:
+    """The prompts of each iteration's rollout of a short Toy run (this rank's rows)."""
+    import textenv.agents.text as text
+
+    seen: list[list[str]] = []
+    real = text.collect_rollout
+
+    def spy(*args, **kw):
+        rollout = real(*args, **kw)
+        seen.append(list(rollout.prompts))
+        return rollout
+
+    text.collect_rollout = spy
+    try:
+        text.train_text(text.TextTrainConfig(
+            task="Toy", model="tiny", num_envs=8, max_new_tokens=2, iterations=3, eval_samples=0, device="cpu",
+            runs_dir=runs_dir, progress=False, tensorboard=False, save_checkpoint=False,
+            ppo=PPOConfig(update_epochs=1, num_minibatches=2)))
+    finally:
+        text.collect_rollout = real
+    return seen
+
+
+def test_global_row_j_draws_the_same_prompt_with_one_or_two_processes(tmp_path):
+    one = _text_run_prompts(None, str(tmp_path / "one"))
+    ranks = run_ranks(_text_run_prompts, tmp_path, str(tmp_path / "two"))
+    for it in range(3):
+        assert ranks[0][it] + ranks[1][it] == one[it]
+    # Each iteration draws afresh: the row seeds of consecutive iterations do not overlap, so an
+    # iteration is not the previous one shifted by a row (as it was when they overlapped).
+    assert all(one[it + 1][:-1] != one[it][1:] for it in range(2))

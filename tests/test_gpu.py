@@ -92,3 +92,32 @@ def test_the_text_trainer_learns_the_toy_task_on_the_gpu(tmp_path, bf16):
                              save_checkpoint=False, run_name="toy")
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.1 and summary["score_mean_last"] > 0.5, summary
+
+
+def _torchrun(args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *args,
+           "--runs-dir", str(tmp_path), "--no-progress", "--no-tensorboard", "--device", "cuda"]
+    return subprocess.run(cmd, cwd=root, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_the_text_trainer_runs_under_torchrun_with_nccl(tmp_path, fsdp):
+    proc = _torchrun(["-m", "scripts.train_text", "--task", "Toy", "--model", "tiny", "--num-envs", "8",
+                      "--max-new-tokens", "4", "--iterations", "2", "--eval-samples", "0",
+                      *(["--fsdp"] if fsdp else [])], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "policy" / "model.safetensors").is_file()
+
+
+def test_the_classic_trainer_runs_under_torchrun_with_nccl(tmp_path):
+    proc = _torchrun(["-m", "scripts.train", "--env-id", "textenv/TorchCartPole-v1", "--num-envs", "256",
+                      "--total-timesteps", "16384", "--eval-episodes", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -91,7 +91,8 @@ def test_training_never_sees_held_out_prompts_and_the_before_score_is_the_initia
     assert summary["eval_score_before"] == before["score"]
     assert summary["eval_score_before_se"] == before["score_se"]
     assert before["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
-    assert summary["eval_samples"] == 6 and summary["eval_kl_after"] > 0
+    # The trained policy is no longer the reference (a k1 estimate over 6 responses may be of either sign).
+    assert summary["eval_samples"] == 6 and abs(summary["eval_kl_after"]) > 1e-4
 
 
 def test_without_evaluation_every_prompt_is_trained_on(tmp_path):

@@ -69,6 +69,14 @@ def test_every_command_is_a_make_target_an_install_or_parses():
             assert set(words[1:]) <= targets, command
         elif words[0] == "pip" or words[:3] == [".venv/bin/python", "-m", "pip"]:
             continue
+        elif words[0] == "torchrun":  # torchrun's own flags parse with torchrun's parser, the trainer's with ours
+            from torch.distributed.run import get_args_parser
+
+            launch = get_args_parser().parse_args(words[1:])
+            scripts = {"textenv-train": "scripts.train", "textenv-train-text": "scripts.train_text"}
+            module = scripts[launch.training_script] if launch.no_python else launch.training_script
+            assert launch.no_python or launch.module, command
+            _parse(module, launch.training_script_args)
         else:
             assert words[0].endswith("python") and words[1] == "-m", command
             _parse(words[2], words[3:])
