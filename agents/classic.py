@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.device import resolve_device
-from textenv.agents.distributed import Dist, init_distributed, shutdown_distributed, sync_running_stats
+from textenv.agents.distributed import Dist, distributed_run, sync_running_stats
 from textenv.agents.envs import (
     Vectorization,
     env_spec,
@@ -255,11 +255,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     of the whole batch (:mod:`textenv.agents.distributed`); rank 0 alone writes.
     """
     config.validate()
-    dist, device = init_distributed(resolve_device(config.device))
-    try:
+    with distributed_run(resolve_device(config.device)) as (dist, device):
         return _train(config, resume, dist, device)
-    finally:
-        shutdown_distributed()
 
 
 def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:

@@ -99,13 +99,6 @@ class Dist:
             start += v.numel()
         return out
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
-        if not self.active:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.all_reduce(t, op="max").item() > 0)
-
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order, on every rank (small, picklable objects)."""
         if not self.active:
@@ -252,6 +245,16 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         _OWNED = True
     comm_device = device if tdist.get_backend() == "nccl" else torch.device("cpu")
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), active=True, device=comm_device), device
+
+
+@contextmanager
+def distributed_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
+    """``(dist, this rank's device)`` for one training run (:func:`init_distributed`), the
+    process group destroyed at the end if the run created it."""
+    try:
+        yield init_distributed(device)
+    finally:
+        shutdown_distributed()
 
 
 def shutdown_distributed() -> None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_advantages, needs_critic
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
-from textenv.agents.distributed import Dist, full_state_dict, init_distributed, shard_policy, shutdown_distributed
+from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
@@ -220,17 +220,23 @@ class Rollout:
 def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
                     group_size: int = 1) -> Rollout:
     """Reset ``envs`` and sample one response per row (see :func:`_collect_rollout`)."""
-    from torch.distributed.fsdp import FSDPModule
-
     # FSDP's all-gather buffers outlive the rollout: inference-mode tensors would refuse the
     # update's in-place writes, so a sharded policy samples under no_grad.
-    if not isinstance(policy, FSDPModule):
+    if not _is_sharded(policy):
         with torch.inference_mode():
             return _collect_rollout(policy, envs, seed, generator, group_size)
     with torch.no_grad():
         rollout = _collect_rollout(policy, envs, seed, generator, group_size)
     policy.reshard()  # the root stays gathered after a forward without backward; the optimizer holds the shards
     return rollout
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
@@ -415,11 +421,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     """
     config.validate()
     config = with_absolute_paths(config)
-    dist, device = init_distributed(resolve_device(config.device))
-    try:
+    with distributed_run(resolve_device(config.device)) as (dist, device):
         return _train_text(config, resume, dist, device)
-    finally:
-        shutdown_distributed()
 
 
 def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:

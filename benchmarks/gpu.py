@@ -17,6 +17,9 @@ the others still run.
 - ``torchrun``: both trainers launched by ``torchrun`` with one process per GPU (``nccl``; on
   the CPU fallback, two ``gloo`` processes), next to the same run as a plain process, and the
   text trainer with its policy sharded by FSDP2 (``--fsdp``).
+- ``trl``: ``benchmarks.text_ppo`` (this project's PPO vs TRL's PPOTrainer vs bare ``generate``,
+  same model and batch) on the device, when TRL is installed (``pip install -e ".[bench]"``);
+  its table goes to ``benchmarks/results/text_ppo_<device>.md``.
 
 Without CUDA the script still runs (on the CPU, with the sizes cut by ``--quick``) so that it is
 ready unchanged for a GPU machine; its result file then says it ran without one.
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("tests", "control", "classic", "text", "torchrun")
+SECTIONS = ("tests", "control", "classic", "text", "torchrun", "trl")
 
 
 @dataclass
@@ -289,6 +292,25 @@ def section_torchrun(args: GpuBenchConfig, device: torch.device, raw: dict) -> l
     return lines
 
 
+def section_trl(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raw["trl"] = "not installed"
+        return ["TRL is not installed on this machine (`pip install -e \".[bench]\"` brings trl 0.29 and its "
+                "datasets/pyarrow stack), so the side by side with TRL's PPOTrainer did not run."]
+    name = f"text_ppo_{device.type}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model, described = _text_model(args, Path(tmp))
+        code, out, secs = _run([sys.executable, "-m", "benchmarks.text_ppo", "--model", model, "--device", str(device),
+                                "--iterations", "2" if args.quick else "5", "--out-name", name], 1200)
+    raw["trl"] = {"rc": code, "seconds": secs, "result": f"benchmarks/results/{name}.md"}
+    if code != 0:
+        raise RuntimeError(f"benchmarks.text_ppo exited {code}: {out.strip().splitlines()[-1] if out.strip() else ''}")
+    table = [ln for ln in (ROOT / "benchmarks" / "results" / f"{name}.md").read_text().splitlines() if ln.startswith("|")]
+    return [f"Model: {described}. `benchmarks/results/{name}.md`:", "", *table]
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
@@ -323,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     titles = {"tests": "Tests on this machine", "control": "Classic-control envs on the device (random actions)",
               "classic": "Classic PPO training throughput", "text": "Text env and text PPO",
-              "torchrun": "torchrun: one process per GPU, and FSDP2"}
+              "torchrun": "torchrun: one process per GPU, and FSDP2",
+              "trl": "This project's PPO vs TRL's PPOTrainer on the device"}
     for name in args.sections:
         start = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ def test_the_gpu_benchmark_runs_its_cpu_fallback_and_writes_every_section(tmp_pa
 
 def test_an_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert main(["--sections", "nope", "--out", str(tmp_path / "x.md")]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text, torchrun"
+    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text, torchrun, trl"
 
 
 def test_the_torchrun_section_runs_both_trainers_sharded_and_not_on_the_cpu(tmp_path, capsys):
@@ -35,3 +35,14 @@ def test_the_torchrun_section_runs_both_trainers_sharded_and_not_on_the_cpu(tmp_
     assert len(runs) == 5 and all(r["rc"] == 0 for r in runs.values()), runs
     two = [r["summary"] for name, r in runs.items() if "torchrun × 2 (gloo)" in name]
     assert len(two) == 3 and all(s["world_size"] == 2 for s in two)
+
+
+def test_without_trl_the_trl_section_says_it_did_not_run(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    out = tmp_path / "gpu.md"
+    assert main(["--quick", "--device", "cpu", "--sections", "trl", "--out", str(out)]) == 0
+    assert "TRL is not installed on this machine" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["trl"] == "not installed"

@@ -218,25 +218,25 @@ def test_a_language_model_update_split_over_two_ranks_equals_one_process(tmp_pat
 # ---------------------------------------------------------------- global statistics
 
 
-def _statistics(dist: Dist):
+def _statistics_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two ranks' ``(x, mask, values)``, stacked: the second rank's x is shifted and scaled and has fewer entries."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 10, 3, generator=g)
     x[1] = 4.0 + 3.0 * x[1]
     mask = torch.ones(2, 10, 3)
     mask[1, 4:] = 0.0
-    values = torch.randn(2, 10, 3, generator=g)
+    return x, mask, torch.randn(2, 10, 3, generator=g)
+
+
+def _statistics(dist: Dist):
+    x, mask, values = _statistics_inputs()
     r = dist.rank
     return (normalize(x[r], mask[r], dist=dist), normalize(x[r], dist=dist),
             explained_variance(values[r], x[r], mask[r], dist=dist))
 
 
 def test_whitening_and_explained_variance_are_over_every_ranks_entries(tmp_path):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 10, 3, generator=g)
-    x[1] = 4.0 + 3.0 * x[1]
-    mask = torch.ones(2, 10, 3)
-    mask[1, 4:] = 0.0
-    values = torch.randn(2, 10, 3, generator=g)
+    x, mask, values = _statistics_inputs()
     whole_masked = normalize(x.reshape(20, 3), mask.reshape(20, 3)).reshape(2, 10, 3)
     whole = normalize(x.reshape(20, 3)).reshape(2, 10, 3)
     ev = explained_variance(values, x, mask)

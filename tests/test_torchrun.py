@@ -108,6 +108,12 @@ def test_sigterm_stops_every_rank_at_one_iteration_with_one_checkpoint(tmp_path)
     assert int(meta["iteration"]) == logged[-1]["iteration"]
     assert int(meta["world_size"]) == 2
     load_checkpoint(run_dir / "checkpoint.safetensors")
+    # The interrupted run resumes where it stopped, on two processes again.
+    stopped = logged[-1]["iteration"]
+    code, out, err = finish(torchrun("scripts.train", ["--resume", str(run_dir), "--total-timesteps",
+                                                       str((stopped + 2) * 8 * 16)]))
+    assert code == 0, err
+    assert [m["iteration"] for m in metrics(run_dir)] == list(range(1, stopped + 3))
 
 
 def test_a_reward_that_raises_on_one_rank_ends_every_rank_promptly(tmp_path):
