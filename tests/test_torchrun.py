@@ -174,3 +174,20 @@ def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path, capsys):
     assert train_text_cli.main([*TOY, "--fsdp", "--runs-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: --fsdp shards the policy over torchrun's processes: launch the "
                                                "run with torchrun --nproc-per-node N (one process per GPU)")
+
+
+def test_two_processes_merge_their_normalisation_statistics(tmp_path):
+    """Pendulum with observation normalisation: the saved running count is every rank's
+    observations, as many as one process counts on the same global batch."""
+    from safetensors.torch import load_file
+
+    args = ["--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "256",
+            "--num-minibatches", "2", "--no-progress", "--no-tensorboard", "--eval-episodes", "0"]
+    code, _, err = finish(torchrun("scripts.train", [*args, "--runs-dir", str(tmp_path / "two")]))
+    assert code == 0, err
+    one = subprocess.run([sys.executable, "-m", "scripts.train", *args, "--runs-dir", str(tmp_path / "one")], cwd=ROOT,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    counts = [float(load_file(str(next((tmp_path / side).iterdir()) / "checkpoint.safetensors"))["norm.obs_rms.count"][0])
+              for side in ("one", "two")]
+    assert counts[0] > 256 and counts[1] == pytest.approx(counts[0])
