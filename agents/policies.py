@@ -21,18 +21,26 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2.0), bias_const: float 
 
 
 def forward_mlp(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``net(x)`` for a Linear/Tanh stack without nn.Module's per-call dispatch, which costs
+    """``net(x)`` for a Linear/Tanh/ReLU stack without nn.Module's per-call dispatch, which costs
     more than the matmuls themselves at rollout batch sizes of a few rows."""
     for layer in net:
-        x = F.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else torch.tanh(x)
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, layer.weight, layer.bias)
+        else:
+            x = torch.tanh(x) if isinstance(layer, nn.Tanh) else torch.relu(x)
     return x
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
-    """Tanh MLP with orthogonal init; the output layer's gain is ``out_std``."""
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float, activation: str = "tanh") -> nn.Sequential:
+    """MLP (tanh or ReLU hidden layers) with orthogonal init; the output layer's gain is ``out_std``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [layer_init(nn.Linear(in_dim, width)), nn.Tanh()]
+        layers += [layer_init(nn.Linear(in_dim, width)), ACTIVATIONS[activation]()]
         in_dim = width
     layers.append(layer_init(nn.Linear(in_dim, out_dim), std=out_std))
     return nn.Sequential(*layers)
@@ -53,6 +61,7 @@ class MLPActorCritic(nn.Module):
         action_space: gym.spaces.Discrete | gym.spaces.Box,
         hidden_sizes: tuple[int, ...] = (64, 64),
         log_std_init: float = 0.0,
+        activation: str = "tanh",
     ) -> None:
         super().__init__()
         if not isinstance(observation_space, gym.spaces.Box):
@@ -67,8 +76,9 @@ class MLPActorCritic(nn.Module):
             raise TypeError(f"MLPActorCritic supports Discrete and Box actions, got {action_space}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.hidden_sizes = tuple(hidden_sizes)
-        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0)
-        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01)
+        self.activation = activation
+        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation)
+        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
 

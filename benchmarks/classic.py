@@ -7,6 +7,8 @@ Sides (``--libs``):
 
 - ``textenv-ppo``: this project's tuned preset for the env (``textenv.agents.classic.PRESETS``), at
   the preset's budget.
+- ``textenv-cleanrl``: this project with CleanRL's defaults for the env's action type
+  (``--preset cleanrl``: ``ppo.py`` 500k steps, ``ppo_continuous_action.py`` 1M steps).
 - ``sb3-zoo``: SB3's PPO with rl-baselines3-zoo's tuned hyperparameters for the env
   (``hyperparams/ppo.yml``: n_envs, n_steps, batch size, epochs, γ, λ, lr and clip schedules,
   ``normalize`` as VecNormalize, gSDE on Pendulum, the MuJoCo policy_kwargs), at the zoo's budget.
@@ -65,7 +67,7 @@ ZOO: dict[str, dict[str, Any]] = {
                         learning_rate=5.05041e-05, ent_coef=0.000585045, clip_range=0.1, n_epochs=20,
                         gae_lambda=0.95, max_grad_norm=1, vf_coef=0.871923),
 }
-LIBS = ("textenv-ppo", "sb3-zoo", "sb3-default")
+LIBS = ("textenv-ppo", "textenv-cleanrl", "sb3-zoo", "sb3-default")
 
 
 @dataclass
@@ -77,7 +79,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds, the same for every side"""
     libs: tuple[str, ...] = LIBS
-    """which sides to run: textenv-ppo, sb3-zoo, sb3-default"""
+    """which sides to run: textenv-ppo, textenv-cleanrl, sb3-zoo, sb3-default"""
     jobs: int = 1
     """worker processes at once (1 for timing on a small machine)"""
     steps_scale: float = 1.0
@@ -92,23 +94,24 @@ class BenchConfig:
     """a paragraph printed under the command (say which raw results came from earlier runs)"""
 
 
-def train_config(env_id: str, seed: int, steps_scale: float):
+def train_config(env_id: str, seed: int, steps_scale: float, preset: str = "tuned"):
     """This project's preset for ``env_id``, its budget scaled to a whole number of rollouts."""
     from textenv.agents.classic import preset_config
 
-    config = preset_config(env_id, seed=seed, device="cpu", progress=False, tensorboard=False,
+    config = preset_config(env_id, preset, seed=seed, device="cpu", progress=False, tensorboard=False,
                            save_checkpoint=False, eval_episodes=10)
     total = max(1, round(config.total_timesteps * steps_scale / config.batch_size)) * config.batch_size
     return dataclasses.replace(config, total_timesteps=total)
 
 
-def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str) -> dict[str, Any]:
+def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str, lib: str = "textenv-ppo") -> dict[str, Any]:
     from textenv.agents.classic import train
 
     # Run directories (TensorBoard files and all) stay out of the repo; raw/ keeps the curve.
     runs_dir = Path(tempfile.gettempdir()) / "textenv-ppo-bench-runs"
-    config = dataclasses.replace(train_config(env_id, seed, steps_scale), runs_dir=str(runs_dir),
-                                 run_name=f"textenv-ppo__{env_id}__{seed}")
+    preset = "cleanrl" if lib == "textenv-cleanrl" else "tuned"
+    config = dataclasses.replace(train_config(env_id, seed, steps_scale, preset), runs_dir=str(runs_dir),
+                                 run_name=f"{lib}__{env_id}__{seed}")
     import shutil
 
     shutil.rmtree(Path(config.runs_dir) / config.run_name, ignore_errors=True)
@@ -198,8 +201,8 @@ def worker(lib: str, env_id: str, seed: int, steps_scale: float, out_dir: str) -
     import torch
 
     torch.set_num_threads(1)
-    if lib == "textenv-ppo":
-        result = run_ours(env_id, seed, steps_scale, out_dir)
+    if lib in ("textenv-ppo", "textenv-cleanrl"):
+        result = run_ours(env_id, seed, steps_scale, out_dir, lib)
     elif lib in ("sb3-zoo", "sb3-default"):
         result = run_sb3(lib, env_id, seed, steps_scale)
     else:
@@ -235,7 +238,10 @@ def report(out_dir: Path, command: str, note: str = "") -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
         "one worker process per run, one torch thread each, CPU only.",
         "",
-        "Sides: *textenv-ppo* is this project's preset for the env at its own budget; *sb3-zoo* is "
+        "Sides: *textenv-ppo* is this project's preset for the env at its own budget; "
+        + ("*textenv-cleanrl* is this project with CleanRL's defaults (`--preset cleanrl`; on MuJoCo the "
+           "earlier preset); " if "textenv-cleanrl" in found else "")
+        + "*sb3-zoo* is "
         "Stable-Baselines3 with rl-baselines3-zoo's tuned hyperparameters at the zoo's budget; "
         "*sb3-default* is Stable-Baselines3's own defaults at the zoo's budget. "
         + ("*sb3-same-hparams* (MuJoCo, an earlier run) gave SB3 this project's hyperparameters, "

@@ -35,7 +35,7 @@ def test_same_seed_gives_same_first_iteration_losses(tmp_path):
 
 
 def test_mujoco_short_run_checkpoint_reloads_to_the_live_policy(tmp_path):
-    config = preset_config("HalfCheetah-v5", seed=3, total_timesteps=4096, num_steps=1024,
+    config = preset_config("HalfCheetah-v5", seed=3, total_timesteps=4096, num_envs=1, num_steps=1024,
                            ppo=PPOConfig(update_epochs=2, num_minibatches=8), runs_dir=str(tmp_path),
                            run_name="hc", eval_episodes=2, **QUIET)
     summary = train(config)  # its evaluation runs the live policy at the end of training
@@ -49,6 +49,23 @@ def test_mujoco_short_run_checkpoint_reloads_to_the_live_policy(tmp_path):
     returns = evaluate_policy(policy, config.env_id, 2, seed=config.seed + 10_000, norm_state=norm_state,
                               normalize_obs=True)
     assert np.mean(returns) == summary["eval_return_mean"] and np.std(returns) == summary["eval_return_std"]
+    assert loaded_config.activation == "relu" and isinstance(policy.actor[1], torch.nn.ReLU)  # the preset's
+
+
+def test_checkpoint_written_before_the_activation_option_loads_as_tanh(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = preset_config("Pendulum-v1", seed=1, total_timesteps=256, num_envs=2, num_steps=128,
+                           runs_dir=str(tmp_path), run_name="p", eval_episodes=0, **QUIET)
+    path = train(config)["checkpoint"]
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    saved = json.loads(metadata["config"])
+    assert saved.pop("activation") == "tanh"
+    save_file(load_file(path), str(tmp_path / "old.safetensors"), metadata={**metadata, "config": json.dumps(saved)})
+    policy, _, loaded = load_checkpoint(tmp_path / "old.safetensors")
+    assert loaded == config and isinstance(policy.actor[1], torch.nn.Tanh)
 
 
 def test_train_script_prints_summary_json_last(tmp_path):

@@ -768,6 +768,11 @@ def test_mlp_chains_the_hidden_widths_and_forward_mlp_equals_the_module():
     assert [(m.in_features, m.out_features) for m in net if isinstance(m, nn.Linear)] == [(3, 5), (5, 7), (7, 2)]
     x = torch.randn(4, 3)
     torch.testing.assert_close(forward_mlp(net, x), net(x), rtol=0, atol=0)
+    relu = mlp(3, (5, 7), 2, out_std=1.0, activation="relu")
+    assert [type(m) for m in relu] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(forward_mlp(relu, x), relu(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mlp(3, (5,), 2, out_std=1.0, activation="gelu")
 
 
 def test_gaussian_policy_log_std_starts_at_log_std_init_one_per_action_dimension():
