@@ -317,6 +317,31 @@ def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
         gym.make("textenv/RewardModel-v0", model="tiny")
 
 
+def test_reward_model_follows_the_env_dtype_unless_given_its_own(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from textenv.rewards import ClassifierReward
+
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fp32 = ClassifierReward(str(tmp_path / "rm"))
+    assert fp32.model.dtype == torch.float32
+    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), dtype=torch.bfloat16,
+                   max_new_tokens=2, max_prompt_tokens=64).unwrapped
+    followed = env.reward_fn
+    assert followed.model.dtype == torch.bfloat16 == env.reference_model.dtype  # beside the reference
+    # bf16 scores are the fp32 ones to bf16 precision.
+    assert followed(["hi "], ["there"])[0] == pytest.approx(fp32(["hi "], ["there"])[0], abs=0.05)
+    own = ClassifierReward(str(tmp_path / "rm"), dtype=torch.float32)
+    env = gym.make("textenv/RewardModel-v0", model="tiny", reward=own, dtype=torch.bfloat16, max_new_tokens=2,
+                   max_prompt_tokens=64).unwrapped
+    assert env.reward_fn is own and own.model.dtype == torch.float32  # an explicit choice stands
+
+
 def test_sentiment_task_scores_with_vader_or_a_named_classifier(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

@@ -310,6 +310,8 @@ def _build(
     if reward is not None:
         task.reward = reward
     reward_fn = task.build_reward() if reward is None else get_reward(reward)
+    if callable(getattr(reward_fn, "follow_env", None)):  # a model-based reward: beside the reference
+        reward_fn.follow_env(device, dtype)
     model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
     return _Generation(task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature)
 

@@ -137,6 +137,8 @@ class ClassifierReward:
     with ``probability=True``, its softmax probability. Scalar-head reward models use label 0.
 
     ``with_prompt=True`` scores ``prompt + response`` (reward models), else the response.
+    ``device``/``dtype``: where it runs; left ``None``, it loads on the CPU in float32 and an env
+    that uses it moves it to the env's device and dtype (bf16 on CUDA), as the reference model.
     """
 
     def __init__(
@@ -146,7 +148,8 @@ class ClassifierReward:
         *,
         probability: bool = False,
         with_prompt: bool = True,
-        device: str = "cpu",
+        device: str | None = None,
+        dtype: Any = None,
         batch_size: int = 32,
         max_length: int = 512,
         trust_remote_code: bool = False,
@@ -154,11 +157,12 @@ class ClassifierReward:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        self._placed = device is not None or dtype is not None  # an explicit choice: envs leave it
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                model, trust_remote_code=trust_remote_code
-            ).to(device).eval()
+                model, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+            ).to(device or "cpu").eval()
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"could not load reward model {model!r}: {str(err).splitlines()[0]}") from None
         if self.tokenizer.pad_token is None:
@@ -171,9 +175,15 @@ class ClassifierReward:
         if not 0 <= label < self.model.config.num_labels:
             raise ValueError(f"label index {label} out of range for {self.model.config.num_labels} labels")
         self.label, self.probability, self.with_prompt = int(label), probability, with_prompt
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.device, self.batch_size, self.max_length = self.model.device, batch_size, max_length
         self.name = f"classifier:{model}[{self.label}]"
         self._torch = torch
+
+    def follow_env(self, device: Any, dtype: Any) -> None:
+        """Run on the env's device and dtype, unless this reward was given its own."""
+        if not self._placed:
+            self.model.to(device=device, dtype=dtype)
+            self.device = self.model.device
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         texts = [p + r for p, r in zip(prompts, responses)] if self.with_prompt else list(responses)
