@@ -56,7 +56,7 @@ def test_checkpoint_written_before_the_activation_option_loads_as_tanh(tmp_path)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    config = preset_config("Pendulum-v1", seed=1, total_timesteps=256, num_envs=2, num_steps=128,
+    config = preset_config("Pendulum-v1", seed=1, total_timesteps=256, num_envs=2, num_steps=128, activation="tanh",
                            runs_dir=str(tmp_path), run_name="p", eval_episodes=0, **QUIET)
     path = train(config)["checkpoint"]
     with safe_open(path, framework="pt") as f:
