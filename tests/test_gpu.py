@@ -125,17 +125,11 @@ def test_the_classic_trainer_runs_under_torchrun_with_nccl(tmp_path):
 
 def test_a_reward_model_runs_beside_the_reference_on_the_gpu(tmp_path):
     import gymnasium as gym
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from textenv.models import char_tokenizer
+    from tests.test_textenv import tiny_reward_model
 
-    tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
-    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), device="cuda",
-                   dtype=torch.bfloat16, max_new_tokens=2, max_prompt_tokens=64).unwrapped
+    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=tiny_reward_model(tmp_path / "rm"),
+                   device="cuda", dtype=torch.bfloat16, max_new_tokens=2, max_prompt_tokens=64).unwrapped
     assert env.reward_fn.model.device.type == "cuda" and env.reward_fn.model.dtype == torch.bfloat16
     env.reset(seed=0)
     for a in (5, 6):

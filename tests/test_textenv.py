@@ -289,18 +289,26 @@ def test_load_causal_lm_loads_a_saved_model_with_from_pretrained(tmp_path):
     assert tok2.decode(ids[0]) == "hello"
 
 
-def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
+def tiny_reward_model(path) -> str:
+    """A one-layer Llama sequence classifier (one scalar head) on the char tokenizer, saved at ``path``."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from textenv.rewards import ClassifierReward
 
     tok = char_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
-    rm = ClassifierReward(str(tmp_path / "rm"))
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from textenv.rewards import ClassifierReward
+
+    tok = char_tokenizer()
+    rm = ClassifierReward(tiny_reward_model(tmp_path / "rm"))
     direct = rm(["hi "], ["there"])
     ref = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm")
     with torch.no_grad():
@@ -318,17 +326,9 @@ def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
 
 
 def test_reward_model_follows_the_env_dtype_unless_given_its_own(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from textenv.rewards import ClassifierReward
 
-    tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
-    fp32 = ClassifierReward(str(tmp_path / "rm"))
+    fp32 = ClassifierReward(tiny_reward_model(tmp_path / "rm"))
     assert fp32.model.dtype == torch.float32
     env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), dtype=torch.bfloat16,
                    max_new_tokens=2, max_prompt_tokens=64).unwrapped
