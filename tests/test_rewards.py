@@ -1,0 +1,96 @@
+"""The built-in reward functions and the reward registry: exact scores on hand-checkable inputs."""
+
+import pytest
+
+from textenv.rewards import (
+    AnswerRegex,
+    ExactMatch,
+    KeywordReward,
+    LengthReward,
+    ReasoningGymReward,
+    RegexMatch,
+    get_reward,
+    register,
+    reward_name,
+)
+
+
+def test_length_reward_is_words_over_target_capped_at_one():
+    reward = LengthReward(target=4)
+    assert reward(["p"] * 4, ["", "one two", "a b c d", "a b c d e f g h"]) == [0.0, 0.5, 1.0, 1.0]
+    assert LengthReward()(["p"], ["w " * 5]) == [0.25]  # the default target is 20 words
+    assert reward_name(reward) == "length" and isinstance(get_reward("length"), LengthReward)
+
+
+def test_keyword_reward_counts_the_keyword_per_char_or_per_word():
+    assert KeywordReward("a")(["p"] * 3, ["aab", "", "bbbb"]) == [pytest.approx(2 / 3), 0.0, 0.0]
+    assert KeywordReward("yes", per="word")(["p"] * 2, ["yes no yes yes", "yes"]) == [0.75, 1.0]
+    assert KeywordReward("yes", per="word")(["p"], ["yesyes no"]) == [0.0]  # whole words only
+    assert reward_name(KeywordReward("a")) == "keyword:a"
+    with pytest.raises(ValueError, match="per must be 'char' or 'word'"):
+        KeywordReward("a", per="line")
+
+
+def test_regex_match_scores_a_match_anywhere():
+    reward = RegexMatch(r"\bcat\b")
+    assert reward(["p"] * 3, ["the cat sat", "concatenate", "cat"]) == [1.0, 0.0, 1.0]
+    assert reward_name(reward) == r"regex:\bcat\b"
+
+
+def test_exact_match_compares_the_first_line_normalised():
+    reward = ExactMatch({"q1": "Paris", "q2": "42."})
+    assert reward(["q1", "q1", "q1", "q2", "q1"], ["paris.\nmore", " Paris ", "Paris is", "42", ""]) == [
+        1.0, 1.0, 0.0, 1.0, 0.0]
+    strict = ExactMatch({"q1": "Paris"}, normalize=False)
+    assert strict(["q1", "q1"], ["paris", "Paris\n"]) == [0.0, 1.0]
+    with pytest.raises(KeyError, match="no known answer"):
+        reward(["q3"], ["x"])
+
+
+def test_answer_regex_takes_the_first_number_or_the_pattern_group():
+    reward = AnswerRegex({"q": "12", "r": "-3.5"})
+    assert reward(["q", "q", "q", "r", "r"], ["it is 12", "7 then 12", "none", "-3.5!", "3.5"]) == [
+        1.0, 0.0, 0.0, 1.0, 0.0]
+    tagged = AnswerRegex({"q": "12"}, pattern=r"answer: (\d+)")
+    assert tagged(["q", "q"], ["5 and answer: 12", "12"]) == [1.0, 0.0]
+    with pytest.raises(KeyError, match="no known answer"):
+        reward(["x"], ["1"])
+
+
+class _Dataset(list):
+    """The part of a reasoning-gym dataset the reward uses: entries, and ``score_answer``."""
+
+    def score_answer(self, answer, entry):
+        return 1.0 if answer == entry["answer"] else 0.25
+
+
+def test_reasoning_gym_reward_extracts_the_answer_in_each_format():
+    pytest.importorskip("reasoning_gym")
+    data = _Dataset([{"question": "2+2=?", "answer": "4"}, {"question": "What is 12+2=?", "answer": "1400"}])
+    prompts = ["<user>2+2=?</user>", "<user>What is 12+2=?</user>"]
+    assert ReasoningGymReward(data, "tag")(prompts, ["so <answer>4</answer>", "no tags"]) == [1.0, 0.0]
+    assert ReasoningGymReward(data, "raw")(prompts, [" 4 \n", "14"]) == [1.0, 0.25]
+    assert ReasoningGymReward(data, "number")(prompts, ["4 or 5", "1,400 then 3"]) == [1.0, 1.0]
+    assert ReasoningGymReward(data, "last_number")(prompts, ["5 or 4", "1,400 then 3"]) == [1.0, 0.25]
+    assert ReasoningGymReward(data, "number")(prompts, ["none", "none"]) == [0.0, 0.0]
+    # The longest question a prompt contains wins: "2=?" is inside "say 2+2=?" too.
+    nested = _Dataset([{"question": "2=?", "answer": "a"}, {"question": "2+2=?", "answer": "b"}])
+    assert ReasoningGymReward(nested, "raw")(["say 2+2=?"], ["b"]) == [1.0]
+    with pytest.raises(KeyError, match="none of the dataset's questions"):
+        ReasoningGymReward(data, "raw")(["unrelated"], ["4"])
+    with pytest.raises(ValueError, match="answer_format must be one of"):
+        ReasoningGymReward(data, "xml")
+
+
+def test_registry_names_and_factories():
+    @register("test_const_reward")
+    def const(prompts, responses):
+        return [0.5] * len(responses)
+
+    assert get_reward("test_const_reward") is const and reward_name(const) == "const"
+    with pytest.raises(ValueError, match="already registered"):
+        register("test_const_reward")(const)
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        get_reward("nope")
+    with pytest.raises(ValueError, match="cannot import reward"):
+        get_reward("no_such_module_xyz:fn")
