@@ -72,6 +72,7 @@ def test_reasoning_gym_reward_extracts_the_answer_in_each_format():
     assert ReasoningGymReward(data, "raw")(prompts, [" 4 \n", "14"]) == [1.0, 0.25]
     assert ReasoningGymReward(data, "number")(prompts, ["4 or 5", "1,400 then 3"]) == [1.0, 1.0]
     assert ReasoningGymReward(data, "last_number")(prompts, ["5 or 4", "1,400 then 3"]) == [1.0, 0.25]
+    assert ReasoningGymReward(data, "last_number")(prompts, ["4", "7, 8 and 1,400"]) == [1.0, 1.0]
     assert ReasoningGymReward(data, "number")(prompts, ["none", "none"]) == [0.0, 0.0]
     # The longest question a prompt contains wins: "2=?" is inside "say 2+2=?" too.
     nested = _Dataset([{"question": "2=?", "answer": "a"}, {"question": "2+2=?", "answer": "b"}])
@@ -80,6 +81,29 @@ def test_reasoning_gym_reward_extracts_the_answer_in_each_format():
         ReasoningGymReward(data, "raw")(["unrelated"], ["4"])
     with pytest.raises(ValueError, match="answer_format must be one of"):
         ReasoningGymReward(data, "xml")
+
+
+def test_each_builtin_reward_has_its_name():
+    from textenv.rewards import VaderSentiment
+
+    names = [reward_name(r) for r in (VaderSentiment(), ExactMatch({}), AnswerRegex({}),
+                                      ReasoningGymReward(_Dataset(), "raw"), LengthReward())]
+    assert names == ["vader", "exact_match", "answer_regex", "reasoning_gym", "length"]
+
+
+def test_classifier_reward_names_its_label_and_rejects_labels_it_lacks(tmp_path):
+    from tests.test_textenv import tiny_reward_model
+    from textenv.rewards import ClassifierReward
+
+    path = tiny_reward_model(tmp_path / "rm")  # one scalar head: label 0, named LABEL_0
+    assert reward_name(ClassifierReward(path)) == f"classifier:{path}[0]"
+    assert ClassifierReward(path, label="LABEL_0").label == 0
+    with pytest.raises(ValueError, match="has no label 'POSITIVE'"):
+        ClassifierReward(path, label="POSITIVE")
+    with pytest.raises(ValueError, match="label index 1 out of range for 1 labels"):
+        ClassifierReward(path, label=1)
+    with pytest.raises(FileNotFoundError, match="could not load reward model"):
+        ClassifierReward(str(tmp_path / "missing"))
 
 
 def test_registry_names_and_factories():
