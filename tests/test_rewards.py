@@ -118,3 +118,16 @@ def test_registry_names_and_factories():
         get_reward("nope")
     with pytest.raises(ValueError, match="cannot import reward"):
         get_reward("no_such_module_xyz:fn")
+
+
+def test_classifier_reward_pads_a_batch_and_truncates_to_max_length(tmp_path):
+    from tests.test_textenv import tiny_reward_model
+    from textenv.rewards import ClassifierReward
+
+    path = tiny_reward_model(tmp_path / "rm")
+    reward = ClassifierReward(path, with_prompt=False)
+    short, long = "ab", "a longer reply"
+    together = reward(["p", "p"], [short, long])  # one padded batch
+    assert together == pytest.approx(reward(["p"], [short]) + reward(["p"], [long]), abs=1e-5)
+    clipped = ClassifierReward(path, with_prompt=False, max_length=4)
+    assert clipped(["p"], [long]) == pytest.approx(reward(["p"], [long[:4]]), abs=1e-6)  # one token per char
