@@ -131,3 +131,112 @@ def test_classifier_reward_pads_a_batch_and_truncates_to_max_length(tmp_path):
     assert together == pytest.approx(reward(["p"], [short]) + reward(["p"], [long]), abs=1e-5)
     clipped = ClassifierReward(path, with_prompt=False, max_length=4)
     assert clipped(["p"], [long]) == pytest.approx(reward(["p"], [long[:4]]), abs=1e-6)  # one token per char
+
+
+def test_classifier_reward_defaults_batch_32_max_length_512_float32_no_remote_code(tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    from tests.test_textenv import tiny_reward_model
+    from textenv.rewards import ClassifierReward
+
+    path = tiny_reward_model(tmp_path / "rm")
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForSequenceClassification):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    reward = ClassifierReward(path, with_prompt=False)
+    assert seen == [False, False]  # custom code from a checkpoint never runs unless asked for
+    forwards = []
+    reward.model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    reward(["p"] * 33, ["ab"] * 33)
+    assert len(forwards) == 2  # 32 + 1
+    text = "abcdefgh" * 80  # 640 characters, one token each
+    assert reward(["p"], [text]) == pytest.approx(reward(["p"], [text[:512]]), abs=1e-6)
+    longer = ClassifierReward(path, with_prompt=False, max_length=513)
+    assert longer(["p"], [text]) != pytest.approx(reward(["p"], [text]), abs=1e-6)  # the check can tell 512 apart
+
+    # A checkpoint saved in bf16 still loads in float32 unless a dtype is given.
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "bf16")
+    assert ClassifierReward(str(tmp_path / "bf16")).model.dtype == torch.float32
+    assert ClassifierReward(str(tmp_path / "bf16"), dtype=torch.bfloat16).model.dtype == torch.bfloat16
+
+
+def test_classifier_reward_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from textenv.models import char_tokenizer
+    from textenv.rewards import ClassifierReward
+
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None  # a GPT-2-style tokenizer
+    reward = ClassifierReward(str(tmp_path), with_prompt=False)
+    assert reward.tokenizer.pad_token == "<eos>"
+    together = reward(["p", "p"], ["ab", "a longer reply"])
+    assert together == pytest.approx(reward(["p"], ["ab"]) + reward(["p"], ["a longer reply"]), abs=1e-5)
+
+
+def test_classifier_reward_follows_the_env_unless_placed(tmp_path):
+    import torch
+
+    from tests.test_textenv import tiny_reward_model
+    from textenv.rewards import ClassifierReward
+
+    path = tiny_reward_model(tmp_path / "rm")
+    reward = ClassifierReward(path)
+    reward.follow_env(torch.device("meta"), torch.bfloat16)  # inputs must go where the model went
+    assert reward.device == torch.device("meta") and reward.model.dtype == torch.bfloat16
+    placed = ClassifierReward(path, device="cpu")
+    placed.follow_env(torch.device("meta"), torch.bfloat16)
+    assert placed.device == torch.device("cpu") and placed.model.dtype == torch.float32
+    assert ClassifierReward(path, device="meta").device == torch.device("meta")
+
+
+def test_score_batch_returns_python_floats_from_any_sequence():
+    import numpy as np
+    import torch
+
+    from textenv.rewards import score_batch
+
+    def generator(prompts, responses):
+        return (len(r) for r in responses)
+
+    for fn in (generator, lambda p, r: np.array([1, 2], dtype=np.float32), lambda p, r: torch.tensor([1.0, 2.0]),
+               lambda p, r: [1, 2]):
+        scores = score_batch(fn, ["p", "p"], ["a", "bb"])
+        assert scores == [1.0, 2.0] and all(type(s) is float for s in scores)
+
+
+def test_reward_module_imports_from_the_working_directory_first(tmp_path, monkeypatch):
+    import sys
+
+    from textenv.rewards import get_reward
+
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "cwd" / "my_cwd_rewards.py").write_text("def fn(p, r):\n    return [1.0] * len(r)\n")
+    (tmp_path / "other" / "my_cwd_rewards.py").write_text("def fn(p, r):\n    return [2.0] * len(r)\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    path = [p for p in sys.path if p not in ("", str(tmp_path / "cwd"))]
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "other")] + path)  # an installed console script's path
+    monkeypatch.delitem(sys.modules, "my_cwd_rewards", raising=False)
+    assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [1.0]  # the user's file wins, as with python -m
+    assert sys.path == [str(tmp_path / "other")] + path  # and the path is left as it was
+    monkeypatch.delitem(sys.modules, "my_cwd_rewards")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "cwd")] + path)  # already importable: imported as is
+    assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [1.0]
+    monkeypatch.delitem(sys.modules, "my_cwd_rewards")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "other"), ""] + path)  # the user's own order is kept
+    assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [2.0]
