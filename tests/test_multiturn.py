@@ -478,11 +478,15 @@ def test_a_reward_error_from_respond_passes_through_unchanged():
 
 def test_turn_defaults_and_task_defaults():
     assert Turn("x") == ("x", 0.0, False)
-    assert not _task().has_held_out and Calculator().has_held_out
-    with pytest.raises(NotImplementedError):
-        from textenv.multiturn import MultiTurnTask
+    from textenv.multiturn import MultiTurnTask
 
+    assert _task().has_held_out is False and Calculator().has_held_out is True
+    with pytest.raises(NotImplementedError):
         MultiTurnTask().new_episode(np.random.default_rng(0))
+    task = MultiTurnTask()  # the documented defaults
+    assert (task.max_turn_tokens, task.max_turns, task.kl_coef, task.max_context_tokens) == (24, 4, 0.02, 128)
+    with pytest.raises(ValueError, match="^task MultiTurn: max_turns must be >= 1, got 0$"):
+        MultiTurnTask(max_turns=0).validate()
 
 
 def test_bad_steps_fail_clearly():
@@ -520,7 +524,7 @@ def test_a_turn_cut_by_the_context_is_not_answered():
 def test_a_second_reset_starts_clean():
     env = MultiTurnTextEnv(task=_task(), model="tiny")
     acts = [A, EOS, B_, A, EOS, A, EOS]
-    _play(env, [A, A, EOS, B_], seed=3)  # a finished turn with a reward, another under way
+    _play(env, [A, A, EOS, A, A], seed=3)  # a finished turn with a reward, another under way (its 'a's would pay)
     again = _play(env, acts, seed=4)
     fresh = _play(MultiTurnTextEnv(task=_task(), model="tiny"), acts, seed=4)
     for (o1, r1, t1, i1), (o2, r2, t2, i2) in zip(again, fresh):
@@ -536,16 +540,77 @@ def test_response_text_and_render_are_the_decoded_conversation():
     assert env.render() == info["prompt"] + "aa ok baaa okok a"
 
 
-def test_a_template_without_the_eos_text_falls_back_to_the_reply_format():
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}",  # no EOS text at all
+    "<eos>{% for m in messages %}{{ m['content'] }} {% endfor %}",  # EOS text only as a BOS
+    # the agent's message is written differently once it is answered: the reply is not a suffix
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}.{{ m['content'] }}.<eos>"
+    "{% else %}{{ m['content'] }}<eos>{% endif %}{% endfor %}",
+])
+def test_a_template_whose_reply_cannot_be_cut_out_falls_back_to_the_reply_format(template):
     tok = char_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format=" {reply} ", max_turn_tokens=2)
+    tok.chat_template = template
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format="?{reply}?", max_turn_tokens=2)
     env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
     env.reset(seed=0)
     env.step(B_)
     obs, *_ = env.step(EOS)
     ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
-    assert tok.decode(ids).endswith("b<eos> ok ")
+    assert tok.decode(ids) == env.unwrapped._gen.prompts[0] + "b<eos>?ok?"
+
+
+def _bos_tokenizer():
+    """The char tokenizer with a ``<bos>`` its post-processor puts before every encoded text."""
+    from tokenizers import processors
+
+    tok = char_tokenizer()
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                                  special_tokens=[("<bos>", tok.bos_token_id)])
+    assert tok("b")["input_ids"] == [tok.bos_token_id, B_]
+    return tok
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_env_replies_get_no_bos_from_a_tokenizer_that_adds_one(chat):
+    tok = _bos_tokenizer()
+    tok.chat_template = TEMPLATE
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format=" {reply} ",
+                        max_turn_tokens=2, chat=chat)
+    env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
+    env.reset(seed=0)
+    env.step(B_)
+    obs, *_ = env.step(EOS)
+    ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
+    # a rendered chat prompt carries its own specials; a plain one gets the tokenizer's BOS, and only it
+    expected = ("" if chat else "<bos>") + env.unwrapped._gen.prompts[0] + ("b<eos>u, ok<eos>a, " if chat else "b<eos> ok ")
+    assert tok.decode(ids) == expected
+
+
+def test_a_stop_string_turn_is_recorded_without_special_tokens():
+    seen = []
+    tok = char_tokenizer()
+    task = FunctionTask(respond=lambda h: seen.append(h[-1]["content"]) or ("ok", 0.0, True), prompts=["hi"],
+                        stop=["!"], max_turn_tokens=10)
+    env = MultiTurnTextEnv(task=task, model="tiny")
+    _play(env, [tok.pad_token_id, A, tok.convert_tokens_to_ids("!")], seed=0)
+    assert seen == ["a!"]
+
+
+def test_a_reply_that_would_fill_the_context_ends_the_episode():
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], max_context_tokens=7, max_turn_tokens=3,
+                        reply_format=" {reply} ")
+    steps = _play(MultiTurnTextEnv(task=task, model="tiny"), [A, A, A, B_], seed=0)
+    assert len(steps) == 3 and steps[2][2] and steps[2][3]["end_reason"] == "context"  # 3 + 4 = 7: no room left
+
+
+def test_the_env_resolves_its_device():
+    from textenv.device import resolve_device
+
+    env = MultiTurnTextEnv(task=_task(), model="tiny", device="auto")
+    assert env.unwrapped._gen.device == resolve_device("auto") and isinstance(env.unwrapped._gen.device, torch.device)
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        MultiTurnTextEnv(task=_task(), model="tiny", device="gpu0")
 
 
 def test_rows_ending_together_with_different_lengths_on_an_absolute_position_model(tmp_path):

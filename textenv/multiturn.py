@@ -74,7 +74,6 @@ class MultiTurnTask:
     """Base of the multi-turn tasks: budgets, stop strings, reply format, and ``new_episode``."""
 
     name: ClassVar[str] = "MultiTurn"
-    chat_fallback: ClassVar[bool] = True  # plain text for a chat prompt when the tokenizer has no template
     max_prompt_tokens: int = 128
     max_context_tokens: int = 128
     """tokens after the prompt, the agent's and the env's together"""
@@ -199,8 +198,8 @@ class _Conversation(_Generation):
             prev = self.tokenizer.apply_chat_template(hist, tokenize=False)
             full = self.tokenizer.apply_chat_template(hist + [{"role": self.task.reply_role, "content": reply}],
                                                       tokenize=False, add_generation_prompt=True)
-            cut = prev.rfind(self.eos_text)
-            if cut >= 0 and full.startswith(prev[: cut + len(self.eos_text)]):
+            cut = prev.rfind(self.eos_text)  # where the agent's message ends; at 0 it is a BOS, not an end
+            if cut > 0 and full.startswith(prev[: cut + len(self.eos_text)]):
                 text = full[cut + (len(self.eos_text) if closed else 0):]
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(self.task.reply_format.format(reply=reply), add_special_tokens=False)["input_ids"]
