@@ -511,6 +511,7 @@ def test_a_reply_that_leaves_exactly_one_token_fits():
     steps = _play(env, [A, A, A, B_], seed=0)
     assert not steps[2][2] and steps[2][0]["attention_mask"].sum() - steps[0][0]["attention_mask"].sum() == 6
     assert steps[3][2] and steps[3][3]["end_reason"] == "context"  # 3 + 4 + 1 = 8 tokens: the context is full
+    assert steps[3][3]["response_text"] == "aaa ok b"  # the whole context, up to its last column
 
 
 def test_a_turn_cut_by_the_context_is_not_answered():
@@ -557,6 +558,19 @@ def test_a_template_whose_reply_cannot_be_cut_out_falls_back_to_the_reply_format
     obs, *_ = env.step(EOS)
     ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
     assert tok.decode(ids) == env.unwrapped._gen.prompts[0] + "b<eos>?ok?"
+
+
+def test_a_template_that_closes_only_the_agents_turns_replies_in_its_own_format():
+    """Its EOS text is the end of the agent's (empty) turn one character in: the reply is the template's."""
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<eos>{% endif %}"
+                         "{% endfor %}")
+    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["h"], reply_format="?{reply}?", max_turn_tokens=2)
+    env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
+    env.reset(seed=0)
+    obs, *_ = env.step(EOS)
+    ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
+    assert tok.decode(ids) == "h<eos>ok"
 
 
 def _bos_tokenizer():
