@@ -59,6 +59,20 @@ def test_a_checkpoint_with_a_generator_resumes_without_one_and_a_gpu_checkpoint_
     unpack_training_state(tensors, metadata, _optimizer(), None, torch.device("cpu"))  # neither raises
 
 
+def test_the_cuda_rng_is_restored_only_from_a_checkpoint_that_has_it(monkeypatch):
+    calls = []
+    tensors, metadata = pack_training_state(_optimizer(), None)
+    if "rng.cuda" in tensors:
+        pytest.skip("needs a checkpoint written on a CPU-only machine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resuming it on a CUDA machine
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(state))
+    unpack_training_state(tensors, metadata, _optimizer(), None, torch.device("cpu"))
+    assert calls == []
+    tensors["rng.cuda"] = torch.arange(16, dtype=torch.uint8)
+    unpack_training_state(tensors, metadata, _optimizer(), None, torch.device("cpu"))
+    assert len(calls) == 1 and torch.equal(calls[0], tensors["rng.cuda"])
+
+
 @pytest.mark.parametrize("signum,key", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_the_first_signal_says_how_to_stop_at_once(capsys, signum, key):
     stop = StopSignals()

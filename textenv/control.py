@@ -36,8 +36,8 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
     """The shared machinery; subclasses give the spaces, the initial-state draw and the dynamics."""
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
-    max_episode_steps: int = 500
-    gym_id: str = ""
+    max_episode_steps: int  # each env sets both: its Gymnasium twin's id and time limit
+    gym_id: str
 
     def __init__(self, num_envs: int = 1, device: str | torch.device = "cpu", rng: str = "numpy",
                  max_episode_steps: int | None = None, arrays: str = "torch") -> None:
