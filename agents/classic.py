@@ -81,6 +81,8 @@ class TrainConfig:
     """hidden layer widths of the actor and of the critic"""
     activation: Literal["tanh", "relu"] = "tanh"
     """hidden-layer activation of the actor and of the critic"""
+    ortho_init: bool = True
+    """orthogonal init (CleanRL; off: PyTorch's default init, the zoo's `ortho_init: False`)"""
     log_std_init: float = 0.0
     """initial log-std of the Gaussian policy (Box actions)"""
     vectorization: Vectorization = "auto"
@@ -292,7 +294,8 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                                     dist)
     envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
-        envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init, config.activation
+        envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init, config.activation,
+        config.ortho_init,
     ).to(device)
     dist.broadcast_parameters(policy.parameters())
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)

@@ -34,15 +34,18 @@ def forward_mlp(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float, activation: str = "tanh") -> nn.Sequential:
-    """MLP (tanh or ReLU hidden layers) with orthogonal init; the output layer's gain is ``out_std``."""
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float, activation: str = "tanh",
+        ortho_init: bool = True) -> nn.Sequential:
+    """MLP (tanh or ReLU hidden layers) with orthogonal init, the output layer's gain ``out_std``;
+    ``ortho_init=False`` keeps PyTorch's default ``nn.Linear`` init (SB3's ``ortho_init=False``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    init = layer_init if ortho_init else (lambda layer, std=0.0: layer)
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [layer_init(nn.Linear(in_dim, width)), ACTIVATIONS[activation]()]
+        layers += [init(nn.Linear(in_dim, width)), ACTIVATIONS[activation]()]
         in_dim = width
-    layers.append(layer_init(nn.Linear(in_dim, out_dim), std=out_std))
+    layers.append(init(nn.Linear(in_dim, out_dim), std=out_std))
     return nn.Sequential(*layers)
 
 
@@ -62,6 +65,7 @@ class MLPActorCritic(nn.Module):
         hidden_sizes: tuple[int, ...] = (64, 64),
         log_std_init: float = 0.0,
         activation: str = "tanh",
+        ortho_init: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(observation_space, gym.spaces.Box):
@@ -77,8 +81,8 @@ class MLPActorCritic(nn.Module):
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.hidden_sizes = tuple(hidden_sizes)
         self.activation = activation
-        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation)
-        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation)
+        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation, ortho_init=ortho_init)
+        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation, ortho_init=ortho_init)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
 

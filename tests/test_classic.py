@@ -52,6 +52,23 @@ def test_mujoco_short_run_checkpoint_reloads_to_the_live_policy(tmp_path):
     assert loaded_config.activation == "relu" and isinstance(policy.actor[1], torch.nn.ReLU)  # the preset's
 
 
+def test_ortho_init_reaches_the_trainers_policy(tmp_path, monkeypatch):
+    import textenv.agents.classic as classic
+
+    built = []
+
+    class Recording(classic.MLPActorCritic):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(kwargs.get("ortho_init", args[5] if len(args) > 5 else "default"))
+
+    monkeypatch.setattr(classic, "MLPActorCritic", Recording)
+    for ortho in (False, True):
+        train(preset_config("CartPole-v1", seed=7, total_timesteps=512, num_envs=4, num_steps=128, ortho_init=ortho,
+                            runs_dir=str(tmp_path), run_name=f"o{ortho}", eval_episodes=0, save_checkpoint=False, **QUIET))
+    assert built == [False, True]
+
+
 def test_checkpoint_written_before_the_activation_option_loads_as_tanh(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

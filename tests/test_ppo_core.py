@@ -775,6 +775,19 @@ def test_mlp_chains_the_hidden_widths_and_forward_mlp_equals_the_module():
         mlp(3, (5,), 2, out_std=1.0, activation="gelu")
 
 
+def test_without_ortho_init_the_layers_keep_pytorchs_default_init():
+    torch.manual_seed(0)
+    ours = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2), (5, 7), ortho_init=False)
+    torch.manual_seed(0)  # the same draws, in the same order: the critic, then the actor
+    ref = [nn.Linear(i, o) for i, o in ((3, 5), (5, 7), (7, 1), (3, 5), (5, 7), (7, 2))]
+    got = [m for net in (ours.critic, ours.actor) for m in net if isinstance(m, nn.Linear)]
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    torch.manual_seed(0)
+    ortho = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2), (5, 7))
+    assert not torch.equal(ortho.actor[-1].weight, ours.actor[-1].weight) and ortho.actor[-1].bias.abs().sum() == 0
+
+
 def test_gaussian_policy_log_std_starts_at_log_std_init_one_per_action_dimension():
     space = gym.spaces.Box(-1, 1, (4,), np.float32)
     policy = MLPActorCritic(space, gym.spaces.Box(-1, 1, (2,), np.float32))
