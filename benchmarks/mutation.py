@@ -139,6 +139,9 @@ def _replace(parents: dict[int, ast.AST], old: ast.AST, new: ast.AST) -> ast.AST
 
 
 def _is_docstring(node: ast.AST) -> bool:
+    """A docstring, or an assignment to ``__doc__`` (a docstring built from another): documentation."""
+    if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__doc__"]:
+        return True
     return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
 
 

@@ -652,3 +652,222 @@ def test_rows_ending_together_with_different_lengths_on_an_absolute_position_mod
         cols = agent.nonzero().squeeze(1).tolist()
         expected = [logp[c - 1, ids[0, c]].item() for c in cols]
         np.testing.assert_allclose(info["ref_logprobs"][i, : len(cols)].numpy(), expected, atol=1e-5)
+
+
+# -- construction, reset options and the env classes' own checks -----------------------------------
+
+def test_bad_construction_arguments_fail_clearly():
+    from textenv.multiturn import make_multiturn_task
+
+    with pytest.raises(ValueError, match=r"render_mode must be one of \['ansi'\], got 'human'"):
+        MultiTurnTextEnv(task=_task(), model="tiny", render_mode="human")
+    with pytest.raises(ValueError, match=r"render_mode must be one of \['ansi'\], got 'human'"):
+        MultiTurnTextVectorEnv(num_envs=2, task=_task(), model="tiny", render_mode="human")
+    with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
+        MultiTurnTextVectorEnv(num_envs=0, task=_task(), model="tiny")
+    with pytest.raises(ValueError, match="arrays must be 'torch' or 'numpy', got 'jax'"):
+        MultiTurnTextVectorEnv(num_envs=2, task=_task(), model="tiny", arrays="jax")
+    with pytest.raises(ValueError, match=r"task FunctionTask: respond must be a callable \(history\)"):
+        FunctionTask(prompts=["hi"]).validate()
+    with pytest.raises(ValueError, match="task FunctionTask: prompts is empty"):
+        FunctionTask(respond=_respond).validate()
+    with pytest.raises(ValueError, match="pass overrides to the MultiTurnTask you construct, not beside it"):
+        make_multiturn_task(_task(), max_turns=2)
+    with pytest.raises(ValueError, match="unknown multi-turn task 'Chess'; known: FunctionTask, Calculator"):
+        make_multiturn_task("Chess")
+
+
+def test_a_one_row_vector_env_its_spaces_metadata_and_render():
+    from gymnasium.vector import AutoresetMode
+    from gymnasium.vector.utils import batch_space
+
+    env = MultiTurnTextVectorEnv(num_envs=1, task=_task(), model="tiny", render_mode="ansi")
+    vocab = env.single_action_space.n
+    assert env.metadata["autoreset_mode"] == AutoresetMode.DISABLED and env.metadata["render_modes"] == ["ansi"]
+    assert env.observation_space == batch_space(env.single_observation_space, 1)
+    assert env.action_space == gym.spaces.MultiDiscrete([vocab]) and env.render_mode == "ansi"
+    _, info = env.reset()  # unseeded: the row draws from its own generator
+    assert isinstance(info["episode_seed"][0], int)
+    env.step(torch.tensor([A]))
+    assert env.render() == [info["prompt"][0] + "a"]
+    quiet = MultiTurnTextVectorEnv(task=_task(), model="tiny")
+    assert quiet.num_envs == 8 and quiet.render_mode is None  # the defaults
+    quiet.reset(seed=0)
+    assert quiet.render() is None
+    quiet.close()
+    assert quiet._gen.episodes == [None] * 8  # closing drops the episodes (and what they hold)
+
+
+def test_reset_options_are_checked_and_given_episodes_replace_the_draw():
+    env = MultiTurnTextVectorEnv(num_envs=4, task=_task(), model="tiny")
+    for group in (0, 3):
+        with pytest.raises(ValueError, match=rf"must be >= 1 and divide num_envs=4, got {group}"):
+            env.reset(seed=0, options={"group_size": group})
+    task = _task()
+    episodes = [task.new_episode(np.random.default_rng(s)) for s in range(4)]
+    for options in ({"episodes": episodes}, {"reset_mask": np.array([True, False, True, False])}):
+        with pytest.raises(ValueError, match="cannot be combined with 'episodes' or 'reset_mask'"):
+            env.reset(seed=0, options={"group_size": 2, **options})
+    with pytest.raises(ValueError, match=r"options\['episodes'\] needs 4 episodes, got 3"):
+        env.reset(seed=0, options={"episodes": episodes[:3]})
+    _, info = env.reset(seed=0, options={"group_size": 2})
+    seeds = info["episode_seed"].tolist()
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
+    mine = [FunctionTask(respond=_respond, prompts=[f"ask {c}"]).new_episode(np.random.default_rng(0)) for c in "abcd"]
+    _, info = env.reset(seed=1, options={"episodes": mine})
+    assert info["prompt"].tolist() == ["ask a", "ask b", "ask c", "ask d"] and info["episode_seed"].tolist() == [None] * 4
+    _, info = env.reset(options={"episodes": mine[::-1], "reset_mask": np.array([False, True, False, True])})
+    assert info["prompt"].tolist() == ["ask a", "ask c", "ask c", "ask a"]  # rows 1 and 3 take episodes 1 and 3
+
+
+def test_stepping_a_finished_episode_fails_clearly_and_the_vector_info_names_end_reasons():
+    single = MultiTurnTextEnv(task=_task(max_turns=1), model="tiny")
+    _play(single, [EOS], seed=0)
+    with pytest.raises(RuntimeError, match="step\\(\\) called after the episode ended; call reset\\(\\) first"):
+        single.step(A)
+    env = MultiTurnTextVectorEnv(num_envs=2, task=_task(max_turns=1), model="tiny")
+    env.reset(seed=0)
+    _, _, ended, _, info = env.step(torch.tensor([EOS, A]))
+    assert ended.tolist() == [True, False] and info["end_reason"].tolist() == ["turn_limit", None]
+    _, _, ended, _, info = env.step(torch.tensor([A, EOS]))
+    assert ended.tolist() == [False, True] and info["end_reason"].tolist() == [None, "turn_limit"]
+    with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):
+        env.step(torch.tensor([A, A]))
+
+
+def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
+    import textenv.multiturn as multiturn
+
+    seen = []
+    real = multiturn.frozen_reference
+    monkeypatch.setattr(multiturn, "frozen_reference",
+                        lambda model, tokenizer, device, dtype, trust: seen.append(trust) or real(model, tokenizer, device, dtype, trust))
+    before = torch.get_num_threads()
+    try:
+        for make in (MultiTurnTextEnv, lambda **kw: MultiTurnTextVectorEnv(num_envs=2, **kw)):
+            torch.set_num_threads(1)
+            make(task=_task(), model="tiny", torch_threads=2)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [False, False]
+
+
+# -- the tasks: registry, budgets, questions, the adapters ----------------------------------------
+
+@pytest.mark.parametrize("name,defaults", [
+    ("Calculator", dict(size=500, seed=0, stop=["</calc>"], max_prompt_tokens=160, max_context_tokens=64,
+                        max_turn_tokens=20, max_turns=3, kl_coef=0.02)),
+    ("TextArena", dict(game="GuessTheNumber-v0", num_players=1, max_prompt_tokens=256, max_context_tokens=128,
+                       max_turn_tokens=16, max_turns=6, kl_coef=0.02)),
+    ("GuessTheNumber", dict(game="GuessTheNumber-v0", num_players=1, max_turns=6)),
+    ("TicTacToe", dict(game="TicTacToe-v0", num_players=2, max_turns=5)),
+    ("ToyTurns", dict(max_prompt_tokens=16, max_context_tokens=32, max_turn_tokens=6, max_turns=2, kl_coef=0.0,
+                      reply_format=" {reply} ")),
+])
+def test_each_task_is_registered_under_its_name_with_its_documented_budgets(name, defaults):
+    """A task's budgets are part of its definition: results are comparable only while they hold."""
+    from textenv.multiturn import make_multiturn_task
+
+    task = make_multiturn_task(name)
+    assert type(task).__name__ == name == task.name and task.has_held_out is True
+    assert {k: getattr(task, k) for k in defaults} == defaults
+
+
+def test_calculator_questions_are_fixed_for_a_seed_and_each_answer_is_right():
+    import hashlib
+
+    with pytest.raises(ValueError, match="^task Calculator: size must be >= 1, got 0$"):
+        Calculator(size=0).questions()
+    assert len(Calculator(size=1).questions()) == 1
+    questions = Calculator().questions()  # the held-out results of every version are on these
+    assert questions[:2] == [("What is 5159 + 2770 + 3147?", 11076), ("What is 52 * 19?", 988)]
+    assert hashlib.sha256(repr(questions).encode()).hexdigest()[:16] == "fcbae43f5ae4e231"
+    for question, answer in questions:
+        assert safe_arithmetic(question.removeprefix("What is ").removesuffix("?")) == answer
+        numbers = [int(x) for x in question[8:-1].replace("*", "+").split("+")]
+        if "*" in question:
+            assert 12 <= numbers[0] < 999 and 3 <= numbers[1] < 99
+        else:
+            assert len(numbers) == 3 and all(100 <= x < 9999 for x in numbers)
+    assert sum("*" in q for q, _ in questions) == 238  # about half of each kind
+    plain = Calculator(system_prompt=None).new_episode(np.random.default_rng(0))
+    assert isinstance(plain.prompt, str) and plain.prompt.startswith("What is ")
+
+
+def test_calculator_turns_the_first_of_a_call_and_an_answer_and_reports_bad_expressions():
+    episode = Calculator(size=5).new_episode(np.random.default_rng(0))
+    say = lambda text: episode.respond([{"role": "assistant", "content": text}])  # noqa: E731
+    assert say("<calc>2 * 3</calc> <answer>7</answer>") == ("6", 0.0, False)
+    assert say(f"<answer>{episode.answer}</answer> <calc>2 * 3</calc>") == (None, 1.0, True)
+    assert say("<calc>2 ** 3</calc>") == ("error: the calculator takes integers with + - * and parentheses", 0.0, False)
+
+
+def test_safe_arithmetic_limits_are_inclusive():
+    assert safe_arithmetic("1000000 * 1000000 * 1000") == 10**15
+    with pytest.raises(ValueError, match="number too large"):
+        safe_arithmetic("1000000 * 1000000 * 1000 + 1")
+    expr = " 1" + "+1" * 49  # 100 characters
+    assert len(expr) == 100 and safe_arithmetic(expr) == 50
+    with pytest.raises(ValueError, match="expression too long"):
+        safe_arithmetic(expr + " ")
+
+
+def test_toy_turns_pays_the_share_of_as_and_ends_after_the_second_turn():
+    from textenv.multiturn import ToyTurns
+
+    episode = ToyTurns().new_episode(np.random.default_rng(0))
+    first = [{"role": "user", "content": episode.prompt}]
+    assert episode.respond(first + [{"role": "assistant", "content": "a"}]) == ("ok, more.", 1.0, False)
+    assert episode.respond(first + [{"role": "assistant", "content": ""}]) == ("ok, more.", 0.0, False)
+    second = first + [{"role": "assistant", "content": "ab"}, {"role": "user", "content": "ok, more."}]
+    assert episode.respond(second + [{"role": "assistant", "content": "ab"}]) == (None, 0.5, True)
+
+
+def test_the_random_opponent_plays_from_the_last_list_of_moves():
+    from textenv.multiturn import random_legal_move
+
+    play = random_legal_move(np.random.default_rng(0))
+    board = "Available Moves: '[0]', '[1]'\nPlayer 0 moved\nAvailable Moves: '[5]'\nyour turn"
+    assert {play(board) for _ in range(5)} == {"[5]"}
+    with pytest.raises(ValueError, match="the opponent found no 'Available Moves' in its observation"):
+        play("a board without moves")
+
+
+class _FinishedGame:
+    """The textarena API surface the adapter uses, for a game that ends on the first move."""
+
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+    def step(self, action):
+        return True, {}
+
+    def close(self):
+        return self.rewards, {}
+
+
+def test_the_arena_adapter_pays_player_zeros_reward_and_zero_when_the_game_gives_none():
+    from textenv.multiturn import _ArenaEpisode
+
+    move = [{"role": "assistant", "content": "[1]"}]
+    for rewards, expected in (({0: -1.0, 1: 1.0}, -1.0), ({1: 1.0}, 0.0), (None, 0.0)):
+        assert _ArenaEpisode(_FinishedGame(rewards), "p", None, 0, 0).respond(move) == (None, expected, True)
+
+
+def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch):
+    pytest.importorskip("textarena")
+    import sys
+
+    from textenv.multiturn import TextArena, TicTacToe
+
+    assert TextArena().new_episode(np.random.default_rng(0)).seed == 1826701614
+    assert TextArena(split="test").new_episode(np.random.default_rng(0)).seed == 1826701614  # already 4 mod 5
+    assert TextArena(split="train").new_episode(np.random.default_rng(0)).seed == 1826701612
+    episode = TicTacToe().new_episode(np.random.default_rng(0))
+    reply, reward, done = episode.respond([{"role": "user", "content": episode.prompt},
+                                           {"role": "assistant", "content": "[4]"}])
+    assert (reward, done) == (0.0, False) and "Player 1 placed their symbol (X) in cell 2" in reply
+    monkeypatch.setitem(sys.modules, "textarena", None)
+    with pytest.raises(ImportError, match="^task TextArena needs textarena: pip install textarena$"):
+        TextArena().new_episode(np.random.default_rng(0))

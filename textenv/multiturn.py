@@ -350,8 +350,7 @@ class _ConversationAccess(_GenerationAccess):
     conversation's lengths."""
 
     _gen: _Conversation
-    max_new_tokens = property(lambda self: self._gen.B, doc="the context budget after the prompt")
-    multi_turn = True
+    multi_turn = True  # max_new_tokens (B, inherited) is the context budget after the prompt
 
     @property
     def conversation_lengths(self) -> np.ndarray:
