@@ -819,6 +819,8 @@ def test_toy_turns_pays_the_share_of_as_and_ends_after_the_second_turn():
     episode = ToyTurns().new_episode(np.random.default_rng(0))
     first = [{"role": "user", "content": episode.prompt}]
     assert episode.respond(first + [{"role": "assistant", "content": "a"}]) == ("ok, more.", 1.0, False)
+    system = [{"role": "system", "content": "be brief"}]  # only the agent's messages count as turns
+    assert episode.respond(system + first + [{"role": "assistant", "content": "a"}]) == ("ok, more.", 1.0, False)
     assert episode.respond(first + [{"role": "assistant", "content": ""}]) == ("ok, more.", 0.0, False)
     second = first + [{"role": "assistant", "content": "ab"}, {"role": "user", "content": "ok, more."}]
     assert episode.respond(second + [{"role": "assistant", "content": "ab"}]) == (None, 0.5, True)
@@ -828,7 +830,7 @@ def test_the_random_opponent_plays_from_the_last_list_of_moves():
     from textenv.multiturn import random_legal_move
 
     play = random_legal_move(np.random.default_rng(0))
-    board = "Available Moves: '[0]', '[1]'\nPlayer 0 moved\nAvailable Moves: '[5]'\nyour turn"
+    board = "Available Moves: '[0]'\nAvailable Moves: '[0]', '[1]'\nPlayer 0 moved\nAvailable Moves: '[5]'\nyour turn"
     assert {play(board) for _ in range(5)} == {"[5]"}
     with pytest.raises(ValueError, match="the opponent found no 'Available Moves' in its observation"):
         play("a board without moves")
@@ -865,9 +867,16 @@ def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch)
     assert TextArena(split="test").new_episode(np.random.default_rng(0)).seed == 1826701614  # already 4 mod 5
     assert TextArena(split="train").new_episode(np.random.default_rng(0)).seed == 1826701612
     episode = TicTacToe().new_episode(np.random.default_rng(0))
-    reply, reward, done = episode.respond([{"role": "user", "content": episode.prompt},
-                                           {"role": "assistant", "content": "[4]"}])
-    assert (reward, done) == (0.0, False) and "Player 1 placed their symbol (X) in cell 2" in reply
+    history = [{"role": "user", "content": episode.prompt}]
+    replies = []
+    for move in ("[4]", "[0]"):
+        history.append({"role": "assistant", "content": move})
+        reply, reward, done = episode.respond(history)
+        assert (reward, done) == (0.0, False)
+        history.append({"role": "user", "content": reply})
+        replies.append(reply)
+    assert "Player 1 placed their symbol (X) in cell 2" in replies[0]
+    assert "Player 1 placed their symbol (X) in cell 5" in replies[1]  # the opponent's seed is the game's + 1
     monkeypatch.setitem(sys.modules, "textarena", None)
     with pytest.raises(ImportError, match="^task TextArena needs textarena: pip install textarena$"):
         TextArena().new_episode(np.random.default_rng(0))

@@ -651,7 +651,6 @@ class Calculator(MultiTurnTask):
     max_context_tokens: int = 64
     max_turn_tokens: int = 20
     max_turns: int = 3
-    kl_coef: float = 0.02
 
     @property
     def has_held_out(self) -> bool:
@@ -747,7 +746,6 @@ class TextArena(MultiTurnTask):
     num_players: int = 1
     opponent: Callable[[str], str] | None = None
     max_prompt_tokens: int = 256
-    max_context_tokens: int = 128
     max_turn_tokens: int = 16
     max_turns: int = 6
 
