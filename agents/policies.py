@@ -40,7 +40,7 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float, acti
     ``ortho_init=False`` keeps PyTorch's default ``nn.Linear`` init (SB3's ``ortho_init=False``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    init = layer_init if ortho_init else (lambda layer, std=0.0: layer)
+    init = layer_init if ortho_init else (lambda layer, **_: layer)
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [init(nn.Linear(in_dim, width)), ACTIVATIONS[activation]()]
@@ -80,7 +80,6 @@ class MLPActorCritic(nn.Module):
             raise TypeError(f"MLPActorCritic supports Discrete and Box actions, got {action_space}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.hidden_sizes = tuple(hidden_sizes)
-        self.activation = activation
         self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation, ortho_init=ortho_init)
         self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation, ortho_init=ortho_init)
         if self.continuous:

@@ -786,6 +786,10 @@ def test_without_ortho_init_the_layers_keep_pytorchs_default_init():
     torch.manual_seed(0)
     ortho = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2), (5, 7))
     assert not torch.equal(ortho.actor[-1].weight, ours.actor[-1].weight) and ortho.actor[-1].bias.abs().sum() == 0
+    torch.manual_seed(0)
+    default = mlp(3, (5,), 2, out_std=1.0)  # orthogonal unless asked otherwise
+    torch.manual_seed(0)
+    assert torch.equal(default[0].weight, mlp(3, (5,), 2, out_std=1.0, ortho_init=True)[0].weight)
 
 
 def test_gaussian_policy_log_std_starts_at_log_std_init_one_per_action_dimension():
