@@ -526,3 +526,57 @@ def test_partial_resets_are_refused_clearly_where_they_cannot_work():
         envs.reset(options={"reset_mask": np.array([1, 0])})
     with pytest.raises(ValueError, match="selects no row"):
         envs.reset(options={"reset_mask": np.array([False, False])})
+
+
+# -- the generation core's own checks, the frozen reference, the spaces ------------------------------
+
+def test_the_core_refuses_what_cannot_work_with_a_one_line_error():
+    tok = char_tokenizer()
+    no_eos = char_tokenizer()
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match="the tokenizer has no EOS token"):
+        TextGenerationEnv(task="Toy", model=tiny_causal_lm(tok), tokenizer=no_eos)
+    with pytest.raises(ValueError, match="pass the tokenizer of the model object you give"):
+        TextGenerationEnv(task="Toy", model=tiny_causal_lm(tok))
+    env = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", reference_pass="at_end")
+    gen = env.unwrapped._gen
+    with pytest.raises(RuntimeError, match="the first reset\\(\\) must reset every row"):
+        gen.reset_rows([0], ["hi"])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.reset(["hi", ""])
+    gen.reset(["hi", "yo"])
+    with pytest.raises(ValueError, match=r"expected 2 actions, got shape \(3,\)"):
+        gen.step(torch.tensor([3, 3, 3]))
+
+
+def test_the_reference_is_frozen_in_eval_mode_without_dropout_and_the_spaces_are_the_vocabulary(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_text_trust import _tiny_gpt2_dir
+
+    path = _tiny_gpt2_dir(tmp_path, dropout=0.1)
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    env = TextGenerationEnv(task="Toy", model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+    ref = env.unwrapped.reference_model
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert all(m.p == 0 for m in ref.modules() if isinstance(m, torch.nn.Dropout))
+    vocab = env.action_space.n
+    assert env.observation_space["input_ids"].high.max() == vocab - 1
+    assert env.observation_space["attention_mask"].high.max() == 1
+
+
+def test_a_reward_given_to_the_env_becomes_the_tasks_reward():
+    def mine(prompts, responses):
+        return [0.5] * len(responses)
+
+    env = TextGenerationEnv(task="Toy", model="tiny", reward=mine, render_mode="ansi")
+    assert env.unwrapped.task.reward is mine
+    _, info = env.reset(seed=0)
+    env.step(3)
+    assert env.render() == info["prompt"] + "a"
+
+
+def test_the_kl_shaping_warning_points_at_the_callers_line():
+    with pytest.warns(DeprecationWarning, match="kl_shaping is renamed reference_pass") as caught:
+        TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end")
+    assert caught[0].filename == __file__
