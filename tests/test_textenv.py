@@ -580,3 +580,64 @@ def test_the_kl_shaping_warning_points_at_the_callers_line():
     with pytest.warns(DeprecationWarning, match="kl_shaping is renamed reference_pass") as caught:
         TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end")
     assert caught[0].filename == __file__
+
+
+# -- the env classes: construction, attributes, reset options, render ------------------------------
+
+def test_env_construction_errors_and_defaults():
+    from gymnasium.vector import AutoresetMode
+    from gymnasium.vector.utils import batch_space
+
+    with pytest.raises(ValueError, match=r"render_mode must be one of \['ansi'\], got 'human'"):
+        TextGenerationEnv(task="Toy", model="tiny", render_mode="human")
+    with pytest.raises(ValueError, match=r"render_mode must be one of \['ansi'\], got 'human'"):
+        TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", render_mode="human")
+    with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
+        TextGenerationVectorEnv(num_envs=0, task="Toy", model="tiny")
+    env = TextGenerationVectorEnv(num_envs=1, task="Toy", model="tiny", render_mode="ansi")
+    assert env.metadata["autoreset_mode"] == AutoresetMode.DISABLED and env.render_mode == "ansi"
+    assert env.observation_space == batch_space(env.single_observation_space, 1)
+    assert env.action_space == gym.spaces.MultiDiscrete([env.single_action_space.n])
+    _, info = env.reset()  # unseeded
+    env.step(torch.tensor([3]))
+    assert env.render() == [info["prompt"][0] + "a"]
+    quiet = TextGenerationVectorEnv(task="Toy", model="tiny")
+    assert quiet.num_envs == 8 and quiet.render_mode is None and TextGenerationEnv(task="Toy", model="tiny").render() is None
+    quiet.reset(seed=0)
+    assert quiet.render() is None
+
+
+def test_vector_attributes_are_one_value_for_the_batch():
+    env = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny")
+    env.set_attr("kl_coef", [0.3, 0.3])
+    assert env.get_attr("kl_coef") == (0.3, 0.3)
+    with pytest.raises(ValueError, match="kl_coef must be the same for every sub-env"):
+        env.set_attr("kl_coef", [0.1, 0.2])
+    with pytest.raises(AttributeError, match="TextGenerationVectorEnv has no settable attribute 'reward_fn'"):
+        env.set_attr("reward_fn", [None, None])
+    with pytest.raises(ValueError, match="kl_coef must be >= 0, got -1"):
+        env.kl_coef = -1
+
+
+def test_vector_reset_options_are_checked():
+    env = TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", reference_pass="at_end")
+    for group in (0, 3):
+        with pytest.raises(ValueError, match=rf"must be >= 1 and divide num_envs=4, got {group}"):
+            env.reset(seed=0, options={"group_size": group})
+    for options in ({"prompts": ["a"] * 4}, {"prompt": "a"}, {"reset_mask": np.array([True, False, True, False])}):
+        with pytest.raises(ValueError, match="cannot be combined with 'prompts', 'prompt' or 'reset_mask'"):
+            env.reset(seed=0, options={"group_size": 2, **options})
+    with pytest.raises(ValueError, match=r"options\['prompts'\] needs 4 prompts, got 3"):
+        env.reset(options={"prompts": ["a", "b", "c"]})
+    _, info = env.reset(options={"prompt": "same"})
+    assert info["prompt"].tolist() == ["same"] * 4
+    _, info = env.reset(seed=0, options={"group_size": 2})
+    prompts = info["prompt"].tolist()
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3]
+    env.reset(options={"prompt": "a"})
+    for _ in range(env.max_new_tokens):
+        env.step(torch.full((4,), env.unwrapped._gen.eos_id))
+        if env.all_done:
+            break
+    with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):
+        env.step(torch.full((4,), 3))
