@@ -641,3 +641,228 @@ def test_vector_reset_options_are_checked():
             break
     with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):
         env.step(torch.full((4,), 3))
+
+
+# -- the reference pass against a slow reference, on a model with absolute positions ---------------
+
+def _gpt2_vector_env(tmp_path, num_envs, reference_pass):
+    """GPT-2 reads absolute positions: a padding column counted as a position, or a prompt token
+    cut from the reference's window, changes its log-probs (RoPE models shift-invariantly hide both)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_text_trust import _tiny_gpt2_dir
+
+    path = _tiny_gpt2_dir(tmp_path, dropout=0.0)
+    return TextGenerationVectorEnv(num_envs=num_envs, task="Toy", model=AutoModelForCausalLM.from_pretrained(path),
+                                   tokenizer=AutoTokenizer.from_pretrained(path), reference_pass=reference_pass,
+                                   max_prompt_tokens=8, max_new_tokens=5, kl_coef=0.1)
+
+
+def _play(envs, plan, held=None):
+    """Step ``plan`` (rows of per-row actions) until every row has ended; return each row's
+    response tokens (after ``held``, those it already has) and the env's log π_ref of them (per
+    step, or at the end)."""
+    n = envs.num_envs
+    tokens, ref = [list(h) for h in held] if held else [[] for _ in range(n)], [[] for _ in range(n)]
+    active = [not bool(d) for d in envs.unwrapped._gen.done]
+    for actions in plan:
+        _, _, terminated, _, info = envs.step(torch.tensor(actions))
+        for i in range(n):
+            if not active[i]:
+                continue
+            tokens[i].append(actions[i])
+            if "ref_logprob" in info:
+                ref[i].append(info["ref_logprob"][i].item())
+            if terminated[i]:
+                active[i] = False
+                if "ref_logprobs" in info:
+                    ref[i] = info["ref_logprobs"][i, : len(tokens[i])].tolist()
+        if envs.all_done:
+            break
+    assert envs.all_done
+    return tokens, ref
+
+
+def _check_against_slow_reference(envs, prompts, tokens, ref):
+    for i, prompt in enumerate(prompts):
+        prompt_ids = envs.tokenizer(prompt)["input_ids"][-envs.max_prompt_tokens:]
+        np.testing.assert_allclose(ref[i], _reference_logprobs(envs.reference_model, prompt_ids, tokens[i]),
+                                   rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+
+
+@pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
+def test_left_padded_prompts_of_any_width_score_as_unpadded_ones_episode_after_episode(tmp_path, reference_pass):
+    envs = _gpt2_vector_env(tmp_path, 3, reference_pass)
+    EOS = envs.unwrapped._gen.eos_id
+    # Short prompts first, then longer ones: the second episode's window must widen again.
+    for prompts in (["ab", "b", "c"], ["a", "hello wo", "abc"]):
+        envs.reset(options={"prompts": prompts})
+        plan = [[3, 4, 5], [EOS, 6, 7], [0, 8, 9], [0, 3, EOS], [0, 4, 0]]  # rows end at 2, 5 and 4 tokens
+        tokens, ref = _play(envs, plan)
+        assert [len(t) for t in tokens] == [2, 5, 4]
+        _check_against_slow_reference(envs, prompts, tokens, ref)
+
+
+def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_unpadded_ones(tmp_path):
+    envs = _gpt2_vector_env(tmp_path, 3, "at_end")
+    EOS = envs.unwrapped._gen.eos_id
+    prompts = ["ab", "b", "c"]
+    envs.reset(options={"prompts": prompts})
+    envs.step(torch.tensor([3, 4, 5]))
+    _, _, terminated, _, info = envs.step(torch.tensor([EOS, 6, 7]))
+    assert terminated.tolist() == [True, False, False]
+    held = [[], [4, 6], [5, 7]]  # rows 1 and 2 carry on
+    # Row 0 restarts with a prompt wider than any before; rows 0 and 1 then end at the same step
+    # with 2 and 4 tokens, so one forward scores responses of two lengths.
+    prompts[0] = "hello wo"
+    envs.reset(options={"reset_mask": np.array([True, False, False]), "prompts": ["hello wo", None, None]})
+    tokens, ref = _play(envs, [[8, 9, 3], [EOS, EOS, 4], [0, 0, EOS]], held)
+    assert [len(t) for t in tokens] == [2, 4, 5]
+    _check_against_slow_reference(envs, prompts, tokens, ref)
+
+
+@pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
+def test_the_reference_runs_once_per_step_or_once_per_ending_with_masks_that_cover_its_cache(reference_pass):
+    """HF's contract: the attention mask spans the cached tokens plus the new ones. ``per_step``
+    runs the reference at reset and after each step but the last; ``at_end`` only at steps where
+    episodes end."""
+    envs = TextGenerationVectorEnv(num_envs=2, reference_pass=reference_pass, **TINY)
+    calls = []
+
+    def check(module, args, kwargs):
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # its name depends on the transformers version
+        mask, ids = kwargs["attention_mask"], kwargs["input_ids"]
+        cached = past.get_seq_length() if past is not None else 0
+        assert mask.shape == (ids.shape[0], cached + ids.shape[1])
+        calls.append(ids.shape)
+
+    envs.reference_model.register_forward_pre_hook(check, with_kwargs=True)
+    for episode in range(2):  # the second episode starts from a fresh cache
+        calls.clear()
+        envs.reset(seed=episode, options={"prompts": ["ab", "hello"]})
+        plan = [[3, 4], [1, 5], [0, 6], [0, 1]]  # row 0 ends at step 2, row 1 at step 4
+        for actions in plan:
+            envs.step(torch.tensor(actions))
+        assert envs.all_done
+        if reference_pass == "per_step":
+            assert len(calls) == 1 + len(plan) - 1 and calls[0] == (2, 5) and all(c == (2, 1) for c in calls[1:])
+        else:
+            assert calls == [(1, 5 + 2), (1, 5 + 4)]  # one forward per ending: window of prompt + response
+
+
+def test_rows_that_ended_ignore_any_action_even_one_outside_the_vocabulary():
+    envs = TextGenerationVectorEnv(num_envs=2, **TINY)
+    envs.reset(seed=0)
+    vocab = envs.single_action_space.n
+    envs.step(torch.tensor([1, 3]))  # row 0 ends
+    for dead in (vocab, -1, vocab + 5):
+        _, reward, terminated, _, _ = envs.step(torch.tensor([dead, 3]))
+        assert reward[0].item() == 0.0 and not terminated[0]
+    with pytest.raises(ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"):
+        envs.step(torch.tensor([3, vocab]))
+
+
+def test_a_partial_reset_of_a_finished_batch_lets_it_step_again():
+    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", reference_pass="at_end")
+    envs.reset(seed=0)
+    envs.step(torch.tensor([1, 1]))
+    assert envs.all_done
+    envs.reset(options={"reset_mask": np.array([False, True])})
+    assert not envs.all_done
+    _, _, terminated, _, _ = envs.step(torch.tensor([3, 1]))
+    assert terminated.tolist() == [False, True]
+
+
+def test_before_the_first_reset_no_episode_runs_and_render_shows_nothing():
+    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", render_mode="ansi")
+    assert envs.all_done is True
+    assert envs.render() == ["", ""]
+    assert TextGenerationEnv(task="Toy", model="tiny", render_mode="ansi").render() == ""
+
+
+def test_render_and_response_text_leave_out_special_tokens():
+    env = TextGenerationEnv(render_mode="ansi", **TINY)
+    _, info = env.reset(seed=0)
+    pad = env.tokenizer.pad_token_id
+    env.step(pad)
+    env.step(3)
+    assert env.render() == info["prompt"] + "a"
+    _, _, terminated, _, end = env.step(1)
+    assert terminated and end["response_text"] == "a" and not end["truncated_response"]
+
+
+def test_truncated_response_is_set_exactly_when_the_budget_ends_the_episode():
+    env = TextGenerationEnv(**TINY)
+    budget = TINY["max_new_tokens"]
+    for last in (1, 3):  # EOS as the budget's last token is a normal end, not a cut
+        env.reset(seed=0)
+        for _ in range(budget - 1):
+            env.step(4)
+        _, _, terminated, _, info = env.step(last)
+        assert terminated and info["truncated_response"] is (last != 1) and info["response_length"] == budget
+    envs = TextGenerationVectorEnv(num_envs=3, **TINY)
+    envs.reset(seed=0)
+    for t in range(budget):
+        _, _, terminated, _, info = envs.step(torch.tensor([1 if t == 0 else 0, 4, 1 if t == budget - 1 else 4]))
+        if t == 0:
+            assert info["truncated_response"].tolist() == [False, False, False]
+    assert info["truncated_response"].tolist() == [False, True, False] and info["_truncated_response"].tolist() == [
+        False, True, True]
+
+
+def test_a_prompt_that_tokenizes_to_nothing_and_a_chat_prompt_without_a_template_are_refused():
+    env = TextGenerationEnv(task="Toy", model="tiny")
+    with pytest.raises(ValueError, match="a chat prompt \\(a list of messages\\) needs a tokenizer with a chat template"):
+        env.reset(options={"prompt": [{"role": "user", "content": "hi"}]})
+    gen = env.unwrapped._gen
+    real = gen.tokenizer
+
+    class NoTokens:
+        def __call__(self, text, **kw):
+            return {"input_ids": []}
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    gen.tokenizer = NoTokens()
+    with pytest.raises(ValueError, match="prompt 0 \\('zzz'\\) tokenizes to no tokens"):
+        env.reset(options={"prompt": "zzz"})
+
+
+def test_a_reference_model_object_is_moved_to_the_envs_device():
+    from textenv.env import frozen_reference
+
+    tok = char_tokenizer()
+    model, _ = frozen_reference(tiny_causal_lm(tok), tok, torch.device("meta"), torch.float32, False)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
+    import textenv.env as env_module
+
+    seen = []
+    real = env_module.frozen_reference
+    monkeypatch.setattr(env_module, "frozen_reference",
+                        lambda model, tokenizer, device, dtype, trust: seen.append(trust) or real(model, tokenizer, device, dtype, trust))
+    before = torch.get_num_threads()
+    try:
+        for make in (TextGenerationEnv, lambda **kw: TextGenerationVectorEnv(num_envs=2, **kw)):
+            torch.set_num_threads(1)
+            make(task="Toy", model="tiny", torch_threads=2)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [False, False]
+
+
+def test_close_releases_the_reference_cache():
+    import gc
+    import weakref
+
+    envs = TextGenerationVectorEnv(num_envs=2, **TINY)
+    envs.reset(seed=0)
+    envs.step(torch.tensor([3, 3]))
+    cache = weakref.ref(envs.unwrapped._gen.cache)
+    envs.close()
+    gc.collect()
+    assert cache() is None

@@ -47,8 +47,8 @@ class _Generation:
         reward: RewardFn,
         batch_size: int,
         device: torch.device,
-        reference_pass: str = "per_step",
-        temperature: float = 1.0,
+        reference_pass: str,
+        temperature: float,
     ) -> None:
         task.validate()
         if reference_pass not in REFERENCE_PASSES:
@@ -74,25 +74,18 @@ class _Generation:
         self.mask = torch.zeros((batch_size, self.L), dtype=torch.long, device=device)
         self.resp_len = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.done = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.scores = torch.full((batch_size,), float("nan"), device=device)
         self.steps = 0
         self.started = False
         self.all_done = True  # host-side copy, refreshed by the one sync of each step
         self.prompts: list[str] = [""] * batch_size
-        self.chat_rows: set[int] = set()  # rows whose prompt is a rendered chat template
-        self.responses: list[str | None] = [None] * batch_size
         self.ref_logp_next: torch.Tensor | None = None
         self.cache = None
         self.start = 0  # first column of the reference's cache
 
     # -- reset -------------------------------------------------------------------------------
-    def tokenize_prompts(self, prompts: list[str], chat: list[bool] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def tokenize_prompts(self, prompts: list[str], chat: list[bool]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots; also
-        returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat
-        template (default: row ``i`` is in ``chat_rows``)."""
-        if chat is None:
-            chat = [i in self.chat_rows for i in range(len(prompts))]
+        returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat template."""
         ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), self.P), dtype=torch.long)
         width = 1
@@ -120,25 +113,22 @@ class _Generation:
 
     @torch.no_grad()  # not inference_mode: returned tensors must work in a user's in-place ops and losses
     def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
-        self.chat_rows = {i for i, p in enumerate(prompts) if not isinstance(p, str)}
+        chat = [not isinstance(p, str) for p in prompts]
         prompts = [self.render(p) for p in prompts]
-        prompt_ids, prompt_mask, width = self.tokenize_prompts(prompts)
+        prompt_ids, prompt_mask, width = self.tokenize_prompts(prompts, chat)
         self.prompts = list(prompts)
-        self.responses = [None] * self.batch_size
         self.ids.fill_(self.pad_id)
         self.mask.zero_()
         self.ids[:, : self.P] = prompt_ids
         self.mask[:, : self.P] = prompt_mask
         self.resp_len.zero_()
         self.done.zero_()
-        self.scores.fill_(float("nan"))
         self.steps = 0
         self.started = True
         self.all_done = False
         # Columns that are padding in every row are left out of the reference's cache.
         self.start = self.P - width
         if self.at_end:  # the reference reads each response once, when it ends
-            self.cache = self.ref_logp_next = None
             return
         prompt_ids, prompt_mask = prompt_ids[:, self.start :], prompt_mask[:, self.start :]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
@@ -167,12 +157,8 @@ class _Generation:
         self.mask[idx, : self.P] = prompt_mask
         self.resp_len[idx] = 0
         self.done[idx] = False
-        self.scores[idx] = float("nan")
-        for r, prompt, is_chat in zip(rows, rendered, chat):
-            self.prompts[r], self.responses[r] = prompt, None
-            self.chat_rows.discard(r)
-            if is_chat:
-                self.chat_rows.add(r)
+        for r, prompt in zip(rows, rendered):
+            self.prompts[r] = prompt
         self.all_done = False
         width = int(self.mask[:, : self.P].sum(1).max())
         self.start = self.P - width
@@ -222,13 +208,12 @@ class _Generation:
             tokens = self.ids[rows, self.P :].tolist()
             texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
             scores = score_batch(self.reward, [self.prompts[r] for r in rows], texts)
-            for r, text in zip(rows, texts):
-                self.responses[r] = text
             score_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
             idx = torch.tensor(rows, device=self.device)
-            self.scores[idx] = score_t
             reward = reward.index_add(0, idx, score_t)
-            end_info = {"rows": rows, "scores": scores, "texts": texts}
+            # scores as a [N] tensor too, NaN where no episode ended
+            batch_scores = torch.full((self.batch_size,), float("nan"), device=self.device).index_copy(0, idx, score_t)
+            end_info = {"rows": rows, "scores": scores, "batch_scores": batch_scores, "texts": texts}
             if self.at_end:
                 ref_lps = self._response_ref_logprobs(idx, max(lengths))
                 reward = reward.index_add(0, idx, self.kl_coef * ref_lps.sum(1))
@@ -255,7 +240,7 @@ class _Generation:
         # slot of the observation (mask 1); rows that had ended never write there (mask 0, they
         # feed pad), so the observation's mask is exactly the cache's attention mask.
         attn = self.mask[:, self.start : self.P + self.steps].contiguous()
-        position_ids = (attn.sum(-1, keepdim=True) - 1).clamp_min(0)
+        position_ids = attn.sum(-1, keepdim=True) - 1  # >= 1: every row holds a prompt token and one more
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
                          use_cache=True, **cache_kwargs(self.model, self.cache))
         self.cache = output_cache(out)
@@ -448,7 +433,7 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
             info |= {
                 "score": end["scores"][0],
                 "response_text": end["texts"][0],
-                "truncated_response": bool(self._gen.resp_len[0] >= self._gen.B and action != self._gen.eos_id),
+                "truncated_response": action != self._gen.eos_id,  # ended without EOS: at the budget
                 "response_length": int(self._gen.resp_len[0]),
             }
         return self._obs(), float(reward[0]), bool(terminated[0]), False, info
@@ -584,9 +569,9 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             texts = np.full(self.num_envs, None, dtype=object)
             texts[end["rows"]] = end["texts"]
             info |= {
-                "score": torch.where(ended_now, gen.scores, torch.full_like(gen.scores, float("nan"))),
+                "score": end["batch_scores"],
                 "_score": ended_now,
-                "truncated_response": ended_now & (gen.resp_len >= gen.B) & (actions != gen.eos_id),
+                "truncated_response": ended_now & (actions != gen.eos_id),  # ended without EOS: at the budget
                 "_truncated_response": ended_now,
                 "response_length": torch.where(ended_now, gen.resp_len, torch.zeros_like(gen.resp_len)),
                 "_response_length": ended_now,

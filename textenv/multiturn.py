@@ -193,7 +193,7 @@ class _Conversation(_Generation):
         """The tokens of the env's reply: with a chat template, what the template writes after the
         agent's message (closing it when the agent did not, with ``closed=False``) up to the next
         assistant header; else ``reply_format``."""
-        if row in self.chat_rows:
+        if self.use_chat:
             hist = self.histories[row]
             prev = self.tokenizer.apply_chat_template(hist, tokenize=False)
             full = self.tokenizer.apply_chat_template(hist + [{"role": self.task.reply_role, "content": reply}],
@@ -287,7 +287,6 @@ class _Conversation(_Generation):
             ref_lps = self._agent_ref_logprobs(ended)
             reward = reward.index_add(0, idx, self.kl_coef * ref_lps.sum(1))
             texts = [self.conversation_text(r) for r in ended]
-            self.scores[idx] = torch.tensor(self.score_host[ended], dtype=torch.float32, device=self.device)
             end_info = {"rows": ended, "ref_logprobs": ref_lps, "texts": texts}
         as_t = lambda x: torch.as_tensor(x, device=self.device)  # noqa: E731
         return reward, as_t(ended_now), reward.new_tensor(turn_reward), as_t(turn_ended), end_info
@@ -494,7 +493,8 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
             exhausted = torch.as_tensor([gen.end_reason[r] == "context" for r in range(n)], device=gen.device) & ended
             zero = torch.zeros(n, dtype=torch.long, device=gen.device)
             info |= {
-                "score": torch.where(ended, gen.scores, torch.full_like(gen.scores, float("nan"))), "_score": ended,
+                "score": torch.where(ended, torch.as_tensor(gen.score_host, dtype=torch.float32, device=gen.device),
+                                     float("nan")), "_score": ended,
                 "ref_logprobs": ref_lps, "_ref_logprobs": ended,
                 "context_exhausted": exhausted, "_context_exhausted": ended,
                 "truncated_response": exhausted, "_truncated_response": ended,
