@@ -660,13 +660,15 @@ def _gpt2_vector_env(tmp_path, num_envs, reference_pass):
 
 def _play(envs, plan, held=None):
     """Step ``plan`` (rows of per-row actions) until every row has ended; return each row's
-    response tokens (after ``held``, those it already has) and the env's log π_ref of them (per
-    step, or at the end)."""
+    response tokens (after ``held``, those it already has), the env's log π_ref of them (per
+    step, or at the end), the rewards paid and the scores."""
     n = envs.num_envs
     tokens, ref = [list(h) for h in held] if held else [[] for _ in range(n)], [[] for _ in range(n)]
+    paid, scores = np.zeros(n), np.full(n, np.nan)
     active = [not bool(d) for d in envs.unwrapped._gen.done]
     for actions in plan:
-        _, _, terminated, _, info = envs.step(torch.tensor(actions))
+        _, reward, terminated, _, info = envs.step(torch.tensor(actions))
+        paid += reward.numpy()
         for i in range(n):
             if not active[i]:
                 continue
@@ -675,19 +677,23 @@ def _play(envs, plan, held=None):
                 ref[i].append(info["ref_logprob"][i].item())
             if terminated[i]:
                 active[i] = False
+                scores[i] = info["score"][i].item()
                 if "ref_logprobs" in info:
                     ref[i] = info["ref_logprobs"][i, : len(tokens[i])].tolist()
+                    assert not info["ref_logprobs"][i, len(tokens[i]):].any()  # 0 past the end
         if envs.all_done:
             break
     assert envs.all_done
-    return tokens, ref
+    return tokens, ref, paid, scores
 
 
-def _check_against_slow_reference(envs, prompts, tokens, ref):
+def _check_against_slow_reference(envs, prompts, tokens, ref, paid, scores):
+    """Each row's log π_ref equals an unpadded forward's, and its return is score + β Σ log π_ref."""
     for i, prompt in enumerate(prompts):
         prompt_ids = envs.tokenizer(prompt)["input_ids"][-envs.max_prompt_tokens:]
-        np.testing.assert_allclose(ref[i], _reference_logprobs(envs.reference_model, prompt_ids, tokens[i]),
-                                   rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+        slow = _reference_logprobs(envs.reference_model, prompt_ids, tokens[i])
+        np.testing.assert_allclose(ref[i], slow, rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+        assert paid[i] == pytest.approx(scores[i] + envs.kl_coef * sum(slow), abs=1e-5), f"row {i}"
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
@@ -698,9 +704,9 @@ def test_left_padded_prompts_of_any_width_score_as_unpadded_ones_episode_after_e
     for prompts in (["ab", "b", "c"], ["a", "hello wo", "abc"]):
         envs.reset(options={"prompts": prompts})
         plan = [[3, 4, 5], [EOS, 6, 7], [0, 8, 9], [0, 3, EOS], [0, 4, 0]]  # rows end at 2, 5 and 4 tokens
-        tokens, ref = _play(envs, plan)
+        tokens, *played = _play(envs, plan)
         assert [len(t) for t in tokens] == [2, 5, 4]
-        _check_against_slow_reference(envs, prompts, tokens, ref)
+        _check_against_slow_reference(envs, prompts, tokens, *played)
 
 
 def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_unpadded_ones(tmp_path):
@@ -716,9 +722,9 @@ def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_u
     # with 2 and 4 tokens, so one forward scores responses of two lengths.
     prompts[0] = "hello wo"
     envs.reset(options={"reset_mask": np.array([True, False, False]), "prompts": ["hello wo", None, None]})
-    tokens, ref = _play(envs, [[8, 9, 3], [EOS, EOS, 4], [0, 0, EOS]], held)
+    tokens, *played = _play(envs, [[8, 9, 3], [EOS, EOS, 4], [0, 0, EOS]], held)
     assert [len(t) for t in tokens] == [2, 4, 5]
-    _check_against_slow_reference(envs, prompts, tokens, ref)
+    _check_against_slow_reference(envs, prompts, tokens, *played)
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
@@ -866,3 +872,13 @@ def test_close_releases_the_reference_cache():
     envs.close()
     gc.collect()
     assert cache() is None
+
+
+def test_the_single_env_takes_every_action_type_its_discrete_space_contains():
+    env = TextGenerationEnv(render_mode="ansi", **TINY)
+    _, info = env.reset(seed=0)
+    actions = [3, np.int64(3), np.int32(4), np.array(3), torch.tensor(4)]
+    assert all(env.action_space.contains(a) for a in actions[:4])
+    for a in actions:
+        env.step(a)
+    assert env.render() == info["prompt"] + "aabab"
