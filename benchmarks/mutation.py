@@ -77,6 +77,8 @@ class MutationConfig:
     """list the mutants and exit without running anything"""
     survivors_of: str | None = None
     """run only the mutants listed as surviving in this earlier report (to check that new tests kill them)"""
+    only_lines: tuple[int, ...] = ()
+    """run only the mutants of the statements starting on these lines (e.g. the lines a change rewrote)"""
     select: Literal["coverage", "all"] = "coverage"
     """which tests each mutant runs: those that execute its lines (one traced run first), or all of them"""
     lines_cache: str | None = None
@@ -730,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.survivors_of is not None:
         listed = survivors_in(Path(args.survivors_of))
         mutants = [m for m in mutants if (m.scope, m.original, m.mutated) in listed]
+    if args.only_lines:
+        mutants = [m for m in mutants if m.lineno in args.only_lines]
     if args.max_mutants is not None:
         mutants = mutants[: args.max_mutants]
     if args.dry_run:
