@@ -135,7 +135,7 @@ def _ppo(**kw: Any) -> PPOConfig:
 # 6 epochs rather than 4 (4 solved 10 of seeds 1-10 but 11 of seeds 11-30; 6 solved 39 of 40).
 # Acrobot's and Pendulum's come from the same kind of sweep (results/sweep_<env>.md; Pendulum
 # started from rl-baselines3-zoo's settings without gSDE; γ 0.95 + ReLU: −207 vs −276 over 25
-# seeds). HalfCheetah's is below; the other MuJoCo envs follow CleanRL's ppo_continuous_action.py
+# seeds). HalfCheetah's and Walker2d's are below; the other MuJoCo envs follow CleanRL's ppo_continuous_action.py
 # (1M steps), the budget its published results use. ``--preset cleanrl`` gives CleanRL's
 # settings for any env id.
 _MUJOCO = dict(
@@ -165,7 +165,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         ppo=_ppo(update_epochs=20, num_minibatches=8, clip_coef=0.1, ent_coef=4e-4, vf_coef=0.58, max_grad_norm=0.8,
                  clip_vloss=False),
     ),
-    **{f"{name}-v5": dict(_MUJOCO) for name in ("Hopper", "Walker2d", "Ant", "Humanoid")},
+    # rl-baselines3-zoo's tuned Walker2d settings as they are: one env, 512 steps, 32-sample minibatches,
+    # 20 epochs, a constant lr of 5e-5, clip 0.1, the default tanh 64x64 network (sweep_Walker2d-v5.md,
+    # round 3; batched variants stalled on some seeds).
+    "Walker2d-v5": dict(
+        _MUJOCO, num_envs=1, num_steps=512, learning_rate=5.05e-5, anneal_lr=False,
+        ppo=_ppo(update_epochs=20, num_minibatches=16, clip_coef=0.1, ent_coef=5.85e-4, vf_coef=0.87, max_grad_norm=1.0,
+                 clip_vloss=False),
+    ),
+    **{f"{name}-v5": dict(_MUJOCO) for name in ("Hopper", "Ant", "Humanoid")},
 }
 # CleanRL's ppo.py defaults for discrete tasks, used by the benchmarks for CartPole and Acrobot.
 CLEANRL_DISCRETE: dict[str, Any] = dict(
