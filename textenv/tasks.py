@@ -47,11 +47,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        return lines
+        return [line for line in lines if line.strip()]
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(lines, 1):  # n: the file's line number, blank lines counted
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
