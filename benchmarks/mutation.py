@@ -457,11 +457,15 @@ def _sources() -> list[Path]:
     return sorted(p for folder in SOURCES for p in Path(folder).rglob("*.py"))
 
 
+TRACE_FORMAT = 2  # 2: lines run while the module is imported are marked IMPORT
+IMPORT = "<import>"
+
+
 def _fingerprint(tests: tuple[str, ...]) -> str:
     """What the traced run depends on: the tests selected and every project and test source."""
     import hashlib
 
-    digest = hashlib.sha256(repr(tests).encode())
+    digest = hashlib.sha256(repr((TRACE_FORMAT, tests)).encode())
     for p in [*_sources(), *sorted(Path("tests").rglob("*.py"))]:
         digest.update(str(p).encode() + p.read_bytes())
     return digest.hexdigest()
@@ -495,7 +499,8 @@ def _traced_run(tests: tuple[str, ...], lines_out: str) -> int:
     files = {}
     for measured in data.measured_files():
         rel = os.path.relpath(os.path.realpath(measured), root)
-        files[rel] = {str(line): [c for c in contexts if c]
+        # The empty context is the import (and collection); a function the import calls runs there
+        files[rel] = {str(line): [c or IMPORT for c in contexts]
                       for line, contexts in data.contexts_by_lineno(measured).items()}
     with open(lines_out, "w") as f:
         json.dump({"fingerprint": _fingerprint(tests), "seconds": seconds, "files": files}, f)
@@ -525,8 +530,11 @@ def tests_by_line(path: Path, tests: tuple[str, ...], log_dir: Path, cache: Path
 
 def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[str, float]) -> tuple[str, ...]:
     """The tests a mutant runs: those executing its lines; for import-time code (constants,
-    defaults, class bodies), every test that executes any line of the module."""
-    lines = sorted(by_line) if mutant.module_level else range(mutant.lineno, max(mutant.end_lineno, mutant.lineno) + 1)
+    defaults, class bodies, and functions the import itself calls), every test that executes any
+    line of the module."""
+    lines = range(mutant.lineno, max(mutant.end_lineno, mutant.lineno) + 1)
+    if mutant.module_level or any(IMPORT in by_line.get(line, ()) for line in lines):
+        lines = sorted(by_line)
     ids = {test for line in lines for test in by_line.get(line, ())}
     return tuple(test for test in seconds if test in ids)  # the run order, which -x relies on
 

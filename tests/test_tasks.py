@@ -158,3 +158,13 @@ def test_the_split_is_by_position_every_fifth_held_out():
     assert make_task("Toy", prompts=prompts, split="train").prompts == [p for p in prompts if p not in ("p4", "p9")]
     with pytest.raises(ValueError, match=r"task Toy: the prompt set is empty \(split 'test': every 5th prompt"):
         make_task("Toy", prompts=prompts[:4], split="test").validate()
+
+
+def test_tasks_that_build_their_own_prompts_still_split_them_and_take_a_given_reward():
+    arithmetic = Arithmetic(split="test")
+    assert arithmetic.prompts == split_prompts(list(arithmetic.answers), "test") and len(arithmetic.prompts) == 35
+    pytest.importorskip("reasoning_gym")
+    rg = make_task("RG-ChainSum", size=10, split="test")
+    assert rg.prompts == [make_task("RG-ChainSum", size=10).prompts[i] for i in (4, 9)]
+    assert make_task("RG-ChainSum", size=2, reward="length").build_reward()(["p"], ["abcd"]) == get_reward("length")(
+        ["p"], ["abcd"])

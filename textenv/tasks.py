@@ -153,12 +153,9 @@ class Sentiment(Task):
     """
     name: ClassVar[str] = "Sentiment"
     prompts: list[str] = field(default_factory=lambda: _lines("sentiment_prompts.txt"))
-    reward: str | RewardFn | None = None
     classifier: str | None = None
     classifier_label: str | int = "POSITIVE"
-    max_new_tokens: int = 24
-    max_prompt_tokens: int = 32
-    kl_coef: float = 0.05
+    max_prompt_tokens: int = 32  # max_new_tokens 24 and kl_coef 0.05: the base's
 
     def build_reward(self) -> RewardFn:
         if self.reward is not None:
@@ -188,8 +185,7 @@ class RewardModel(Task):
     reward_model: str | None = None
     label: str | int = 0
     max_new_tokens: int = 48
-    max_prompt_tokens: int = 48
-    kl_coef: float = 0.05
+    max_prompt_tokens: int = 48  # kl_coef 0.05: the base's
 
     def build_reward(self) -> RewardFn:
         if self.reward is not None:
@@ -216,7 +212,6 @@ class Arithmetic(Task):
     """
     name: ClassVar[str] = "Arithmetic"
     answers: dict[str, str] = field(default_factory=lambda: {r["prompt"]: r["answer"] for r in _jsonl("arithmetic.jsonl")})
-    prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 8
     max_prompt_tokens: int = 48
     kl_coef: float = 0.02
