@@ -737,20 +737,10 @@ def test_stepping_a_finished_episode_fails_clearly_and_the_vector_info_names_end
 
 def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
     import textenv.multiturn as multiturn
+    from tests.test_textenv import check_threads_and_trust
 
-    seen = []
-    real = multiturn.frozen_reference
-    monkeypatch.setattr(multiturn, "frozen_reference",
-                        lambda model, tokenizer, device, dtype, trust: seen.append(trust) or real(model, tokenizer, device, dtype, trust))
-    before = torch.get_num_threads()
-    try:
-        for make in (MultiTurnTextEnv, lambda **kw: MultiTurnTextVectorEnv(num_envs=2, **kw)):
-            torch.set_num_threads(1)
-            make(task=_task(), model="tiny", torch_threads=2)
-            assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [False, False]
+    check_threads_and_trust(monkeypatch, multiturn,
+                            (MultiTurnTextEnv, lambda **kw: MultiTurnTextVectorEnv(num_envs=2, **kw)), task=_task())
 
 
 # -- the tasks: registry, budgets, questions, the adapters ----------------------------------------

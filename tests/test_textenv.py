@@ -843,22 +843,29 @@ def test_a_reference_model_object_is_moved_to_the_envs_device():
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
-def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
-    import textenv.env as env_module
-
+def check_threads_and_trust(monkeypatch, module, makers, **kw):
+    """Each maker sets torch's threads from ``torch_threads`` and builds the reference through
+    ``module.frozen_reference`` with ``trust_remote_code=False`` unless told otherwise."""
     seen = []
-    real = env_module.frozen_reference
-    monkeypatch.setattr(env_module, "frozen_reference",
+    real = module.frozen_reference
+    monkeypatch.setattr(module, "frozen_reference",
                         lambda model, tokenizer, device, dtype, trust: seen.append(trust) or real(model, tokenizer, device, dtype, trust))
     before = torch.get_num_threads()
     try:
-        for make in (TextGenerationEnv, lambda **kw: TextGenerationVectorEnv(num_envs=2, **kw)):
+        for make in makers:
             torch.set_num_threads(1)
-            make(task="Toy", model="tiny", torch_threads=2)
+            make(model="tiny", torch_threads=2, **kw)
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert seen == [False, False]
+    assert seen == [False] * len(makers)
+
+
+def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
+    import textenv.env as env_module
+
+    check_threads_and_trust(monkeypatch, env_module,
+                            (TextGenerationEnv, lambda **kw: TextGenerationVectorEnv(num_envs=2, **kw)), task="Toy")
 
 
 def test_close_releases_the_reference_cache():
