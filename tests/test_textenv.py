@@ -889,3 +889,22 @@ def test_the_single_env_takes_every_action_type_its_discrete_space_contains():
     for a in actions:
         env.step(a)
     assert env.render() == info["prompt"] + "aabab"
+
+
+def test_device_and_thread_settings_are_checked_with_one_line_errors():
+    from textenv.device import resolve_device, set_torch_threads
+
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu") == resolve_device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device 'cuda:0' was asked for but no CUDA GPU is available"):
+            resolve_device(torch.device("cuda:0"))
+    with pytest.raises(ValueError, match=r"torch_threads must be >= 0 \(0: torch's default\), got -1"):
+        set_torch_threads(-1)
+
+
+def test_row_seeds_take_one_seed_per_row():
+    from textenv.arrays import row_seeds
+
+    assert row_seeds(7, 3) == [7, 8, 9] and row_seeds([5, 1], 2) == [5, 1]
+    with pytest.raises(ValueError, match="expected 3 seeds, got 2"):
+        row_seeds([1, 2], 3)
