@@ -729,6 +729,7 @@ def test_stepping_a_finished_episode_fails_clearly_and_the_vector_info_names_end
     env.reset(seed=0)
     _, _, ended, _, info = env.step(torch.tensor([EOS, A]))
     assert ended.tolist() == [True, False] and info["end_reason"].tolist() == ["turn_limit", None]
+    assert not info["score"][0].isnan() and info["score"][1].isnan()  # NaN where no episode ended
     _, _, ended, _, info = env.step(torch.tensor([A, EOS]))
     assert ended.tolist() == [False, True] and info["end_reason"].tolist() == [None, "turn_limit"]
     with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):

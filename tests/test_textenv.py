@@ -812,6 +812,7 @@ def test_truncated_response_is_set_exactly_when_the_budget_ends_the_episode():
         _, _, terminated, _, info = envs.step(torch.tensor([1 if t == 0 else 0, 4, 1 if t == budget - 1 else 4]))
         if t == 0:
             assert info["truncated_response"].tolist() == [False, False, False]
+            assert info["score"].isnan().tolist() == [False, True, True]  # NaN where no episode ended
     assert info["truncated_response"].tolist() == [False, True, False] and info["_truncated_response"].tolist() == [
         False, True, True]
 
