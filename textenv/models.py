@@ -16,7 +16,7 @@ import copy
 import functools
 import importlib.util
 import inspect
-import os
+import re
 import string
 from pathlib import Path
 
@@ -117,7 +117,10 @@ def load_causal_lm(
         model, tokenizer = _load_embedded(dtype)
         model = copy.deepcopy(model)
     elif name == "tiny" or name.startswith("tiny:"):
-        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        match = re.fullmatch(r"tiny(?::([0-9]+))?", name)
+        if match is None:
+            raise ValueError(f"model {name!r}: the tiny model is named 'tiny' or 'tiny:<seed>' (a non-negative integer)")
+        seed = int(match[1] or 0)
         tokenizer = char_tokenizer()
         model = tiny_causal_lm(tokenizer, seed=seed).to(dtype)
     else:
@@ -141,7 +144,7 @@ def load_causal_lm(
             if "trust_remote_code" in str(err) and not trust_remote_code:
                 raise ValueError(f"model {name!r} needs its own Python code to load; it runs only with "
                                  "trust_remote_code=True (--trust-remote-code)") from None
-            raise
+            raise ValueError(f"could not load the config of model {name!r}: {str(err).splitlines()[0]}") from None
         remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote_causal:
             raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model")
