@@ -85,6 +85,11 @@ class TrainConfig:
     """orthogonal init (CleanRL; off: PyTorch's default init, the zoo's `ortho_init: False`)"""
     log_std_init: float = 0.0
     """initial log-std of the Gaussian policy (Box actions)"""
+    use_sde: bool = False
+    """gSDE (Box actions): exploration noise linear in the actor's last hidden features, its matrix
+    held between draws (SB3's use_sde; the zoo's Pendulum setting)"""
+    sde_sample_freq: int = -1
+    """gSDE: draw new noise matrices every this many steps (-1: once per rollout, at its start)"""
     vectorization: Vectorization = "auto"
     """auto: the env's own vectorised implementation if it has one, else sync"""
     device: str = "auto"
@@ -121,6 +126,8 @@ class TrainConfig:
         validate_rates(self.learning_rate, self.gamma, self.gae_lambda)
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+        if self.sde_sample_freq == 0 or self.sde_sample_freq < -1:
+            raise ValueError(f"sde_sample_freq must be -1 (once per rollout) or >= 1, got {self.sde_sample_freq}")
         self.ppo.validate(self.batch_size)
 
 
@@ -298,12 +305,15 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
     on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
     # Before the run directory: an env that cannot be built leaves none behind.
     envs = make_train_envs(dataclasses.replace(config, num_envs=local_envs), device if on_device else None)
+    if config.use_sde and not isinstance(envs.single_action_space, gym.spaces.Box):
+        envs.close()
+        raise ValueError(f"use_sde needs continuous (Box) actions; {config.env_id} has {envs.single_action_space}")
     run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume,
                                     dist)
     envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
         envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init, config.activation,
-        config.ortho_init,
+        config.ortho_init, config.use_sde,
     ).to(device)
     dist.broadcast_parameters(policy.parameters())
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)
@@ -378,6 +388,8 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
 
                 policy.eval()
                 for t in range(T):
+                    if config.use_sde and (t == 0 or config.sde_sample_freq > 0 and t % config.sde_sample_freq == 0):
+                        policy.reset_noise(N)
                     obs_buf[t] = next_obs_t
                     valid_buf[t] = ~prev_ended
                     with torch.inference_mode():
@@ -434,7 +446,8 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 )
                 stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"], dist)
                 if policy.continuous:
-                    stats["action_std"] = policy.actor_logstd.exp().mean().detach()
+                    with torch.no_grad():
+                        stats["action_std"] = policy.action_std(batch["obs"])
                 # One host sync per iteration for every device-side metric.
                 keys = list(stats)
                 values = torch.stack([stats[k].float() for k in keys]).tolist()
@@ -636,7 +649,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
     config = _config_from_dict(json.loads(metadata["config"]))
     tensors = load_file(str(path), device="cpu")
     obs_space, action_space = single_spaces(config.env_id)
-    policy = MLPActorCritic(obs_space, action_space, config.hidden_sizes, config.log_std_init, config.activation)
+    policy = MLPActorCritic(obs_space, action_space, config.hidden_sizes, config.log_std_init, config.activation,
+                            use_sde=config.use_sde)
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     norm_state = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
     if "obs_rms.count" in norm_state:

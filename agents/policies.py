@@ -1,8 +1,10 @@
-"""MLP actor-critics for vector observations: categorical (Discrete) or diagonal Gaussian (Box)."""
+"""MLP actor-critics for vector observations: categorical (Discrete) or diagonal Gaussian (Box),
+the latter optionally with generalized state-dependent exploration (gSDE)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import gymnasium as gym
 import numpy as np
@@ -11,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_SDE_EPS = 1e-6  # added to gSDE's variance, as SB3 does: features can all be 0 (ReLU)
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2.0), bias_const: float = 0.0) -> nn.Linear:
@@ -20,7 +23,7 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2.0), bias_const: float 
     return layer
 
 
-def forward_mlp(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def forward_mlp(net: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``net(x)`` for a Linear/Tanh/ReLU stack without nn.Module's per-call dispatch, which costs
     more than the matmuls themselves at rollout batch sizes of a few rows."""
     for layer in net:
@@ -56,6 +59,12 @@ class MLPActorCritic(nn.Module):
     mean ≈ 0), the critic's at gain 1. For ``Box`` actions the policy is a diagonal Gaussian
     with a state-independent, learned log-std; sampled actions are not clipped here (the env
     wrapper clips what the env sees, the log-prob is of the unclipped sample).
+
+    ``use_sde=True`` is gSDE (Raffin et al., 2022; SB3's ``use_sde`` with its defaults): the
+    exploration noise of env ``i`` is ``z(s) @ E_i``, ``z(s)`` the actor's last hidden features
+    (detached) and ``E_i`` a matrix drawn from N(0, σ²) by :meth:`reset_noise` and held between
+    draws, so exploration is smooth in time. ``σ = exp(actor_logstd)`` is ``[features, actions]``;
+    action ``j`` is N(μ_j(s), Σ_k z_k(s)² σ_kj²), the density the update scores.
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class MLPActorCritic(nn.Module):
         log_std_init: float = 0.0,
         activation: str = "tanh",
         ortho_init: bool = True,
+        use_sde: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(observation_space, gym.spaces.Box):
@@ -78,21 +88,51 @@ class MLPActorCritic(nn.Module):
             act_dim = int(action_space.n)
         else:
             raise TypeError(f"MLPActorCritic supports Discrete and Box actions, got {action_space}")
+        if use_sde and not self.continuous:
+            raise ValueError(f"use_sde needs continuous (Box) actions, got {action_space}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.hidden_sizes = tuple(hidden_sizes)
         self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation, ortho_init=ortho_init)
         self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation, ortho_init=ortho_init)
+        self.use_sde = use_sde
+        self.exploration: torch.Tensor | None = None  # gSDE's [envs, features, actions] noise matrices
         if self.continuous:
-            self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
+            rows = (self.hidden_sizes[-1] if self.hidden_sizes else obs_dim) if use_sde else 1
+            self.actor_logstd = nn.Parameter(torch.full((rows, act_dim), float(log_std_init)))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s), shape ``[B]``."""
         return forward_mlp(self.critic, obs).squeeze(-1)
 
+    def reset_noise(self, num_envs: int) -> None:
+        """gSDE: draw each env's exploration matrix afresh from N(0, σ²) (torch's global RNG)."""
+        std = self.actor_logstd.detach().exp()
+        self.exploration = torch.randn((num_envs, *std.shape), device=std.device) * std
+
+    def _sde_mean_std(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gSDE's ``(mean, std, features)``: the features are the actor's last hidden layer,
+        detached, so exploration does not train them (SB3's ``learn_features=False``)."""
+        *body, head = self.actor
+        hidden = forward_mlp(body, obs)
+        mean = F.linear(hidden, head.weight, head.bias)  # the mean trains the hidden layers
+        features = hidden.detach()
+        variance = features.square() @ (2.0 * self.actor_logstd).exp()
+        return mean, (variance + _SDE_EPS).sqrt(), features
+
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample ``(action, log π(action|obs), V(obs))`` for a batch of observations."""
-        out = forward_mlp(self.actor, obs)
+        """Sample ``(action, log π(action|obs), V(obs))`` for a batch of observations. With gSDE,
+        ``obs`` is ``[..., envs, obs]`` and the noise matrices of the last :meth:`reset_noise` are
+        used (drawn here if there are none or they were drawn for another number of envs)."""
         value = forward_mlp(self.critic, obs).squeeze(-1)
+        if self.use_sde:
+            mean, std, features = self._sde_mean_std(obs)
+            num_envs = features.shape[-2]  # [..., envs, features]: row i uses env i's matrix
+            if self.exploration is None or self.exploration.shape[0] != num_envs:
+                self.reset_noise(num_envs)
+            action = mean + torch.einsum("...nf,nfa->...na", features, self.exploration)
+            z = (action - mean) / std
+            return action, (-0.5 * z.square() - std.log() - _LOG_SQRT_2PI).sum(-1), value
+        out = forward_mlp(self.actor, obs)
         if self.continuous:
             std = self.actor_logstd.exp()
             noise = torch.randn_like(out)
@@ -108,8 +148,13 @@ class MLPActorCritic(nn.Module):
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log π(action|obs), entropy, V(obs))`` under the current parameters."""
-        out = forward_mlp(self.actor, obs)
         value = forward_mlp(self.critic, obs).squeeze(-1)
+        if self.use_sde:
+            mean, std, _ = self._sde_mean_std(obs)
+            z = (action - mean) / std
+            logprob = (-0.5 * z.square() - std.log() - _LOG_SQRT_2PI).sum(-1)
+            return logprob, (0.5 + _LOG_SQRT_2PI + std.log()).sum(-1), value
+        out = forward_mlp(self.actor, obs)
         if self.continuous:
             log_std = self.actor_logstd.expand_as(out)
             z = (action - out) * torch.exp(-log_std)
@@ -119,6 +164,12 @@ class MLPActorCritic(nn.Module):
         logp = torch.log_softmax(out, dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)
         return logp.gather(-1, action.long().unsqueeze(-1)).squeeze(-1), entropy, value
+
+    def action_std(self, obs: torch.Tensor) -> torch.Tensor:
+        """The Gaussian's mean standard deviation (at ``obs``, which only gSDE's depends on)."""
+        if self.use_sde:
+            return self._sde_mean_std(obs)[1].mean()
+        return self.actor_logstd.exp().mean()
 
     def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
         """The mode: argmax for categorical, the mean for Gaussian."""
