@@ -60,7 +60,7 @@ class MLPActorCritic(nn.Module):
     with a state-independent, learned log-std; sampled actions are not clipped here (the env
     wrapper clips what the env sees, the log-prob is of the unclipped sample).
 
-    ``use_sde=True`` is gSDE (Raffin et al., 2022; SB3's ``use_sde`` with its defaults): the
+    ``use_sde=True`` is gSDE (Raffin et al., CoRL 2021; SB3's ``use_sde`` with its defaults): the
     exploration noise of env ``i`` is ``z(s) @ E_i``, ``z(s)`` the actor's last hidden features
     (detached) and ``E_i`` a matrix drawn from N(0, σ²) by :meth:`reset_noise` and held between
     draws, so exploration is smooth in time. ``σ = exp(actor_logstd)`` is ``[features, actions]``;

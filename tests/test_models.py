@@ -47,7 +47,9 @@ def test_the_embedded_model_is_the_gguf_file_dequantized_and_answers(tmp_path):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
-    # Saved as a plain model: plain transformers loads it with the same logits.
+    # Unmarked as quantized (peft reads the flag), saved as a plain model: plain transformers
+    # loads it with the same logits.
+    assert getattr(model, "is_quantized", False) is False and getattr(model, "hf_quantizer", None) is None
     model.save_pretrained(tmp_path / "m")
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -57,9 +59,11 @@ def test_the_embedded_model_is_the_gguf_file_dequantized_and_answers(tmp_path):
     # Each call owns its parameters: training one leaves the next load untouched.
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
-    again, _ = load_causal_lm("embedded", dtype=torch.bfloat16)
-    assert again.dtype == torch.bfloat16
-    torch.testing.assert_close(again.model.embed_tokens.weight.float(),
+    again, _ = load_causal_lm("embedded")
+    torch.testing.assert_close(again.model.embed_tokens.weight, plain.model.embed_tokens.weight, rtol=0, atol=0)
+    half, _ = load_causal_lm("embedded", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.model.embed_tokens.weight.float(),
                                plain.model.embed_tokens.weight.bfloat16().float())
 
 
@@ -170,3 +174,22 @@ def test_the_cache_argument_follows_the_forward_signature():
     out = model(input_ids=torch.tensor([[3, 4]]), use_cache=True)
     assert output_cache(out) is not None
     assert set(cache_kwargs(model, None)) <= set(inspect.signature(model.forward).parameters)
+
+
+def test_disable_dropout_turns_off_attention_dropout_rates_too():
+    """Llama's attention reads a float ``attention_dropout`` (no nn.Dropout module): after
+    disable_dropout a train-mode forward is the eval-mode forward."""
+    from textenv.models import disable_dropout
+
+    model = tiny_causal_lm(char_tokenizer(), seed=5)
+    rates = [m for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert rates
+    for module in rates:
+        module.attention_dropout = 0.3
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        assert not torch.equal(model.train()(input_ids=ids).logits, expected)  # the rate is live
+        disable_dropout(model)
+        torch.testing.assert_close(model.train()(input_ids=ids).logits, expected, rtol=0, atol=0)
+    assert all(module.attention_dropout == 0.0 for module in rates)

@@ -91,13 +91,12 @@ def _load_embedded(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedToken
     path = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    # The GGUF weights are de-quantized on load: the result is a plain model, and marking it so
-    # lets save_pretrained write it (a trained policy must load with plain transformers).
-    model.hf_quantizer = None
-    for obj in (model, model.config):
-        if hasattr(obj, "quantization_config"):
-            delattr(obj, "quantization_config")
-    model.is_quantized = False
+    # The GGUF weights are de-quantized on load, yet transformers marks the model quantized:
+    # unmarked, save_pretrained writes a plain model (a trained policy must load with plain
+    # transformers) and peft treats it as the full-precision model it is.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     return model, tokenizer
 
 
