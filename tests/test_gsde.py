@@ -74,13 +74,53 @@ def test_the_noise_is_the_features_times_each_envs_held_matrix():
             torch.testing.assert_close(first[i], mean[i] + features[i] @ policy.exploration[i])
         # act's log-prob is the density evaluate scores: PPO's first ratio is 1.
         torch.testing.assert_close(policy.evaluate(obs, first)[0], logprob)
-        # A [T, envs, obs] batch: row i of every step uses env i's matrix.
+        # A [T, envs, obs] batch: row i of every step uses env i's matrix; densities per row.
         steps = torch.stack([obs, obs])
-        assert torch.equal(policy.act(steps)[0], torch.stack([first, first]))
+        step_actions, step_logprob, step_values = policy.act(steps)
+        assert torch.equal(step_actions, torch.stack([first, first]))
+        assert step_logprob.shape == step_values.shape == (2, 3)
+        torch.testing.assert_close(step_logprob, torch.stack([logprob, logprob]))
+        step_eval, step_entropy, _ = policy.evaluate(steps, step_actions)
+        torch.testing.assert_close(step_eval, torch.stack([logprob, logprob]))
+        torch.testing.assert_close(step_entropy, policy.evaluate(obs, first)[1].expand(2, 3))
         policy.reset_noise(3)
         assert not torch.equal(policy.act(obs)[0], first)
         policy.act(torch.randn(5, 3))  # another number of envs: drawn anew for them
         assert policy.exploration.shape == (5, 8, 2)
+
+
+def test_a_fresh_policy_draws_its_noise_on_first_use():
+    policy = _sde_policy()
+    assert policy.exploration is None
+    with torch.no_grad():
+        policy.act(torch.randn(4, 3))
+    assert policy.exploration.shape == (4, 8, 2)
+
+
+def test_features_all_zero_leave_the_variance_floor_of_sb3():
+    """No hidden layers: the features are the observation; at obs 0 the std is sqrt(1e-6)."""
+    policy = MLPActorCritic(OBS, ACT, hidden_sizes=(), use_sde=True)
+    obs, action = torch.zeros(2, 3), torch.tensor([[1e-3, 0.0], [0.0, -2e-3]])
+    with torch.no_grad():
+        logprob, entropy, _ = policy.evaluate(obs, action)
+        mean = policy.deterministic_action(obs)
+        expected = torch.distributions.Normal(mean, torch.full_like(mean, 1e-3)).log_prob(action).sum(-1)
+        torch.testing.assert_close(logprob, expected)
+        torch.testing.assert_close(policy.action_std(obs), torch.tensor(1e-3))
+        assert torch.isfinite(entropy).all()
+
+
+def test_action_std_is_the_mean_std_the_update_scores_with():
+    policy = _sde_policy(log_std_init=-1.0)
+    obs = torch.randn(6, 3)
+    with torch.no_grad():
+        _, std, _ = policy._sde_mean_std(obs)
+        entropy = policy.evaluate(obs, torch.zeros(6, 2))[1]
+        assert policy.action_std(obs) == std.mean()
+    # The entropy is the Gaussian's with that std: it pins std as the second output.
+    torch.testing.assert_close(entropy, (0.5 + 0.5 * np.log(2 * np.pi) + std.log()).sum(-1))
+    plain = MLPActorCritic(OBS, ACT, log_std_init=-0.7)
+    torch.testing.assert_close(plain.action_std(obs), torch.tensor(np.exp(-0.7), dtype=torch.float32))
 
 
 def test_over_noise_draws_actions_have_the_state_dependent_std():
@@ -100,7 +140,7 @@ def test_over_noise_draws_actions_have_the_state_dependent_std():
 
 
 def test_sde_log_std_is_one_per_feature_and_action_and_needs_box_actions():
-    policy = MLPActorCritic(OBS, ACT, hidden_sizes=(16, 5), log_std_init=-1.0, use_sde=True)
+    policy = MLPActorCritic(OBS, ACT, hidden_sizes=(16, 9, 5), log_std_init=-1.0, use_sde=True)
     assert torch.equal(policy.actor_logstd.detach(), torch.full((5, 2), -1.0))
     assert MLPActorCritic(OBS, ACT, hidden_sizes=(), use_sde=True).actor_logstd.shape == (3, 2)  # features: obs
     with pytest.raises(ValueError, match="use_sde needs continuous"):

@@ -182,7 +182,7 @@ def test_two_processes_merge_their_normalisation_statistics(tmp_path):
     from safetensors.torch import load_file
 
     args = ["--env-id", "Pendulum-v1", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "256",
-            "--num-minibatches", "2", "--no-progress", "--no-tensorboard", "--eval-episodes", "0"]
+            "--num-minibatches", "2", "--normalize-obs", "--no-progress", "--no-tensorboard", "--eval-episodes", "0"]
     code, _, err = finish(torchrun("scripts.train", [*args, "--runs-dir", str(tmp_path / "two")]))
     assert code == 0, err
     one = subprocess.run([sys.executable, "-m", "scripts.train", *args, "--runs-dir", str(tmp_path / "one")], cwd=ROOT,
