@@ -382,7 +382,8 @@ def test_ppo_learns_the_two_turn_toy_task(tmp_path):
 
 @pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
 def test_critic_free_estimators_learn_across_turns(tmp_path, estimator):
-    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=25, num_envs=16, learning_rate=3e-3,
+    # 35 iterations: at 25, GRPO's last iteration sat at 1.18 with this machine's packages (~1.8 at 35).
+    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=35, num_envs=16, learning_rate=3e-3,
                              advantage=estimator, group_size=4 if estimator == "grpo" else 1, eval_samples=0,
                              runs_dir=str(tmp_path), progress=False, tensorboard=False, save_checkpoint=False,
                              sample_every=0)
