@@ -478,7 +478,9 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         policy_lm = with_lora(policy_lm, config.lora_r, config.lora_alpha,
                               Path(resume) / "policy" / "adapter" if resume is not None else None)
     if config.gradient_checkpointing:
-        policy_lm.gradient_checkpointing_enable()
+        # The new name from transformers 5.24 on (the old one warns there); the old one before.
+        enable = getattr(policy_lm, "activation_checkpointing_enable", None) or policy_lm.gradient_checkpointing_enable
+        enable()
         policy_lm.config.use_cache = False
     policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                            value_head=needs_critic(config.advantage))
