@@ -1,0 +1,104 @@
+"""The classic trainer's config, run-directory and checkpoint helpers, in process (the CLI tests
+run them in subprocesses)."""
+
+import dataclasses
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from textenv.agents.classic import (
+    TrainConfig,
+    _config_from_dict,
+    load_checkpoint,
+    load_run_config,
+    preset_config,
+    single_spaces,
+    train,
+)
+from textenv.agents.ppo import PPOConfig
+
+QUIET = dict(device="cpu", progress=False, tensorboard=False)
+
+
+@pytest.mark.parametrize("field", ["total_timesteps", "num_envs", "num_steps", "torch_threads"])
+def test_validate_refuses_counts_below_one_and_takes_one(field):
+    with pytest.raises(ValueError, match=f"^{field} must be >= 1, got 0$"):
+        TrainConfig(**{field: 0}).validate()
+    TrainConfig(**{field: 1}, ppo=PPOConfig(num_minibatches=1)).validate()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(env_id="NoSuchEnv-v0"), "unknown env id 'NoSuchEnv-v0'"),
+    (dict(seed=-1), "seed must be >= 0, got -1"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(gamma=1.5), "gamma"),
+    (dict(eval_episodes=-1), "eval_episodes must be >= 0, got -1"),
+    (dict(num_envs=2, num_steps=3, ppo=PPOConfig(num_minibatches=4)), "num_minibatches"),
+])
+def test_validate_names_the_setting_that_cannot_work(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw).validate()
+
+
+def test_validate_takes_the_edge_values():
+    TrainConfig(seed=0, eval_episodes=0).validate()
+
+
+def test_load_run_config_needs_a_config_and_a_checkpoint(tmp_path):
+    config = preset_config("CartPole-v1", seed=3, total_timesteps=512, num_envs=4, num_steps=128,
+                           runs_dir=str(tmp_path), run_name="r", eval_episodes=0, **QUIET)
+    train(config)
+    assert load_run_config(tmp_path / "r") == config
+    (tmp_path / "r" / "checkpoint.safetensors").rename(tmp_path / "moved")
+    for bad in (tmp_path / "r", tmp_path):  # a config without a checkpoint; neither
+        with pytest.raises(ValueError, match="is not a run directory with a checkpoint"):
+            load_run_config(bad)
+
+
+def test_config_from_dict_leaves_its_input_alone():
+    raw = json.loads(json.dumps(dataclasses.asdict(preset_config("Acrobot-v1"))))
+    before = json.dumps(raw)
+    assert _config_from_dict(raw) == preset_config("Acrobot-v1")
+    assert json.dumps(raw) == before
+
+
+class _DictObsEnv(gym.Env):
+    observation_space = gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Discrete(3)})
+    action_space = gym.spaces.Discrete(2)
+    closed = 0
+
+    def close(self):
+        type(self).closed += 1
+
+
+def test_single_spaces_flattens_other_observation_spaces_and_closes_the_env():
+    if "test/DictObs-v0" not in gym.registry:
+        gym.register("test/DictObs-v0", entry_point=_DictObsEnv)
+    closed = _DictObsEnv.closed
+    obs_space, action_space = single_spaces("test/DictObs-v0")
+    assert obs_space == gym.spaces.flatten_space(_DictObsEnv.observation_space) and obs_space.shape == (5,)
+    assert action_space == gym.spaces.Discrete(2) and _DictObsEnv.closed == closed + 1
+    assert single_spaces("CartPole-v1")[0] == gym.make("CartPole-v1").observation_space
+
+
+def test_load_checkpoint_refuses_a_missing_file_and_a_foreign_one(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nothing.safetensors' does not exist"):
+        load_checkpoint(tmp_path / "nothing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="is not a checkpoint of the classic PPO trainer"):
+        load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_load_checkpoint_gives_normalisation_statistics_their_shapes(tmp_path):
+    config = preset_config("Pendulum-v1", seed=1, total_timesteps=256, num_envs=2, num_steps=128, normalize_obs=True,
+                           ppo=PPOConfig(num_minibatches=2, update_epochs=1), runs_dir=str(tmp_path), run_name="n",
+                           eval_episodes=0, **QUIET)
+    path = train(config)["checkpoint"]
+    _, norm, _ = load_checkpoint(path)
+    assert norm["obs_rms.count"].shape == () and norm["obs_rms.mean"].shape == norm["obs_rms.var"].shape == (3,)
+    assert np.all(norm["obs_rms.var"] > 0) and norm["obs_rms.count"] > 256
