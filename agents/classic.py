@@ -658,8 +658,5 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     norm_state = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
     if "obs_rms.count" in norm_state:
-        norm_state["obs_rms.count"] = norm_state["obs_rms.count"].reshape(())
-        shape = policy.obs_dim
-        norm_state["obs_rms.mean"] = norm_state["obs_rms.mean"].reshape(shape)
-        norm_state["obs_rms.var"] = norm_state["obs_rms.var"].reshape(shape)
+        norm_state["obs_rms.count"] = norm_state["obs_rms.count"].reshape(())  # mean and var are saved 1-D already
     return policy.to(device), norm_state, config
