@@ -634,7 +634,7 @@ def single_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
         env = gym.make(env_id)
         obs_space, action_space = env.observation_space, env.action_space
         env.close()
-    if not isinstance(obs_space, gym.spaces.Box):
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:  # as make_vector_env flattens
         obs_space = gym.spaces.flatten_space(obs_space)
     return obs_space, action_space
 

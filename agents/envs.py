@@ -93,7 +93,7 @@ def make_vector_env(
     if envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP) != gym.vector.AutoresetMode.NEXT_STEP:
         raise ValueError(f"{env_id}: the trainer expects next-step autoreset, got {envs.metadata['autoreset_mode']}")
     obs_space = envs.single_observation_space
-    if not isinstance(obs_space, gym.spaces.Box):
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:  # the MLP reads flat vectors
         envs = vw.FlattenObservation(envs)
     envs = vw.RecordEpisodeStatistics(envs)
     if isinstance(envs.single_action_space, gym.spaces.Box):

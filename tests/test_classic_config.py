@@ -102,3 +102,32 @@ def test_load_checkpoint_gives_normalisation_statistics_their_shapes(tmp_path):
     _, norm, _ = load_checkpoint(path)
     assert norm["obs_rms.count"].shape == () and norm["obs_rms.mean"].shape == norm["obs_rms.var"].shape == (3,)
     assert np.all(norm["obs_rms.var"] > 0) and norm["obs_rms.count"] > 256
+
+
+class _GridObsEnv(gym.Env):
+    """A [2, 3] Box observation (an image-like grid) and a reward for action 1."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2, 3), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.observation_space.sample(), float(action), False, self.t >= 8, {}
+
+
+def test_a_multidimensional_box_observation_is_flattened_for_training_and_evaluation(tmp_path):
+    if "test/GridObs-v0" not in gym.registry:
+        gym.register("test/GridObs-v0", entry_point=_GridObsEnv)
+    assert single_spaces("test/GridObs-v0")[0].shape == (6,)
+    config = preset_config("test/GridObs-v0", seed=1, total_timesteps=256, num_envs=4, num_steps=32, normalize_obs=True,
+                           ppo=PPOConfig(num_minibatches=2, update_epochs=1), runs_dir=str(tmp_path), run_name="g",
+                           eval_episodes=2, **QUIET)
+    summary = train(config)
+    assert summary["eval_episodes"] == 2 and np.isfinite(summary["eval_return_mean"])
+    policy, norm, _ = load_checkpoint(summary["checkpoint"])
+    assert policy.obs_dim == 6 and norm["obs_rms.mean"].shape == (6,)
