@@ -168,8 +168,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # rl-baselines3-zoo's tuned HalfCheetah settings as they are: one env, 512 steps, 64-sample minibatches,
     # 20 epochs, a constant lr of 2.06e-5, ReLU 256x256 with PyTorch's default init, log-std -2, γ 0.98,
-    # λ 0.92, clip 0.1 (sweep_HalfCheetah-v5.md, round 2; 16 envs x 128 with lr 1e-4 was 3.7x faster
-    # and about 1k lower).
+    # λ 0.92, clip 0.1 (sweep_HalfCheetah-v5.md, round 2; 16 envs x 128 with lr 1e-4 was 3.1x faster
+    # and about 1.2k lower).
     "HalfCheetah-v5": dict(
         _MUJOCO, num_envs=1, num_steps=512, learning_rate=2.0633e-5, anneal_lr=False, gamma=0.98, gae_lambda=0.92,
         hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False,
