@@ -1,6 +1,8 @@
 """gSDE (generalized state-dependent exploration): the policy against Stable-Baselines3's, its
 noise, and the trainer's resampling schedule."""
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -183,3 +185,24 @@ def test_an_sde_run_checkpoints_and_reloads_and_bad_settings_are_refused(tmp_pat
     with pytest.raises(ValueError, match="use_sde needs continuous .* CartPole-v1"):
         train(preset_config("CartPole-v1", use_sde=True, runs_dir=str(tmp_path / "none"), **QUIET))
     assert not list((tmp_path / "none").glob("*"))  # refused before a run directory was made
+
+
+def test_the_logged_action_std_is_the_updated_policys_std_on_the_last_batch(tmp_path, monkeypatch):
+    seen = []
+    original = MLPActorCritic.act
+
+    def act(self, obs):
+        seen.append(obs.clone())
+        return original(self, obs)
+
+    monkeypatch.setattr(MLPActorCritic, "act", act)
+    summary = train(_pendulum(tmp_path, "std", sde_sample_freq=4))
+    policy, _, _ = load_checkpoint(summary["checkpoint"])
+    last_batch = torch.stack(seen[-8:]).reshape(-1, 3)
+    logged = [json.loads(line) for line in (tmp_path / "std" / "metrics.jsonl").read_text().splitlines()
+              if "action_std" in line]
+    with torch.no_grad():
+        expected = policy.action_std(last_batch).item()
+        on_first_batch = policy.action_std(torch.stack(seen[:8]).reshape(-1, 3)).item()
+    assert logged[-1]["action_std"] == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(on_first_batch, rel=1e-6)  # state-dependent: the batch matters
