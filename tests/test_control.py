@@ -225,3 +225,53 @@ def test_the_torch_rng_redraws_the_rows_that_ended():
             assert obs[ended].abs().max() <= 0.05  # the reset step returns a fresh initial state
             return
     pytest.fail("no episode ended")
+
+
+THETA = 12 * 2 * math.pi / 360  # CartPole's angle limit
+# States a random rollout rarely or never reaches: exact limits (a zero velocity keeps a coordinate
+# where it is, so the limit is compared as given), speed clamps, walls and goals.
+EDGE_STATES = {
+    "CartPole-v1": [([-2.4, 0, 0, 0], 0), ([2.4, 0, 0, 0], 1), ([0, 0, -THETA, 0], 0), ([0, 0, THETA, 0], 1),
+                    ([-2.41, 0, 0, 0], 0), ([0, 0, THETA + 1e-3, 0], 1)],
+    "MountainCar-v0": [([-0.5, 0.0695], 2), ([-0.5, -0.0695], 0), ([-1.19, -0.05], 0), ([0.45, 0.06], 2),
+                       ([0.1, 0.01], 2), ([0.55, -0.01], 0), ([0.43, 0.07], 2)],  # 0.43 + 0.07 == 0.5
+    "MountainCarContinuous-v0": [([0.4, 0.06], [1.0]), ([0.1, 0.01], [0.5]), ([0.55, -0.03], [-2.0]),
+                                 ([-0.5, 0.0695], [1.5])],
+    "Pendulum-v1": [([3.0, 7.9], [2.0]), ([-3.0, -7.9], [-2.0]), ([0.5, 1.0], [0.7])],
+    "Acrobot-v1": [([math.pi, 0, 0, 0], 1), ([0, 0, 5 * math.pi, 10 * math.pi], 2),
+                   ([0, 0, -5 * math.pi, -10 * math.pi], 0), ([0.3, -0.2, 0.5, -0.5], 2)],
+}
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_edge_states_step_as_gymnasiums_own_env(name):
+    cls = TORCH_CONTROL[name]
+    cases = EDGE_STATES[cls.gym_id]
+    env = cls(num_envs=len(cases))
+    env.reset(seed=0)
+    env.state = torch.tensor([state for state, _ in cases], dtype=torch.float64)
+    obs, reward, term, _, _ = env.step(np.array([action for _, action in cases]))
+    for i, (state, action) in enumerate(cases):
+        ref = gym.make(cls.gym_id).unwrapped
+        ref.reset(seed=0)
+        ref.state = np.array(state, dtype=np.float64)
+        ref_obs, ref_reward, ref_term, _, _ = ref.step(np.array(action, dtype=np.float32) if isinstance(action, list)
+                                                       else action)
+        np.testing.assert_allclose(obs[i].numpy(), ref_obs, atol=1e-6, err_msg=f"{name} {state}")
+        assert reward[i].item() == pytest.approx(ref_reward, abs=1e-5), (name, state)
+        assert bool(term[i]) == ref_term, (name, state)
+    if cls.gym_id != "Pendulum-v1":  # it never terminates
+        assert term.any() and not term.all()  # the cases sit on both sides of each limit
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_the_torch_rng_draws_initial_states_as_gymnasium_does(name):
+    cls, n = TORCH_CONTROL[name], 2048
+    ours, _ = cls(num_envs=n, rng="torch").reset(seed=0)
+    ref, _ = gym.make_vec(cls.gym_id, num_envs=n, vectorization_mode="sync").reset(seed=0)
+    ours, ref = ours.numpy().astype(np.float64), ref.astype(np.float64)
+    # Same support and moments per observation column (2048 draws: a mean's std is under 0.7% of the range).
+    scale = np.maximum(ref.max(0) - ref.min(0), 1e-12)
+    for stat, rel in ((np.min, 0.01), (np.max, 0.01), (np.mean, 0.03), (np.std, 0.03)):
+        gap = np.abs(stat(ours, 0) - stat(ref, 0))
+        assert (gap <= 1e-6 + rel * scale).all(), (stat.__name__, stat(ours, 0), stat(ref, 0))
