@@ -314,7 +314,6 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
         raise ValueError(f"use_sde needs continuous (Box) actions; {config.env_id} has {envs.single_action_space}")
     run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume,
                                     dist)
-    envs.action_space.seed(config.seed)
     policy = MLPActorCritic(
         envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init, config.activation,
         config.ortho_init, config.use_sde,
@@ -341,7 +340,6 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
     schedule = LinearLR(config.learning_rate, num_iterations, enabled=config.anneal_lr)
     global_step, first_iteration = 0, 1
     recent_returns: deque[float] = deque(maxlen=100)
-    recent_lengths: deque[int] = deque(maxlen=100)
     if resume is not None:
         state = restore_training_state(run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs)
         global_step, first_iteration = state["global_step"], state["iteration"] + 1
@@ -457,7 +455,6 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 values = torch.stack([stats[k].float() for k in keys]).tolist()
                 metrics: dict[str, float] = dict(zip(keys, values))
                 recent_returns.extend(iter_returns)
-                recent_lengths.extend(iter_lengths)
                 elapsed = time.perf_counter() - start
                 metrics |= {
                     "iteration": iteration,
@@ -612,11 +609,8 @@ def restore_training_state(
     device = next(policy.parameters()).device
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     unpack_training_state(tensors, metadata, optimizer, generator, device)
-    norm = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
-    if "obs_rms.mean" in norm:
-        norm["obs_rms.mean"] = norm["obs_rms.mean"].reshape(envs.single_observation_space.shape)
-        norm["obs_rms.var"] = norm["obs_rms.var"].reshape(envs.single_observation_space.shape)
-    load_normalization_state(envs, norm)
+    # Saved flat; load_normalization_state gives each statistic the live normaliser's shape.
+    load_normalization_state(envs, {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")})
     return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
             "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"]),
             "lr_schedule": json.loads(metadata.get("lr_schedule", "null")),
