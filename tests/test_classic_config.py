@@ -131,3 +131,53 @@ def test_a_multidimensional_box_observation_is_flattened_for_training_and_evalua
     assert summary["eval_episodes"] == 2 and np.isfinite(summary["eval_return_mean"])
     policy, norm, _ = load_checkpoint(summary["checkpoint"])
     assert policy.obs_dim == 6 and norm["obs_rms.mean"].shape == (6,)
+
+
+# CleanRL's published defaults, as its scripts' Args set them (ppo.py; ppo_continuous_action.py).
+CLEANRL_PPO = dict(total_timesteps=500_000, num_envs=4, num_steps=128, learning_rate=2.5e-4, anneal_lr=True,
+                   gamma=0.99, gae_lambda=0.95, normalize_obs=False, normalize_reward=False,
+                   ppo=PPOConfig(update_epochs=4, num_minibatches=4, clip_coef=0.2, clip_vloss=True, ent_coef=0.01,
+                                 vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, target_kl=None))
+CLEANRL_CONTINUOUS = dict(total_timesteps=1_000_000, num_envs=1, num_steps=2048, learning_rate=3e-4, anneal_lr=True,
+                          gamma=0.99, gae_lambda=0.95, normalize_obs=True, normalize_reward=True, clip_obs=10.0,
+                          clip_reward=10.0,
+                          ppo=PPOConfig(update_epochs=10, num_minibatches=32, clip_coef=0.2, clip_vloss=True,
+                                        ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, target_kl=None))
+
+
+def _settings(config, keys):
+    return {k: getattr(config, k) for k in keys}
+
+
+@pytest.mark.parametrize("env_id, preset, expected, note", [
+    ("CartPole-v1", "cleanrl", CLEANRL_PPO, None),
+    ("Pendulum-v1", "cleanrl", CLEANRL_CONTINUOUS, None),
+    ("HalfCheetah-v5", "cleanrl", CLEANRL_CONTINUOUS, None),
+    ("MountainCar-v0", "tuned", CLEANRL_PPO, "the discrete-action defaults (CleanRL's ppo.py, 500k steps)"),
+    ("MountainCarContinuous-v0", "tuned", CLEANRL_CONTINUOUS,
+     "the continuous-control defaults (CleanRL's ppo_continuous_action.py, 1M steps)"),
+    ("Swimmer-v5", "tuned", CLEANRL_CONTINUOUS, "the MuJoCo defaults (CleanRL's ppo_continuous_action.py, 1M steps)"),
+])
+def test_cleanrl_settings_and_the_defaults_of_ids_without_a_preset_are_cleanrls(env_id, preset, expected, note):
+    from textenv.agents.classic import defaults_note
+
+    config = preset_config(env_id, preset=preset)
+    assert _settings(config, expected) == expected
+    if note is not None:
+        assert defaults_note(env_id) == f"note: {env_id} has no preset; it uses {note}; flags override them"
+
+
+def test_unknown_presets_and_ids_are_one_line_errors_and_each_config_has_its_own_ppo_settings():
+    with pytest.raises(ValueError, match="^unknown preset 'fastest'; known: tuned, cleanrl$"):
+        preset_config("CartPole-v1", preset="fastest")
+    with pytest.raises(ValueError, match="^unknown env id 'NoSuchEnv-v0'"):
+        preset_config("NoSuchEnv-v0", preset="cleanrl")
+    config = preset_config("CartPole-v1")
+    config.ppo.update_epochs = 99  # a caller editing its config leaves the preset alone
+    assert preset_config("CartPole-v1").ppo.update_epochs == 6
+
+
+def test_train_validates_the_config_before_making_anything(tmp_path):
+    with pytest.raises(ValueError, match="^eval_episodes must be >= 0, got -1$"):
+        train(preset_config("CartPole-v1", eval_episodes=-1, runs_dir=str(tmp_path / "runs"), **QUIET))
+    assert not (tmp_path / "runs").exists()
