@@ -167,6 +167,8 @@ def test_episode_statistics_and_the_last_100_returns_are_the_envs_episodes(tmp_p
     returns = [r for _, r, _ in episodes]
     assert len(returns) > 101 and np.mean(returns[-100:]) != np.mean(returns[-101:])  # the window's size shows
     assert summary["train_return_last100"] == pytest.approx(np.mean(returns[-100:]))
+    walls = [m["wall_time_s"] for m in metrics]
+    assert 0 < walls[0] and walls == sorted(walls) and walls[-1] <= summary["wall_time_s"]
 
 
 def test_periodic_checkpoints_follow_checkpoint_every(tmp_path, monkeypatch):
@@ -191,8 +193,13 @@ def test_wall_time_counts_from_the_start_and_continues_across_a_resume(tmp_path)
     start = time.perf_counter()
     first = train(_scripted_config(tmp_path, "w", 2))
     assert 0 < first["wall_time_s"] <= time.perf_counter() - start
-    resumed = train(_scripted_config(tmp_path, "w", 3), resume=tmp_path / "w")
-    assert resumed["wall_time_s"] > first["wall_time_s"]
+    resumed = train(_scripted_config(tmp_path, "w", 6), resume=tmp_path / "w")
+    assert resumed["wall_time_s"] > first["wall_time_s"] and "world_size" not in resumed  # one process
+    # Steps per second count this session's steps over this session's time (from just after the
+    # wall clock's start, so their product is at most the session's steps).
+    last = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[-1])
+    for sps, wall in ((resumed["sps"], resumed["wall_time_s"]), (last["sps"], last["wall_time_s"])):
+        assert 0.5 < sps * (wall - first["wall_time_s"]) / (4 * 32) <= 1 + 1e-9
 
 
 def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_path):
