@@ -204,3 +204,35 @@ def test_bad_task_options_are_one_line(tmp_path, capsys, options, expected):
     code = train_text_cli.main(["--task", "ToyTurns", "--model", "tiny", "--task-options", options,
                                 "--runs-dir", str(tmp_path), "--no-progress"])
     _one_line_error(code, capsys.readouterr().err, expected)
+
+
+SMALL = ["--total-timesteps", "256", "--num-envs", "2", "--num-steps", "128", "--no-progress", "--no-tensorboard",
+         "--eval-episodes", "0", "--device", "cpu"]
+
+
+def test_flags_are_read_before_tyro_with_either_spelling():
+    read = train_cli._flag_from_argv
+    assert read(["--run-name=a=b"], "--run-name", "d") == "a=b"  # only the first "=" separates
+    assert read(["--seed", "--run-name", "x"], "--run-name", "d") == "x"
+    assert read(["--seed", "--run-name"], "--run-name", "d") == "d"  # no value after it: the default
+
+
+def test_train_cli_notes_the_defaults_of_an_id_without_a_preset_and_prints_the_summary_last(
+        tmp_path, capsys, monkeypatch):
+    code = train_cli.main(["--env-id", "MountainCar-v0", *SMALL, "--runs-dir", str(tmp_path), "--run-name", "m"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "note: MountainCar-v0 has no preset; it uses the discrete-action defaults" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["env_id"] == "MountainCar-v0" and summary["global_step"] == 256
+    code = train_cli.main(["--resume", str(tmp_path / "m"), "--total-timesteps", "512"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "note:" not in err and json.loads(out.strip().splitlines()[-1])["global_step"] == 512
+    # With no argv the CLI reads sys.argv (after the program name); --preset cleanrl prints no note.
+    monkeypatch.setattr(sys, "argv", ["textenv-train", "--preset", "cleanrl", "--env-id", "MountainCar-v0", *SMALL,
+                                      "--runs-dir", str(tmp_path), "--run-name", "c"])
+    assert train_cli.main() == 0
+    out, err = capsys.readouterr()
+    assert "note:" not in err and json.loads(out.strip().splitlines()[-1])["run_dir"] == str(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"is a run of MountainCar-v0, not CartPole-v1$"):
+        train_cli.parse(["--resume", str(tmp_path / "m"), "--env-id", "CartPole-v1"])
