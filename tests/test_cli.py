@@ -236,3 +236,32 @@ def test_train_cli_notes_the_defaults_of_an_id_without_a_preset_and_prints_the_s
     assert "note:" not in err and json.loads(out.strip().splitlines()[-1])["run_dir"] == str(tmp_path / "c")
     with pytest.raises(ValueError, match=r"is a run of MountainCar-v0, not CartPole-v1$"):
         train_cli.parse(["--resume", str(tmp_path / "m"), "--env-id", "CartPole-v1"])
+
+
+def test_train_text_cli_renames_kl_shaping_and_reads_sys_argv(capsys, monkeypatch):
+    for argv in (["--kl-shaping", "per_step"], ["--kl-shaping=per_step"]):
+        config, resume = train_text_cli.parse(argv)
+        assert config.reference_pass == "per_step" and resume is None
+        assert capsys.readouterr().err == "warning: --kl-shaping is renamed --reference-pass\n"
+    config, _ = train_text_cli.parse(["--reference-pass", "per_step", "--iterations", "3"])
+    assert config.reference_pass == "per_step" and config.iterations == 3 and capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "argv", ["textenv-train-text", "--iterations", "7"])
+    assert train_text_cli.parse()[0].iterations == 7
+
+
+def test_train_text_cli_prints_the_held_out_line_and_the_summary_last_on_rank_0_only(capsys, monkeypatch):
+    summary = {"task": "Toy", "eval_samples": 8, "eval_score_before": 0.25, "eval_score_before_se": 0.05,
+               "eval_score_after": 0.75, "eval_score_after_se": 0.0625, "eval_kl_after": 1.234}
+    monkeypatch.setattr(train_text_cli, "train_text", lambda config, resume=None: dict(summary))
+    assert train_text_cli.main(["--iterations", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("held-out prompts, 8 responses: mean score 0.250 ± 0.050 before -> 0.750 ± 0.062 after; "
+                   "KL to the reference 1.23 nats per response\n")
+    assert json.loads(out.strip().splitlines()[-1])["eval_score_after"] == 0.75
+    monkeypatch.setattr(train_text_cli, "train_text", lambda config, resume=None: {"task": "Toy"})
+    assert train_text_cli.main(["--iterations", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out.strip().splitlines()[-1]) == {"task": "Toy"}  # no evaluation: no line
+    monkeypatch.setattr(train_text_cli, "is_main_process", lambda: False)
+    assert train_text_cli.main(["--iterations", "1"]) == 0
+    assert capsys.readouterr() == ("", "")  # other ranks print nothing
