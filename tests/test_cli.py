@@ -1,5 +1,6 @@
 """The command-line programs as a user meets them: help, one-line errors, signals, text runs."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from textenv.agents.cli import evaluate as evaluate_cli
@@ -265,3 +267,27 @@ def test_train_text_cli_prints_the_held_out_line_and_the_summary_last_on_rank_0_
     monkeypatch.setattr(train_text_cli, "is_main_process", lambda: False)
     assert train_text_cli.main(["--iterations", "1"]) == 0
     assert capsys.readouterr() == ("", "")  # other ranks print nothing
+
+
+def test_evaluate_cli_plays_a_classic_run_as_evaluate_policy_does(tmp_path, capsys):
+    from textenv.agents.classic import evaluate_policy, load_checkpoint, preset_config, train
+
+    summary = train(preset_config("CartPole-v1", total_timesteps=2048, runs_dir=str(tmp_path), run_name="c",
+                                  device="cpu", progress=False, tensorboard=False, eval_episodes=0))
+    policy, norm, config = load_checkpoint(summary["checkpoint"])
+    for target, episodes, seed, argv in ((tmp_path / "c", 10, 12345, []),  # the defaults
+                                         (tmp_path / "c" / "checkpoint.safetensors", 1, 3, ["--episodes", "1",
+                                                                                              "--seed", "3"])):
+        assert evaluate_cli.main([str(target), *argv]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        expected = evaluate_policy(policy, "CartPole-v1", episodes, seed=seed, norm_state=norm)
+        assert result == {"env_id": "CartPole-v1", "episodes": episodes, "eval_return_mean": float(np.mean(expected)),
+                          "eval_return_std": float(np.std(expected)), "returns": expected}
+    _one_line_error(evaluate_cli.main([str(tmp_path / "c"), "--episodes", "0"]), capsys.readouterr().err,
+                    "episodes must be >= 1, got 0")
+    (tmp_path / "t" / "policy").mkdir(parents=True)
+    _one_line_error(evaluate_cli.main([str(tmp_path / "t"), "--video-dir", str(tmp_path / "v")]),
+                    capsys.readouterr().err, "--video-dir records classic envs only")
+    if importlib.util.find_spec("moviepy") is None:  # the [video] extra is not installed
+        _one_line_error(evaluate_cli.main([str(tmp_path / "c"), "--video-dir", str(tmp_path / "v")]),
+                        capsys.readouterr().err, '--video-dir needs moviepy: pip install "textenv-ppo[video]"')
