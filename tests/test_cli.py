@@ -291,3 +291,60 @@ def test_evaluate_cli_plays_a_classic_run_as_evaluate_policy_does(tmp_path, caps
     if importlib.util.find_spec("moviepy") is None:  # the [video] extra is not installed
         _one_line_error(evaluate_cli.main([str(tmp_path / "c"), "--video-dir", str(tmp_path / "v")]),
                         capsys.readouterr().err, '--video-dir needs moviepy: pip install "textenv-ppo[video]"')
+
+
+def _run(folder, name, rows, config=None):
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.json").write_text(json.dumps(config or {"env_id": "CartPole-v1"}))
+    return run
+
+
+def test_plot_draws_each_groups_mean_and_band_on_a_common_grid(tmp_path, capsys, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    a1 = _run(tmp_path, "A__1", [{"global_step": 0, "episodic_return": 0.0}, {"global_step": 100, "loss": 1.0},
+                                 {"global_step": 200, "episodic_return": 20.0, "x": None}])
+    a2 = _run(tmp_path, "A__2", [{"global_step": 0, "episodic_return": 10.0}, {"global_step": 100,
+                                                                              "episodic_return": None},
+                                 {"global_step": 150, "episodic_return": 40.0}])
+    b = _run(tmp_path, "B", [{"global_step": 0, "episodic_return": 5.0}, {"global_step": 300, "episodic_return": 5.0}])
+    assert [plot_cli.group_name(r) for r in (a1, a2, b, tmp_path / "C__x__3")] == ["A", "A", "B", "C"]
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read it back
+    out = tmp_path / "c.png"
+    assert plot_cli.main([str(a1), str(a2), str(b), "-o", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}\n" and out.stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
+    ax = plt.gcf().axes[0]
+    (mean_a, mean_b) = ax.lines
+    assert mean_a.get_label() == "A (n=2)" and mean_b.get_label() == "B (n=1)"
+    grid = np.linspace(0, 150, 200)  # up to the shorter run's last step
+    expected = (np.interp(grid, [0, 200], [0, 20]) + np.interp(grid, [0, 150], [10, 40])) / 2
+    np.testing.assert_allclose(mean_a.get_xydata(), np.stack([grid, expected], 1))
+    band = ax.collections[0].get_paths()[0].vertices  # the min-max band of A
+    assert band[:, 1].min() == pytest.approx(0.0) and band[:, 1].max() == pytest.approx(40.0)
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("environment steps", "episodic_return",
+                                                                  "episodic_return")
+    plt.close("all")
+
+
+def test_plot_reads_text_runs_by_iteration_and_refuses_mixes_and_runs_without_the_metric(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import matplotlib.pyplot as plt
+
+    text = _run(tmp_path, "t__1", [{"global_step": 1, "score_mean": 0.1}, {"global_step": 2, "score_mean": 0.3}],
+                {"task": "Toy"})
+    classic_run = _run(tmp_path, "c__1", [{"global_step": 10, "episodic_return": 1.0}])
+    assert plot_cli.is_text_run(text) and not plot_cli.is_text_run(classic_run)
+    assert not plot_cli.is_text_run(tmp_path / "nothing")
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    assert plot_cli.main([str(text), "-o", str(tmp_path / "t.png"), "--title", "Toy"]) == 0
+    ax = plt.gcf().axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("iterations", "score_mean", "Toy")
+    plt.close("all")
+    _one_line_error(plot_cli.main([str(text), str(classic_run), "-o", str(tmp_path / "m.png")]),
+                    capsys.readouterr().err, "mix of text and classic runs")
+    _one_line_error(plot_cli.main([str(classic_run), "--metric", "loss", "-o", str(tmp_path / "m.png")]),
+                    capsys.readouterr().err, "has no values of metric 'loss'")
+    _one_line_error(plot_cli.main([str(tmp_path / "nothing"), "-o", str(tmp_path / "m.png")]),
+                    capsys.readouterr().err, "is not a run directory (no metrics.jsonl)")
