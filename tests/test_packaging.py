@@ -1,6 +1,7 @@
 """What the wheel installs: one import name (``textenv``), the programs, the data, the licence."""
 
 import configparser
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,31 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
     textenv_file, train_file, prompts = result.stdout.split()
     assert Path(textenv_file).is_relative_to(target) and Path(train_file).is_relative_to(target)
     assert int(prompts) > 0
+
+
+def test_importing_textenv_registers_every_id_with_its_task_in_a_fresh_process():
+    import textenv
+
+    code = ("import json, gymnasium as gym, textenv; print(json.dumps({k: [s.entry_point, s.vector_entry_point, "
+            "s.kwargs] for k, s in gym.registry.items() if k.startswith('textenv/')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    registry = json.loads(out.stdout)
+    expected = {f"textenv/{name}-v0": ["textenv.env:TextGenerationEnv", "textenv.env:TextGenerationVectorEnv",
+                                        {"task": name}] for name in textenv.TASK_NAMES}
+    expected |= {f"textenv/{name}-v0": ["textenv.multiturn:MultiTurnTextEnv", "textenv.multiturn:MultiTurnTextVectorEnv",
+                                         {"task": "FunctionTask" if name == "MultiTurn" else name}]
+                 for name in textenv.MULTITURN_TASK_NAMES}
+    expected |= {f"textenv/Torch{name}": [None, f"textenv.control:Torch{name.split('-')[0]}", {}]
+                 for name in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0")}
+    assert registry == expected
+
+
+def test_the_package_exports_resolve_lazily_and_unknown_names_are_attribute_errors():
+    import textenv
+
+    assert textenv.__all__ == sorted(textenv.__all__) and {"TextGenerationEnv", "make_task"} <= set(textenv.__all__)
+    from textenv.tasks import make_task
+
+    assert textenv.make_task is make_task
+    with pytest.raises(AttributeError, match="^module 'textenv' has no attribute 'nothing_here'$"):
+        textenv.nothing_here  # noqa: B018
