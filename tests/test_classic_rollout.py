@@ -1,7 +1,9 @@
 """The classic trainer's rollout bookkeeping against a slow textbook reference, and resuming
 restores everything a checkpoint holds."""
 
+import dataclasses
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -137,9 +139,10 @@ def test_a_resume_with_nothing_left_to_do_saves_back_exactly_what_it_restored(tm
 
 
 def _scripted_config(tmp_path, name, iterations, **kw):
-    kw = dict(total_timesteps=iterations * 32) | kw
-    return preset_config("test/Scripted-v0", num_envs=2, num_steps=16, ppo=PPOConfig(update_epochs=1, num_minibatches=1),
-                         runs_dir=str(tmp_path), run_name=name, eval_episodes=0, **QUIET, **kw)
+    kw = dict(total_timesteps=iterations * 32, eval_episodes=0) | kw
+    return preset_config("test/Scripted-v0", num_envs=2, num_steps=16,
+                         ppo=PPOConfig(update_epochs=1, num_minibatches=1),
+                         runs_dir=str(tmp_path), run_name=name, **QUIET, **kw)
 
 
 def _scripted_episodes(iterations):
@@ -177,11 +180,14 @@ def test_periodic_checkpoints_follow_checkpoint_every(tmp_path, monkeypatch):
 
     def save(path, *args, **kwargs):
         saved.append((path.name, kwargs["iteration"]))
+        walls.append(kwargs["wall_time_s"])
         return original(path, *args, **kwargs)
 
+    walls = []
     monkeypatch.setattr(classic, "save_checkpoint", save)
-    train(_scripted_config(tmp_path, "every", 5, checkpoint_every=2))
+    summary = train(_scripted_config(tmp_path, "every", 5, checkpoint_every=2))
     assert saved == [("checkpoint.safetensors", 2), ("checkpoint.safetensors", 4), ("checkpoint.safetensors", 5)]
+    assert 0 < walls[0] < walls[1] <= walls[2] == summary["wall_time_s"]
     saved.clear()
     train(_scripted_config(tmp_path, "never", 5, checkpoint_every=0))
     assert saved == [("checkpoint.safetensors", 5)]  # only at the end
@@ -219,6 +225,19 @@ def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_
     rate = lrs["whole"][0]
     assert lrs["old"][:3] == [rate * (1 - i / 3) for i in range(3)]
     assert lrs["old"][3:] == pytest.approx([lrs["old"][2] * (1 - i / 4) for i in range(1, 4)], rel=1e-12)
+    # A budget that is not a whole number of batches: the horizon was its whole iterations (80 // 32 = 2).
+    # One below a batch: one iteration, the horizon 1.
+    for name, total, expected in (("odd", 80, [rate, rate / 2, rate / 2 * 2 / 3, rate / 2 / 3]),
+                                  ("tiny", 20, [rate, rate * 2 / 3, rate / 3])):
+        train(_scripted_config(tmp_path, name, 1, total_timesteps=total))
+        path = tmp_path / name / "checkpoint.safetensors"
+        tensors, meta = _tensors(path)
+        del meta["lr_schedule"]
+        save_file(tensors, str(path), metadata=meta)
+        train(_scripted_config(tmp_path, name, len(expected)), resume=tmp_path / name)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        got = [json.loads(line)["learning_rate"] for line in lines]
+        assert got == pytest.approx(expected, rel=1e-12), name
 
 
 def test_resuming_a_run_of_more_processes_says_what_continues(tmp_path, capsys):
@@ -277,7 +296,8 @@ def test_save_checkpoint_without_the_resume_keywords_writes_a_fresh_runs_counter
     policy = MLPActorCritic(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
     classic.save_checkpoint(tmp_path / "a.safetensors", policy, {}, config, 10)
     _, meta = _tensors(tmp_path / "a.safetensors")
-    assert (meta["iteration"], meta["wall_time_s"], meta["world_size"], meta["recent_returns"]) == ("0", "0.0", "1", "[]")
+    counters = (meta["iteration"], meta["wall_time_s"], meta["world_size"], meta["recent_returns"])
+    assert counters == ("0", "0.0", "1", "[]")
     classic.save_checkpoint(tmp_path / "b.safetensors", policy, {}, config, 10, recent_returns=[1.0, 2.5])
     assert _tensors(tmp_path / "b.safetensors")[1]["recent_returns"] == "[1.0, 2.5]"
 
@@ -321,3 +341,42 @@ def test_evaluation_normalises_with_the_runs_frozen_statistics_and_without_them_
     classic.evaluate_policy(policy, "Pendulum-v1", 2, seed=5)  # no statistics: raw observations
     np.testing.assert_allclose(seen[0].numpy(), gym.make_vec("Pendulum-v1", 2, vectorization_mode="sync")
                                .reset(seed=5)[0], rtol=1e-6)
+
+
+def test_sigterm_in_process_stops_after_the_iteration_with_a_checkpoint_and_a_resume_continues(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from textenv.agents.checkpoint import TrainingInterrupted
+
+    original, steps = Scripted.step, []
+
+    def step(self, action):
+        steps.append(1)
+        if len(steps) == 60:  # in iteration 3 or 4 (the envs' reset steps do not call step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, action)
+
+    monkeypatch.setattr(Scripted, "step", step)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(_scripted_config(tmp_path, "sig", 10))
+    at = int(re.match(r"SIGTERM at step (\d+): checkpoint written to (.*); continue with --resume (.*)$",
+                      str(stop.value))[1])
+    assert at in (96, 128)
+    assert str(stop.value).endswith(f"checkpoint.safetensors; continue with --resume {tmp_path / 'sig'}")
+    _, meta = _tensors(tmp_path / "sig" / "checkpoint.safetensors")
+    assert (meta["iteration"], meta["global_step"]) == (str(at // 32), str(at))  # the iteration it was in, complete
+    summary = train(_scripted_config(tmp_path, "sig", 10), resume=tmp_path / "sig")
+    assert summary["global_step"] == 10 * 32
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "sig" / "metrics.jsonl").read_text()
+            .splitlines()] == list(range(1, 11))
+
+
+def test_the_progress_bar_counts_steps_on_stderr_only_when_asked_and_one_evaluation_episode_runs(tmp_path, capsys):
+    summary = train(_scripted_config(tmp_path, "bar", 2, eval_episodes=1, save_checkpoint=False))
+    assert capsys.readouterr().err == ""  # progress=False
+    assert summary["eval_episodes"] == 1 and summary["eval_return_mean"] in (6.0, 15.0)
+    config = dataclasses.replace(_scripted_config(tmp_path, "bar2", 2, save_checkpoint=False), progress=True)
+    train(config)
+    err = capsys.readouterr().err
+    assert "64/64" in err and "ret=" in err and "step" in err

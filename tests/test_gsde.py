@@ -155,7 +155,7 @@ def _pendulum(tmp_path, name, **kw):
                          run_name=name, eval_episodes=0, **QUIET, **kw)
 
 
-@pytest.mark.parametrize("freq, draws", [(-1, [0]), (4, [0, 4]), (3, [0, 3, 6]), (8, [0])])
+@pytest.mark.parametrize("freq, draws", [(-1, [0]), (1, list(range(8))), (4, [0, 4]), (3, [0, 3, 6]), (8, [0])])
 def test_the_trainer_draws_noise_at_each_rollouts_start_and_every_sde_sample_freq_steps(
         tmp_path, monkeypatch, freq, draws):
     seen = []
