@@ -304,17 +304,20 @@ def _run(folder, name, rows, config=None):
 def test_plot_draws_each_groups_mean_and_band_on_a_common_grid(tmp_path, capsys, monkeypatch):
     import matplotlib.pyplot as plt
 
-    a1 = _run(tmp_path, "A__1", [{"global_step": 0, "episodic_return": 0.0}, {"global_step": 100, "loss": 1.0},
+    a1 = _run(tmp_path, "A__1", [{"global_step": 0, "episodic_return": 0.0}, {"global_step": 50, "loss": 1.0},
+                                 {"global_step": 100, "episodic_return": 10.0},
                                  {"global_step": 200, "episodic_return": 20.0, "x": None}])
     a2 = _run(tmp_path, "A__2", [{"global_step": 0, "episodic_return": 10.0}, {"global_step": 100,
                                                                               "episodic_return": None},
                                  {"global_step": 150, "episodic_return": 40.0}])
     b = _run(tmp_path, "B", [{"global_step": 0, "episodic_return": 5.0}, {"global_step": 300, "episodic_return": 5.0}])
     assert [plot_cli.group_name(r) for r in (a1, a2, b, tmp_path / "C__x__3")] == ["A", "A", "B", "C"]
+    assert plot_cli.main([str(a1), "-o", str(tmp_path / "first.png")]) == 0
+    assert plt.get_fignums() == []  # the figure is closed once written
     monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read it back
     out = tmp_path / "c.png"
     assert plot_cli.main([str(a1), str(a2), str(b), "-o", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}\n" and out.stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
+    assert capsys.readouterr().out == f"{tmp_path / 'first.png'}\n{out}\n" and out.stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
     ax = plt.gcf().axes[0]
     (mean_a, mean_b) = ax.lines
     assert mean_a.get_label() == "A (n=2)" and mean_b.get_label() == "B (n=1)"
