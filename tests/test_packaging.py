@@ -71,8 +71,8 @@ def test_importing_textenv_registers_every_id_with_its_task_in_a_fresh_process()
     registry = json.loads(out.stdout)
     expected = {f"textenv/{name}-v0": ["textenv.env:TextGenerationEnv", "textenv.env:TextGenerationVectorEnv",
                                         {"task": name}] for name in textenv.TASK_NAMES}
-    expected |= {f"textenv/{name}-v0": ["textenv.multiturn:MultiTurnTextEnv", "textenv.multiturn:MultiTurnTextVectorEnv",
-                                         {"task": "FunctionTask" if name == "MultiTurn" else name}]
+    multiturn = ["textenv.multiturn:MultiTurnTextEnv", "textenv.multiturn:MultiTurnTextVectorEnv"]
+    expected |= {f"textenv/{name}-v0": [*multiturn, {"task": "FunctionTask" if name == "MultiTurn" else name}]
                  for name in textenv.MULTITURN_TASK_NAMES}
     expected |= {f"textenv/Torch{name}": [None, f"textenv.control:Torch{name.split('-')[0]}", {}]
                  for name in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0")}
