@@ -250,19 +250,32 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 @contextmanager
 def distributed_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
     """``(dist, this rank's device)`` for one training run (:func:`init_distributed`), the
-    process group destroyed at the end if the run created it."""
+    process group destroyed at the end if the run created it: after every rank has finished
+    when the run ends normally (rank 0 may still be evaluating), at once when it raised."""
+    finished = False
     try:
         yield init_distributed(device)
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(synchronize=finished)
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group if :func:`init_distributed` created it (at the end of a run)."""
+def shutdown_distributed(synchronize: bool = False) -> None:
+    """Destroy the process group if :func:`init_distributed` created it (at the end of a run).
+
+    ``synchronize``: wait at a barrier first, so that no rank tears its connections down while
+    another still uses them (a rank that exits early has aborted in gloo's teardown).
+    """
     global _OWNED
-    if _OWNED and tdist.is_initialized():
+    owned, _OWNED = _OWNED, False
+    if not (owned and tdist.is_initialized()):
+        return
+    try:
+        if synchronize:
+            with Dist()._collective():
+                tdist.barrier()
+    finally:
         tdist.destroy_process_group()
-    _OWNED = False
 
 
 def sync_running_stats(state: dict[str, np.ndarray], synced: dict[str, np.ndarray] | None,

@@ -345,3 +345,47 @@ def test_global_row_j_draws_the_same_prompt_with_one_or_two_processes(tmp_path):
     # Each iteration draws afresh: the row seeds of consecutive iterations do not overlap, so an
     # iteration is not the previous one shifted by a row (as it was when they overlapped).
     assert all(one[it + 1][:-1] != one[it][1:] for it in range(2))
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+def _timed_run(rank: int, port: int, out: str, rank_one_fails: bool) -> None:
+    """One rank of a torchrun-like run: rank 0's body takes a second longer than rank 1's."""
+    import time
+
+    from textenv.agents.distributed import PeerFailed, distributed_run
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)}
+    times = {}
+    try:
+        with distributed_run(torch.device("cpu")) as (dist, _):
+            assert dist.active and dist.world_size == WORLD
+            if rank == 0:
+                time.sleep(1.0)  # as rank 0 alone evaluates at the end of a run
+            elif rank_one_fails:
+                raise ValueError("rank 1 failed")
+            times["body_end"] = time.monotonic()
+    except (ValueError, PeerFailed) as err:
+        times["error"] = type(err).__name__
+    times["left"] = time.monotonic()
+    times["initialized"] = tdist.is_initialized()
+    torch.save(times, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("rank_one_fails", [False, True])
+def test_ranks_leave_a_run_together_unless_one_failed(tmp_path, rank_one_fails):
+    """A finished rank waits for the others before tearing the process group down; a failed
+    one tears it down at once, and never waits for ranks that may never arrive; the others
+    learn of it at the barrier."""
+    mp.start_processes(_timed_run, args=(_free_port(), str(tmp_path), rank_one_fails), nprocs=WORLD,
+                       start_method="spawn")
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert not zero["initialized"] and not one["initialized"]
+    if rank_one_fails:
+        assert one["left"] < zero["body_end"]
+        assert (zero["error"], one["error"]) == ("PeerFailed", "ValueError")
+    else:
+        assert one["left"] >= zero["body_end"]
+        assert "error" not in zero and "error" not in one
