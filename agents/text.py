@@ -240,7 +240,7 @@ def _is_sharded(module: torch.nn.Module) -> bool:
 
 
 def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
-                     group_size: int = 1) -> Rollout:
+                     group_size: int) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
     rows shares a prompt.

@@ -610,3 +610,47 @@ def test_the_held_out_standard_error_exists_from_two_responses():
     assert result["score_se"] == pytest.approx(float(scores.std() / 2**0.5))
     one = TextGenerationVectorEnv(num_envs=1, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end")
     assert evaluate_held_out(policy, one, seed=0)["score_se"] != evaluate_held_out(policy, one, seed=0)["score_se"]  # nan
+
+
+def test_fsdp_with_lora_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--fsdp with --lora-r is not supported"):
+        _config(tmp_path, "f", fsdp=True, lora_r=4).validate()
+
+
+@pytest.fixture
+def one_process_group():
+    """A world-size-1 gloo group in this process, so FSDP can shard (over one rank)."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
+def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_process_group):
+    """In process, world size 1: the FSDP path of collect_rollout samples the same rollout as the
+    plain path and leaves every parameter sharded (the optimizer steps on the shards)."""
+    from torch.distributed.tensor import DTensor
+
+    from textenv import TextGenerationVectorEnv
+    from textenv.agents.distributed import shard_policy
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import _is_sharded, collect_rollout
+    from textenv.models import load_causal_lm
+
+    envs = TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=4)
+    rollouts, policies = [], []
+    for shard in (False, True):
+        lm, _ = load_causal_lm("tiny")
+        torch.manual_seed(0)
+        policy = LMActorCritic(lm)
+        if shard:
+            shard_policy(policy, lm)
+        policies.append(policy)
+        rollouts.append(collect_rollout(policy, envs, seed=5, generator=torch.Generator().manual_seed(1)))
+    plain, sharded = rollouts
+    assert not _is_sharded(policies[0]) and _is_sharded(policies[1])
+    assert all(isinstance(p, DTensor) for p in policies[1].parameters())
+    assert sharded.responses == plain.responses
+    for name in ("actions", "logprobs", "values", "ref_logprobs", "mask", "scores"):
+        torch.testing.assert_close(getattr(sharded, name), getattr(plain, name), msg=name)
