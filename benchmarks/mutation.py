@@ -14,7 +14,7 @@ bounds swapped or the clamp dropped; a statement (assignment, expression, ``rais
 Docstrings, annotations, type aliases, f-strings, string literals and the text of ``raise``
 are left alone.
 
-Nothing is written to disk: the parent imports the heavy libraries once (torch, numpy,
+Nothing is written to disk (unless ``--on-disk``): the parent imports the heavy libraries once (torch, numpy,
 gymnasium, transformers, pytest) and no project module; each mutant runs in a forked child
 that compiles the mutated source, executes it into a fresh module object registered in
 ``sys.modules`` under the module's real name (``__file__`` set), then runs ``pytest -x`` on
@@ -27,6 +27,11 @@ records which tests execute each line of the module, and each mutant runs only t
 the module, so a test that only reads a constant does not count). A mutant on a line no
 test executes survives without running: in-process, no test can observe it (tests that start
 a subprocess import the module from disk, so they never see a mutant either way).
+
+Tests that start processes which import the project (``torch.multiprocessing`` spawns,
+``torchrun``) need ``--on-disk --select all --jobs 1``: each mutant's source (``ast.unparse``d)
+is also written over the module's file while it runs, and the original is written back after
+the last one (run it in a scratch worktree, never in a checkout with uncommitted work).
 
 The report is ``benchmarks/results/mutation_<module stem>.md``: the command, the totals and
 every surviving mutant. Survivors known to be equivalent (no input the module is documented
@@ -83,6 +88,9 @@ class MutationConfig:
     """which tests each mutant runs: those that execute its lines (one traced run first), or all of them"""
     lines_cache: str | None = None
     """keep the traced run's line-to-tests map here and reuse it for other modules while the sources are unchanged"""
+    on_disk: bool = False
+    """also write each mutant over the module's file while it runs, for tests whose spawned processes import it
+    (needs --select all and --jobs 1; the original is restored at the end)"""
 
 
 # ----------------------------------------------------------------------------- mutant generation
@@ -116,6 +124,7 @@ class Mutant:
     code: object = None  # the compiled module
     end_lineno: int = 0
     module_level: bool = False  # outside any function body: it runs when the module is imported
+    source: str = ""  # the mutated module as source text (for --on-disk)
 
 
 @dataclass
@@ -380,7 +389,7 @@ def generate_mutants(source: str, filename: str) -> Iterator[Mutant]:
         except (SyntaxError, ValueError, TypeError):
             continue
         yield Mutant(node.lineno, collector.scope_of[i], site.operator, *_display(source_lines, node, shown), code,
-                     node.end_lineno or node.lineno, not _in_function(tree, node.lineno))
+                     node.end_lineno or node.lineno, not _in_function(tree, node.lineno), text)
 
 
 def _in_function(tree: ast.AST, lineno: int) -> bool:
@@ -540,9 +549,10 @@ def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[
 
 
 def run_all(name: str, path: Path, mutants: list[Mutant], tests: list[tuple[str, ...]], timeouts: list[float],
-            jobs: int, log_dir: Path) -> list[str]:
+            jobs: int, log_dir: Path, on_disk: bool = False) -> list[str]:
     """Run every mutant against its tests; return its outcome: 'killed', 'survived' or 'timeout'
-    ('survived' without running when it has no tests)."""
+    ('survived' without running when it has no tests). ``on_disk``: each mutant's source is
+    written over ``path`` while it runs (one at a time), the original restored at the end."""
     from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no monitor thread: a thread holding a lock at fork time could hang a child
@@ -550,11 +560,14 @@ def run_all(name: str, path: Path, mutants: list[Mutant], tests: list[tuple[str,
     pending = [i for i in range(len(mutants)) if tests[i]][::-1]
     running: dict[int, tuple[int, float]] = {}
     bar = tqdm(total=len(mutants), initial=len(mutants) - len(pending), desc=str(path), unit="mutant")
+    original = path.read_bytes()
     try:
-        _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar)
-    finally:  # Ctrl-C or an error: no child outlives the run
+        _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar, on_disk)
+    finally:  # Ctrl-C or an error: no child outlives the run, and the module is itself again
         for pid in running:
             _kill(pid)
+        if on_disk:
+            path.write_bytes(original)
         bar.close()
     return outcomes
 
@@ -567,10 +580,12 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar) -> None:
+def _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar, on_disk) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             i = pending.pop()
+            if on_disk:
+                path.write_text(mutants[i].source)
             pid = fork_test_run(name, path, mutants[i].code, tests[i], str(log_dir / f"{i}.log"))
             running[pid] = (i, time.monotonic())
         time.sleep(0.02)
@@ -648,7 +663,8 @@ def _cell(text: str) -> str:
 
 
 def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Mutant], outcomes: list[str],
-           seconds: float, timeout: str, uncovered: set[int] = frozenset(), select: str = "all") -> tuple[str, int]:
+           seconds: float, timeout: str, uncovered: set[int] = frozenset(), select: str = "all",
+           on_disk: bool = False) -> tuple[str, int]:
     counts = Counter(outcomes)
     total = len(mutants)
     killed = counts["killed"] + counts["timeout"]
@@ -666,7 +682,10 @@ def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Muta
         "",
         f"Each mutant changes one thing in `{module}` (see `benchmarks/mutation.py` for the operators); it runs in "
         f"a forked child against `pytest {' '.join(tests)} {' '.join(PYTEST_ARGS)}` and survives when every test "
-        f"passes; of those tests it runs {selection}. Timeout {timeout} per mutant; {seconds:.0f} s in all.",
+        f"passes; of those tests it runs {selection}."
+        + (" The mutated source is also written over the module's file while it runs, so processes the tests "
+           "spawn import the mutant too." if on_disk else "")
+        + f" Timeout {timeout} per mutant; {seconds:.0f} s in all.",
         "",
         "| mutants | killed | timeout (killed) | survived | of which no test executes | kill rate "
         "| survivors explained as equivalent | unexplained |",
@@ -728,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(MutationConfig, args=argv)
+    if args.on_disk and (args.select != "all" or args.jobs != 1):
+        raise SystemExit("error: --on-disk writes one mutant at a time over the module, which processes the tests "
+                         "spawn import: it needs --select all and --jobs 1")
     command = "python -m benchmarks.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
     path = Path(args.module)
     if path.is_absolute() or not path.exists():
@@ -776,11 +798,11 @@ def main(argv: list[str] | None = None) -> int:
             timeout_text = f"{args.timeout or max(20.0, 10 * base[0]):.0f} s"
             print(f"{path}: {len(mutants)} mutants; the unmutated module passes in {base[0]:.1f} s", flush=True)
         timeouts = [args.timeout or max(20.0, 10 * b) for b in base]
-        outcomes = run_all(name, path, mutants, per_mutant, timeouts, args.jobs, log_dir)
+        outcomes = run_all(name, path, mutants, per_mutant, timeouts, args.jobs, log_dir, args.on_disk)
         seconds = time.monotonic() - start
     uncovered = {i for i, t in enumerate(per_mutant) if not t}
     text, unexplained = report(command, args.module, args.tests, mutants, outcomes, seconds, timeout_text, uncovered,
-                               args.select)
+                               args.select, args.on_disk)
     out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
