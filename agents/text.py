@@ -650,22 +650,22 @@ def rollout_stats(rollout: Rollout, rewards: torch.Tensor, returns: torch.Tensor
     over every rank's responses (one collective, plus two for the explained variance)."""
     mask = rollout.mask
     scores = rollout.scores.double()
-    per_row = {
-        "kl_k1": ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1),
-        "kl_k3": (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1),
+    per_response = {  # summed over every response here, divided by their count below
+        "kl_k1": (rollout.logprobs - rollout.ref_logprobs) * mask,
+        "kl_k3": kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask,
         "score_mean": scores,
-        "response_length": mask.sum(1),
-        "missing_eos_frac": rollout.truncated_response.double(),
-        "reward_total": rewards.sum(1),
+        "response_length": mask,
+        "missing_eos_frac": rollout.truncated_response,
+        "reward_total": rewards,
     }
-    sums = [v.double().sum() for v in per_row.values()]
+    sums = [v.double().sum() for v in per_response.values()]
     extra = [(scores * scores).sum(), (rollout.entropy * mask).sum().double(), mask.sum().double(),
              torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)]
     if dist is not None and dist.active:
         *sums, square, entropy, tokens, n = dist.sum(*sums, *extra)
     else:
         square, entropy, tokens, n = extra
-    stats = {k: (v / n).float() for k, v in zip(per_row, sums)}
+    stats = {k: (v / n).float() for k, v in zip(per_response, sums)}
     mean = stats["score_mean"].double()
     stats["score_std"] = ((square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt().float()
     stats["rollout_entropy"] = (entropy / tokens).float()

@@ -369,6 +369,13 @@ def test_missing_eos_penalty_hits_conversations_that_ran_out_of_context():
     assert rollout.truncated_response.all()
     rewards = shaped_rewards(rollout, 0.0, True, 0.5)
     torch.testing.assert_close(rewards.sum(1), rollout.scores - 0.5)
+    # At each conversation's last agent token, nowhere else.
+    penalty = shaped_rewards(rollout, 0.0, True, None) - rewards
+    last = rollout.mask.sum(1).long() - 1
+    assert last.min() > 0
+    expected = torch.zeros_like(penalty)
+    expected[torch.arange(2), last] = 0.5
+    torch.testing.assert_close(penalty, expected)
 
 
 def test_ppo_learns_the_two_turn_toy_task(tmp_path):
@@ -872,3 +879,64 @@ def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch)
     monkeypatch.setitem(sys.modules, "textarena", None)
     with pytest.raises(ImportError, match="^task TextArena needs textarena: pip install textarena$"):
         TextArena().new_episode(np.random.default_rng(0))
+
+
+def _long_and_short_replies(history):
+    """Prompt 'hi' gets 4-token replies and fills its context first; 'yo' gets one more token each turn."""
+    turns = sum(m["role"] == "assistant" for m in history)
+    return Turn("k" * (4 if history[0]["content"] == "hi" else turns), 0.0, False)
+
+
+def test_a_row_that_filled_its_context_while_another_talks_on_is_read_inside_the_context():
+    """Rows end at different steps, one at the full context budget while the other still gets
+    replies: the chunk read for the ended row stays inside the context, every action sits at its
+    position in the final observation, and the rollout keeps exactly the columns up to the longest
+    conversation."""
+    policy, _ = _policy()
+    task = FunctionTask(respond=_long_and_short_replies, prompts=["hi", "yo"], max_context_tokens=14, max_turns=50,
+                        max_turn_tokens=2, reply_format="{reply}")
+    vec = MultiTurnTextVectorEnv(num_envs=2, task=task, model="tiny")
+    rollout = collect_rollout(policy, vec, seed=1, generator=torch.Generator().manual_seed(1))
+    lengths = vec.conversation_lengths
+    assert rollout.prompts == ["hi", "yo"] and lengths[0] == 14 and rollout.mask[0].sum() < rollout.mask[1].sum()
+    assert rollout.input_ids.shape[1] == rollout.prompt_len + lengths.max()
+    m = rollout.mask.bool()
+    inside = rollout.positions.clamp_max(rollout.input_ids.shape[1] - 1)  # past a row's end: masked anyway
+    assert (rollout.input_ids.gather(1, inside)[m] == rollout.actions[m]).all()
+    # Each row's conversation is whole: as many real columns after the prompt as its length.
+    assert rollout.attention_mask[:, rollout.prompt_len:].sum(1).tolist() == lengths.tolist()
+    with torch.no_grad():
+        logprob, _, _ = policy.evaluate_responses(rollout.input_ids, rollout.attention_mask, rollout.actions,
+                                                  rollout.prompt_len, positions=rollout.positions)
+    torch.testing.assert_close(logprob[m], rollout.logprobs[m], atol=1e-4, rtol=0)
+
+
+def test_a_single_turn_rollout_has_no_positions_and_ends_at_its_last_action():
+    from textenv import TextGenerationVectorEnv
+
+    policy, _ = _policy()
+    envs = TextGenerationVectorEnv(num_envs=3, task="Toy", model="tiny", max_new_tokens=4)
+    rollout = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
+    assert rollout.positions is None and rollout.step_scores is None
+    assert rollout.input_ids.shape[1] == rollout.prompt_len + rollout.actions.shape[1]
+
+
+def test_task_options_are_a_json_object_of_the_tasks_fields():
+    from textenv.agents.text import task_options
+
+    assert task_options(TextTrainConfig(task="Toy")) == {}
+    assert task_options(TextTrainConfig(task="ToyTurns", task_options='{"max_turns": 3}')) == {"max_turns": 3}
+    with pytest.raises(ValueError, match=r"^--task-options is not JSON: Expecting property name enclosed in double quotes \(got '\{x'\)$"):
+        task_options(TextTrainConfig(task="Toy", task_options="{x"))
+    with pytest.raises(ValueError, match=r"^--task-options must be a JSON object of task fields, got '\[1\]'$"):
+        task_options(TextTrainConfig(task="Toy", task_options="[1]"))
+    for task in ("Toy", "ToyTurns"):
+        with pytest.raises(ValueError, match=rf"^--task-options: task {task} has no field 'bogus' \(its fields: .*\)$"):
+            task_options(TextTrainConfig(task=task, task_options='{"bogus": 1, "zz": 2}'))
+
+
+def test_one_eval_sample_is_enough_to_evaluate_on_held_out_episodes():
+    from textenv.agents.text import task_settings
+
+    assert task_settings(TextTrainConfig(task="Calculator", eval_samples=1))[1] is True
+    assert task_settings(TextTrainConfig(task="Calculator", eval_samples=0))[1] is False

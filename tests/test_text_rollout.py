@@ -102,3 +102,48 @@ def test_token_advantages_stop_at_each_responses_last_token():
         assert torch.all(adv[i, length:] == 0) and torch.all(ret[i, length:] == 0)
     # Row 2 by hand: one token, terminal: A = r - V.
     assert adv[2, 0].item() == pytest.approx(2.0 - 0.2)
+
+
+def test_rollout_stats_are_means_per_response_and_a_constant_score_has_std_zero():
+    from textenv.agents.text import rollout_stats
+
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0], [1, 1, 0]])
+    ro = _rollout(mask, torch.zeros(3, 3))
+    ro.logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0], [-1.5, -0.1, -9.0]])
+    ro.ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-0.9, 0.0, 0.0], [-1.0, -0.4, 0.0]])
+    ro.entropy = torch.tensor([[0.5, 1.0, 1.5], [2.0, 7.0, 7.0], [0.0, 1.0, 7.0]])
+    ro.scores = torch.full((3,), 0.1)
+    ro.truncated_response = torch.tensor([True, False, False])
+    rewards = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    stats = rollout_stats(ro, rewards, torch.zeros(3, 3), has_critic=False)
+    k1 = ((ro.logprobs - ro.ref_logprobs) * mask).sum() / 3
+    log_r = ro.ref_logprobs - ro.logprobs
+    k3 = ((log_r.exp() - 1 - log_r) * mask).sum() / 3  # Schulman's k3 estimator of KL(pi || pi_ref)
+    expected = {"kl_k1": k1.item(), "kl_k3": k3.item(), "score_mean": 0.1, "response_length": 2.0,
+                "missing_eos_frac": 1 / 3, "reward_total": 7.0 / 3, "rollout_entropy": 6.0 / 6, "tokens": 6.0}
+    assert stats.keys() == expected.keys() | {"score_std"}
+    for key, value in expected.items():
+        assert stats[key].item() == pytest.approx(value, rel=1e-6), key
+    assert stats["score_std"].item() == 0.0
+
+
+def test_a_constant_score_over_many_responses_has_std_zero_not_nan():
+    """Σs² − n·mean² rounds below 0 for 999 copies of this float32 score; the std clamps it."""
+    from textenv.agents.text import rollout_stats
+
+    ro = _rollout(torch.ones(999, 1), torch.zeros(999, 1))
+    ro.scores = torch.full((999,), 0.30742281675338745)
+    square = (ro.scores.double() ** 2).sum()
+    n = torch.tensor(999.0, dtype=torch.float64)
+    assert square - n * (ro.scores.double().sum() / n) ** 2 < 0  # the case the clamp is for
+    assert rollout_stats(ro, torch.zeros(999, 1), torch.zeros(999, 1), has_critic=False)["score_std"].item() == 0.0
+
+
+def test_prompt_seeds_are_disjoint_blocks_per_iteration_and_run_seed():
+    """Pinned: a change would change which prompts every run, published ones included, trains on."""
+    from textenv.agents.text import prompt_seeds
+
+    assert prompt_seeds(0, 1, 8) == 8 and prompt_seeds(3, 2, 16) == (3 * 100_003 + 2) * 16
+    blocks = [range(prompt_seeds(s, i, 4), prompt_seeds(s, i, 4) + 4) for s in range(3) for i in (1, 2, 100_002)]
+    taken = [x for b in blocks for x in b]
+    assert min(taken) >= 0 and len(set(taken)) == len(taken)

@@ -654,3 +654,83 @@ def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_pr
     assert sharded.responses == plain.responses
     for name in ("actions", "logprobs", "values", "ref_logprobs", "mask", "scores"):
         torch.testing.assert_close(getattr(sharded, name), getattr(plain, name), msg=name)
+
+
+def test_the_text_optimizer_is_adamw_without_weight_decay_fused_or_not():
+    from textenv.agents.text import adamw
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for fused in (True, False):
+        opt = adamw(params, lr=0.25, fused=fused)
+        assert isinstance(opt, torch.optim.AdamW)
+        assert (opt.defaults["lr"], opt.defaults["eps"], opt.defaults["weight_decay"]) == (0.25, 1e-5, 0.0)
+        assert bool(opt.defaults["fused"]) is fused  # CPU float32 has a fused kernel
+    assert adamw(params, lr=0.25).defaults["fused"] is True
+
+
+def test_save_policy_writes_the_full_weights_it_is_given_as_a_sharded_run_does(tmp_path):
+    """With ``state_dict`` (a sharded policy's gathered weights) the checkpoint holds those
+    weights, not the policy's own tensors, and the trainer state has the RNGs and counters but
+    no optimizer."""
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import STATE_FILE, save_policy
+    from textenv.models import load_causal_lm
+
+    lm, tok = load_causal_lm("tiny")
+    policy = LMActorCritic(lm)
+    source = LMActorCritic(load_causal_lm("tiny:1")[0])
+    torch.nn.init.normal_(source.value_head.weight)
+    full = {k: v.clone() for k, v in source.state_dict().items()}
+    path = save_policy(tmp_path / "policy", policy, tok, generator=torch.Generator().manual_seed(0),
+                       state={"iteration": 7}, state_dict=full)
+    saved = load_file(str(path / "model.safetensors"))
+    assert saved and all(torch.equal(v, full[f"lm.{k}"]) for k, v in saved.items())
+    assert any(not torch.equal(v, lm.state_dict()[k]) for k, v in saved.items())
+    head = load_file(str(path / "value_head.safetensors"))
+    assert head.keys() == {k[len("value_head."):] for k in full if k.startswith("value_head.")}
+    assert all(torch.equal(v, full[f"value_head.{k}"]) for k, v in head.items())
+    from safetensors import safe_open
+
+    with safe_open(str(path / STATE_FILE), framework="pt") as f:
+        assert json.loads(f.metadata()["state"]) == {"iteration": 7}
+        assert "rng.generator" in f.keys() and not any(k.startswith("optim.") for k in f.keys())
+
+
+def _rewrite_trainer_state(policy_dir, **changes):
+    """Rewrite fields of a checkpoint's trainer state (as another process count or an older
+    version would have written it); a value of None removes the field."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from textenv.agents.text import STATE_FILE
+
+    path = str(policy_dir / STATE_FILE)
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(metadata["state"])
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    save_file(tensors, path, metadata=metadata | {"state": json.dumps(state)})
+
+
+def test_resuming_says_so_only_when_the_process_count_changed(tmp_path, capsys):
+    summary = train_text(_config(tmp_path, "r", iterations=1, save_checkpoint=True))
+    assert "world_size" not in summary  # one process: no such field
+    _rewrite_trainer_state(tmp_path / "r" / "policy", world_size=None)  # a checkpoint from before the field
+    capsys.readouterr()
+    train_text(_config(tmp_path, "r", iterations=2, save_checkpoint=True), resume=tmp_path / "r")
+    assert "process(es)" not in capsys.readouterr().err
+    _rewrite_trainer_state(tmp_path / "r" / "policy", world_size=2)
+    train_text(_config(tmp_path, "r", iterations=3, save_checkpoint=True), resume=tmp_path / "r")
+    assert "note: this run was trained by 2 process(es) and resumes with 1" in capsys.readouterr().err
+
+
+def test_progress_messages_only_when_asked(tmp_path, capsys):
+    train_text(_config(tmp_path, "quiet"))
+    assert "loading" not in capsys.readouterr().err
+    train_text(_config(tmp_path, "chatty", progress=True))
+    err = capsys.readouterr().err
+    assert "loading the reference model (tiny) ..." in err and "loading the policy (tiny) ..." in err
