@@ -317,10 +317,11 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
             chunk = obs["input_ids"].gather(1, (P + fed.unsqueeze(1) + offsets).clamp_max(P + B - 1))
         else:
             chunk = action.unsqueeze(1)
+        # >= 0: every row's cache holds its prompt, which is never empty.
         position_ids = cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
         cache_mask = torch.cat([cache_mask, chunk_mask], dim=1)
-        logits, values, cache = policy._forward(chunk, cache_mask, position_ids.clamp_min(0), past_key_values=cache,
-                                                use_cache=True, logits_to_keep=width)
+        logits, values, cache = policy._forward(chunk, cache_mask, position_ids, past_key_values=cache, use_cache=True,
+                                                logits_to_keep=width)
         last = (new - 1).clamp_min(0)
         logits, values = logits[rows, last], values[rows, last]
         fed = fed + new

@@ -1,6 +1,8 @@
 """Multi-turn episodes: the env's tokens are observations, never actions; vector ≡ single; the KL,
 the loss and GAE cover the agent's tokens; the tool task, the textarena adapter, the trainer."""
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -376,6 +378,12 @@ def test_missing_eos_penalty_hits_conversations_that_ran_out_of_context():
     expected = torch.zeros_like(penalty)
     expected[torch.arange(2), last] = 0.5
     torch.testing.assert_close(penalty, expected)
+    # A context of one token: one-token conversations, penalised at that token.
+    one = dataclasses.replace(task, max_context_tokens=1)
+    rollout = collect_rollout(policy, MultiTurnTextVectorEnv(num_envs=2, task=one, model="tiny"), seed=0,
+                              generator=torch.Generator().manual_seed(0))
+    assert rollout.mask.tolist() == [[1.0], [1.0]] and rollout.truncated_response.all()
+    torch.testing.assert_close(shaped_rewards(rollout, 0.0, True, 0.5), rollout.scores[:, None] - 0.5)
 
 
 def test_ppo_learns_the_two_turn_toy_task(tmp_path):
@@ -892,13 +900,27 @@ def test_a_row_that_filled_its_context_while_another_talks_on_is_read_inside_the
     replies: the chunk read for the ended row stays inside the context, every action sits at its
     position in the final observation, and the rollout keeps exactly the columns up to the longest
     conversation."""
+    policy, rollout, lengths = _two_row_rollout(context=14, seed=1)
+    assert rollout.prompts == ["hi", "yo"] and lengths[0] == 14 and rollout.mask[0].sum() < rollout.mask[1].sum()
+    _check_conversations(policy, rollout, lengths)
+
+
+def test_the_rollout_keeps_every_column_up_to_the_longest_conversation_and_no_more():
+    policy, rollout, lengths = _two_row_rollout(context=12, seed=3)
+    assert lengths.min() < lengths.max()
+    _check_conversations(policy, rollout, lengths)
+
+
+def _two_row_rollout(context: int, seed: int):
     policy, _ = _policy()
-    task = FunctionTask(respond=_long_and_short_replies, prompts=["hi", "yo"], max_context_tokens=14, max_turns=50,
+    task = FunctionTask(respond=_long_and_short_replies, prompts=["hi", "yo"], max_context_tokens=context, max_turns=50,
                         max_turn_tokens=2, reply_format="{reply}")
     vec = MultiTurnTextVectorEnv(num_envs=2, task=task, model="tiny")
-    rollout = collect_rollout(policy, vec, seed=1, generator=torch.Generator().manual_seed(1))
-    lengths = vec.conversation_lengths
-    assert rollout.prompts == ["hi", "yo"] and lengths[0] == 14 and rollout.mask[0].sum() < rollout.mask[1].sum()
+    rollout = collect_rollout(policy, vec, seed=seed, generator=torch.Generator().manual_seed(seed))
+    return policy, rollout, vec.conversation_lengths
+
+
+def _check_conversations(policy, rollout, lengths) -> None:
     assert rollout.input_ids.shape[1] == rollout.prompt_len + lengths.max()
     m = rollout.mask.bool()
     inside = rollout.positions.clamp_max(rollout.input_ids.shape[1] - 1)  # past a row's end: masked anyway
