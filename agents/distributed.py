@@ -238,11 +238,12 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
                              "visible); start at most one process per GPU (--nproc-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not tdist.is_initialized():
+    owned = not tdist.is_initialized()
+    if owned:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         tdist.init_process_group(backend=backend, **kwargs)
-        _OWNED = True
+    _OWNED = owned
     comm_device = device if tdist.get_backend() == "nccl" else torch.device("cpu")
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), active=True, device=comm_device), device
 
@@ -260,7 +261,7 @@ def distributed_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]
         shutdown_distributed(synchronize=finished)
 
 
-def shutdown_distributed(synchronize: bool = False) -> None:
+def shutdown_distributed(*, synchronize: bool) -> None:
     """Destroy the process group if :func:`init_distributed` created it (at the end of a run).
 
     ``synchronize``: wait at a barrier first, so that no rank tears its connections down while

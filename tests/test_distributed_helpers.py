@@ -8,6 +8,8 @@ dtypes, missing gradients, the order of the pieces) is checked against exact val
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,11 @@ def peer(monkeypatch):
 
 
 TWO = Dist(rank=1, world_size=2, active=True)
+
+
+def test_rank_zero_is_the_main_process_and_a_plain_dist_is_one_process():
+    assert Dist().rank == 0 and Dist().world_size == 1 and Dist().is_main and not Dist().active
+    assert Dist(rank=0, world_size=2, active=True).is_main and not TWO.is_main
 
 
 def test_all_reduce_sums_or_maxes_in_place_and_returns_the_tensor(peer):
@@ -122,7 +129,7 @@ def test_reduce_gradients_sums_every_gradient_in_buckets_and_counts_a_missing_on
     a, b, c = (torch.nn.Parameter(torch.zeros(shape)) for shape in ((2, 2), (3,), (1,)))
     a.grad = torch.arange(4.0).reshape(2, 2)
     c.grad = torch.tensor([-1.0])
-    TWO.reduce_gradients([a, b, c])
+    TWO.reduce_gradients(p for p in (a, b, c))  # any iterable, as model.parameters() is
     assert [call[2] for call in peer.calls] == [4, 4]  # [a], [b, c]: a bucket is never over its size
     torch.testing.assert_close(a.grad, torch.arange(4.0).reshape(2, 2) * 4)
     torch.testing.assert_close(b.grad, torch.zeros(3))  # this rank had none: zeros, reduced like the rest
@@ -140,7 +147,7 @@ def test_buckets_keep_order_and_never_split_a_tensor(monkeypatch):
 def test_batch_checks_name_the_split():
     from textenv.agents.ppo import PPOConfig
 
-    assert TWO.check_divides("num_envs", 8) == 4
+    assert TWO.check_divides("num_envs", 8) == 4 and type(TWO.check_divides("num_envs", 8)) is int
     with pytest.raises(ValueError, match="^num_envs=7 must divide evenly over the 2 processes of the run$"):
         TWO.check_divides("num_envs", 7)
     assert Dist().check_divides("num_envs", 7) == 7
@@ -183,10 +190,18 @@ def test_increment_recovers_a_batch_and_merge_combines_two_exactly():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     # No new data: an empty increment, which merging leaves out.
     mean0, var0, n0 = _stats(old)
-    _, _, empty = distributed._increment(mean0, var0, n0, mean0, var0, n0)
-    assert float(empty) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0/0 for a rank that saw nothing new
+        empty_mean, empty_var, empty = distributed._increment(mean0, var0, n0, mean0, var0, n0)
+    assert float(empty) == 0.0 and np.isfinite(empty_mean).all() and np.isfinite(empty_var).all()
     for got, want in zip(distributed._merge(mean0, var0, n0, mean0 + 5, var0 + 5, empty), (mean0, var0, n0)):
         np.testing.assert_array_equal(got, want)
+    # One new observation is a batch of one, merged like any other.
+    one = np.concatenate([old, new[:1]])
+    for got, want in zip(distributed._increment(*_stats(one), *_stats(old)), _stats(new[:1])):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for got, want in zip(distributed._merge(*_stats(old), *_stats(new[:1])), _stats(one)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     # Rounding cannot make a recovered variance negative.
     const = np.ones((10, 2))
     _, var_c, _ = distributed._increment(*_stats(np.concatenate([const, const])), *_stats(const))
@@ -212,11 +227,17 @@ def test_sync_running_stats_merges_every_ranks_new_data_in_rank_order(peer):
     peer.peer_object = {"obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))}
     first = distributed.sync_running_stats(state(start), None, TWO)
     np.testing.assert_allclose(first["obs.count"], 35.0)
-    # Nothing to do for one process or no statistics.
+    # Statistics whose names hold dots are grouped by the last dot.
+    dotted = {f"env.obs.{k.split('.')[-1]}": v for k, v in state(np.concatenate([start, mine])).items()}
+    peer.peer_object = {"env.obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))}
+    merged = distributed.sync_running_stats(dotted, {f"env.obs.{k.split('.')[-1]}": v for k, v in synced.items()}, TWO)
+    np.testing.assert_allclose(merged["env.obs.mean"], want["obs.mean"], rtol=1e-10)
+    # Nothing to do for one process (even in a group of one) or no statistics.
     only = state(mine)
     assert distributed.sync_running_stats(only, synced, Dist()) is only
+    assert distributed.sync_running_stats(only, synced, Dist(world_size=1, active=True)) is only
     assert distributed.sync_running_stats({}, synced, TWO) == {}
-    assert len(peer.calls) == 2
+    assert len(peer.calls) == 3
 
 
 def _torchrun_variables(monkeypatch, port: int) -> None:

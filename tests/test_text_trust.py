@@ -651,6 +651,12 @@ def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_pr
     plain, sharded = rollouts
     assert not _is_sharded(policies[0]) and _is_sharded(policies[1])
     assert all(isinstance(p, DTensor) for p in policies[1].parameters())
+    from torch.distributed.fsdp import FSDPModule
+
+    lm = policies[1].lm
+    blocks = [m for m in lm.modules() if any(c.__name__ in lm._no_split_modules for c in type(m).__mro__)]
+    assert blocks and all(isinstance(m, FSDPModule) for m in blocks)  # each block its own unit
+    assert isinstance(policies[1].value_head, FSDPModule)  # and the fp32 value head
     assert sharded.responses == plain.responses
     for name in ("actions", "logprobs", "values", "ref_logprobs", "mask", "scores"):
         torch.testing.assert_close(getattr(sharded, name), getattr(plain, name), msg=name)
@@ -734,3 +740,15 @@ def test_progress_messages_only_when_asked(tmp_path, capsys):
     train_text(_config(tmp_path, "chatty", progress=True))
     err = capsys.readouterr().err
     assert "loading the reference model (tiny) ..." in err and "loading the policy (tiny) ..." in err
+
+
+def test_fsdp_needs_the_models_transformer_blocks(one_process_group):
+    from textenv.agents.distributed import shard_policy
+    from textenv.agents.lm import LMActorCritic
+    from textenv.models import load_causal_lm
+
+    lm, _ = load_causal_lm("tiny")
+    lm._no_split_modules = None
+    with pytest.raises(ValueError, match=r"^--fsdp: cannot find the transformer blocks of \w+ \(it lists no "
+                                         r"_no_split_modules\)$"):
+        shard_policy(LMActorCritic(lm), lm)
