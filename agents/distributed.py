@@ -251,8 +251,8 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 @contextmanager
 def distributed_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
     """``(dist, this rank's device)`` for one training run (:func:`init_distributed`), the
-    process group destroyed at the end if the run created it: after every rank has finished
-    when the run ends normally (rank 0 may still be evaluating), at once when it raised."""
+    process group destroyed at the end if the run created it: with gloo after every rank has
+    finished when the run ends normally (rank 0 may still be evaluating), at once when it raised."""
     finished = False
     try:
         yield init_distributed(device)
@@ -264,15 +264,17 @@ def distributed_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]
 def shutdown_distributed(*, synchronize: bool) -> None:
     """Destroy the process group if :func:`init_distributed` created it (at the end of a run).
 
-    ``synchronize``: wait at a barrier first, so that no rank tears its connections down while
-    another still uses them (a rank that exits early has aborted in gloo's teardown).
+    ``synchronize``: with gloo, wait at a barrier first, so that no rank tears its connections
+    down while another still uses them (a rank that left early has aborted in gloo's teardown).
+    Not with nccl, whose teardown finalizes its own communicators and whose barrier would time
+    out (10 minutes) on ranks waiting for a long final evaluation on rank 0.
     """
     global _OWNED
     owned, _OWNED = _OWNED, False
     if not (owned and tdist.is_initialized()):
         return
     try:
-        if synchronize:
+        if synchronize and tdist.get_backend() == "gloo":
             with Dist()._collective():
                 tdist.barrier()
     finally:
