@@ -86,6 +86,8 @@ class MutationConfig:
     """run only the mutants of the statements starting on these lines (e.g. the lines a change rewrote)"""
     select: Literal["coverage", "all"] = "coverage"
     """which tests each mutant runs: those that execute its lines (one traced run first), or all of them"""
+    explain: str | None = None
+    """rewrite this earlier report's survivor reasons from the current equivalents file, run nothing, and exit"""
     lines_cache: str | None = None
     """keep the traced run's line-to-tests map here and reuse it for other modules while the sources are unchanged"""
     on_disk: bool = False
@@ -642,6 +644,34 @@ def survivors_in(report_path: Path) -> set[tuple[str, str, str]]:
     return found
 
 
+def explain_report(report_path: Path, module: str) -> int:
+    """Rewrite a report's survivor reasons (and its explained/unexplained counts) from the current
+    equivalents file, without running anything; return how many survivors stay unexplained."""
+    import re
+
+    row = re.compile(r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$")
+    explained = load_equivalents(module)
+    lines = report_path.read_text().splitlines()
+    counts = Counter()
+    for i, line in enumerate(lines):
+        match = row.match(line)
+        if not match:
+            continue
+        key = (match["scope"], match["original"].replace("\\|", "|"), match["mutated"].replace("\\|", "|"))
+        why = explained.get(key)
+        counts[bool(why)] += 1
+        if why:
+            lines[i] = f"{line[: match.end('mutated') + 1]} | {_cell(why)} |"
+    for i, line in enumerate(lines):  # the totals row follows the header that names its columns
+        if line.startswith("| mutants | killed |"):
+            cells = lines[i + 2].split(" | ")
+            cells[-2], cells[-1] = str(counts[True]), f"{counts[False]} |"
+            lines[i + 2] = " | ".join(cells)
+            break
+    report_path.write_text("\n".join(lines) + "\n")
+    return counts[False]
+
+
 def family(operator: str) -> str:
     """The kind of change an operator label names, for the per-operator table."""
     first = operator.split(" ")[0]
@@ -750,6 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.on_disk and (args.select != "all" or args.jobs != 1):
         raise SystemExit("error: --on-disk writes one mutant at a time over the module, which processes the tests "
                          "spawn import: it needs --select all and --jobs 1")
+    if args.explain is not None:
+        unexplained = explain_report(Path(args.explain), args.module)
+        print(f"{args.explain}: {unexplained} survivor(s) not explained")
+        return 0
     command = "python -m benchmarks.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
     path = Path(args.module)
     if path.is_absolute() or not path.exists():
