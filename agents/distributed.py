@@ -20,7 +20,10 @@ exits non-zero) and stop with :class:`PeerFailed`, never hang.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -240,6 +243,13 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     owned = not tdist.is_initialized()
     if owned:
+        # torch.distributed.nn.functional binds group.WORLD as its functions' default group when
+        # first imported, and torch._dynamo imports it (torch.optim's first step imports dynamo).
+        # Imported after the group exists, it keeps the group alive past destroy_process_group,
+        # its gloo threads still running at interpreter exit, where a rank has aborted
+        # ("terminate called without an active exception"). Imported first, it binds None.
+        importlib.import_module("torch.distributed.nn.functional")
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         tdist.init_process_group(backend=backend, **kwargs)
@@ -268,6 +278,9 @@ def shutdown_distributed(*, synchronize: bool) -> None:
     down while another still uses them (a rank that left early has aborted in gloo's teardown).
     Not with nccl, whose teardown finalizes its own communicators and whose barrier would time
     out (10 minutes) on ranks waiting for a long final evaluation on rank 0.
+
+    The group is freed here, its threads joined, not at interpreter exit: torch's caches that
+    would keep it alive are cleared (a gloo group alive at exit has aborted a rank).
     """
     global _OWNED
     owned, _OWNED = _OWNED, False
@@ -279,6 +292,24 @@ def shutdown_distributed(*, synchronize: bool) -> None:
                 tdist.barrier()
     finally:
         tdist.destroy_process_group()
+        _drop_device_meshes()
+        gc.collect()  # the group's last references may sit in cycles: free it (and join its threads) now
+
+
+def _drop_device_meshes() -> None:
+    """Clear ``torch.distributed.tensor``'s caches, which keep the device meshes of a sharded
+    run, and with them its process group, alive past ``destroy_process_group``."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    try:
+        from torch.distributed.tensor import _collective_utils, _redistribute, debug
+
+        debug._clear_sharding_prop_cache()
+        _redistribute.clear_redistribute_planner_cache()
+        _redistribute._gen_transform_infos.cache_clear()
+        _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    except (ImportError, AttributeError):
+        pass  # another torch's internals; tests/test_torchrun.py checks that no group outlives a run
 
 
 def sync_running_stats(state: dict[str, np.ndarray], synced: dict[str, np.ndarray] | None,

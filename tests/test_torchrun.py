@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.torchrun_main import THREADS_LINE
+
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ["--env-id", "CartPole-v1", "--num-envs", "8", "--num-steps", "16", "--no-progress", "--no-tensorboard",
             "--eval-episodes", "2"]
@@ -22,15 +24,22 @@ TOY = ["--task", "Toy", "--model", "tiny", "--num-envs", "4", "--max-new-tokens"
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
+    """``torchrun -m module args``, each rank reporting the threads it has left when main returns."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", module, *args]
+           "-m", "tests.torchrun_main", module, *args]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TEXTENV_TRACEBACK", None)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 180, nproc: int = 2) -> tuple[int, str, str]:
+    """Wait for a torchrun launch; every rank whose main returned has left no gloo thread (a
+    process group kept alive past the run has aborted a rank at exit)."""
     out, err = proc.communicate(timeout=timeout)
+    left = [json.loads(line.split(THREADS_LINE, 1)[1]) for line in err.splitlines() if THREADS_LINE in line]
+    assert not [name for names in left for name in names if "gloo" in name], left
+    if proc.returncode == 0 and Path("/proc/self/task").is_dir():
+        assert len(left) == nproc, err
     return proc.returncode, out, err
 
 
