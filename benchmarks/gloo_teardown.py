@@ -2,15 +2,14 @@
 
     python -m benchmarks.gloo_teardown --launches 120 --parallel 3
 
-Each launch is ``torchrun --standalone --nproc-per-node 2`` of a short rank body: an all-reduce
-and one Adam step (torch.optim's first step imports ``torch._dynamo``, which imports
-``torch.distributed.nn.functional``), then the end of the run. The two sides differ only in
-what happens to the process group:
+Each launch is ``torchrun --standalone --nproc-per-node 2`` of a short rank body: an import of
+``torch.distributed.nn.functional`` (what ``torch._dynamo``'s import does, and torch.optim's
+first step imports ``torch._dynamo``), an all-reduce, then the end of the run. The two sides
+differ only in what happens to the process group:
 
-- ``leaked``: the group is created first and the optimizer step comes after, so
-  ``torch.distributed.nn.functional`` binds it as its functions' default argument; it outlives
-  ``destroy_process_group`` and its gloo threads are still running at interpreter exit (what
-  every torchrun run of this project did before the fix);
+- ``leaked``: the group is created before that import, so the module binds it as its
+  functions' default argument; it outlives ``destroy_process_group`` and its gloo threads are
+  still running at interpreter exit (what every torchrun run of this project did before the fix);
 - ``freed``: the project's own ``distributed_run`` (``textenv.agents.distributed``), which
   imports that module before creating the group, so the group is freed when the run ends.
 
@@ -39,26 +38,25 @@ SIDES = ("leaked", "freed")
 def rank_body(side: str) -> None:
     import torch.distributed as tdist
 
-    model = torch.nn.Linear(4, 1)
     if side == "leaked":
         tdist.init_process_group("gloo")
-        run(model)
+        run()
         tdist.barrier()
         tdist.destroy_process_group()
     else:
         from textenv.agents.distributed import distributed_run
 
         with distributed_run(torch.device("cpu")):
-            run(model)
+            run()
 
 
-def run(model: torch.nn.Module) -> None:
+def run() -> None:
+    import importlib
+
     import torch.distributed as tdist
 
-    model(torch.ones(2, 4)).sum().backward()
-    for p in model.parameters():
-        tdist.all_reduce(p.grad)
-    torch.optim.Adam(model.parameters()).step()
+    importlib.import_module("torch.distributed.nn.functional")
+    tdist.all_reduce(torch.ones(3))
 
 
 def launch(side: str) -> tuple[str, int, bool]:
