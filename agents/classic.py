@@ -363,8 +363,9 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
 
     def as_t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(x, dtype=dtype, device=device)
-    start = time.perf_counter() - (state["wall_time_s"] if resume is not None else 0.0)
+    # One clock reading for the session's start and the run's: steps per second and wall time agree.
     start_step, start_clock = global_step, time.perf_counter()
+    start = start_clock - (state["wall_time_s"] if resume is not None else 0.0)
 
     def checkpoint(iteration: int) -> Path:
         path = run_dir / "checkpoint.safetensors"
@@ -455,12 +456,12 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 values = torch.stack([stats[k].float() for k in keys]).tolist()
                 metrics: dict[str, float] = dict(zip(keys, values))
                 recent_returns.extend(iter_returns)
-                elapsed = time.perf_counter() - start
+                now = time.perf_counter()
                 metrics |= {
                     "iteration": iteration,
                     "learning_rate": lr,
-                    "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
-                    "wall_time_s": elapsed,
+                    "sps": (global_step - start_step) / (now - start_clock),
+                    "wall_time_s": now - start,
                 }
                 if iter_returns:
                     metrics |= {
@@ -475,7 +476,8 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                     checkpoint(iteration)
     finally:
-        wall_time = time.perf_counter() - start
+        end = time.perf_counter()
+        wall_time = end - start
         norm_state = normalization_state(envs)
         envs.close()
 
@@ -484,7 +486,7 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
         "seed": config.seed,
         "global_step": global_step,
         "wall_time_s": wall_time,
-        "sps": (global_step - start_step) / (time.perf_counter() - start_clock),
+        "sps": (global_step - start_step) / (end - start_clock),
         "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
         "run_dir": str(run_dir),
     }
