@@ -275,7 +275,7 @@ def shutdown_distributed(*, synchronize: bool) -> None:
     """Destroy the process group if :func:`init_distributed` created it (at the end of a run).
 
     ``synchronize``: with gloo, wait at a barrier first, so that no rank tears its connections
-    down while another still uses them (a rank that left early has aborted in gloo's teardown).
+    down while another still uses them, and a peer that failed at the end is a :class:`PeerFailed`.
     Not with nccl, whose teardown finalizes its own communicators and whose barrier would time
     out (10 minutes) on ranks waiting for a long final evaluation on rank 0.
 
