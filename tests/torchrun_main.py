@@ -25,5 +25,7 @@ def thread_names() -> list[str]:
 if __name__ == "__main__":
     code = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
     if os.path.isdir("/proc/self/task"):
-        print(THREADS_LINE, json.dumps(thread_names()), file=sys.stderr, flush=True)
+        # One write: the ranks share stderr unbuffered, and print's pieces interleave between them.
+        sys.stderr.flush()
+        os.write(2, f"{THREADS_LINE} {json.dumps(thread_names())}\n".encode())
     sys.exit(code)
