@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Median whole-process time relative to textenv-ppo: " + ", ".join(
             f"{lib} {medians[lib] / medians['textenv-ppo']:.1f}×" for lib in args.libs if lib != "textenv-ppo")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -264,7 +264,9 @@ def report(out_dir: Path, command: str, note: str = "") -> None:
                 f"| {_fmt([r['eval_return_mean'] for r in rs])} | {np.mean([r['sps'] for r in rs]):,.0f} "
                 f"| {np.mean([r['wall_time_s'] for r in rs]):.1f} | {CLEANRL.get(env, '–') if lib == libs[0] else ''} |"
             )
-    (out_dir / "classic.md").write_text("\n".join(lines) + "\n")
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(out_dir / "classic.md", "\n".join(lines) + "\n")
     plot(rows, envs, libs, out_dir / "classic.png")
     print("\n".join(lines))
 

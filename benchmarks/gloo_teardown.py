@@ -106,7 +106,9 @@ def main() -> None:
         *rows,
         "",
     ])
-    Path(args.out).write_text(text)
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(args.out, text)
     print(text)
 
 

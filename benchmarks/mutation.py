@@ -668,7 +668,9 @@ def explain_report(report_path: Path, module: str) -> int:
             cells[-2], cells[-1] = str(counts[True]), f"{counts[False]} |"
             lines[i + 2] = " | ".join(cells)
             break
-    report_path.write_text("\n".join(lines) + "\n")
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(report_path, "\n".join(lines) + "\n")
     return counts[False]
 
 
@@ -839,7 +841,9 @@ def main(argv: list[str] | None = None) -> int:
                                args.select, args.on_disk)
     out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(out, text)
     counts = Counter(outcomes)
     print(f"killed {counts['killed']} + timeout {counts['timeout']} / {len(mutants)}; survived {counts['survived']} "
           f"({unexplained} not explained); report: {out}")

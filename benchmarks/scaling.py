@@ -125,8 +125,10 @@ def write(results: dict, config: ScalingConfig, cmdline: str | list[str]) -> Non
         lines += ["", f"Throughput ratio (2 procs / 1 proc): **{b / a:.2f}×**.", ""]
     png = Path(config.out).with_suffix(".png")
     lines += [f"Learning curves of every run: `{png.name}`.", ""]
-    Path(config.out).write_text("\n".join(lines))
-    Path(config.out).with_suffix(".json").write_text(json.dumps(results | {"commands": commands}, indent=1))
+    from textenv.agents.runlog import atomic_write_text
+
+    atomic_write_text(config.out, "\n".join(lines))
+    atomic_write_text(Path(config.out).with_suffix(".json"), json.dumps(results | {"commands": commands}, indent=1))
     _plot(results, png)
 
 
