@@ -668,9 +668,7 @@ def explain_report(report_path: Path, module: str) -> int:
             cells[-2], cells[-1] = str(counts[True]), f"{counts[False]} |"
             lines[i + 2] = " | ".join(cells)
             break
-    from textenv.agents.runlog import atomic_write_text
-
-    atomic_write_text(report_path, "\n".join(lines) + "\n")
+    _write_atomic(report_path, "\n".join(lines) + "\n")
     return counts[False]
 
 
@@ -688,6 +686,13 @@ def family(operator: str) -> str:
     if first in ("And", "Or"):
         return "and <-> or"
     return "comparison" if issubclass(getattr(ast, first), ast.cmpop) else "arithmetic"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A temp file and a rename (the tool imports no project module, so not runlog's helper)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _cell(text: str) -> str:
@@ -841,9 +846,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.select, args.on_disk)
     out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from textenv.agents.runlog import atomic_write_text
-
-    atomic_write_text(out, text)
+    _write_atomic(out, text)
     counts = Counter(outcomes)
     print(f"killed {counts['killed']} + timeout {counts['timeout']} / {len(mutants)}; survived {counts['survived']} "
           f"({unexplained} not explained); report: {out}")
