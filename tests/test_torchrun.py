@@ -200,3 +200,18 @@ def test_two_processes_merge_their_normalisation_statistics(tmp_path):
     counts = [float(load_file(str(next((tmp_path / side).iterdir()) / "checkpoint.safetensors"))["norm.obs_rms.count"][0])
               for side in ("one", "two")]
     assert counts[0] > 256 and counts[1] == pytest.approx(counts[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed from /proc")
+def test_a_rank_reports_its_threads_in_one_write(monkeypatch):
+    """Two ranks print to one stderr; a report written in pieces can interleave with the other
+    rank's into a line that does not parse."""
+    from tests import torchrun_main
+
+    writes = []
+    monkeypatch.setattr(torchrun_main.os, "write", lambda fd, data: writes.append((fd, data)) or len(data))
+    torchrun_main.report_threads()
+    ((fd, data),) = writes
+    line = data.decode()
+    assert fd == 2 and line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line.split(THREADS_LINE, 1)[1]) == torchrun_main.thread_names()

@@ -22,10 +22,15 @@ def thread_names() -> list[str]:
     return names
 
 
+def report_threads(fd: int = 2) -> None:
+    """The threads line, in one write: the ranks share stderr unbuffered, and print's pieces
+    interleave between them into lines that hold two reports."""
+    sys.stderr.flush()
+    os.write(fd, f"{THREADS_LINE} {json.dumps(thread_names())}\n".encode())
+
+
 if __name__ == "__main__":
     code = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
     if os.path.isdir("/proc/self/task"):
-        # One write: the ranks share stderr unbuffered, and print's pieces interleave between them.
-        sys.stderr.flush()
-        os.write(2, f"{THREADS_LINE} {json.dumps(thread_names())}\n".encode())
+        report_threads()
     sys.exit(code)
