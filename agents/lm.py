@@ -66,6 +66,8 @@ class LMActorCritic(nn.Module):
         column of each action in ``input_ids`` (the logits one column before give its
         distribution). With ``entropy_grad=False`` the entropy is a detached diagnostic (no
         backward through the full-vocabulary softmax when the loss has no entropy bonus).
+        Log-probs are of the tempered distribution after this policy's top-k/top-p filter: the
+        distribution :func:`textenv.agents.text.collect_rollout` samples from.
         """
         T = actions.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -78,19 +80,28 @@ class LMActorCritic(nn.Module):
             j = (positions - prompt_len).clamp(0, keep - 1)  # logits[:, j] are at column prompt_len - 1 + j
             logits = logits.gather(1, j.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             values = values.gather(1, j)
-        logp_all = torch.log_softmax(logits, dim=-1)
+        # The distribution the rollout sampled from: a ratio compares it with itself.
+        logp_all = torch.log_softmax(filter_logits(logits, self.top_k, self.top_p), dim=-1)
         logprob = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = entropy_of(logp_all)
         return logprob, entropy, values
+
+
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dimension from log-probs; a ``-inf`` entry (a filtered or masked
+    token) contributes 0 to the value and to the gradient, not ``0 · -inf = NaN``."""
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k / nucleus filtering (``-inf`` outside the kept set); identity with ``top_k=0, top_p=1``.
 
-    Sampling from the filtered distribution while the update scores tokens under the full one
-    biases the PPO ratio (the stored log-prob is of the filtered distribution); that is why
-    both are off by default.
+    The rollout and :meth:`LMActorCritic.evaluate_responses` both apply it, so PPO's ratio is of
+    the filtered distribution on both sides. The env's reference scores the unfiltered one, so
+    a KL to it would not be 0 for a policy equal to it: the text trainer refuses top-k/top-p
+    (as TRL's PPO does) and evaluation accepts them.
     """
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]

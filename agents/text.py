@@ -31,7 +31,7 @@ from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
 from textenv.agents.gae import gae
-from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
+from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
 from textenv.agents.runlog import check_writable_dir
 from textenv.agents.training import LinearLR, TrainingRun, resumed_world_note, seed_everything, summary_line
@@ -97,11 +97,8 @@ class TextTrainConfig:
     missing_eos_penalty: float | None = None
     """subtract this from the score of responses that hit the budget without EOS"""
     temperature: float = 1.0
-    """sampling temperature; the policy's and the reference's log-probs are both of the tempered distribution"""
-    top_k: int = 0
-    """sample among the k most likely tokens (0: off; on, it biases the PPO ratio)"""
-    top_p: float = 1.0
-    """nucleus sampling (1: off; below 1 it biases the PPO ratio)"""
+    """sampling temperature; the policy's and the reference's log-probs are both of the tempered distribution
+    (training samples from the whole tempered distribution: top-k/top-p are for textenv-evaluate)"""
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     anneal_lr: bool = True
@@ -128,8 +125,13 @@ class TextTrainConfig:
     """seed of prompts, sampling and minibatches"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
-    bf16: bool = True
-    """bf16 weights on CUDA (CPU always runs fp32)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards under
+    bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
+    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
+    """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward), recompute
+    (one no-grad pass of the update's own forward before the epochs, so the first ratio is exactly 1);
+    auto: recompute under bf16, on CUDA or with --fsdp, where the two forwards differ by more than rounding"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the update"""
     lora_r: int = 0
@@ -192,7 +194,27 @@ class TextTrainConfig:
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(f"--advantage {self.advantage} needs --group-size >= 2 (its baseline is the other "
                              f"responses to the same prompt), got {self.group_size}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.old_logprobs not in ("auto", "rollout", "recompute"):
+            raise ValueError(f"old_logprobs must be auto, rollout or recompute, got {self.old_logprobs!r}")
         self.ppo.validate(self.num_envs)
+
+    def bf16(self, device: torch.device) -> bool:
+        """Whether the run computes in bf16 on ``device``."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
+    def recompute_old_logprobs(self, device: torch.device) -> bool:
+        """Whether old log-probs come from the update's forward (see ``old_logprobs``)."""
+        if self.old_logprobs != "auto":
+            return self.old_logprobs == "recompute"
+        return self.bf16(device) or device.type == "cuda" or self.fsdp
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when ``bf16`` (weights stay fp32: small updates are not
+    rounded away), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @dataclass
@@ -280,11 +302,10 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
     fed_host = np.zeros(N, dtype=np.int64)
     for t in range(B):
         logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
-        probs = logp_all.exp()
-        action = sample_categorical(probs, generator)
+        action = sample_categorical(logp_all.exp(), generator)
         cols["actions"].append(action)
         cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
-        cols["entropy"].append(-(probs * torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))).sum(-1))
+        cols["entropy"].append(entropy_of(logp_all))
         cols["values"].append(values)
         cols["mask"].append(active.float())
         cols["positions"].append(P - start + fed)
@@ -339,6 +360,28 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
         scores=scores, truncated_response=truncated, prompts=list(info["prompt"]),
         responses=[r or "" for r in responses], prompt_len=P - start, **stacked,
     )
+
+
+def recompute_logprobs(policy: LMActorCritic, rollout: Rollout, chunk: int) -> Rollout:
+    """``rollout`` with its log-probs, entropies and values from the update's own forward
+    (:meth:`LMActorCritic.evaluate_responses`, no gradient, ``chunk`` rows at a time), so that
+    PPO's first ratio is exactly 1 where the KV-cached sampling forward differs from it (bf16,
+    GPU kernels, sharding); 0 past each response's end."""
+    parts = []
+    with torch.no_grad():
+        for i in range(0, rollout.actions.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            positions = None if rollout.positions is None else rollout.positions[rows]
+            parts.append(policy.evaluate_responses(rollout.input_ids[rows], rollout.attention_mask[rows],
+                                                   rollout.actions[rows], rollout.prompt_len, entropy_grad=False,
+                                                   positions=positions))
+    if _is_sharded(policy):
+        policy.reshard()  # as after the rollout: the optimizer holds the shards
+    keep = rollout.mask > 0
+    logprobs, entropy, values = (torch.where(keep, torch.cat(x), 0.0) for x in zip(*parts))
+    if policy.value_head is None:
+        values = rollout.values
+    return dataclasses.replace(rollout, logprobs=logprobs, entropy=entropy, values=values)
 
 
 class AdaptiveKLController:
@@ -405,6 +448,11 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
     raw["ppo"] = PPOConfig(**raw["ppo"])
     if "kl_shaping" in raw:  # the field's name before it was reference_pass
         raw["reference_pass"] = raw.pop("kl_shaping")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TextTrainConfig)})
+    if unknown:
+        raise ValueError(f"{run_dir / 'config.json'} has settings this version does not have ({', '.join(unknown)}): "
+                         "it was written by an older version (see CHANGELOG.md); start a new run from its weights "
+                         f"with --model {run_dir / 'policy'}")
     return TextTrainConfig(**raw)
 
 
@@ -456,7 +504,11 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                              f"as --advantage {config.advantage} (one trains a value head, the other has none)")
     set_torch_threads(config.torch_threads)
     seed_everything(config.seed)
-    dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
+    # fp32 weights everywhere; bf16 is autocast, around the reference's forwards too, so that a
+    # policy equal to the reference scores every token exactly as it does.
+    dtype, bf16 = torch.float32, config.bf16(device)
+    recompute = config.recompute_old_logprobs(device)
+    micro_batch = local_envs // config.ppo.num_minibatches // config.ppo.grad_accum_steps
 
     task_kwargs, held_out = task_settings(config)
     if held_out:  # held-out prompts are never trained on when there is an evaluation on them
@@ -483,8 +535,7 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         enable = getattr(policy_lm, "activation_checkpointing_enable", None) or policy_lm.gradient_checkpointing_enable
         enable()
         policy_lm.config.use_cache = False
-    policy = LMActorCritic(policy_lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           value_head=needs_critic(config.advantage))
+    policy = LMActorCritic(policy_lm, temperature=config.temperature, value_head=needs_critic(config.advantage))
     dist.broadcast_parameters(p for p in policy.parameters() if p.requires_grad)
     if config.fsdp:
         shard_policy(policy, policy_lm)
@@ -533,7 +584,8 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     history: list[dict[str, float]] = []
     if eval_envs is not None and eval_before is None:
         say(f"sampling {config.eval_samples} responses on held-out prompts before training ...")
-        eval_before = evaluate_held_out(policy, eval_envs, config.seed)
+        with autocast(device, bf16):
+            eval_before = evaluate_held_out(policy, eval_envs, config.seed)
     from tqdm import tqdm
 
     bar = tqdm(range(first_iteration, config.iterations + 1), disable=not (config.progress and dist.is_main), unit="it",
@@ -550,9 +602,14 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 # their own block of seeds, so no iteration replays another's prompts and global
                 # row j draws the same prompt with any number of processes.
                 prompt_seed = prompt_seeds(config.seed, iteration, config.num_envs) + dist.rank * local_envs
-                rollout = collect_rollout(policy, envs, seed=prompt_seed, generator=generator,
-                                          group_size=config.group_size)
+                with autocast(device, bf16):
+                    rollout = collect_rollout(policy, envs, seed=prompt_seed, generator=generator,
+                                              group_size=config.group_size)
                 rollout_s = time.perf_counter() - t0
+                if recompute:
+                    with autocast(device, bf16):
+                        rollout = recompute_logprobs(policy, rollout, micro_batch)
+                recompute_s = time.perf_counter() - t0 - rollout_s
                 rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
                 if needs_critic(config.advantage):
                     advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
@@ -572,10 +629,11 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                     batch["positions"] = rollout.positions
 
                 def evaluate(mb: dict[str, torch.Tensor]):
-                    logprob, entropy, value = policy.evaluate_responses(
-                        mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
-                        entropy_grad=config.ppo.ent_coef != 0, positions=mb.get("positions"),
-                    )
+                    with autocast(device, bf16):
+                        logprob, entropy, value = policy.evaluate_responses(
+                            mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
+                            entropy_grad=config.ppo.ent_coef != 0, positions=mb.get("positions"),
+                        )
                     if not config.kl_in_loss:
                         return logprob, entropy, value
                     return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
@@ -597,7 +655,8 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 elapsed = time.perf_counter() - start
                 metrics |= {"iteration": iteration, "kl_coef": beta, "learning_rate": lr,
                             "rollout_tokens_per_s": tokens / rollout_s, "tokens_per_s": total_tokens / elapsed,
-                            "rollout_s": rollout_s, "update_s": update_s, "wall_time_s": elapsed}
+                            "rollout_s": rollout_s, "recompute_s": recompute_s, "update_s": update_s,
+                            "wall_time_s": elapsed}
                 history.append(metrics)
                 if dist.is_main and config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
                     run.logger.text("samples", _samples_table(rollout), iteration)
@@ -627,7 +686,8 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         summary["world_size"] = dist.world_size
     if eval_envs is not None:
         say(f"sampling {config.eval_samples} responses on held-out prompts after training ...")
-        after = evaluate_held_out(policy, eval_envs, config.seed)
+        with autocast(device, bf16):
+            after = evaluate_held_out(policy, eval_envs, config.seed)
         summary |= {"eval_samples": config.eval_samples, "eval_score_before": eval_before["score"],
                     "eval_score_before_se": eval_before["score_se"], "eval_score_after": after["score"],
                     "eval_score_after_se": after["score_se"], "eval_kl_after": after["kl"]}
@@ -758,10 +818,13 @@ def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
                                prompts=absolute(config.prompts))
 
 
-def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str = "cpu") -> dict[str, Any]:
+def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str = "cpu", top_k: int = 0,
+                      top_p: float = 1.0) -> dict[str, Any]:
     """Sample ``samples`` responses of a text run's saved policy on its task (the held-out
     prompts when it was trained with them) and return the mean score, its standard error and
-    the KL to the reference; the reward, temperature and budget are the run's."""
+    the KL to the reference; the reward, temperature and budget are the run's. ``top_k`` /
+    ``top_p`` filter the sampling distribution; the KL is then that of the filtered policy to the
+    whole (tempered) reference, which is not 0 even for a policy equal to the reference."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     run_dir = Path(run_dir)
@@ -771,7 +834,7 @@ def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str 
     envs = make_text_envs(config, samples, task_kwargs | {"split": "test" if held_out else "all"}, device,
                           torch.float32, "at_end")
     lm, _ = load_causal_lm(str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code)
-    policy = LMActorCritic(lm, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+    policy = LMActorCritic(lm, temperature=config.temperature, top_k=top_k, top_p=top_p,
                            value_head=False)  # sampling only
     result = evaluate_held_out(policy, envs, seed)
     envs.close()

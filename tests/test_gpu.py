@@ -83,12 +83,12 @@ def test_the_classic_trainer_keeps_a_torch_env_on_the_gpu(tmp_path, monkeypatch)
     assert all(p.device.type == "cpu" for p in reloaded.parameters())
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_the_text_trainer_learns_the_toy_task_on_the_gpu(tmp_path, bf16):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_text_trainer_learns_the_toy_task_on_the_gpu(tmp_path, precision):
     from textenv.agents.text import TextTrainConfig, train_text
 
     config = TextTrainConfig(task="Toy", model="tiny", iterations=15, num_envs=32, learning_rate=3e-3, kl_coef=0.0,
-                             seed=1, device="cuda", bf16=bf16, runs_dir=str(tmp_path), tensorboard=False, progress=False,
+                             seed=1, device="cuda", precision=precision, runs_dir=str(tmp_path), tensorboard=False, progress=False,
                              save_checkpoint=False, run_name="toy")
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.1 and summary["score_mean_last"] > 0.5, summary

@@ -32,6 +32,11 @@ class EvalConfig:
     pip install "textenv-ppo[video]")"""
     device: str = "cpu"
     """auto, cpu or cuda"""
+    top_k: int = 0
+    """text: sample among the k most likely tokens (0: off)"""
+    top_p: float = 1.0
+    """text: nucleus sampling (1: off); with either filter the KL printed is the filtered policy's to the whole
+    reference"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.video_dir is not None:
                 raise ValueError("--video-dir records classic envs only")
-            print(json.dumps(evaluate_text_run(path, args.episodes, args.seed, args.device)))
+            print(json.dumps(evaluate_text_run(path, args.episodes, args.seed, args.device, args.top_k, args.top_p)))
             return 0
         return evaluate_classic(args, path)
 
@@ -58,6 +63,8 @@ def evaluate_classic(args: EvalConfig, path: Path) -> int:
     from textenv.agents.classic import evaluate_policy, load_checkpoint
     from textenv.agents.device import resolve_device
 
+    if args.top_k or args.top_p != 1.0:
+        raise ValueError("--top-k/--top-p filter a language model's sampling; a classic run has none")
     if path.suffix != ".safetensors":
         path = path / "checkpoint.safetensors"
     if args.video_dir is not None:

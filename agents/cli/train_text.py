@@ -30,6 +30,11 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
     if any(a == "--kl-shaping" or a.startswith("--kl-shaping=") for a in argv):
         print("warning: --kl-shaping is renamed --reference-pass", file=sys.stderr)
         argv = [a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a for a in argv]
+    for flag in ("--top-k", "--top-p"):
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise ValueError(f"{flag} is for sampling at evaluation (textenv-evaluate {flag}): training samples from "
+                             "the whole tempered distribution, the only one whose PPO ratio and KL to the reference "
+                             "compare like with like")
     default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
     args = tyro.cli(TextTrainArgs, default=with_resume(TextTrainArgs, default, resume), args=argv,
                     config=(tyro.conf.OmitArgPrefixes,), description="PPO on a text task.")
