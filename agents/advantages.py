@@ -41,7 +41,9 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, scale: bool = True) 
     """``(R_i - mean_g R) / (std_g R + 1e-4)`` per response (std with Bessel's correction, as
     ``torch.std``); ``scale=False`` leaves out the division. ``returns``: ``[N]``."""
     if group_size < 2:
-        raise ValueError(f"grpo needs group_size >= 2 (the spread of one response is undefined), got {group_size}")
+        raise ValueError(
+            f"grpo needs group_size >= 2 (the spread of one response is undefined), got {group_size}"
+        )
     g = _groups(returns, group_size)
     centred = g - g.mean(dim=1, keepdim=True)
     if scale:
@@ -52,8 +54,10 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, scale: bool = True) 
 def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     """``R_i - mean_{j != i} R_j`` over each group (the leave-one-out baseline). ``returns``: ``[N]``."""
     if group_size < 2:
-        raise ValueError(f"rloo needs group_size >= 2 (a leave-one-out baseline over a group of 1 is undefined), "
-                         f"got {group_size}")
+        raise ValueError(
+            f"rloo needs group_size >= 2 (a leave-one-out baseline over a group of 1 is undefined), "
+            f"got {group_size}"
+        )
     g = _groups(returns, group_size)
     baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
     return (g - baseline).reshape(-1)
@@ -70,8 +74,15 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> to
     return out * mask
 
 
-def critic_free_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
-                           gamma: float = 1.0, grpo_scale: bool = True, dist=None) -> torch.Tensor:
+def critic_free_advantages(
+    estimator: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    grpo_scale: bool = True,
+    dist=None,
+) -> torch.Tensor:
     """Per-token advantages ``[N, T]`` of ``grpo``, ``rloo`` or ``reinforce_pp`` (see the module).
     With ``dist`` (several processes), reinforce_pp whitens over every rank's tokens; a group
     never spans ranks, so grpo and rloo need nothing global."""

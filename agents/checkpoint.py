@@ -41,7 +41,9 @@ def pack_training_state(
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     np_state = np.random.get_state()
     tensors["rng.numpy.keys"] = torch.as_tensor(np_state[1].astype(np.int64))
-    metadata["rng.numpy"] = json.dumps([np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
+    metadata["rng.numpy"] = json.dumps(
+        [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]
+    )
     metadata["rng.python"] = json.dumps(random.getstate(), default=list)
     return tensors, metadata
 
@@ -61,14 +63,18 @@ def unpack_training_state(
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.param_groups"])})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": json.loads(metadata["optim.param_groups"])}
+    )
     torch.set_rng_state(tensors["rng.torch"])
     if generator is not None and "rng.generator" in tensors:
         generator.set_state(tensors["rng.generator"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     name, pos, has_gauss, cached = json.loads(metadata["rng.numpy"])
-    np.random.set_state((name, tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(
+        (name, tensors["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
     version, internal, gauss = json.loads(metadata["rng.python"])
     random.setstate((version, tuple(internal), gauss))
 
@@ -78,8 +84,10 @@ class TrainingInterrupted(RuntimeError):
 
     def __init__(self, signum: int, checkpoint: Any, run_dir: Any, step: int) -> None:
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}; "
-                         f"continue with --resume {run_dir}")
+        super().__init__(
+            f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}; "
+            f"continue with --resume {run_dir}"
+        )
 
 
 class StoppedNow(KeyboardInterrupt):
@@ -107,15 +115,23 @@ class StopSignals:
         if self.received is not None:
             # Under torchrun, Ctrl-C reaches a worker twice: from the terminal and forwarded by
             # the launcher. That echo is not the user's second Ctrl-C.
-            if signum == self.received and os.environ.get("TORCHELASTIC_RUN_ID") and time.monotonic() - self._at < 2.0:
+            if (
+                signum == self.received
+                and os.environ.get("TORCHELASTIC_RUN_ID")
+                and time.monotonic() - self._at < 2.0
+            ):
                 return
             raise StoppedNow(signum)
         self.received, self._at = signum, time.monotonic()
         key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if os.environ.get("RANK", "0") != "0":  # one message per run, from rank 0
             return
-        print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
-              f"({key} again stops at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
+            f"({key} again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():

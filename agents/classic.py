@@ -36,10 +36,25 @@ from textenv.agents.gae import gae
 from textenv.agents.policies import MLPActorCritic
 from textenv.agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
 from textenv.agents.runlog import check_writable_dir
-from textenv.agents.training import LinearLR, TrainingRun, resumed_world_note, seed_everything, summary_line
+from textenv.agents.training import (
+    LinearLR,
+    TrainingRun,
+    resumed_world_note,
+    seed_everything,
+    summary_line,
+)
 
-__all__ = ["PRESETS", "TrainConfig", "evaluate_policy", "load_checkpoint", "load_run_config", "preset_config",
-           "seed_everything", "summary_line", "train"]
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "evaluate_policy",
+    "load_checkpoint",
+    "load_run_config",
+    "preset_config",
+    "seed_everything",
+    "summary_line",
+    "train",
+]
 
 
 @dataclass
@@ -67,7 +82,10 @@ class TrainConfig:
     gae_lambda: float = 0.9
     """λ of GAE"""
     ppo: PPOConfig = field(
-        default_factory=lambda: PPOConfig(update_epochs=6, num_minibatches=4, ent_coef=0.0, clip_vloss=False))
+        default_factory=lambda: PPOConfig(
+            update_epochs=6, num_minibatches=4, ent_coef=0.0, clip_vloss=False
+        )
+    )
     """the PPO update's hyperparameters"""
     normalize_obs: bool = False
     """normalise observations by a running mean/std (continuous control)"""
@@ -127,7 +145,9 @@ class TrainConfig:
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
         if self.sde_sample_freq == 0 or self.sde_sample_freq < -1:
-            raise ValueError(f"sde_sample_freq must be -1 (once per rollout) or >= 1, got {self.sde_sample_freq}")
+            raise ValueError(
+                f"sde_sample_freq must be -1 (once per rollout) or >= 1, got {self.sde_sample_freq}"
+            )
         self.ppo.validate(self.batch_size)
 
 
@@ -145,50 +165,112 @@ def _ppo(**kw: Any) -> PPOConfig:
 # (1M steps), the budget its published results use. ``--preset cleanrl`` gives CleanRL's
 # settings for any env id.
 _MUJOCO = dict(
-    total_timesteps=1_000_000, num_envs=1, num_steps=2048, learning_rate=3e-4, gamma=0.99, gae_lambda=0.95,
-    ppo=_ppo(update_epochs=10, num_minibatches=32, ent_coef=0.0), normalize_obs=True, normalize_reward=True,
+    total_timesteps=1_000_000,
+    num_envs=1,
+    num_steps=2048,
+    learning_rate=3e-4,
+    gamma=0.99,
+    gae_lambda=0.95,
+    ppo=_ppo(update_epochs=10, num_minibatches=32, ent_coef=0.0),
+    normalize_obs=True,
+    normalize_reward=True,
 )
 PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": dict(
-        total_timesteps=98_304, num_envs=128, num_steps=16, learning_rate=3e-3, gamma=0.99, gae_lambda=0.9,
+        total_timesteps=98_304,
+        num_envs=128,
+        num_steps=16,
+        learning_rate=3e-3,
+        gamma=0.99,
+        gae_lambda=0.9,
         ppo=_ppo(update_epochs=6, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
     "Acrobot-v1": dict(
-        total_timesteps=299_008, num_envs=64, num_steps=16, learning_rate=2e-3, gamma=0.99, gae_lambda=0.9,
+        total_timesteps=299_008,
+        num_envs=64,
+        num_steps=16,
+        learning_rate=2e-3,
+        gamma=0.99,
+        gae_lambda=0.9,
         ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
     # rl-baselines3-zoo's Pendulum config as it is, gSDE included: 4 envs x 1024 steps, 64-sample
     # minibatches, constant lr 1e-3, γ 0.9, no normalisation, tanh 64x64, log-std 0; vf_coef 1.0 is
     # SB3's 0.5 on a squared error without the ½. No seed of 16 fails (sweep_Pendulum-v1.md, rounds 7-8).
     "Pendulum-v1": dict(
-        total_timesteps=102_400, num_envs=4, num_steps=1024, learning_rate=1e-3, anneal_lr=False, gamma=0.9,
-        gae_lambda=0.95, use_sde=True, sde_sample_freq=4,
-        ppo=_ppo(update_epochs=10, num_minibatches=64, clip_coef=0.2, ent_coef=0.0, vf_coef=1.0, max_grad_norm=0.5,
-                 clip_vloss=False),
+        total_timesteps=102_400,
+        num_envs=4,
+        num_steps=1024,
+        learning_rate=1e-3,
+        anneal_lr=False,
+        gamma=0.9,
+        gae_lambda=0.95,
+        use_sde=True,
+        sde_sample_freq=4,
+        ppo=_ppo(
+            update_epochs=10,
+            num_minibatches=64,
+            clip_coef=0.2,
+            ent_coef=0.0,
+            vf_coef=1.0,
+            max_grad_norm=0.5,
+            clip_vloss=False,
+        ),
     ),
     # rl-baselines3-zoo's tuned HalfCheetah settings as they are: one env, 512 steps, 64-sample minibatches,
     # 20 epochs, a constant lr of 2.06e-5, ReLU 256x256 with PyTorch's default init, log-std -2, γ 0.98,
     # λ 0.92, clip 0.1 (sweep_HalfCheetah-v5.md, round 2; 16 envs x 128 with lr 1e-4 was 3.1x faster
     # and about 1.2k lower).
     "HalfCheetah-v5": dict(
-        _MUJOCO, num_envs=1, num_steps=512, learning_rate=2.0633e-5, anneal_lr=False, gamma=0.98, gae_lambda=0.92,
-        hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False,
-        ppo=_ppo(update_epochs=20, num_minibatches=8, clip_coef=0.1, ent_coef=4e-4, vf_coef=0.58, max_grad_norm=0.8,
-                 clip_vloss=False),
+        _MUJOCO,
+        num_envs=1,
+        num_steps=512,
+        learning_rate=2.0633e-5,
+        anneal_lr=False,
+        gamma=0.98,
+        gae_lambda=0.92,
+        hidden_sizes=(256, 256),
+        activation="relu",
+        log_std_init=-2.0,
+        ortho_init=False,
+        ppo=_ppo(
+            update_epochs=20,
+            num_minibatches=8,
+            clip_coef=0.1,
+            ent_coef=4e-4,
+            vf_coef=0.58,
+            max_grad_norm=0.8,
+            clip_vloss=False,
+        ),
     ),
     # rl-baselines3-zoo's tuned Walker2d settings as they are: one env, 512 steps, 32-sample minibatches,
     # 20 epochs, a constant lr of 5e-5, clip 0.1, the default tanh 64x64 network (sweep_Walker2d-v5.md,
     # round 3; batched variants stalled on some seeds).
     "Walker2d-v5": dict(
-        _MUJOCO, num_envs=1, num_steps=512, learning_rate=5.05e-5, anneal_lr=False,
-        ppo=_ppo(update_epochs=20, num_minibatches=16, clip_coef=0.1, ent_coef=5.85e-4, vf_coef=0.87, max_grad_norm=1.0,
-                 clip_vloss=False),
+        _MUJOCO,
+        num_envs=1,
+        num_steps=512,
+        learning_rate=5.05e-5,
+        anneal_lr=False,
+        ppo=_ppo(
+            update_epochs=20,
+            num_minibatches=16,
+            clip_coef=0.1,
+            ent_coef=5.85e-4,
+            vf_coef=0.87,
+            max_grad_norm=1.0,
+            clip_vloss=False,
+        ),
     ),
     **{f"{name}-v5": dict(_MUJOCO) for name in ("Hopper", "Ant", "Humanoid")},
 }
 # CleanRL's ppo.py defaults for discrete tasks, used by the benchmarks for CartPole and Acrobot.
 CLEANRL_DISCRETE: dict[str, Any] = dict(
-    num_envs=4, num_steps=128, learning_rate=2.5e-4, gamma=0.99, gae_lambda=0.95,
+    num_envs=4,
+    num_steps=128,
+    learning_rate=2.5e-4,
+    gamma=0.99,
+    gae_lambda=0.95,
     ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.01),
 )
 
@@ -226,8 +308,13 @@ def default_family(env_id: str) -> tuple[str, dict[str, Any]]:
     finally:
         env.close()
     if continuous:
-        return "the continuous-control defaults (CleanRL's ppo_continuous_action.py, 1M steps)", _MUJOCO
-    return "the discrete-action defaults (CleanRL's ppo.py, 500k steps)", dict(CLEANRL_DISCRETE, total_timesteps=500_000)
+        return (
+            "the continuous-control defaults (CleanRL's ppo_continuous_action.py, 1M steps)",
+            _MUJOCO,
+        )
+    return "the discrete-action defaults (CleanRL's ppo.py, 500k steps)", dict(
+        CLEANRL_DISCRETE, total_timesteps=500_000
+    )
 
 
 def defaults_note(env_id: str) -> str | None:
@@ -251,12 +338,20 @@ def preset_config(env_id: str, preset: str = "tuned", **overrides: Any) -> Train
     return TrainConfig(env_id=env_id, **values)
 
 
-def make_train_envs(config: TrainConfig, device: torch.device | None = None) -> gym.vector.VectorEnv:
+def make_train_envs(
+    config: TrainConfig, device: torch.device | None = None
+) -> gym.vector.VectorEnv:
     """The training envs; a torch env (``textenv/Torch*``) lives on ``device``, the policy's."""
     return make_vector_env(
-        config.env_id, config.num_envs, vectorization=config.vectorization,
-        normalize_obs=config.normalize_obs, normalize_reward=config.normalize_reward,
-        clip_obs=config.clip_obs, clip_reward=config.clip_reward, gamma=config.gamma, device=device,
+        config.env_id,
+        config.num_envs,
+        vectorization=config.vectorization,
+        normalize_obs=config.normalize_obs,
+        normalize_reward=config.normalize_reward,
+        clip_obs=config.clip_obs,
+        clip_reward=config.clip_reward,
+        gamma=config.gamma,
+        device=device,
     )
 
 
@@ -265,7 +360,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     if not path.is_file() or not (run_dir / "checkpoint.safetensors").is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run directory with a checkpoint (config.json + checkpoint.safetensors)")
+        raise ValueError(
+            f"{str(run_dir)!r} is not a run directory with a checkpoint (config.json + checkpoint.safetensors)"
+        )
     return _config_from_dict(json.loads(path.read_text()))
 
 
@@ -293,7 +390,9 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         return _train(config, resume, dist, device)
 
 
-def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, resume: str | Path | None, dist: Dist, device: torch.device
+) -> dict[str, Any]:
     local_envs = dist.check_divides("num_envs", config.num_envs)
     dist.check_local_batch(config.ppo, local_envs * config.num_steps)
     torch.set_num_threads(config.torch_threads)
@@ -308,25 +407,39 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
         check_writable_dir(config.runs_dir, "--runs-dir")
     on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
     # Before the run directory: an env that cannot be built leaves none behind.
-    envs = make_train_envs(dataclasses.replace(config, num_envs=local_envs), device if on_device else None)
+    envs = make_train_envs(
+        dataclasses.replace(config, num_envs=local_envs), device if on_device else None
+    )
     if config.use_sde and not isinstance(envs.single_action_space, gym.spaces.Box):
         envs.close()
-        raise ValueError(f"use_sde needs continuous (Box) actions; {config.env_id} has {envs.single_action_space}")
-    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume,
-                                    dist)
+        raise ValueError(
+            f"use_sde needs continuous (Box) actions; {config.env_id} has {envs.single_action_space}"
+        )
+    run_dir = TrainingRun.directory(
+        config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume, dist
+    )
     policy = MLPActorCritic(
-        envs.single_observation_space, envs.single_action_space, config.hidden_sizes, config.log_std_init, config.activation,
-        config.ortho_init, config.use_sde,
+        envs.single_observation_space,
+        envs.single_action_space,
+        config.hidden_sizes,
+        config.log_std_init,
+        config.activation,
+        config.ortho_init,
+        config.use_sde,
     ).to(device)
     dist.broadcast_parameters(policy.parameters())
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)
+    optimizer = torch.optim.Adam(
+        policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True
+    )
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
     T, N = config.num_steps, local_envs
     obs_shape = envs.single_observation_space.shape
     act_shape = envs.single_action_space.shape
     obs_buf = torch.zeros((T, N, *obs_shape), device=device)
-    act_buf = torch.zeros((T, N, *act_shape), device=device, dtype=torch.float32 if policy.continuous else torch.long)
+    act_buf = torch.zeros(
+        (T, N, *act_shape), device=device, dtype=torch.float32 if policy.continuous else torch.long
+    )
     logp_buf = torch.zeros((T, N), device=device)
     val_buf = torch.zeros((T, N), device=device)
     rew_buf, term_buf, ended_buf, valid_buf = (torch.zeros((T, N), device=device) for _ in range(4))
@@ -341,14 +454,24 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
     global_step, first_iteration = 0, 1
     recent_returns: deque[float] = deque(maxlen=100)
     if resume is not None:
-        state = restore_training_state(run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs)
+        state = restore_training_state(
+            run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs
+        )
         global_step, first_iteration = state["global_step"], state["iteration"] + 1
         recent_returns.extend(state["recent_returns"])
         # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
-        saved_schedule = state["lr_schedule"] or {"learning_rate": saved.learning_rate, "enabled": saved.anneal_lr,
-                                                  "horizon": max(1, saved.total_timesteps // saved.batch_size)}
-        schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, num_iterations,
-                                    config.anneal_lr)
+        saved_schedule = state["lr_schedule"] or {
+            "learning_rate": saved.learning_rate,
+            "enabled": saved.anneal_lr,
+            "horizon": max(1, saved.total_timesteps // saved.batch_size),
+        }
+        schedule = LinearLR.resumed(
+            saved_schedule,
+            state["iteration"],
+            config.learning_rate,
+            num_iterations,
+            config.anneal_lr,
+        )
         if dist.is_main and (note := resumed_world_note(state["world_size"], dist)):
             print(note, file=sys.stderr, flush=True)
     if dist.rank > 0:  # every rank samples its own actions; rank 0 keeps the one-process stream
@@ -363,6 +486,7 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
 
     def as_t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(x, dtype=dtype, device=device)
+
     # One clock reading for the session's start and the run's: steps per second and wall time agree.
     start_step, start_clock = global_step, time.perf_counter()
     start = start_clock - (state["wall_time_s"] if resume is not None else 0.0)
@@ -370,10 +494,20 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
     def checkpoint(iteration: int) -> Path:
         path = run_dir / "checkpoint.safetensors"
         if dist.is_main:
-            save_checkpoint(path, policy, normalization_state(envs), config, global_step, optimizer=optimizer,
-                            generator=generator, iteration=iteration, recent_returns=list(recent_returns),
-                            wall_time_s=time.perf_counter() - start, lr_schedule=schedule.state(),
-                            world_size=dist.world_size)
+            save_checkpoint(
+                path,
+                policy,
+                normalization_state(envs),
+                config,
+                global_step,
+                optimizer=optimizer,
+                generator=generator,
+                iteration=iteration,
+                recent_returns=list(recent_returns),
+                wall_time_s=time.perf_counter() - start,
+                lr_schedule=schedule.state(),
+                world_size=dist.world_size,
+            )
         return path
 
     run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, dist=dist)
@@ -381,17 +515,25 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
     from tqdm import tqdm
 
     try:
-        with run.loop(save_on_failure=config.save_checkpoint), \
-                tqdm(total=num_iterations * config.batch_size, initial=global_step,
-                     disable=not (config.progress and dist.is_main),
-                     unit="step", dynamic_ncols=True) as bar:
+        with (
+            run.loop(save_on_failure=config.save_checkpoint),
+            tqdm(
+                total=num_iterations * config.batch_size,
+                initial=global_step,
+                disable=not (config.progress and dist.is_main),
+                unit="step",
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for iteration in range(first_iteration, num_iterations + 1):
                 lr = schedule.apply(optimizer, iteration)
                 ep_done.zero_()
 
                 policy.eval()
                 for t in range(T):
-                    if config.use_sde and (t == 0 or config.sde_sample_freq > 0 and t % config.sde_sample_freq == 0):
+                    if config.use_sde and (
+                        t == 0 or config.sde_sample_freq > 0 and t % config.sde_sample_freq == 0
+                    ):
                         policy.reset_noise(N)
                     obs_buf[t] = next_obs_t
                     valid_buf[t] = ~prev_ended
@@ -401,11 +543,17 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                     logp_buf[t] = logprob
                     val_buf[t] = value
                     next_obs, reward, terminated, truncated, info = envs.step(
-                        action if on_device else action.cpu().numpy())
+                        action if on_device else action.cpu().numpy()
+                    )
                     reward, next_obs_t = as_t(reward, torch.float32), as_t(next_obs, torch.float32)
                     # Checked on the device and read once per iteration: no host sync per step.
-                    finite[t, 0], finite[t, 1] = reward.isfinite().all(), next_obs_t.isfinite().all()
-                    if not on_device and not bool(finite[t].all()):  # host envs: stop at the bad step
+                    finite[t, 0], finite[t, 1] = (
+                        reward.isfinite().all(),
+                        next_obs_t.isfinite().all(),
+                    )
+                    if not on_device and not bool(
+                        finite[t].all()
+                    ):  # host envs: stop at the bad step
                         check_finite(finite, config.env_id, global_step, N)
                     rew_buf[t] = reward
                     term_buf[t] = as_t(terminated)
@@ -431,7 +579,13 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 with torch.inference_mode():
                     last_value = policy.value(next_obs_t)
                 advantages, returns = gae(
-                    rew_buf, val_buf, last_value, term_buf, ended_buf, config.gamma, config.gae_lambda,
+                    rew_buf,
+                    val_buf,
+                    last_value,
+                    term_buf,
+                    ended_buf,
+                    config.gamma,
+                    config.gae_lambda,
                 )
                 batch = {
                     "obs": obs_buf.reshape(-1, *obs_shape),
@@ -444,10 +598,17 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 }
                 policy.train()
                 stats = ppo_update(
-                    policy.parameters(), optimizer, batch,
-                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]), config.ppo, generator, dist=dist,
+                    policy.parameters(),
+                    optimizer,
+                    batch,
+                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+                    config.ppo,
+                    generator,
+                    dist=dist,
                 )
-                stats["explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"], dist)
+                stats["explained_variance"] = explained_variance(
+                    batch["values"], batch["returns"], batch["mask"], dist
+                )
                 if policy.continuous:
                     with torch.no_grad():
                         stats["action_std"] = policy.action_std(batch["obs"])
@@ -473,7 +634,11 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
                 if recent_returns:
                     bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
                 run.end_iteration(iteration, global_step, metrics, f"(up to step {global_step})")
-                if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                if (
+                    config.save_checkpoint
+                    and config.checkpoint_every
+                    and iteration % config.checkpoint_every == 0
+                ):
                     checkpoint(iteration)
     finally:
         end = time.perf_counter()
@@ -494,15 +659,31 @@ def _train(config: TrainConfig, resume: str | Path | None, dist: Dist, device: t
         summary["world_size"] = dist.world_size
     if config.save_checkpoint:
         if dist.is_main:
-            save_checkpoint(run_dir / "checkpoint.safetensors", policy, norm_state, config, global_step,
-                            optimizer=optimizer, generator=generator, iteration=num_iterations,
-                            recent_returns=list(recent_returns), wall_time_s=wall_time, lr_schedule=schedule.state(),
-                            world_size=dist.world_size)
+            save_checkpoint(
+                run_dir / "checkpoint.safetensors",
+                policy,
+                norm_state,
+                config,
+                global_step,
+                optimizer=optimizer,
+                generator=generator,
+                iteration=num_iterations,
+                recent_returns=list(recent_returns),
+                wall_time_s=wall_time,
+                lr_schedule=schedule.state(),
+                world_size=dist.world_size,
+            )
         summary["checkpoint"] = str(run_dir / "checkpoint.safetensors")
     if config.eval_episodes > 0 and dist.is_main:  # one evaluation, by rank 0
         eval_returns = evaluate_policy(
-            policy, config.env_id, config.eval_episodes, seed=config.seed + 10_000, norm_state=norm_state,
-            normalize_obs=config.normalize_obs, clip_obs=config.clip_obs, device=device,
+            policy,
+            config.env_id,
+            config.eval_episodes,
+            seed=config.seed + 10_000,
+            norm_state=norm_state,
+            normalize_obs=config.normalize_obs,
+            clip_obs=config.clip_obs,
+            device=device,
         )
         summary |= {
             "eval_return_mean": float(np.mean(eval_returns)),
@@ -517,8 +698,10 @@ def check_finite(finite: torch.Tensor, env_id: str, global_step: int, num_envs: 
     if bool(finite.all()):
         return
     t, what = (~finite).nonzero()[0].tolist()
-    raise ValueError(f"{env_id} returned a non-finite {('reward', 'observation')[what]} at step "
-                     f"{global_step + (t + 1) * num_envs}")
+    raise ValueError(
+        f"{env_id} returned a non-finite {('reward', 'observation')[what]} at step "
+        f"{global_step + (t + 1) * num_envs}"
+    )
 
 
 def evaluate_policy(
@@ -541,8 +724,12 @@ def evaluate_policy(
     """
     env_kwargs = {"render_mode": "rgb_array"} if video_dir else None
     envs = make_vector_env(
-        env_id, episodes, vectorization="sync" if video_dir else "auto", normalize_obs=normalize_obs,
-        clip_obs=clip_obs, env_kwargs=env_kwargs,
+        env_id,
+        episodes,
+        vectorization="sync" if video_dir else "auto",
+        normalize_obs=normalize_obs,
+        clip_obs=clip_obs,
+        env_kwargs=env_kwargs,
     )
     if video_dir:
         from gymnasium.wrappers.vector import RecordVideo
@@ -556,7 +743,9 @@ def evaluate_policy(
     try:
         while np.isnan(returns).any():
             with torch.inference_mode():
-                action = policy.deterministic_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
+                action = policy.deterministic_action(
+                    torch.as_tensor(obs, dtype=torch.float32, device=device)
+                )
             obs, _, _, _, info = envs.step(action.cpu().numpy())
             if "_episode" in info:
                 first = info["_episode"] & np.isnan(returns)
@@ -584,11 +773,20 @@ def save_checkpoint(
     """Policy, normalisation statistics and (for resuming) optimizer and RNG states in one
     safetensors file, written to a temp file and renamed so the last good one survives a crash."""
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    tensors |= {f"norm.{k}": torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1) for k, v in norm_state.items()}
-    metadata = {"config": json.dumps(dataclasses.asdict(config)), "global_step": str(global_step),
-                "format": "textenv-ppo-mlp-v1", "iteration": str(iteration), "wall_time_s": repr(wall_time_s),
-                "recent_returns": json.dumps(recent_returns or []), "lr_schedule": json.dumps(lr_schedule),
-                "world_size": str(world_size)}
+    tensors |= {
+        f"norm.{k}": torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1)
+        for k, v in norm_state.items()
+    }
+    metadata = {
+        "config": json.dumps(dataclasses.asdict(config)),
+        "global_step": str(global_step),
+        "format": "textenv-ppo-mlp-v1",
+        "iteration": str(iteration),
+        "wall_time_s": repr(wall_time_s),
+        "recent_returns": json.dumps(recent_returns or []),
+        "lr_schedule": json.dumps(lr_schedule),
+        "world_size": str(world_size),
+    }
     if optimizer is not None:
         state_tensors, state_meta = pack_training_state(optimizer, generator)
         tensors |= state_tensors
@@ -599,7 +797,10 @@ def save_checkpoint(
 
 
 def restore_training_state(
-    path: Path, policy: MLPActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    path: Path,
+    policy: MLPActorCritic,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
     envs: gym.vector.VectorEnv,
 ) -> dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into live objects; return the counters."""
@@ -609,14 +810,22 @@ def restore_training_state(
         metadata = f.metadata() or {}
     tensors = load_file(str(path), device="cpu")
     device = next(policy.parameters()).device
-    policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    policy.load_state_dict(
+        {k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")}
+    )
     unpack_training_state(tensors, metadata, optimizer, generator, device)
     # Saved flat; load_normalization_state gives each statistic the live normaliser's shape.
-    load_normalization_state(envs, {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")})
-    return {"global_step": int(metadata["global_step"]), "iteration": int(metadata["iteration"]),
-            "recent_returns": json.loads(metadata["recent_returns"]), "wall_time_s": float(metadata["wall_time_s"]),
-            "lr_schedule": json.loads(metadata.get("lr_schedule", "null")),
-            "world_size": int(metadata.get("world_size", "1"))}
+    load_normalization_state(
+        envs, {k[len("norm.") :]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
+    )
+    return {
+        "global_step": int(metadata["global_step"]),
+        "iteration": int(metadata["iteration"]),
+        "recent_returns": json.loads(metadata["recent_returns"]),
+        "wall_time_s": float(metadata["wall_time_s"]),
+        "lr_schedule": json.loads(metadata.get("lr_schedule", "null")),
+        "world_size": int(metadata.get("world_size", "1")),
+    }
 
 
 def single_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
@@ -630,12 +839,16 @@ def single_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
         env = gym.make(env_id)
         obs_space, action_space = env.observation_space, env.action_space
         env.close()
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:  # as make_vector_env flattens
+    if (
+        not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1
+    ):  # as make_vector_env flattens
         obs_space = gym.spaces.flatten_space(obs_space)
     return obs_space, action_space
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:
+def load_checkpoint(
+    path: str | Path, device: str = "cpu"
+) -> tuple[MLPActorCritic, dict[str, np.ndarray], TrainConfig]:
     """Rebuild ``(policy, normalisation state, config)`` from :func:`save_checkpoint`'s file."""
     from safetensors import safe_open
 
@@ -649,10 +862,20 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MLPActorCrit
     config = _config_from_dict(json.loads(metadata["config"]))
     tensors = load_file(str(path), device="cpu")
     obs_space, action_space = single_spaces(config.env_id)
-    policy = MLPActorCritic(obs_space, action_space, config.hidden_sizes, config.log_std_init, config.activation,
-                            use_sde=config.use_sde)
-    policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
-    norm_state = {k[len("norm."):]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
+    policy = MLPActorCritic(
+        obs_space,
+        action_space,
+        config.hidden_sizes,
+        config.log_std_init,
+        config.activation,
+        use_sde=config.use_sde,
+    )
+    policy.load_state_dict(
+        {k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")}
+    )
+    norm_state = {k[len("norm.") :]: v.numpy() for k, v in tensors.items() if k.startswith("norm.")}
     if "obs_rms.count" in norm_state:
-        norm_state["obs_rms.count"] = norm_state["obs_rms.count"].reshape(())  # mean and var are saved 1-D already
+        norm_state["obs_rms.count"] = norm_state["obs_rms.count"].reshape(
+            ()
+        )  # mean and var are saved 1-D already
     return policy.to(device), norm_state, config

@@ -75,8 +75,10 @@ class Dist:
             yield
         except (RuntimeError, tdist.DistError) as err:
             # The collective's own message (a socket error) says nothing the user can act on.
-            raise PeerFailed("stopped: another process of the run failed or exited; its error is printed "
-                             "beside this one") from err
+            raise PeerFailed(
+                "stopped: another process of the run failed or exited; its error is printed "
+                "beside this one"
+            ) from err
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` over ranks in place (``sum`` or ``max``) and return it."""
@@ -149,13 +151,17 @@ class Dist:
         try:
             ppo_config.validate(local_batch)
         except ValueError as err:
-            raise ValueError(f"{err} (each of the {self.world_size} processes updates on its share of "
-                             f"{local_batch} samples)") from None
+            raise ValueError(
+                f"{err} (each of the {self.world_size} processes updates on its share of "
+                f"{local_batch} samples)"
+            ) from None
 
     def check_divides(self, name: str, value: int) -> int:
         """``value // world_size``, or a one-line error when it does not divide evenly."""
         if value % self.world_size:
-            raise ValueError(f"{name}={value} must divide evenly over the {self.world_size} processes of the run")
+            raise ValueError(
+                f"{name}={value} must divide evenly over the {self.world_size} processes of the run"
+            )
         return value // self.world_size
 
 
@@ -180,8 +186,10 @@ def shard_policy(policy: torch.nn.Module, lm: torch.nn.Module) -> None:
     names = set(getattr(lm, "_no_split_modules", None) or [])
     blocks = [m for m in lm.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(f"--fsdp: cannot find the transformer blocks of {type(lm).__name__} "
-                         "(it lists no _no_split_modules)")
+        raise ValueError(
+            f"--fsdp: cannot find the transformer blocks of {type(lm).__name__} "
+            "(it lists no _no_split_modules)"
+        )
     for block in blocks:
         fully_shard(block)
     if getattr(policy, "value_head", None) is not None:
@@ -198,7 +206,9 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     (a collective: every rank calls it; the others get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
@@ -237,8 +247,10 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
-                             "visible); start at most one process per GPU (--nproc-per-node)")
+            raise ValueError(
+                f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                "visible); start at most one process per GPU (--nproc-per-node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owned = not tdist.is_initialized()
@@ -255,7 +267,9 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         tdist.init_process_group(backend=backend, **kwargs)
     _OWNED = owned
     comm_device = device if tdist.get_backend() == "nccl" else torch.device("cpu")
-    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), active=True, device=comm_device), device
+    return Dist(
+        rank=tdist.get_rank(), world_size=tdist.get_world_size(), active=True, device=comm_device
+    ), device
 
 
 @contextmanager
@@ -312,8 +326,9 @@ def _drop_device_meshes() -> None:
         pass  # another torch's internals; tests/test_torchrun.py checks that no group outlives a run
 
 
-def sync_running_stats(state: dict[str, np.ndarray], synced: dict[str, np.ndarray] | None,
-                       dist: Dist) -> dict[str, np.ndarray]:
+def sync_running_stats(
+    state: dict[str, np.ndarray], synced: dict[str, np.ndarray] | None, dist: Dist
+) -> dict[str, np.ndarray]:
     """Global running mean/var statistics from each rank's local ones.
 
     ``state`` holds this rank's statistics (``normalization_state`` keys: ``<name>.mean``,
@@ -329,12 +344,16 @@ def sync_running_stats(state: dict[str, np.ndarray], synced: dict[str, np.ndarra
         synced = state
     increments = {}
     for name in sorted({k.rsplit(".", 1)[0] for k in state}):
-        increments[name] = _increment(*(np.asarray(state[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")),
-                                      *(np.asarray(synced[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")))
+        increments[name] = _increment(
+            *(np.asarray(state[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")),
+            *(np.asarray(synced[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")),
+        )
     merged = {}
     gathered = dist.gather(increments)
     for name in increments:
-        mean, var, count = (np.asarray(synced[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count"))
+        mean, var, count = (
+            np.asarray(synced[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")
+        )
         for rank_increments in gathered:
             b_mean, b_var, b_count = rank_increments[name]
             mean, var, count = _merge(mean, var, count, b_mean, b_var, b_count)

@@ -90,10 +90,17 @@ def make_vector_env(
         # tensors' memory (no copy).
         env_kwargs.setdefault("arrays", "numpy")
     envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs)
-    if envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP) != gym.vector.AutoresetMode.NEXT_STEP:
-        raise ValueError(f"{env_id}: the trainer expects next-step autoreset, got {envs.metadata['autoreset_mode']}")
+    if (
+        envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+        != gym.vector.AutoresetMode.NEXT_STEP
+    ):
+        raise ValueError(
+            f"{env_id}: the trainer expects next-step autoreset, got {envs.metadata['autoreset_mode']}"
+        )
     obs_space = envs.single_observation_space
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:  # the MLP reads flat vectors
+    if (
+        not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1
+    ):  # the MLP reads flat vectors
         envs = vw.FlattenObservation(envs)
     envs = vw.RecordEpisodeStatistics(envs)
     if isinstance(envs.single_action_space, gym.spaces.Box):
@@ -101,7 +108,9 @@ def make_vector_env(
     if normalize_obs:
         envs = vw.NormalizeObservation(envs)
         if clip_obs is not None:
-            envs = vw.TransformObservation(envs, lambda obs: np.clip(obs, -clip_obs, clip_obs), envs.observation_space)
+            envs = vw.TransformObservation(
+                envs, lambda obs: np.clip(obs, -clip_obs, clip_obs), envs.observation_space
+            )
     if normalize_reward:
         envs = vw.NormalizeReward(envs, gamma=gamma)
         if clip_reward is not None:
@@ -126,7 +135,11 @@ class TorchRunningMeanStd:
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Update from the rows of ``x`` (``[B, *shape]``) where ``mask`` is true (all rows without one)."""
         x = x.to(torch.float64)
-        w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if mask is None else mask.to(torch.float64)
+        w = (
+            torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+            if mask is None
+            else mask.to(torch.float64)
+        )
         w = w.reshape(-1, *([1] * (x.dim() - 1)))
         n = w.sum(0)
         batch_mean = (w * x).sum(0) / n.clamp(min=1)
@@ -134,7 +147,9 @@ class TorchRunningMeanStd:
         delta = batch_mean - self.mean
         total = self.count + n
         new_mean = self.mean + delta * n / total
-        new_var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        new_var = (
+            self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        ) / total
         keep = n == 0  # an update from no rows changes nothing
         self.mean = torch.where(keep, self.mean, new_mean)
         self.var = torch.where(keep, self.var, new_var)
@@ -165,8 +180,10 @@ class TorchRecordEpisodeStatistics(gym.vector.VectorWrapper):
         self.episode_lengths = torch.where(fresh, 0, self.episode_lengths + 1)
         self.prev_dones = dones = terminations | truncations
         infos = dict(infos)
-        infos["episode"] = {"r": torch.where(dones, self.episode_returns, 0.0),
-                            "l": torch.where(dones, self.episode_lengths, 0)}
+        infos["episode"] = {
+            "r": torch.where(dones, self.episode_returns, 0.0),
+            "l": torch.where(dones, self.episode_lengths, 0),
+        }
         infos["_episode"] = dones
         return obs, rewards, terminations, truncations, infos
 
@@ -184,19 +201,27 @@ class TorchClipAction(gym.vector.VectorWrapper):
         self.single_action_space = gym.spaces.Box(-np.inf, np.inf, space.shape, np.float32)
 
     def step(self, actions: Any):
-        return self.env.step(torch.clamp(torch.as_tensor(actions, device=self.low.device), self.low, self.high))
+        return self.env.step(
+            torch.clamp(torch.as_tensor(actions, device=self.low.device), self.low, self.high)
+        )
 
 
 class TorchNormalizeObservation(gym.vector.VectorWrapper):
     """Observations normalised by their running mean and std (every row, every step, as
     Gymnasium does), then clipped to ``[-clip, clip]`` when ``clip`` is given."""
 
-    def __init__(self, env: gym.vector.VectorEnv, clip: float | None = None, epsilon: float = 1e-8) -> None:
+    def __init__(
+        self, env: gym.vector.VectorEnv, clip: float | None = None, epsilon: float = 1e-8
+    ) -> None:
         super().__init__(env)
         self.obs_rms = TorchRunningMeanStd(env.single_observation_space.shape, env.unwrapped.device)
         self.clip, self.epsilon, self.update_running_mean = clip, epsilon, True
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, env.single_observation_space.shape, np.float32)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+        self.single_observation_space = gym.spaces.Box(
+            -np.inf, np.inf, env.single_observation_space.shape, np.float32
+        )
+        self.observation_space = gym.spaces.Box(
+            -np.inf, np.inf, env.observation_space.shape, np.float32
+        )
 
     def _normalize(self, obs: torch.Tensor) -> torch.Tensor:
         if self.update_running_mean:
@@ -217,8 +242,13 @@ class TorchNormalizeReward(gym.vector.VectorWrapper):
     """Rewards divided by the running std of the discounted return, then clipped to
     ``[-clip, clip]``; the reset step of next-step autoreset neither accumulates nor updates."""
 
-    def __init__(self, env: gym.vector.VectorEnv, gamma: float = 0.99, clip: float | None = None,
-                 epsilon: float = 1e-8) -> None:
+    def __init__(
+        self,
+        env: gym.vector.VectorEnv,
+        gamma: float = 0.99,
+        clip: float | None = None,
+        epsilon: float = 1e-8,
+    ) -> None:
         super().__init__(env)
         device = env.unwrapped.device
         self.return_rms = TorchRunningMeanStd((), device)
@@ -261,7 +291,9 @@ def _host(x: Any) -> np.ndarray:
 def _like(value: Any, old: Any) -> Any:
     """A saved statistic in the form the live normaliser keeps (tensor on its device, or numpy)."""
     if isinstance(old, torch.Tensor):
-        return torch.as_tensor(np.asarray(value, dtype=np.float64), device=old.device).reshape(old.shape)
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), device=old.device).reshape(
+            old.shape
+        )
     value = np.asarray(value, dtype=np.float64)
     return value.reshape(np.shape(old)) if np.ndim(old) else float(value.reshape(-1)[0])
 
@@ -273,22 +305,37 @@ _REW_NORM = (vw.NormalizeReward, TorchNormalizeReward)
 def normalization_state(envs: gym.vector.VectorEnv) -> dict[str, np.ndarray]:
     """Running statistics of the observation and return normalisers, for checkpoints."""
     state: dict[str, np.ndarray] = {}
-    for key, classes, attr in (("obs_rms", _OBS_NORM, "obs_rms"), ("return_rms", _REW_NORM, "return_rms")):
+    for key, classes, attr in (
+        ("obs_rms", _OBS_NORM, "obs_rms"),
+        ("return_rms", _REW_NORM, "return_rms"),
+    ):
         wrapper = find_wrapper(envs, classes)
         if wrapper is not None:
             rms = getattr(wrapper, attr)
-            state |= {f"{key}.mean": _host(rms.mean), f"{key}.var": _host(rms.var), f"{key}.count": _host(rms.count)}
+            state |= {
+                f"{key}.mean": _host(rms.mean),
+                f"{key}.var": _host(rms.var),
+                f"{key}.count": _host(rms.count),
+            }
     return state
 
 
-def load_normalization_state(envs: gym.vector.VectorEnv, state: dict[str, np.ndarray], freeze: bool = False) -> None:
+def load_normalization_state(
+    envs: gym.vector.VectorEnv, state: dict[str, np.ndarray], freeze: bool = False
+) -> None:
     """Copy saved running statistics into ``envs``; ``freeze`` stops further updates (evaluation)."""
-    for key, classes, attr in (("obs_rms", _OBS_NORM, "obs_rms"), ("return_rms", _REW_NORM, "return_rms")):
+    for key, classes, attr in (
+        ("obs_rms", _OBS_NORM, "obs_rms"),
+        ("return_rms", _REW_NORM, "return_rms"),
+    ):
         wrapper = find_wrapper(envs, classes)
         if wrapper is None or f"{key}.mean" not in state:
             continue
         rms = getattr(wrapper, attr)
-        rms.mean, rms.var = _like(state[f"{key}.mean"], rms.mean), _like(state[f"{key}.var"], rms.var)
+        rms.mean, rms.var = (
+            _like(state[f"{key}.mean"], rms.mean),
+            _like(state[f"{key}.var"], rms.var),
+        )
         rms.count = _like(state[f"{key}.count"], rms.count)
         if freeze and key == "obs_rms":
             wrapper.update_running_mean = False

@@ -21,13 +21,21 @@ class LMActorCritic(nn.Module):
     returned are zeros, and the LM's forward skips returning its hidden states.
     """
 
-    def __init__(self, model: PreTrainedModel, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 value_head: bool = True) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        value_head: bool = True,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_k < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+            raise ValueError(
+                f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}"
+            )
         self.lm = disable_dropout(model)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.value_head: nn.Linear | None = None
@@ -38,12 +46,26 @@ class LMActorCritic(nn.Module):
             nn.init.zeros_(self.value_head.bias)
             self.value_head.to(next(model.parameters()).device)
 
-    def _forward(self, input_ids, attention_mask, position_ids, past_key_values=None, logits_to_keep: int = 0,
-                 use_cache: bool = False):
+    def _forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        use_cache: bool = False,
+    ):
         cache = cache_kwargs(self.lm, past_key_values) if past_key_values is not None else {}
         critic = self.value_head is not None
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=use_cache, output_hidden_states=critic, logits_to_keep=logits_to_keep, **cache)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=critic,
+            logits_to_keep=logits_to_keep,
+            **cache,
+        )
         logits = out.logits.float() / self.temperature
         if critic:
             hidden = out.hidden_states[-1]
@@ -55,8 +77,13 @@ class LMActorCritic(nn.Module):
         return logits, values, output_cache(out) if use_cache else None
 
     def evaluate_responses(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor, prompt_len: int,
-        entropy_grad: bool = True, positions: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        actions: torch.Tensor,
+        prompt_len: int,
+        entropy_grad: bool = True,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log π(a_t|s_t), entropy_t, V(s_t))`` for the ``T`` actions, one full forward.
 
@@ -72,12 +99,18 @@ class LMActorCritic(nn.Module):
         T = actions.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         if positions is None:
-            logits, values, _ = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=T + 1)
+            logits, values, _ = self._forward(
+                input_ids, attention_mask, position_ids, logits_to_keep=T + 1
+            )
             logits, values = logits[:, :T], values[:, :T]
         else:
             keep = input_ids.shape[1] - prompt_len + 1
-            logits, values, _ = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=keep)
-            j = (positions - prompt_len).clamp(0, keep - 1)  # logits[:, j] are at column prompt_len - 1 + j
+            logits, values, _ = self._forward(
+                input_ids, attention_mask, position_ids, logits_to_keep=keep
+            )
+            j = (positions - prompt_len).clamp(
+                0, keep - 1
+            )  # logits[:, j] are at column prompt_len - 1 + j
             logits = logits.gather(1, j.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             values = values.gather(1, j)
         # The distribution the rollout sampled from: a ratio compares it with itself.
@@ -109,18 +142,25 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        drop_sorted = (
+            cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        )  # keep the token that crosses top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One index per row of ``probs`` (rows need not be normalised): inverse-CDF sampling, one
     uniform per row; over a large vocabulary it is far cheaper than ``torch.multinomial``.
     Zero-probability entries are never drawn (``right=True`` skips flat steps of the CDF)."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = (
+        torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype)
+        * cdf[:, -1:]
+    )
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
 
 

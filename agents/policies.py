@@ -37,8 +37,14 @@ def forward_mlp(net: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, out_std: float, activation: str = "tanh",
-        ortho_init: bool = True) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    hidden: tuple[int, ...],
+    out_dim: int,
+    out_std: float,
+    activation: str = "tanh",
+    ortho_init: bool = True,
+) -> nn.Sequential:
     """MLP (tanh or ReLU hidden layers) with orthogonal init, the output layer's gain ``out_std``;
     ``ortho_init=False`` keeps PyTorch's default ``nn.Linear`` init (SB3's ``ortho_init=False``)."""
     if activation not in ACTIVATIONS:
@@ -79,7 +85,9 @@ class MLPActorCritic(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(observation_space, gym.spaces.Box):
-            raise TypeError(f"MLPActorCritic needs a Box observation space, got {observation_space}")
+            raise TypeError(
+                f"MLPActorCritic needs a Box observation space, got {observation_space}"
+            )
         obs_dim = int(np.prod(observation_space.shape))
         self.continuous = isinstance(action_space, gym.spaces.Box)
         if self.continuous:
@@ -92,10 +100,21 @@ class MLPActorCritic(nn.Module):
             raise ValueError(f"use_sde needs continuous (Box) actions, got {action_space}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.hidden_sizes = tuple(hidden_sizes)
-        self.critic = mlp(obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation, ortho_init=ortho_init)
-        self.actor = mlp(obs_dim, self.hidden_sizes, act_dim, out_std=0.01, activation=activation, ortho_init=ortho_init)
+        self.critic = mlp(
+            obs_dim, self.hidden_sizes, 1, out_std=1.0, activation=activation, ortho_init=ortho_init
+        )
+        self.actor = mlp(
+            obs_dim,
+            self.hidden_sizes,
+            act_dim,
+            out_std=0.01,
+            activation=activation,
+            ortho_init=ortho_init,
+        )
         self.use_sde = use_sde
-        self.exploration: torch.Tensor | None = None  # gSDE's [envs, features, actions] noise matrices
+        self.exploration: torch.Tensor | None = (
+            None  # gSDE's [envs, features, actions] noise matrices
+        )
         if self.continuous:
             rows = (self.hidden_sizes[-1] if self.hidden_sizes else obs_dim) if use_sde else 1
             self.actor_logstd = nn.Parameter(torch.full((rows, act_dim), float(log_std_init)))
@@ -146,7 +165,9 @@ class MLPActorCritic(nn.Module):
         action = (logp + gumbel).argmax(dim=-1)
         return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), value
 
-    def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(
+        self, obs: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log π(action|obs), entropy, V(obs))`` under the current parameters."""
         value = forward_mlp(self.critic, obs).squeeze(-1)
         if self.use_sde:

@@ -76,7 +76,9 @@ class PPOConfig:
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
         if self.loss_aggregation not in ("token_mean", "sequence_mean"):
-            raise ValueError(f"loss_aggregation must be token_mean or sequence_mean, got {self.loss_aggregation!r}")
+            raise ValueError(
+                f"loss_aggregation must be token_mean or sequence_mean, got {self.loss_aggregation!r}"
+            )
 
 
 def validate_rates(learning_rate: float, gamma: float, gae_lambda: float) -> None:
@@ -88,7 +90,9 @@ def validate_rates(learning_rate: float, gamma: float, gae_lambda: float) -> Non
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float | None = None) -> torch.Tensor:
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is 1 (all entries when ``mask`` is None).
 
     ``count`` overrides the denominator, so micro-batches of one minibatch can each divide by
@@ -101,8 +105,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor 
     return total / (mask.sum().clamp_min(1.0) if count is None else count)
 
 
-def normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8,
-              dist: Dist | None = None) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8, dist: Dist | None = None
+) -> torch.Tensor:
     """Whiten ``x`` with the mean and (unbiased) std of its masked entries. A single entry is
     its own mean and has no spread: it whitens to 0 (not NaN, not ±1). With ``dist``, the
     mean and std are those of every rank's entries together."""
@@ -127,7 +132,9 @@ def _normalize_global(x: torch.Tensor, mask: torch.Tensor, eps: float, dist: Dis
     return (x - mean) / ((sq / (n - 1).clamp_min(1.0)).sqrt() + eps)
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float
+) -> torch.Tensor:
     """Per-sample PPO policy loss ``-min(ρA, clip(ρ, 1-ε, 1+ε)A)`` (to be minimised)."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
@@ -135,7 +142,10 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: 
 
 
 def value_loss(
-    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: float | None
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    clip_coef: float | None,
 ) -> torch.Tensor:
     """Per-sample value loss ``½(V-R)²``; with ``clip_coef`` the pessimistic clipped form."""
     unclipped = (new_values - returns) ** 2
@@ -184,13 +194,17 @@ def ppo_update(
         # Entries that do not count are zeroed once: a NaN there would otherwise reach the
         # gradient through the chain rule (0 · NaN) even though the loss masks it out.
         keep = mask_all > 0
-        batch = dict(batch) | {k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
-                               for k in ("logprobs", "values", "advantages", "returns")}
+        batch = dict(batch) | {
+            k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
+            for k in ("logprobs", "values", "advantages", "returns")
+        }
     # sequence_mean: each row's tokens weigh 1/len(row), and a minibatch's loss divides by its rows.
     row_weights = None
     if config.loss_aggregation == "sequence_mean" and mask_all is not None and mask_all.dim() > 1:
         lengths = mask_all.flatten(1).sum(1).clamp_min(1.0)
-        row_weights = (mask_all > 0).to(batch["logprobs"].dtype) / lengths.view(-1, *[1] * (mask_all.dim() - 1))
+        row_weights = (mask_all > 0).to(batch["logprobs"].dtype) / lengths.view(
+            -1, *[1] * (mask_all.dim() - 1)
+        )
 
     zero = torch.zeros((), device=device)
     loss_keys = ("policy_loss", "value_loss", "entropy", "extra_loss", "grad_norm")
@@ -204,13 +218,20 @@ def ppo_update(
         epochs_run += 1
         order = torch.randperm(batch_size, device=device, generator=generator)
         logratios: list[torch.Tensor] = []
-        if dist is not None:  # every minibatch's global count and advantage statistics, one collective
-            global_stats = _global_minibatch_stats(batch["advantages"], order, mask_all, minibatch_size,
-                                                   row_weights is not None, dist)
+        if (
+            dist is not None
+        ):  # every minibatch's global count and advantage statistics, one collective
+            global_stats = _global_minibatch_stats(
+                batch["advantages"], order, mask_all, minibatch_size, row_weights is not None, dist
+            )
         for k_mb, start in enumerate(range(0, batch_size, minibatch_size)):
             mb_inds = order[start : start + minibatch_size]
             mb_mask = mask_all[mb_inds] if mask_all is not None else None
-            mb_count = mb_mask.sum().clamp_min(1.0) if mb_mask is not None else float(mb_inds.numel() * _per_row(batch))
+            mb_count = (
+                mb_mask.sum().clamp_min(1.0)
+                if mb_mask is not None
+                else float(mb_inds.numel() * _per_row(batch))
+            )
             if row_weights is not None:
                 mb_count = float(minibatch_size)
             mb_adv = batch["advantages"][mb_inds]
@@ -245,14 +266,18 @@ def ppo_update(
                     loss = loss + extra_loss
                     mb_sums["extra_loss"] += extra_loss.detach()
                 loss.backward()
-                logratios.append(torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0))
+                logratios.append(
+                    torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                )
                 mb_sums["policy_loss"] += pg.detach()
                 mb_sums["value_loss"] += vl.detach()
                 mb_sums["entropy"] += ent.detach()
             if dist is not None:
                 dist.reduce_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):  # an FSDP-sharded model's norm is a (replicated) DTensor
+            if hasattr(
+                grad_norm, "full_tensor"
+            ):  # an FSDP-sharded model's norm is a (replicated) DTensor
                 grad_norm = grad_norm.full_tensor()
             # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
             # never applied; the update is skipped and counted.
@@ -267,7 +292,9 @@ def ppo_update(
             num_updates += 1
         with torch.no_grad():
             # k3 estimator of KL(old || new): unbiased and non-negative (Schulman, "Approximating KL").
-            kl = _epoch_kl_stats(torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef, dist)
+            kl = _epoch_kl_stats(
+                torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef, dist
+            )
             for k in kl_sums:
                 kl_sums[k] += kl[k].sum()
             last_approx_kl = kl["approx_kl"][-1]
@@ -305,8 +332,14 @@ class NonFiniteGuard:
             )
 
 
-def _global_minibatch_stats(advantages: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None,
-                            minibatch_size: int, per_row_count: bool, dist: Dist) -> torch.Tensor:
+def _global_minibatch_stats(
+    advantages: torch.Tensor,
+    order: torch.Tensor,
+    mask_all: torch.Tensor | None,
+    minibatch_size: int,
+    per_row_count: bool,
+    dist: Dist,
+) -> torch.Tensor:
     """``[3, num_minibatches]``: each minibatch's loss denominator (entries, or rows with
     ``per_row_count``), and the mean and unbiased std of its advantages, over every rank's
     minibatch of the same index (float64 sums: the one-pass variance is exact enough)."""
@@ -326,7 +359,11 @@ def _global_minibatch_stats(advantages: torch.Tensor, order: torch.Tensor, mask_
 
 
 def _epoch_kl_stats(
-    logratio: torch.Tensor, order: torch.Tensor, mask_all: torch.Tensor | None, minibatch_size: int, clip_coef: float,
+    logratio: torch.Tensor,
+    order: torch.Tensor,
+    mask_all: torch.Tensor | None,
+    minibatch_size: int,
+    clip_coef: float,
     dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-minibatch approx KL (k1 and k3) and clip fraction of one epoch, shape ``[num_minibatches]``.
@@ -356,8 +393,12 @@ def _per_row(batch: Batch) -> int:
     return batch["logprobs"][0].numel()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None,
-                       dist: Dist | None = None) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dist: Dist | None = None,
+) -> torch.Tensor:
     """``1 - Var[R - V] / Var[R]`` over masked entries (of every rank, with ``dist``): 1 is a
     perfect critic, ≤ 0 a useless one."""
     if mask is None:
@@ -371,6 +412,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     n, total_r, total_d = sums(mask.sum(), masked(returns).sum(), masked(returns - values).sum())
     n = n.clamp_min(1.0)
     mean_r, mean_d = total_r / n, total_d / n
-    sq_r, sq_d = sums((masked(returns - mean_r) ** 2).sum(), (masked(returns - values - mean_d) ** 2).sum())
+    sq_r, sq_d = sums(
+        (masked(returns - mean_r) ** 2).sum(), (masked(returns - values - mean_d) ** 2).sum()
+    )
     var_r, var_d = sq_r / n, sq_d / n
     return torch.where(var_r > 0, 1.0 - var_d / var_r, torch.full_like(var_r, float("nan")))

@@ -15,7 +15,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files get the user's usual mode
+        os.chmod(
+            fd, 0o666 & ~_umask()
+        )  # mkstemp makes 0600; a run's files get the user's usual mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -47,7 +49,9 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
     except FileExistsError:
         raise ValueError(f"{flag} {str(path)!r} is not a directory") from None
     except OSError as err:
-        raise ValueError(f"{flag} {str(path)!r} is not a writable directory ({err.strerror})") from None
+        raise ValueError(
+            f"{flag} {str(path)!r} is not a writable directory ({err.strerror})"
+        ) from None
 
 
 def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path:
@@ -57,7 +61,9 @@ def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path
     if name is not None:
         run_dir = root / name
         if (run_dir / "metrics.jsonl").exists():
-            raise ValueError(f"run directory {str(run_dir)!r} already holds a run; choose another --run-name")
+            raise ValueError(
+                f"run directory {str(run_dir)!r} already holds a run; choose another --run-name"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
     root.mkdir(parents=True, exist_ok=True)
@@ -97,11 +103,15 @@ class RunLogger:
                 if isinstance(value, (int, float)):
                     self._writer.add_scalar(key, value, step)
 
-    def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
+    def samples(
+        self, step: int, prompts: list[str], responses: list[str], scores: list[float]
+    ) -> None:
         """Append prompt/response/score rows to ``samples.jsonl``."""
         with open(self.run_dir / "samples.jsonl", "a") as f:
             for p, r, s in zip(prompts, responses, scores):
-                f.write(json.dumps({"iteration": step, "prompt": p, "response": r, "score": s}) + "\n")
+                f.write(
+                    json.dumps({"iteration": step, "prompt": p, "response": r, "score": s}) + "\n"
+                )
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._writer is not None:

@@ -27,30 +27,58 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from textenv.agents.advantages import ESTIMATORS, GROUP_ESTIMATORS, critic_free_advantages, needs_critic
+from textenv.agents.advantages import (
+    ESTIMATORS,
+    GROUP_ESTIMATORS,
+    critic_free_advantages,
+    needs_critic,
+)
 from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
 from textenv.agents.runlog import check_writable_dir
-from textenv.agents.training import LinearLR, TrainingRun, resumed_world_note, seed_everything, summary_line
+from textenv.agents.training import (
+    LinearLR,
+    TrainingRun,
+    resumed_world_note,
+    seed_everything,
+    summary_line,
+)
+from textenv.device import set_torch_threads
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
-from textenv.device import set_torch_threads
 from textenv.models import load_causal_lm, resolve_device
 from textenv.rewards import RewardError
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
 
-__all__ = ["AdaptiveKLController", "Rollout", "TextTrainConfig", "collect_rollout", "evaluate_held_out",
-           "evaluate_text_run", "load_text_run_config", "shaped_rewards", "summary_line", "token_advantages",
-           "train_text"]
+__all__ = [
+    "AdaptiveKLController",
+    "Rollout",
+    "TextTrainConfig",
+    "collect_rollout",
+    "evaluate_held_out",
+    "evaluate_text_run",
+    "load_text_run_config",
+    "shaped_rewards",
+    "summary_line",
+    "token_advantages",
+    "train_text",
+]
 
 
 def _text_ppo() -> PPOConfig:
     # TRL-like defaults: 4 epochs, clipped value loss with vf_coef 0.1, advantages whitened per batch.
-    return PPOConfig(update_epochs=4, num_minibatches=4, clip_coef=0.2, vf_coef=0.1, ent_coef=0.0,
-                     max_grad_norm=1.0, norm_adv=False)
+    return PPOConfig(
+        update_epochs=4,
+        num_minibatches=4,
+        clip_coef=0.2,
+        vf_coef=0.1,
+        ent_coef=0.0,
+        max_grad_norm=1.0,
+        norm_adv=False,
+    )
 
 
 @dataclass
@@ -180,24 +208,34 @@ class TextTrainConfig:
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.fsdp and self.lora_r:
-            raise ValueError("--fsdp with --lora-r is not supported (LoRA's adapters are small: train them without "
-                             "sharding)")
+            raise ValueError(
+                "--fsdp with --lora-r is not supported (LoRA's adapters are small: train them without "
+                "sharding)"
+            )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("eval_samples", "torch_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.advantage not in ESTIMATORS:
-            raise ValueError(f"advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}")
+            raise ValueError(
+                f"advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}"
+            )
         if self.group_size < 1 or self.num_envs % self.group_size:
-            raise ValueError(f"group_size={self.group_size} must be >= 1 and divide num_envs={self.num_envs}")
+            raise ValueError(
+                f"group_size={self.group_size} must be >= 1 and divide num_envs={self.num_envs}"
+            )
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2:
-            raise ValueError(f"--advantage {self.advantage} needs --group-size >= 2 (its baseline is the other "
-                             f"responses to the same prompt), got {self.group_size}")
+            raise ValueError(
+                f"--advantage {self.advantage} needs --group-size >= 2 (its baseline is the other "
+                f"responses to the same prompt), got {self.group_size}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.old_logprobs not in ("auto", "rollout", "recompute"):
-            raise ValueError(f"old_logprobs must be auto, rollout or recompute, got {self.old_logprobs!r}")
+            raise ValueError(
+                f"old_logprobs must be auto, rollout or recompute, got {self.old_logprobs!r}"
+            )
         self.ppo.validate(self.num_envs)
 
     def bf16(self, device: torch.device) -> bool:
@@ -221,12 +259,16 @@ def autocast(device: torch.device, bf16: bool):
 class Rollout:
     """One batch of episodes, laid out ``[N, T]`` (rows: episodes, columns: response tokens)."""
 
-    input_ids: torch.Tensor  # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
+    input_ids: (
+        torch.Tensor
+    )  # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
     attention_mask: torch.Tensor  # [N, prompt_len + T]
     actions: torch.Tensor  # [N, T]
     logprobs: torch.Tensor  # log π of the sampled token under the sampling distribution
     values: torch.Tensor
-    env_rewards: torch.Tensor  # what the env paid: score·1[last] + β_env·log π_ref (per step or summed at the end)
+    env_rewards: (
+        torch.Tensor
+    )  # what the env paid: score·1[last] + β_env·log π_ref (per step or summed at the end)
     ref_logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor  # 1 on response tokens (up to and including EOS)
@@ -235,12 +277,17 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     prompt_len: int
-    positions: torch.Tensor | None = None  # [N, T] column of each action in input_ids (multi-turn; else prompt_len + t)
-    step_scores: torch.Tensor | None = None  # [N, T] task reward per token (multi-turn turn rewards); else scores at the end
+    positions: torch.Tensor | None = (
+        None  # [N, T] column of each action in input_ids (multi-turn; else prompt_len + t)
+    )
+    step_scores: torch.Tensor | None = (
+        None  # [N, T] task reward per token (multi-turn turn rewards); else scores at the end
+    )
 
 
-def collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
-                    group_size: int = 1) -> Rollout:
+def collect_rollout(
+    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int = 1
+) -> Rollout:
     """Reset ``envs`` and sample one response per row (see :func:`_collect_rollout`)."""
     # FSDP's all-gather buffers outlive the rollout: inference-mode tensors would refuse the
     # update's in-place writes, so a sharded policy samples under no_grad.
@@ -261,8 +308,9 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator,
-                     group_size: int) -> Rollout:
+def _collect_rollout(
+    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int
+) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
     rows shares a prompt.
@@ -274,12 +322,16 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
     the start.
     """
     if envs.temperature != policy.temperature:
-        raise ValueError(f"the policy samples at temperature {policy.temperature} but the env's reference scores "
-                         f"at {envs.temperature}; set envs.temperature = {policy.temperature}")
+        raise ValueError(
+            f"the policy samples at temperature {policy.temperature} but the env's reference scores "
+            f"at {envs.temperature}; set envs.temperature = {policy.temperature}"
+        )
     multi_turn = getattr(envs, "multi_turn", False)
     was_training = policy.training
     policy.eval()
-    obs, info = envs.reset(seed=seed, options={"group_size": group_size} if group_size > 1 else None)
+    obs, info = envs.reset(
+        seed=seed, options={"group_size": group_size} if group_size > 1 else None
+    )
     P, B, N = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
     device = obs["input_ids"].device
     # Prompts are left-padded into P slots: columns that are padding in every row are left out
@@ -287,14 +339,31 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
     start = int(obs["attention_mask"][:, :P].any(0).long().argmax())
     cache_mask = obs["attention_mask"][:, start:P]  # the attention mask of the policy's cache
     position_ids = (cache_mask.cumsum(-1) - 1).clamp_min(0)
-    logits, values, cache = policy._forward(obs["input_ids"][:, start:P], cache_mask, position_ids,
-                                            logits_to_keep=1, use_cache=True)
+    logits, values, cache = policy._forward(
+        obs["input_ids"][:, start:P], cache_mask, position_ids, logits_to_keep=1, use_cache=True
+    )
     logits, values = logits[:, -1], values[:, -1]
-    cols = {k: [] for k in ("actions", "logprobs", "values", "env_rewards", "ref_logprobs", "entropy", "mask",
-                            "positions", "step_scores")}
-    ref_at_end = torch.zeros((N, B), device=device)  # filled as rows end, with reference_pass="at_end"
+    cols = {
+        k: []
+        for k in (
+            "actions",
+            "logprobs",
+            "values",
+            "env_rewards",
+            "ref_logprobs",
+            "entropy",
+            "mask",
+            "positions",
+            "step_scores",
+        )
+    }
+    ref_at_end = torch.zeros(
+        (N, B), device=device
+    )  # filled as rows end, with reference_pass="at_end"
     active = torch.ones(N, dtype=torch.bool, device=device)
-    fed = torch.zeros(N, dtype=torch.long, device=device)  # tokens after the prompt the policy has read
+    fed = torch.zeros(
+        N, dtype=torch.long, device=device
+    )  # tokens after the prompt the policy has read
     scores = torch.zeros(N, device=device)
     truncated = torch.zeros(N, dtype=torch.bool, device=device)
     responses: list[str | None] = [None] * N
@@ -316,14 +385,18 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
         if "turn_reward" in step_info:
             cols["step_scores"].append(step_info["turn_reward"])
         if "_ref_logprobs" in step_info:
-            ref_at_end = torch.where(step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end)
+            ref_at_end = torch.where(
+                step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end
+            )
         if "_score" in step_info:
             ended = step_info["_score"]
             scores = torch.where(ended, step_info["score"], scores)
             truncated |= step_info["truncated_response"]
             for i in ended.nonzero().squeeze(1).tolist():
                 responses[i] = step_info["response_text"][i]
-        if multi_turn:  # the row's action and, after a turn, the env's reply; host-side counts, no sync
+        if (
+            multi_turn
+        ):  # the row's action and, after a turn, the env's reply; host-side counts, no sync
             lengths = envs.conversation_lengths
             new_host, fed_host = lengths - fed_host, lengths
             width, new = int(new_host.max()), torch.as_tensor(new_host, device=device)
@@ -335,14 +408,22 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
         offsets = torch.arange(width, device=device)
         chunk_mask = (offsets < new.unsqueeze(1)).long()
         if multi_turn:
-            chunk = obs["input_ids"].gather(1, (P + fed.unsqueeze(1) + offsets).clamp_max(P + B - 1))
+            chunk = obs["input_ids"].gather(
+                1, (P + fed.unsqueeze(1) + offsets).clamp_max(P + B - 1)
+            )
         else:
             chunk = action.unsqueeze(1)
         # >= 0: every row's cache holds its prompt, which is never empty.
         position_ids = cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
         cache_mask = torch.cat([cache_mask, chunk_mask], dim=1)
-        logits, values, cache = policy._forward(chunk, cache_mask, position_ids, past_key_values=cache, use_cache=True,
-                                                logits_to_keep=width)
+        logits, values, cache = policy._forward(
+            chunk,
+            cache_mask,
+            position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=width,
+        )
         last = (new - 1).clamp_min(0)
         logits, values = logits[rows, last], values[rows, last]
         fed = fed + new
@@ -356,9 +437,14 @@ def _collect_rollout(policy: LMActorCritic, envs, seed: int | None, generator: t
         end = P + int(envs.conversation_lengths.max())
     policy.train(was_training)
     return Rollout(
-        input_ids=obs["input_ids"][:, start:end], attention_mask=obs["attention_mask"][:, start:end],
-        scores=scores, truncated_response=truncated, prompts=list(info["prompt"]),
-        responses=[r or "" for r in responses], prompt_len=P - start, **stacked,
+        input_ids=obs["input_ids"][:, start:end],
+        attention_mask=obs["attention_mask"][:, start:end],
+        scores=scores,
+        truncated_response=truncated,
+        prompts=list(info["prompt"]),
+        responses=[r or "" for r in responses],
+        prompt_len=P - start,
+        **stacked,
     )
 
 
@@ -372,9 +458,16 @@ def recompute_logprobs(policy: LMActorCritic, rollout: Rollout, chunk: int) -> R
         for i in range(0, rollout.actions.shape[0], chunk):
             rows = slice(i, i + chunk)
             positions = None if rollout.positions is None else rollout.positions[rows]
-            parts.append(policy.evaluate_responses(rollout.input_ids[rows], rollout.attention_mask[rows],
-                                                   rollout.actions[rows], rollout.prompt_len, entropy_grad=False,
-                                                   positions=positions))
+            parts.append(
+                policy.evaluate_responses(
+                    rollout.input_ids[rows],
+                    rollout.attention_mask[rows],
+                    rollout.actions[rows],
+                    rollout.prompt_len,
+                    entropy_grad=False,
+                    positions=positions,
+                )
+            )
     if _is_sharded(policy):
         policy.reshard()  # as after the rollout: the optimizer holds the shards
     keep = rollout.mask > 0
@@ -396,7 +489,9 @@ class AdaptiveKLController:
         return self.value
 
 
-def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None) -> torch.Tensor:
+def shaped_rewards(
+    rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None
+) -> torch.Tensor:
     """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` (:func:`textenv.kl.kl_penalized_rewards`)
     from what the env reported and the log-probs stored at sampling: no second forward; in a
     multi-turn episode each turn's reward at the token that ended the turn. With the KL in the
@@ -408,22 +503,36 @@ def shaped_rewards(rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing
         penalty = missing_eos_penalty * rollout.truncated_response.float()
     if rollout.step_scores is None:
         score = rollout.scores if penalty is None else rollout.scores - penalty
-        return kl_penalized_rewards(score, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta)
-    rewards = kl_penalized_rewards(rollout.step_scores, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta)
+        return kl_penalized_rewards(
+            score, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
+        )
+    rewards = kl_penalized_rewards(
+        rollout.step_scores, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
+    )
     if penalty is not None:
         last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
         rewards[torch.arange(rewards.shape[0], device=rewards.device), last] -= penalty
     return rewards
 
 
-def token_advantages(rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_advantages(
+    rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over response tokens. The last token of a response is terminal (EOS or the task's
     budget), so nothing is bootstrapped past it; tokens after it are masked."""
     mask = rollout.mask
     last = torch.zeros_like(mask)
     lengths = mask.sum(1).long()
     last[torch.arange(mask.shape[0]), (lengths - 1).clamp_min(0)] = 1.0
-    adv, ret = gae(rewards.T, rollout.values.T, torch.zeros_like(rollout.values[:, 0]), last.T, last.T, gamma, lam)
+    adv, ret = gae(
+        rewards.T,
+        rollout.values.T,
+        torch.zeros_like(rollout.values[:, 0]),
+        last.T,
+        last.T,
+        gamma,
+        lam,
+    )
     return adv.T * mask, ret.T * mask
 
 
@@ -442,17 +551,21 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
     """The :class:`TextTrainConfig` a run directory was started with."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "policy" / STATE_FILE).is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a text run directory with a checkpoint "
-                         f"(config.json + policy/{STATE_FILE})")
+        raise ValueError(
+            f"{str(run_dir)!r} is not a text run directory with a checkpoint "
+            f"(config.json + policy/{STATE_FILE})"
+        )
     raw = json.loads((run_dir / "config.json").read_text())
     raw["ppo"] = PPOConfig(**raw["ppo"])
     if "kl_shaping" in raw:  # the field's name before it was reference_pass
         raw["reference_pass"] = raw.pop("kl_shaping")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TextTrainConfig)})
     if unknown:
-        raise ValueError(f"{run_dir / 'config.json'} has settings this version does not have ({', '.join(unknown)}): "
-                         "it was written by an older version (see CHANGELOG.md); start a new run from its weights "
-                         f"with --model {run_dir / 'policy'}")
+        raise ValueError(
+            f"{run_dir / 'config.json'} has settings this version does not have ({', '.join(unknown)}): "
+            "it was written by an older version (see CHANGELOG.md); start a new run from its weights "
+            f"with --model {run_dir / 'policy'}"
+        )
     return TextTrainConfig(**raw)
 
 
@@ -474,15 +587,21 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
         return _train_text(config, resume, dist, device)
 
 
-def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device) -> dict[str, Any]:
+def _train_text(
+    config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device
+) -> dict[str, Any]:
     local_envs = dist.check_divides("num_envs", config.num_envs)
     if local_envs % config.group_size:
-        raise ValueError(f"group_size={config.group_size} must divide each process's {local_envs} responses "
-                         f"(num_envs={config.num_envs} over {dist.world_size} processes)")
+        raise ValueError(
+            f"group_size={config.group_size} must divide each process's {local_envs} responses "
+            f"(num_envs={config.num_envs} over {dist.world_size} processes)"
+        )
     dist.check_local_batch(config.ppo, local_envs)
     if config.fsdp and not dist.active:
-        raise ValueError("--fsdp shards the policy over torchrun's processes: launch the run with "
-                         "torchrun --nproc-per-node N (one process per GPU)")
+        raise ValueError(
+            "--fsdp shards the policy over torchrun's processes: launch the run with "
+            "torchrun --nproc-per-node N (one process per GPU)"
+        )
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
 
@@ -493,15 +612,21 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     if resume is not None:
         saved = load_text_run_config(resume)
         if saved.fsdp or config.fsdp:
-            raise ValueError(f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their checkpoint "
-                             f"holds the full weights but not the sharded optimizer state); start a new run from the "
-                             f"weights with --model {Path(resume) / 'policy'}")
+            raise ValueError(
+                f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their checkpoint "
+                f"holds the full weights but not the sharded optimizer state); start a new run from the "
+                f"weights with --model {Path(resume) / 'policy'}"
+            )
         if (saved.task, saved.model) != (config.task, config.model):
-            raise ValueError(f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
-                             f"not {config.task} with {config.model}")
+            raise ValueError(
+                f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
+                f"not {config.task} with {config.model}"
+            )
         if needs_critic(saved.advantage) != needs_critic(config.advantage):
-            raise ValueError(f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot continue "
-                             f"as --advantage {config.advantage} (one trains a value head, the other has none)")
+            raise ValueError(
+                f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot continue "
+                f"as --advantage {config.advantage} (one trains a value head, the other has none)"
+            )
     set_torch_threads(config.torch_threads)
     seed_everything(config.seed)
     # fp32 weights everywhere; bf16 is autocast, around the reference's forwards too, so that a
@@ -519,44 +644,81 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
     # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or with a
     # sharded policy every rank (its forward is a collective), each on the same prompts.
     if held_out and (dist.is_main or config.fsdp):
-        eval_envs = make_text_envs(config, config.eval_samples, task_kwargs | {"split": "test"}, device, dtype,
-                                   "at_end", model=envs.reference_model, tokenizer=envs.tokenizer,
-                                   reward=getattr(envs, "reward_fn", None))
+        eval_envs = make_text_envs(
+            config,
+            config.eval_samples,
+            task_kwargs | {"split": "test"},
+            device,
+            dtype,
+            "at_end",
+            model=envs.reference_model,
+            tokenizer=envs.tokenizer,
+            reward=getattr(envs, "reward_fn", None),
+        )
     say(f"loading the policy ({config.model if resume is None else resume}) ...")
     # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
     # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
-    policy_source = str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
-    policy_lm, _ = load_causal_lm(policy_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    policy_source = (
+        str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
+    )
+    policy_lm, _ = load_causal_lm(
+        policy_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code
+    )
     if config.lora_r:
-        policy_lm = with_lora(policy_lm, config.lora_r, config.lora_alpha,
-                              Path(resume) / "policy" / "adapter" if resume is not None else None)
+        policy_lm = with_lora(
+            policy_lm,
+            config.lora_r,
+            config.lora_alpha,
+            Path(resume) / "policy" / "adapter" if resume is not None else None,
+        )
     if config.gradient_checkpointing:
         # The new name from transformers 5.24 on (the old one warns there); the old one before.
-        enable = getattr(policy_lm, "activation_checkpointing_enable", None) or policy_lm.gradient_checkpointing_enable
+        enable = (
+            getattr(policy_lm, "activation_checkpointing_enable", None)
+            or policy_lm.gradient_checkpointing_enable
+        )
         enable()
         policy_lm.config.use_cache = False
-    policy = LMActorCritic(policy_lm, temperature=config.temperature, value_head=needs_critic(config.advantage))
+    policy = LMActorCritic(
+        policy_lm, temperature=config.temperature, value_head=needs_critic(config.advantage)
+    )
     dist.broadcast_parameters(p for p in policy.parameters() if p.requires_grad)
     if config.fsdp:
         shard_policy(policy, policy_lm)
-    optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                      fused=not config.fsdp)
+    optimizer = adamw(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        fused=not config.fsdp,
+    )
     generator = torch.Generator(device=device).manual_seed(config.seed)
     schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
 
     first_iteration, total_tokens, previous_wall, score_first, eval_before = 1, 0, 0.0, None, None
-    run_dir = TrainingRun.directory(config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume,
-                                    dist)
+    run_dir = TrainingRun.directory(
+        config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume, dist
+    )
     if resume is not None:
         state = load_training_state(run_dir / "policy", policy, optimizer, generator)
         first_iteration = state["iteration"] + 1
-        envs.kl_coef, total_tokens, previous_wall = state["kl_coef"], state["total_tokens"], state["wall_time_s"]
+        envs.kl_coef, total_tokens, previous_wall = (
+            state["kl_coef"],
+            state["total_tokens"],
+            state["wall_time_s"],
+        )
         score_first, eval_before = state["score_mean_first"], state.get("eval_before")
         # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
-        saved_schedule = state.get("lr_schedule") or {"learning_rate": saved.learning_rate, "horizon": saved.iterations,
-                                                      "enabled": saved.anneal_lr}
-        schedule = LinearLR.resumed(saved_schedule, state["iteration"], config.learning_rate, config.iterations,
-                                    config.anneal_lr)
+        saved_schedule = state.get("lr_schedule") or {
+            "learning_rate": saved.learning_rate,
+            "horizon": saved.iterations,
+            "enabled": saved.anneal_lr,
+        }
+        schedule = LinearLR.resumed(
+            saved_schedule,
+            state["iteration"],
+            config.learning_rate,
+            config.iterations,
+            config.anneal_lr,
+        )
         if dist.is_main and (note := resumed_world_note(state.get("world_size", 1), dist)):
             print(note, file=sys.stderr, flush=True)
     if dist.rank > 0:  # every rank samples its own responses; rank 0 keeps the one-process stream
@@ -564,22 +726,43 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         seed_everything(rank_seed)
         generator.manual_seed(rank_seed)
     # β's one owner is the env; the controller moves it.
-    controller = AdaptiveKLController(envs.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
+    controller = (
+        AdaptiveKLController(envs.kl_coef, config.kl_target, config.kl_horizon)
+        if config.kl_target
+        else None
+    )
     start = time.perf_counter() - previous_wall
 
     def checkpoint(iteration: int) -> Path:
         weights = full_state_dict(policy) if config.fsdp else None  # a collective: every rank
         if not dist.is_main:
             return run_dir / "policy"
-        return save_policy(run_dir / "policy", policy, envs.tokenizer, optimizer=None if config.fsdp else optimizer,
-                           generator=generator, state_dict=weights,
-                           state={"iteration": iteration, "kl_coef": envs.kl_coef, "total_tokens": total_tokens,
-                                  "wall_time_s": time.perf_counter() - start, "score_mean_first": score_first,
-                                  "lr_schedule": schedule.state(), "eval_before": eval_before,
-                                  "world_size": dist.world_size})
+        return save_policy(
+            run_dir / "policy",
+            policy,
+            envs.tokenizer,
+            optimizer=None if config.fsdp else optimizer,
+            generator=generator,
+            state_dict=weights,
+            state={
+                "iteration": iteration,
+                "kl_coef": envs.kl_coef,
+                "total_tokens": total_tokens,
+                "wall_time_s": time.perf_counter() - start,
+                "score_mean_first": score_first,
+                "lr_schedule": schedule.state(),
+                "eval_before": eval_before,
+                "world_size": dist.world_size,
+            },
+        )
 
-    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, recoverable=(RewardError,),
-                      dist=dist)
+    run = TrainingRun(
+        run_dir,
+        tensorboard=config.tensorboard,
+        checkpoint=checkpoint,
+        recoverable=(RewardError,),
+        dist=dist,
+    )
     run.last_iteration = first_iteration - 1
     history: list[dict[str, float]] = []
     if eval_envs is not None and eval_before is None:
@@ -588,8 +771,12 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
             eval_before = evaluate_held_out(policy, eval_envs, config.seed)
     from tqdm import tqdm
 
-    bar = tqdm(range(first_iteration, config.iterations + 1), disable=not (config.progress and dist.is_main), unit="it",
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(first_iteration, config.iterations + 1),
+        disable=not (config.progress and dist.is_main),
+        unit="it",
+        dynamic_ncols=True,
+    )
     postfix = ""
     try:
         with run.loop(save_on_failure=config.save_checkpoint):
@@ -601,28 +788,51 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 # The env seeds row i with seed + i: each iteration's rows (and each rank's) take
                 # their own block of seeds, so no iteration replays another's prompts and global
                 # row j draws the same prompt with any number of processes.
-                prompt_seed = prompt_seeds(config.seed, iteration, config.num_envs) + dist.rank * local_envs
+                prompt_seed = (
+                    prompt_seeds(config.seed, iteration, config.num_envs) + dist.rank * local_envs
+                )
                 with autocast(device, bf16):
-                    rollout = collect_rollout(policy, envs, seed=prompt_seed, generator=generator,
-                                              group_size=config.group_size)
+                    rollout = collect_rollout(
+                        policy,
+                        envs,
+                        seed=prompt_seed,
+                        generator=generator,
+                        group_size=config.group_size,
+                    )
                 rollout_s = time.perf_counter() - t0
                 if recompute:
                     with autocast(device, bf16):
                         rollout = recompute_logprobs(policy, rollout, micro_batch)
                 recompute_s = time.perf_counter() - t0 - rollout_s
-                rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
+                rewards = shaped_rewards(
+                    rollout, beta, not config.kl_in_loss, config.missing_eos_penalty
+                )
                 if needs_critic(config.advantage):
-                    advantages, returns = token_advantages(rollout, rewards, config.gamma, config.gae_lambda)
+                    advantages, returns = token_advantages(
+                        rollout, rewards, config.gamma, config.gae_lambda
+                    )
                     if config.whiten_advantages:
                         advantages = normalize(advantages, rollout.mask, dist=dist) * rollout.mask
                 else:  # no critic: values and returns are 0, so the value loss is exactly 0
-                    advantages = critic_free_advantages(config.advantage, rewards, rollout.mask, config.group_size,
-                                                        config.gamma, config.grpo_scale, dist=dist)
+                    advantages = critic_free_advantages(
+                        config.advantage,
+                        rewards,
+                        rollout.mask,
+                        config.group_size,
+                        config.gamma,
+                        config.grpo_scale,
+                        dist=dist,
+                    )
                     returns = torch.zeros_like(rewards)
                 batch = {
-                    "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
-                    "actions": rollout.actions, "logprobs": rollout.logprobs, "values": rollout.values,
-                    "advantages": advantages, "returns": returns, "mask": rollout.mask,
+                    "input_ids": rollout.input_ids,
+                    "attention_mask": rollout.attention_mask,
+                    "actions": rollout.actions,
+                    "logprobs": rollout.logprobs,
+                    "values": rollout.values,
+                    "advantages": advantages,
+                    "returns": returns,
+                    "mask": rollout.mask,
                     "ref_logprobs": rollout.ref_logprobs,
                 }
                 if rollout.positions is not None:
@@ -631,8 +841,12 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 def evaluate(mb: dict[str, torch.Tensor]):
                     with autocast(device, bf16):
                         logprob, entropy, value = policy.evaluate_responses(
-                            mb["input_ids"], mb["attention_mask"], mb["actions"], rollout.prompt_len,
-                            entropy_grad=config.ppo.ent_coef != 0, positions=mb.get("positions"),
+                            mb["input_ids"],
+                            mb["attention_mask"],
+                            mb["actions"],
+                            rollout.prompt_len,
+                            entropy_grad=config.ppo.ent_coef != 0,
+                            positions=mb.get("positions"),
                         )
                     if not config.kl_in_loss:
                         return logprob, entropy, value
@@ -641,46 +855,82 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
                 bar.set_postfix_str(f"{postfix} updating", refresh=True)
                 t1 = time.perf_counter()
                 policy.train()
-                stats = ppo_update(policy.parameters(), optimizer, batch, evaluate, config.ppo, generator, dist=dist)
+                stats = ppo_update(
+                    policy.parameters(),
+                    optimizer,
+                    batch,
+                    evaluate,
+                    config.ppo,
+                    generator,
+                    dist=dist,
+                )
                 update_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    stats |= rollout_stats(rollout, rewards, returns, policy.value_head is not None, dist)
+                    stats |= rollout_stats(
+                        rollout, rewards, returns, policy.value_head is not None, dist
+                    )
                 keys = list(stats)
-                values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()  # the iteration's one sync
+                values = torch.stack(
+                    [stats[k].float().cpu() for k in keys]
+                ).tolist()  # the iteration's one sync
                 metrics = dict(zip(keys, values))
                 tokens = int(metrics.pop("tokens"))
                 total_tokens += tokens
                 if score_first is None:
                     score_first = metrics["score_mean"]
                 elapsed = time.perf_counter() - start
-                metrics |= {"iteration": iteration, "kl_coef": beta, "learning_rate": lr,
-                            "rollout_tokens_per_s": tokens / rollout_s, "tokens_per_s": total_tokens / elapsed,
-                            "rollout_s": rollout_s, "recompute_s": recompute_s, "update_s": update_s,
-                            "wall_time_s": elapsed}
+                metrics |= {
+                    "iteration": iteration,
+                    "kl_coef": beta,
+                    "learning_rate": lr,
+                    "rollout_tokens_per_s": tokens / rollout_s,
+                    "tokens_per_s": total_tokens / elapsed,
+                    "rollout_s": rollout_s,
+                    "recompute_s": recompute_s,
+                    "update_s": update_s,
+                    "wall_time_s": elapsed,
+                }
                 history.append(metrics)
-                if dist.is_main and config.sample_every and (iteration % config.sample_every == 0 or iteration == 1):
+                if (
+                    dist.is_main
+                    and config.sample_every
+                    and (iteration % config.sample_every == 0 or iteration == 1)
+                ):
                     run.logger.text("samples", _samples_table(rollout), iteration)
-                    run.logger.samples(iteration, rollout.prompts, rollout.responses, rollout.scores.tolist())
+                    run.logger.samples(
+                        iteration, rollout.prompts, rollout.responses, rollout.scores.tolist()
+                    )
                 postfix = f"score={metrics['score_mean']:.3f} kl={metrics['kl_k1']:.2f}"
                 bar.set_postfix_str(postfix, refresh=False)
                 if controller is not None:
                     envs.kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
                 run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
-                window = [m["score_mean"] for m in history[-config.target_window:]]
-                if (config.target_score is not None and len(window) == config.target_window
-                        and sum(window) / len(window) >= config.target_score):
+                window = [m["score_mean"] for m in history[-config.target_window :]]
+                if (
+                    config.target_score is not None
+                    and len(window) == config.target_window
+                    and sum(window) / len(window) >= config.target_score
+                ):
                     break
-                if config.save_checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                if (
+                    config.save_checkpoint
+                    and config.checkpoint_every
+                    and iteration % config.checkpoint_every == 0
+                ):
                     checkpoint(iteration)
     finally:
         bar.close()
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
-        "task": config.task, "model": config.model, "iterations": run.last_iteration, "wall_time_s": wall,
+        "task": config.task,
+        "model": config.model,
+        "iterations": run.last_iteration,
+        "wall_time_s": wall,
         "tokens_per_s": total_tokens / wall,
         "score_mean_first": score_first,
         "score_mean_last": history[-1]["score_mean"] if history else None,
-        "kl_last": history[-1]["kl_k1"] if history else None, "run_dir": str(run_dir),
+        "kl_last": history[-1]["kl_k1"] if history else None,
+        "run_dir": str(run_dir),
     }
     if dist.world_size > 1:
         summary["world_size"] = dist.world_size
@@ -688,9 +938,14 @@ def _train_text(config: TextTrainConfig, resume: str | Path | None, dist: Dist, 
         say(f"sampling {config.eval_samples} responses on held-out prompts after training ...")
         with autocast(device, bf16):
             after = evaluate_held_out(policy, eval_envs, config.seed)
-        summary |= {"eval_samples": config.eval_samples, "eval_score_before": eval_before["score"],
-                    "eval_score_before_se": eval_before["score_se"], "eval_score_after": after["score"],
-                    "eval_score_after_se": after["score_se"], "eval_kl_after": after["kl"]}
+        summary |= {
+            "eval_samples": config.eval_samples,
+            "eval_score_before": eval_before["score"],
+            "eval_score_before_se": eval_before["score_se"],
+            "eval_score_after": after["score"],
+            "eval_score_after_se": after["score_se"],
+            "eval_kl_after": after["kl"],
+        }
         eval_envs.close()
     if config.save_checkpoint:
         summary["checkpoint"] = str(checkpoint(run.last_iteration))
@@ -703,8 +958,13 @@ def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
     return (seed * 100_003 + iteration) * num_envs
 
 
-def rollout_stats(rollout: Rollout, rewards: torch.Tensor, returns: torch.Tensor, has_critic: bool,
-                  dist: Dist | None = None) -> dict[str, torch.Tensor]:
+def rollout_stats(
+    rollout: Rollout,
+    rewards: torch.Tensor,
+    returns: torch.Tensor,
+    has_critic: bool,
+    dist: Dist | None = None,
+) -> dict[str, torch.Tensor]:
     """The rollout's logged statistics (0-d tensors): means per response of the KL to the
     reference (k1, k3), score, length and shaped return; entropy per token; the score's std,
     the missing-EOS fraction, the critic's explained variance, the token count. With ``dist``,
@@ -720,15 +980,21 @@ def rollout_stats(rollout: Rollout, rewards: torch.Tensor, returns: torch.Tensor
         "reward_total": rewards,
     }
     sums = [v.double().sum() for v in per_response.values()]
-    extra = [(scores * scores).sum(), (rollout.entropy * mask).sum().double(), mask.sum().double(),
-             torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)]
+    extra = [
+        (scores * scores).sum(),
+        (rollout.entropy * mask).sum().double(),
+        mask.sum().double(),
+        torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
+    ]
     if dist is not None and dist.active:
         *sums, square, entropy, tokens, n = dist.sum(*sums, *extra)
     else:
         square, entropy, tokens, n = extra
     stats = {k: (v / n).float() for k, v in zip(per_response, sums)}
     mean = stats["score_mean"].double()
-    stats["score_std"] = ((square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt().float()
+    stats["score_std"] = (
+        ((square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt().float()
+    )
     stats["rollout_entropy"] = (entropy / tokens).float()
     if has_critic:
         stats["explained_variance"] = explained_variance(rollout.values, returns, mask, dist)
@@ -751,17 +1017,33 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
 
         for name in ("reward", "reward_model", "prompts"):
             if getattr(config, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to the multi-turn task {config.task} "
-                                 "(its episodes write the prompts and reward the turns)")
-        task_kwargs = {k: v for k, v in {"max_turn_tokens": config.max_new_tokens, "kl_coef": config.kl_coef}.items()
-                       if v is not None} | task_options(config)
-        return task_kwargs, config.eval_samples > 0 and make_multiturn_task(config.task, **task_kwargs).has_held_out
-    task_kwargs = {"max_new_tokens": config.max_new_tokens, "kl_coef": config.kl_coef,
-                   "reward_model": config.reward_model}
+                raise ValueError(
+                    f"--{name.replace('_', '-')} does not apply to the multi-turn task {config.task} "
+                    "(its episodes write the prompts and reward the turns)"
+                )
+        task_kwargs = {
+            k: v
+            for k, v in {
+                "max_turn_tokens": config.max_new_tokens,
+                "kl_coef": config.kl_coef,
+            }.items()
+            if v is not None
+        } | task_options(config)
+        return task_kwargs, config.eval_samples > 0 and make_multiturn_task(
+            config.task, **task_kwargs
+        ).has_held_out
+    task_kwargs = {
+        "max_new_tokens": config.max_new_tokens,
+        "kl_coef": config.kl_coef,
+        "reward_model": config.reward_model,
+    }
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None} | task_options(config)
     if config.prompts is not None:
         task_kwargs["prompts"] = read_prompts(config.prompts)
-    held_out = config.eval_samples > 0 and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    held_out = (
+        config.eval_samples > 0
+        and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+    )
     return task_kwargs, held_out
 
 
@@ -772,9 +1054,13 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
     try:
         options = json.loads(config.task_options)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--task-options is not JSON: {err.msg} (got {config.task_options!r})") from None
+        raise ValueError(
+            f"--task-options is not JSON: {err.msg} (got {config.task_options!r})"
+        ) from None
     if not isinstance(options, dict):
-        raise ValueError(f"--task-options must be a JSON object of task fields, got {config.task_options!r}")
+        raise ValueError(
+            f"--task-options must be a JSON object of task fields, got {config.task_options!r}"
+        )
     if is_multi_turn(config.task):
         from textenv.multiturn import MULTITURN_TASKS as tasks
     else:
@@ -783,24 +1069,45 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
         known = {f.name for f in dataclasses.fields(tasks[config.task])}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"--task-options: task {config.task} has no field {unknown[0]!r} "
-                             f"(its fields: {', '.join(sorted(known))})")
+            raise ValueError(
+                f"--task-options: task {config.task} has no field {unknown[0]!r} "
+                f"(its fields: {', '.join(sorted(known))})"
+            )
     return options
 
 
-def make_text_envs(config: TextTrainConfig, num_envs: int, task_kwargs: dict[str, Any], device: torch.device,
-                   dtype: torch.dtype, reference_pass: str, model=None, tokenizer=None, reward=None):
+def make_text_envs(
+    config: TextTrainConfig,
+    num_envs: int,
+    task_kwargs: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    reference_pass: str,
+    model=None,
+    tokenizer=None,
+    reward=None,
+):
     """The vector env of ``config``'s task: a :class:`TextGenerationVectorEnv`, or a
     :class:`textenv.multiturn.MultiTurnTextVectorEnv` for a multi-turn task. ``model`` (with its
     ``tokenizer``) reuses a loaded reference; ``reward`` a built reward."""
-    common = {"num_envs": num_envs, "task": config.task, "model": model or config.model, "tokenizer": tokenizer,
-              "device": device, "dtype": dtype, "trust_remote_code": config.trust_remote_code,
-              "reference_pass": reference_pass, "temperature": config.temperature}
+    common = {
+        "num_envs": num_envs,
+        "task": config.task,
+        "model": model or config.model,
+        "tokenizer": tokenizer,
+        "device": device,
+        "dtype": dtype,
+        "trust_remote_code": config.trust_remote_code,
+        "reference_pass": reference_pass,
+        "temperature": config.temperature,
+    }
     if is_multi_turn(config.task):
         from textenv.multiturn import MultiTurnTextVectorEnv
 
         return MultiTurnTextVectorEnv(**common, **task_kwargs)
-    return TextGenerationVectorEnv(**common, reward=reward if reward is not None else config.reward, **task_kwargs)
+    return TextGenerationVectorEnv(
+        **common, reward=reward if reward is not None else config.reward, **task_kwargs
+    )
 
 
 def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
@@ -814,12 +1121,22 @@ def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() else value
 
-    return dataclasses.replace(config, model=absolute(config.model), reward_model=absolute(config.reward_model),
-                               prompts=absolute(config.prompts))
+    return dataclasses.replace(
+        config,
+        model=absolute(config.model),
+        reward_model=absolute(config.reward_model),
+        prompts=absolute(config.prompts),
+    )
 
 
-def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str = "cpu", top_k: int = 0,
-                      top_p: float = 1.0) -> dict[str, Any]:
+def evaluate_text_run(
+    run_dir: str | Path,
+    samples: int,
+    seed: int,
+    device: str = "cpu",
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> dict[str, Any]:
     """Sample ``samples`` responses of a text run's saved policy on its task (the held-out
     prompts when it was trained with them) and return the mean score, its standard error and
     the KL to the reference; the reward, temperature and budget are the run's. ``top_k`` /
@@ -831,18 +1148,35 @@ def evaluate_text_run(run_dir: str | Path, samples: int, seed: int, device: str 
     config = load_text_run_config(run_dir)
     device = resolve_device(device)
     task_kwargs, held_out = task_settings(config)
-    envs = make_text_envs(config, samples, task_kwargs | {"split": "test" if held_out else "all"}, device,
-                          torch.float32, "at_end")
-    lm, _ = load_causal_lm(str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code)
-    policy = LMActorCritic(lm, temperature=config.temperature, top_k=top_k, top_p=top_p,
-                           value_head=False)  # sampling only
+    envs = make_text_envs(
+        config,
+        samples,
+        task_kwargs | {"split": "test" if held_out else "all"},
+        device,
+        torch.float32,
+        "at_end",
+    )
+    lm, _ = load_causal_lm(
+        str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code
+    )
+    policy = LMActorCritic(
+        lm, temperature=config.temperature, top_k=top_k, top_p=top_p, value_head=False
+    )  # sampling only
     result = evaluate_held_out(policy, envs, seed)
     envs.close()
-    return {"task": config.task, "prompts": "held-out" if held_out else "all", "responses": samples,
-            "score_mean": result["score"], "score_se": result["score_se"], "kl_to_reference": result["kl"]}
+    return {
+        "task": config.task,
+        "prompts": "held-out" if held_out else "all",
+        "responses": samples,
+        "score_mean": result["score"],
+        "score_se": result["score_se"],
+        "kl_to_reference": result["kl"],
+    }
 
 
-def evaluate_held_out(policy: LMActorCritic, envs: TextGenerationVectorEnv, seed: int) -> dict[str, float]:
+def evaluate_held_out(
+    policy: LMActorCritic, envs: TextGenerationVectorEnv, seed: int
+) -> dict[str, float]:
     """Mean score (± its standard error) and mean KL to the reference (k1, nats per response) of
     one response per row of ``envs``; the same ``seed`` draws the same prompts and sampling noise."""
     generator = torch.Generator(device=envs.device).manual_seed(seed)
@@ -880,8 +1214,16 @@ def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
 
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def save_policy(
@@ -902,9 +1244,15 @@ def save_policy(
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if state_dict is not None:
-        policy.lm.save_pretrained(tmp, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")})
-        head = {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
-    elif hasattr(policy.lm, "merge_and_unload"):  # LoRA: the adapter (to resume) + merged weights (to use)
+        policy.lm.save_pretrained(
+            tmp, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        )
+        head = {
+            k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")
+        }
+    elif hasattr(
+        policy.lm, "merge_and_unload"
+    ):  # LoRA: the adapter (to resume) + merged weights (to use)
         policy.lm.save_pretrained(tmp / "adapter")
         copy.deepcopy(policy.lm).merge_and_unload().save_pretrained(tmp)
     else:
@@ -913,7 +1261,10 @@ def save_policy(
     if policy.value_head is not None:
         if state_dict is None:
             head = policy.value_head.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head.items()},
+            str(tmp / "value_head.safetensors"),
+        )
     if optimizer is not None or state_dict is not None:
         tensors, metadata = pack_training_state(optimizer, generator)
         metadata["state"] = json.dumps(state or {})
@@ -938,9 +1289,13 @@ def load_training_state(
     device = next(policy.parameters()).device
     if policy.value_head is not None:
         if not (path / "value_head.safetensors").is_file():
-            raise ValueError(f"{path} has no value head (it was trained with a critic-free --advantage); "
-                             "resume it with the same --advantage")
-        policy.value_head.load_state_dict(load_file(str(path / "value_head.safetensors"), device=str(device)))
+            raise ValueError(
+                f"{path} has no value head (it was trained with a critic-free --advantage); "
+                "resume it with the same --advantage"
+            )
+        policy.value_head.load_state_dict(
+            load_file(str(path / "value_head.safetensors"), device=str(device))
+        )
     with safe_open(str(path / STATE_FILE), framework="pt") as f:
         metadata = f.metadata() or {}
     unpack_training_state(load_file(str(path / STATE_FILE)), metadata, optimizer, generator, device)

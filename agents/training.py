@@ -74,14 +74,25 @@ class LinearLR:
         return dataclasses.asdict(self)
 
     @classmethod
-    def resumed(cls, saved: dict[str, Any], last_iteration: int, learning_rate: float, horizon: int,
-                enabled: bool = True) -> LinearLR:
+    def resumed(
+        cls,
+        saved: dict[str, Any],
+        last_iteration: int,
+        learning_rate: float,
+        horizon: int,
+        enabled: bool = True,
+    ) -> LinearLR:
         """The schedule that continues ``saved`` after ``last_iteration`` with the new settings."""
         old = cls(**saved)
         if not enabled:
             return cls(learning_rate, horizon, enabled=False)
         if learning_rate != old.learning_rate:
-            return cls(learning_rate, horizon, anchor_iteration=last_iteration + 1, anchor_rate=learning_rate)
+            return cls(
+                learning_rate,
+                horizon,
+                anchor_iteration=last_iteration + 1,
+                anchor_rate=learning_rate,
+            )
         if horizon == old.horizon and old.enabled:
             return old
         rate = old.rate(last_iteration) if old.enabled else learning_rate
@@ -90,7 +101,10 @@ class LinearLR:
 
 def summary_json(summary: dict[str, Any]) -> dict[str, Any]:
     """``summary`` with NaN and inf as None, so it is valid JSON for every reader."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in summary.items()
+    }
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -106,12 +120,21 @@ class TrainingRun:
     never lost.
     """
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, checkpoint: Callable[[int], Path],
-                 recoverable: tuple[type[BaseException], ...] = (), dist: Dist | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool,
+        checkpoint: Callable[[int], Path],
+        recoverable: tuple[type[BaseException], ...] = (),
+        dist: Dist | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.dist = dist or Dist()
         # Rank 0 alone writes; the other ranks of a distributed run log nothing.
-        self.logger = RunLogger(self.run_dir, tensorboard=tensorboard) if self.dist.is_main else _NullLogger()
+        self.logger = (
+            RunLogger(self.run_dir, tensorboard=tensorboard) if self.dist.is_main else _NullLogger()
+        )
         self.guard = NonFiniteGuard()
         self.checkpoint = checkpoint
         self.recoverable = (NonFiniteTraining, *recoverable)
@@ -119,8 +142,14 @@ class TrainingRun:
         self._stop: StopSignals | None = None
 
     @staticmethod
-    def directory(runs_dir: str, run_name: str | None, prefix: str, config: Any, resume: str | Path | None,
-                  dist: Dist | None = None) -> Path:
+    def directory(
+        runs_dir: str,
+        run_name: str | None,
+        prefix: str,
+        config: Any,
+        resume: str | Path | None,
+        dist: Dist | None = None,
+    ) -> Path:
         """The run directory: ``resume`` itself, or a fresh one holding ``config.json`` (made by
         rank 0 and named to every rank)."""
         if resume is not None:
@@ -147,12 +176,16 @@ class TrainingRun:
             if not save_on_failure or self.last_iteration < 1 or self.dist.world_size > 1:
                 raise
             path = self.checkpoint(self.last_iteration)
-            raise type(err)(f"{err}; the last good state (iteration {self.last_iteration}) is saved in {path}, "
-                            f"continue with --resume {self.run_dir}") from None
+            raise type(err)(
+                f"{err}; the last good state (iteration {self.last_iteration}) is saved in {path}, "
+                f"continue with --resume {self.run_dir}"
+            ) from None
         finally:
             self._stop.__exit__()
 
-    def end_iteration(self, iteration: int, step: int, metrics: dict[str, float], where: str) -> None:
+    def end_iteration(
+        self, iteration: int, step: int, metrics: dict[str, float], where: str
+    ) -> None:
         """Log the iteration, stop on a streak of non-finite updates, and on a received signal
         checkpoint and raise :class:`TrainingInterrupted`."""
         self.logger.log(step, metrics)
@@ -182,9 +215,11 @@ def resumed_world_note(saved_world: int, dist: Dist) -> str | None:
     """What resuming a run made by ``saved_world`` processes with another number means (None: same)."""
     if saved_world == dist.world_size:
         return None
-    return (f"note: this run was trained by {saved_world} process(es) and resumes with {dist.world_size}: the "
-            "parameters, optimizer, schedule and statistics continue; each rank's sampling and env streams start "
-            "anew, so it is not the run the original process count would have made")
+    return (
+        f"note: this run was trained by {saved_world} process(es) and resumes with {dist.world_size}: the "
+        "parameters, optimizer, schedule and statistics continue; each rank's sampling and env streams start "
+        "anew, so it is not the run the original process count would have made"
+    )
 
 
 class _NullLogger:
@@ -193,7 +228,9 @@ class _NullLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
+    def samples(
+        self, step: int, prompts: list[str], responses: list[str], scores: list[float]
+    ) -> None:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:

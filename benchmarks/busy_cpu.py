@@ -62,27 +62,58 @@ def run_workload(name: str, threads: int) -> dict[str, float]:
     from textenv.device import set_torch_threads
 
     with tempfile.TemporaryDirectory() as runs:
-        common = dict(runs_dir=runs, tensorboard=False, progress=False, save_checkpoint=False, eval_samples=0,
-                      sample_every=0, device="cpu", torch_threads=threads)
+        common = dict(
+            runs_dir=runs,
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            eval_samples=0,
+            sample_every=0,
+            device="cpu",
+            torch_threads=threads,
+        )
         if name == "toy-train":
-            config = TextTrainConfig(task="Toy", model="tiny", iterations=3, num_envs=32, learning_rate=3e-3,
-                                     kl_coef=0.0, **common)
+            config = TextTrainConfig(
+                task="Toy",
+                model="tiny",
+                iterations=3,
+                num_envs=32,
+                learning_rate=3e-3,
+                kl_coef=0.0,
+                **common,
+            )
             start = time.perf_counter()
             train_text(config)
             return {"seconds": time.perf_counter() - start, "threads_used": torch.get_num_threads()}
         if name == "sentiment-train":
-            config = TextTrainConfig(task="Sentiment", model="embedded", iterations=2, num_envs=16,
-                                     max_new_tokens=12, **common)
+            config = TextTrainConfig(
+                task="Sentiment",
+                model="embedded",
+                iterations=2,
+                num_envs=16,
+                max_new_tokens=12,
+                **common,
+            )
             summary = train_text(config)
-            metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
+            metrics = [
+                json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").open()
+            ]
             second = metrics[-1]
-            return {"seconds": second["rollout_s"] + second["update_s"], "threads_used": torch.get_num_threads()}
+            return {
+                "seconds": second["rollout_s"] + second["update_s"],
+                "threads_used": torch.get_num_threads(),
+            }
     if name == "env-step":
         from textenv import TextGenerationVectorEnv
 
         set_torch_threads(threads)
-        envs = TextGenerationVectorEnv(num_envs=8, task="Sentiment", model="embedded", max_new_tokens=16,
-                                       reference_pass="per_step")
+        envs = TextGenerationVectorEnv(
+            num_envs=8,
+            task="Sentiment",
+            model="embedded",
+            max_new_tokens=16,
+            reference_pass="per_step",
+        )
         generator = torch.Generator().manual_seed(0)
         steps, elapsed = 0, 0.0
         for episode in range(4):
@@ -103,7 +134,15 @@ def run_cell(workload: str, threads: int, busy: bool, timeout: float) -> dict[st
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         time.sleep(0.5 if busy else 0.0)  # let the spinner take its core
-        cmd = [sys.executable, "-m", "benchmarks.busy_cpu", "--child", workload, "--child-threads", str(threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.busy_cpu",
+            "--child",
+            workload,
+            "--child-threads",
+            str(threads),
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -131,16 +170,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
-        print(f"error: unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+        print(
+            f"error: unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}",
+            file=sys.stderr,
+        )
         return 2
     rows = []
     for workload in args.workloads:
         for threads in args.threads:
             cells = {}
             for busy in (False, True):
-                results = [run_cell(workload, threads, busy, args.cell_timeout) for _ in range(args.repeats)]
+                results = [
+                    run_cell(workload, threads, busy, args.cell_timeout)
+                    for _ in range(args.repeats)
+                ]
                 cells[busy] = None if any(r is None for r in results) else results
-                print(f"{workload} threads={threads} busy={busy}: {results}", file=sys.stderr, flush=True)
+                print(
+                    f"{workload} threads={threads} busy={busy}: {results}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rows.append((workload, threads, cells))
     write_table(args, rows)
     return 0
@@ -153,15 +202,19 @@ def _value(results, key: str) -> float | None:
 def write_table(args: BusyConfig, rows) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.busy_cpu " + " ".join(
-        [f"--workloads {' '.join(args.workloads)}", f"--threads {' '.join(map(str, args.threads))}",
-         f"--repeats {args.repeats}"])
+        [
+            f"--workloads {' '.join(args.workloads)}",
+            f"--threads {' '.join(map(str, args.threads))}",
+            f"--repeats {args.repeats}",
+        ]
+    )
     lines = [
         "# Text training and env stepping beside a busy process",
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {cores} cores, Python {platform.python_version()}; "
-        "each cell is a fresh process; \"busy\" = one other process spinning a core. Threads 0 = torch's "
+        'each cell is a fresh process; "busy" = one other process spinning a core. Threads 0 = torch\'s '
         "default (one per core). Median of the repeats; see the module docstring for the workloads.",
         "",
         "| workload | torch threads | quiet | busy | busy / quiet |",
@@ -179,8 +232,14 @@ def write_table(args: BusyConfig, rows) -> None:
         if quiet is None or busy is None:
             ratio = "n/a"
         else:
-            ratio = f"{quiet / busy:.1f}x slower" if key == "steps_per_s" else f"{busy / quiet:.1f}x slower"
-        lines.append(f"| {workload} | {threads} ({used} used) | {fmt(quiet)} | {fmt(busy)} | {ratio} |")
+            ratio = (
+                f"{quiet / busy:.1f}x slower"
+                if key == "steps_per_s"
+                else f"{busy / quiet:.1f}x slower"
+            )
+        lines.append(
+            f"| {workload} | {threads} ({used} used) | {fmt(quiet)} | {fmt(busy)} | {ratio} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

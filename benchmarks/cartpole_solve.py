@@ -53,8 +53,18 @@ class SolveConfig:
 def _command(lib: str, seed: int, runs_dir: str) -> list[str]:
     if lib in ("textenv-ppo", "textenv-ppo-torch-env"):
         env_id = "CartPole-v1" if lib == "textenv-ppo" else "textenv/TorchCartPole-v1"
-        return [sys.executable, "-m", "scripts.train", "--env-id", env_id, "--seed", str(seed),
-                "--runs-dir", runs_dir, "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "scripts.train",
+            "--env-id",
+            env_id,
+            "--seed",
+            str(seed),
+            "--runs-dir",
+            runs_dir,
+            "--no-progress",
+        ]
     return [sys.executable, "-m", "benchmarks.cartpole_solve", "--worker", lib, "--seed", str(seed)]
 
 
@@ -67,8 +77,14 @@ def run_side(lib: str, seed: int) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"error: {lib} seed {seed} failed: {out.stderr.strip().splitlines()[-1:]}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"lib": lib, "seed": seed, "process_s": wall, "train_s": summary["wall_time_s"],
-            "steps": summary["global_step"], "eval": summary["eval_return_mean"]}
+    return {
+        "lib": lib,
+        "seed": seed,
+        "process_s": wall,
+        "train_s": summary["wall_time_s"],
+        "steps": summary["global_step"],
+        "eval": summary["eval_return_mean"],
+    }
 
 
 def sb3_worker(lib: str, seed: int) -> int:
@@ -78,8 +94,15 @@ def sb3_worker(lib: str, seed: int) -> int:
 
     torch.set_num_threads(1)
     result = run_sb3(lib, "CartPole-v1", seed, 1.0)
-    print(json.dumps({"wall_time_s": result["wall_time_s"], "global_step": result["global_step"],
-                      "eval_return_mean": result["eval_return_mean"]}))
+    print(
+        json.dumps(
+            {
+                "wall_time_s": result["wall_time_s"],
+                "global_step": result["global_step"],
+                "eval_return_mean": result["eval_return_mean"],
+            }
+        )
+    )
     return 0
 
 
@@ -95,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             row = run_side(lib, seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    command = "python -m benchmarks.cartpole_solve " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.cartpole_solve " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     lines = [
         "# CartPole-v1: whole-process wall time to a solved policy",
         "",
@@ -114,13 +139,22 @@ def main(argv: list[str] | None = None) -> int:
         proc = [r["process_s"] for r in rs]
         medians[lib] = statistics.median(proc)
         evals = ", ".join(f"{r['eval']:.0f}" for r in rs)
-        lines.append(f"| {lib} | {rs[0]['steps']:,} | {sum(r['eval'] >= 500 for r in rs)} of {len(rs)} "
-                     f"| {medians[lib]:.1f} ({min(proc):.1f}–{max(proc):.1f}) "
-                     f"| {statistics.median(r['train_s'] for r in rs):.1f} "
-                     f"| {evals} |")
+        lines.append(
+            f"| {lib} | {rs[0]['steps']:,} | {sum(r['eval'] >= 500 for r in rs)} of {len(rs)} "
+            f"| {medians[lib]:.1f} ({min(proc):.1f}–{max(proc):.1f}) "
+            f"| {statistics.median(r['train_s'] for r in rs):.1f} "
+            f"| {evals} |"
+        )
     if "textenv-ppo" in medians and len(medians) > 1:
-        lines += ["", "Median whole-process time relative to textenv-ppo: " + ", ".join(
-            f"{lib} {medians[lib] / medians['textenv-ppo']:.1f}×" for lib in args.libs if lib != "textenv-ppo")]
+        lines += [
+            "",
+            "Median whole-process time relative to textenv-ppo: "
+            + ", ".join(
+                f"{lib} {medians[lib] / medians['textenv-ppo']:.1f}×"
+                for lib in args.libs
+                if lib != "textenv-ppo"
+            ),
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from textenv.agents.runlog import atomic_write_text
 

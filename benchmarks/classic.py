@@ -48,24 +48,95 @@ CLEANRL = {
 }
 # rl-baselines3-zoo's tuned PPO (hyperparams/ppo.yml; the MuJoCo entries are its v3 ones).
 # "lin_x" is a linear schedule from x to 0; "normalize" is VecNormalize with the zoo's defaults.
-_ZOO_MUJOCO_POLICY = dict(log_std_init=-2, ortho_init=False, activation_fn="relu",
-                          net_arch=dict(pi=[256, 256], vf=[256, 256]))
+_ZOO_MUJOCO_POLICY = dict(
+    log_std_init=-2,
+    ortho_init=False,
+    activation_fn="relu",
+    net_arch=dict(pi=[256, 256], vf=[256, 256]),
+)
 ZOO: dict[str, dict[str, Any]] = {
-    "CartPole-v1": dict(n_envs=8, n_timesteps=100_000, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
-                        n_epochs=20, ent_coef=0.0, learning_rate="lin_0.001", clip_range="lin_0.2"),
-    "Acrobot-v1": dict(normalize=True, n_envs=16, n_timesteps=1_000_000, n_steps=256, gae_lambda=0.94, gamma=0.99,
-                       n_epochs=4, ent_coef=0.0),
-    "Pendulum-v1": dict(n_envs=4, n_timesteps=100_000, n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10,
-                        ent_coef=0.0, learning_rate=1e-3, clip_range=0.2, use_sde=True, sde_sample_freq=4),
-    "HalfCheetah-v5": dict(normalize=True, n_envs=1, n_timesteps=1_000_000, batch_size=64, n_steps=512, gamma=0.98,
-                           learning_rate=2.0633e-05, ent_coef=0.000401762, clip_range=0.1, n_epochs=20,
-                           gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096, policy_kwargs=_ZOO_MUJOCO_POLICY),
-    "Hopper-v5": dict(normalize=True, n_envs=1, n_timesteps=1_000_000, batch_size=32, n_steps=512, gamma=0.999,
-                      learning_rate=9.80828e-05, ent_coef=0.00229519, clip_range=0.2, n_epochs=5, gae_lambda=0.99,
-                      max_grad_norm=0.7, vf_coef=0.835671, policy_kwargs=_ZOO_MUJOCO_POLICY),
-    "Walker2d-v5": dict(normalize=True, n_envs=1, n_timesteps=1_000_000, batch_size=32, n_steps=512, gamma=0.99,
-                        learning_rate=5.05041e-05, ent_coef=0.000585045, clip_range=0.1, n_epochs=20,
-                        gae_lambda=0.95, max_grad_norm=1, vf_coef=0.871923),
+    "CartPole-v1": dict(
+        n_envs=8,
+        n_timesteps=100_000,
+        n_steps=32,
+        batch_size=256,
+        gae_lambda=0.8,
+        gamma=0.98,
+        n_epochs=20,
+        ent_coef=0.0,
+        learning_rate="lin_0.001",
+        clip_range="lin_0.2",
+    ),
+    "Acrobot-v1": dict(
+        normalize=True,
+        n_envs=16,
+        n_timesteps=1_000_000,
+        n_steps=256,
+        gae_lambda=0.94,
+        gamma=0.99,
+        n_epochs=4,
+        ent_coef=0.0,
+    ),
+    "Pendulum-v1": dict(
+        n_envs=4,
+        n_timesteps=100_000,
+        n_steps=1024,
+        gae_lambda=0.95,
+        gamma=0.9,
+        n_epochs=10,
+        ent_coef=0.0,
+        learning_rate=1e-3,
+        clip_range=0.2,
+        use_sde=True,
+        sde_sample_freq=4,
+    ),
+    "HalfCheetah-v5": dict(
+        normalize=True,
+        n_envs=1,
+        n_timesteps=1_000_000,
+        batch_size=64,
+        n_steps=512,
+        gamma=0.98,
+        learning_rate=2.0633e-05,
+        ent_coef=0.000401762,
+        clip_range=0.1,
+        n_epochs=20,
+        gae_lambda=0.92,
+        max_grad_norm=0.8,
+        vf_coef=0.58096,
+        policy_kwargs=_ZOO_MUJOCO_POLICY,
+    ),
+    "Hopper-v5": dict(
+        normalize=True,
+        n_envs=1,
+        n_timesteps=1_000_000,
+        batch_size=32,
+        n_steps=512,
+        gamma=0.999,
+        learning_rate=9.80828e-05,
+        ent_coef=0.00229519,
+        clip_range=0.2,
+        n_epochs=5,
+        gae_lambda=0.99,
+        max_grad_norm=0.7,
+        vf_coef=0.835671,
+        policy_kwargs=_ZOO_MUJOCO_POLICY,
+    ),
+    "Walker2d-v5": dict(
+        normalize=True,
+        n_envs=1,
+        n_timesteps=1_000_000,
+        batch_size=32,
+        n_steps=512,
+        gamma=0.99,
+        learning_rate=5.05041e-05,
+        ent_coef=0.000585045,
+        clip_range=0.1,
+        n_epochs=20,
+        gae_lambda=0.95,
+        max_grad_norm=1,
+        vf_coef=0.871923,
+    ),
 }
 LIBS = ("textenv-ppo", "textenv-cleanrl", "sb3-zoo", "sb3-default")
 
@@ -98,20 +169,35 @@ def train_config(env_id: str, seed: int, steps_scale: float, preset: str = "tune
     """This project's preset for ``env_id``, its budget scaled to a whole number of rollouts."""
     from textenv.agents.classic import preset_config
 
-    config = preset_config(env_id, preset, seed=seed, device="cpu", progress=False, tensorboard=False,
-                           save_checkpoint=False, eval_episodes=10)
-    total = max(1, round(config.total_timesteps * steps_scale / config.batch_size)) * config.batch_size
+    config = preset_config(
+        env_id,
+        preset,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        save_checkpoint=False,
+        eval_episodes=10,
+    )
+    total = (
+        max(1, round(config.total_timesteps * steps_scale / config.batch_size)) * config.batch_size
+    )
     return dataclasses.replace(config, total_timesteps=total)
 
 
-def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str, lib: str = "textenv-ppo") -> dict[str, Any]:
+def run_ours(
+    env_id: str, seed: int, steps_scale: float, out_dir: str, lib: str = "textenv-ppo"
+) -> dict[str, Any]:
     from textenv.agents.classic import train
 
     # Run directories (TensorBoard files and all) stay out of the repo; raw/ keeps the curve.
     runs_dir = Path(tempfile.gettempdir()) / "textenv-ppo-bench-runs"
     preset = "cleanrl" if lib == "textenv-cleanrl" else "tuned"
-    config = dataclasses.replace(train_config(env_id, seed, steps_scale, preset), runs_dir=str(runs_dir),
-                                 run_name=f"{lib}__{env_id}__{seed}")
+    config = dataclasses.replace(
+        train_config(env_id, seed, steps_scale, preset),
+        runs_dir=str(runs_dir),
+        run_name=f"{lib}__{env_id}__{seed}",
+    )
     import shutil
 
     shutil.rmtree(Path(config.runs_dir) / config.run_name, ignore_errors=True)
@@ -122,9 +208,15 @@ def run_ours(env_id: str, seed: int, steps_scale: float, out_dir: str, lib: str 
             row = json.loads(line)
             if "episodic_return" in row:
                 curve.append((row["global_step"], row["episodic_return"], row["episodes"]))
-    return {"wall_time_s": summary["wall_time_s"], "sps": summary["sps"], "global_step": summary["global_step"],
-            "train_return_last100": summary["train_return_last100"], "eval_return_mean": summary["eval_return_mean"],
-            "eval_return_std": summary["eval_return_std"], "curve": curve}
+    return {
+        "wall_time_s": summary["wall_time_s"],
+        "sps": summary["sps"],
+        "global_step": summary["global_step"],
+        "train_return_last100": summary["train_return_last100"],
+        "eval_return_mean": summary["eval_return_mean"],
+        "eval_return_std": summary["eval_return_std"],
+        "curve": curve,
+    }
 
 
 def _schedule(value: float | str):
@@ -140,7 +232,11 @@ def sb3_settings(lib: str, env_id: str) -> tuple[dict[str, Any], int, bool, int]
     if env_id not in ZOO:
         raise SystemExit(f"error: no rl-baselines3-zoo entry for {env_id}; known: {', '.join(ZOO)}")
     zoo = dict(ZOO[env_id])
-    budget, n_envs, normalize = zoo.pop("n_timesteps"), zoo.pop("n_envs", 1), zoo.pop("normalize", False)
+    budget, n_envs, normalize = (
+        zoo.pop("n_timesteps"),
+        zoo.pop("n_envs", 1),
+        zoo.pop("normalize", False),
+    )
     if lib == "sb3-default":
         return {}, 1, False, budget
     kwargs = {k: _schedule(v) for k, v in zoo.items()}
@@ -180,7 +276,9 @@ def run_sb3(lib: str, env_id: str, seed: int, steps_scale: float) -> dict[str, A
     model.learn(total_timesteps=total, callback=EpisodeCurve())
     wall = time.perf_counter() - start
     curve = []
-    for it_end in range(rollout, model.num_timesteps + 1, rollout):  # episode returns binned by rollout
+    for it_end in range(
+        rollout, model.num_timesteps + 1, rollout
+    ):  # episode returns binned by rollout
         rs = [r for s, r in returns if it_end - rollout < s <= it_end]
         if rs:
             curve.append((it_end, float(np.mean(rs)), len(rs)))
@@ -188,13 +286,19 @@ def run_sb3(lib: str, env_id: str, seed: int, steps_scale: float) -> dict[str, A
     if isinstance(envs, VecNormalize):
         eval_env = VecNormalize(eval_env, norm_reward=False, training=False)
         eval_env.obs_rms = envs.obs_rms
-    ep_returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True,
-                                    return_episode_rewards=True)
+    ep_returns, _ = evaluate_policy(
+        model, eval_env, n_eval_episodes=10, deterministic=True, return_episode_rewards=True
+    )
     last100 = [r for _, r in returns[-100:]]
-    return {"wall_time_s": wall, "sps": model.num_timesteps / wall, "global_step": model.num_timesteps,
-            "train_return_last100": float(np.mean(last100)) if last100 else None,
-            "eval_return_mean": float(np.mean(ep_returns)), "eval_return_std": float(np.std(ep_returns)),
-            "curve": curve}
+    return {
+        "wall_time_s": wall,
+        "sps": model.num_timesteps / wall,
+        "global_step": model.num_timesteps,
+        "train_return_last100": float(np.mean(last100)) if last100 else None,
+        "eval_return_mean": float(np.mean(ep_returns)),
+        "eval_return_std": float(np.std(ep_returns)),
+        "curve": curve,
+    }
 
 
 def worker(lib: str, env_id: str, seed: int, steps_scale: float, out_dir: str) -> str:
@@ -239,14 +343,21 @@ def report(out_dir: Path, command: str, note: str = "") -> None:
         "one worker process per run, one torch thread each, CPU only.",
         "",
         "Sides: *textenv-ppo* is this project's preset for the env at its own budget; "
-        + ("*textenv-cleanrl* is this project with CleanRL's defaults (`--preset cleanrl`; on MuJoCo the "
-           "earlier preset); " if "textenv-cleanrl" in found else "")
+        + (
+            "*textenv-cleanrl* is this project with CleanRL's defaults (`--preset cleanrl`; on MuJoCo the "
+            "earlier preset); "
+            if "textenv-cleanrl" in found
+            else ""
+        )
         + "*sb3-zoo* is "
         "Stable-Baselines3 with rl-baselines3-zoo's tuned hyperparameters at the zoo's budget; "
         "*sb3-default* is Stable-Baselines3's own defaults at the zoo's budget. "
-        + ("*sb3-same-hparams* (MuJoCo, an earlier run) gave SB3 this project's hyperparameters, "
-           "including `clip_range_vf`, which SB3 applies differently; it is kept for reference only. "
-           if "sb3-same-hparams" in found else "")
+        + (
+            "*sb3-same-hparams* (MuJoCo, an earlier run) gave SB3 this project's hyperparameters, "
+            "including `clip_range_vf`, which SB3 applies differently; it is kept for reference only. "
+            if "sb3-same-hparams" in found
+            else ""
+        )
         + "Returns: *last 100* is the mean undiscounted training return of the last 100 episodes "
         "(CleanRL's statistic); *eval* is 10 deterministic episodes on fresh envs after training. "
         "Each cell is mean ± std over seeds; wall time is training alone (imports and evaluation excluded).",
@@ -281,7 +392,9 @@ def plot(rows: list[dict], envs: list[str], libs: list[str], path: Path) -> None
     colors = {lib: f"C{i}" for i, lib in enumerate(libs)}  # one colour per side in every panel
     for ax, env in zip(axes[0], envs):
         for lib in libs:
-            curves = [r["curve"] for r in rows if r["env_id"] == env and r["lib"] == lib and r["curve"]]
+            curves = [
+                r["curve"] for r in rows if r["env_id"] == env and r["lib"] == lib and r["curve"]
+            ]
             if not curves:
                 continue
             end = min(c[-1][0] for c in curves)
@@ -294,7 +407,9 @@ def plot(rows: list[dict], envs: list[str], libs: list[str], path: Path) -> None
                 k = max(1, len(vals) // 50)
                 # Edge-corrected moving average: divide by how many points each window really holds.
                 window = np.ones(k)
-                smooth = np.convolve(vals, window, mode="same") / np.convolve(np.ones_like(vals), window, mode="same")
+                smooth = np.convolve(vals, window, mode="same") / np.convolve(
+                    np.ones_like(vals), window, mode="same"
+                )
                 ys.append(np.interp(grid, steps, smooth))
             ys = np.stack(ys)
             ax.plot(grid, ys.mean(0), label=f"{lib} ({len(curves)} seeds)", color=colors[lib])
@@ -317,18 +432,29 @@ def main(argv: list[str] | None = None) -> int:
     shown = list(sys.argv[1:] if argv is None else argv)
     if "--note" in shown:  # the note is printed on its own line
         i = shown.index("--note")
-        del shown[i:i + 2]
+        del shown[i : i + 2]
     command = "python -m benchmarks.classic " + " ".join(shown)
     if not args.report_only:
         (out_dir / "raw").mkdir(parents=True, exist_ok=True)
         tasks = [(lib, env, seed) for env in args.envs for seed in args.seeds for lib in args.libs]
         if args.skip_existing:
-            tasks = [t for t in tasks if not (out_dir / "raw" / f"{t[0]}__{t[1]}__{t[2]}.json").exists()]
+            tasks = [
+                t for t in tasks if not (out_dir / "raw" / f"{t[0]}__{t[1]}__{t[2]}.json").exists()
+            ]
         # Longest first so the pool's tail is short.
-        tasks.sort(key=lambda t: (t[0] == "sb3-default", ZOO.get(t[1], {}).get("n_timesteps", 0)), reverse=True)
+        tasks.sort(
+            key=lambda t: (t[0] == "sb3-default", ZOO.get(t[1], {}).get("n_timesteps", 0)),
+            reverse=True,
+        )
         with ProcessPoolExecutor(max_workers=args.jobs, max_tasks_per_child=1) as pool:
-            futures = {pool.submit(worker, lib, env, seed, args.steps_scale, str(out_dir)): (lib, env, seed)
-                       for lib, env, seed in tasks}
+            futures = {
+                pool.submit(worker, lib, env, seed, args.steps_scale, str(out_dir)): (
+                    lib,
+                    env,
+                    seed,
+                )
+                for lib, env, seed in tasks
+            }
             for fut in as_completed(futures):
                 print(f"done {futures[fut]} -> {fut.result()}", flush=True)
     report(out_dir, command, args.note)

@@ -65,7 +65,9 @@ def _sampler(envs, torch_side: bool, device: torch.device):
     return lambda: rng.uniform(low, high, size=(n, 1)).astype(np.float32)
 
 
-def steps_per_second(envs, torch_side: bool, device: torch.device, steps: int, repeats: int) -> float:
+def steps_per_second(
+    envs, torch_side: bool, device: torch.device, steps: int, repeats: int
+) -> float:
     sample = _sampler(envs, torch_side, device)
     envs.reset(seed=0)
     batches = max(50, steps // envs.num_envs)
@@ -95,16 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"error: no torch twin of {unknown[0]!r}; known: {', '.join(twins)}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    command = "python -m benchmarks.control_throughput " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = ["# Classic control: torch vector envs vs Gymnasium's, random actions", "", f"Command: `{command}`", "",
-             f"{platform.machine()}, {cores} cores, {args.threads} torch thread(s), torch envs on `{args.device}`; "
-             f"best of {args.repeats} timings of {args.steps} env steps (at least 50 batched steps). Gymnasium: "
-             "`gym.make_vec(id)` with its default vectorisation (CartPole: its numpy `CartPoleVectorEnv`; the others: "
-             "`SyncVectorEnv`).", "",
-             "`rng=numpy` (the default) draws reset states as Gymnasium does, row by row on the host, to replay it "
-             "exactly; `rng=torch` draws them on the device.", "",
-             "| env | num_envs | textenv torch, rng=numpy (steps/s) | textenv torch, rng=torch (steps/s) | "
-             "Gymnasium (steps/s) | ratio (rng=torch / Gymnasium) |", "| --- | --- | --- | --- | --- | --- |"]
+    command = "python -m benchmarks.control_throughput " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    lines = [
+        "# Classic control: torch vector envs vs Gymnasium's, random actions",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{platform.machine()}, {cores} cores, {args.threads} torch thread(s), torch envs on `{args.device}`; "
+        f"best of {args.repeats} timings of {args.steps} env steps (at least 50 batched steps). Gymnasium: "
+        "`gym.make_vec(id)` with its default vectorisation (CartPole: its numpy `CartPoleVectorEnv`; the others: "
+        "`SyncVectorEnv`).",
+        "",
+        "`rng=numpy` (the default) draws reset states as Gymnasium does, row by row on the host, to replay it "
+        "exactly; `rng=torch` draws them on the device.",
+        "",
+        "| env | num_envs | textenv torch, rng=numpy (steps/s) | textenv torch, rng=torch (steps/s) | "
+        "Gymnasium (steps/s) | ratio (rng=torch / Gymnasium) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for env_id in args.envs:
         for n in args.num_envs:
             exact = gym.make_vec(twins[env_id], num_envs=n, device=args.device)

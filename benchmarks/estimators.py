@@ -52,13 +52,41 @@ class EstimatorsConfig:
     """markdown table to write (the plot goes beside it as .png)"""
 
 
-def run_one(task: str, estimator: str, seed: int, group_size: int, model: str, runs_dir: str) -> dict:
+def run_one(
+    task: str, estimator: str, seed: int, group_size: int, model: str, runs_dir: str
+) -> dict:
     name = f"{task}-{estimator}-{seed}"
-    cmd = [sys.executable, "-m", "scripts.train_text", "--task", task, "--model", model, *train_flags(),
-           "--advantage", estimator, "--group-size", str(group_size if estimator in GROUPED else 1),
-           "--seed", str(seed), "--runs-dir", runs_dir, "--run-name", name, "--no-tensorboard", "--no-progress",
-           "--torch-threads", "1", "--no-save-checkpoint"]
-    return {"task": task, "estimator": estimator, "seed": seed, **run_train_text(cmd, runs_dir, name)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.train_text",
+        "--task",
+        task,
+        "--model",
+        model,
+        *train_flags(),
+        "--advantage",
+        estimator,
+        "--group-size",
+        str(group_size if estimator in GROUPED else 1),
+        "--seed",
+        str(seed),
+        "--runs-dir",
+        runs_dir,
+        "--run-name",
+        name,
+        "--no-tensorboard",
+        "--no-progress",
+        "--torch-threads",
+        "1",
+        "--no-save-checkpoint",
+    ]
+    return {
+        "task": task,
+        "estimator": estimator,
+        "seed": seed,
+        **run_train_text(cmd, runs_dir, name),
+    }
 
 
 def run_train_text(cmd: list[str], runs_dir: str, name: str) -> dict:
@@ -76,8 +104,16 @@ def run_train_text(cmd: list[str], runs_dir: str, name: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"error: {name} failed (exit code {proc.returncode}):\n{stderr[-2000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    metrics = [json.loads(line) for line in (Path(runs_dir) / name / "metrics.jsonl").read_text().splitlines()]
-    return {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "summary": summary, "metrics": metrics}
+    metrics = [
+        json.loads(line)
+        for line in (Path(runs_dir) / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    return {
+        "process_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "summary": summary,
+        "metrics": metrics,
+    }
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -95,10 +131,16 @@ def _curve(run: dict, num_envs: int) -> tuple[list[float], list[float], list[flo
     for m in run["metrics"]:
         total += m["response_length"] * num_envs
         tokens.append(total)
-    return tokens, [m["wall_time_s"] for m in run["metrics"]], [m["score_mean"] for m in run["metrics"]]
+    return (
+        tokens,
+        [m["wall_time_s"] for m in run["metrics"]],
+        [m["score_mean"] for m in run["metrics"]],
+    )
 
 
-def plot(runs: list[dict], tasks: tuple[str, ...], estimators: tuple[str, ...], num_envs: int, path: Path) -> None:
+def plot(
+    runs: list[dict], tasks: tuple[str, ...], estimators: tuple[str, ...], num_envs: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +158,9 @@ def plot(runs: list[dict], tasks: tuple[str, ...], estimators: tuple[str, ...], 
             tokens, wall, score = mean(0), mean(1), mean(2)
             axes[row][0].plot(tokens, score, marker="o", ms=3, label=estimator)
             axes[row][1].plot(wall, score, marker="o", ms=3, label=estimator)
-        axes[row][0].set(xlabel="generated tokens", ylabel=f"{task}: training score (mean of seeds)")
+        axes[row][0].set(
+            xlabel="generated tokens", ylabel=f"{task}: training score (mean of seeds)"
+        )
         axes[row][1].set(xlabel="training wall time (s)", ylabel="training score")
         axes[row][0].legend()
     fig.tight_layout()
@@ -132,16 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     flags = train_flags()
     num_envs = int(flags[flags.index("--num-envs") + 1])
     if num_envs % args.group_size:
-        raise SystemExit(f"error: --group-size {args.group_size} must divide the main job's --num-envs {num_envs}")
+        raise SystemExit(
+            f"error: --group-size {args.group_size} must divide the main job's --num-envs {num_envs}"
+        )
     jobs = [(t, e, s) for s in args.seeds for t in args.tasks for e in args.estimators]
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as runs_dir, ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, t, e, s, args.group_size, args.model, runs_dir) for t, e, s in jobs]
+        futures = [
+            pool.submit(run_one, t, e, s, args.group_size, args.model, runs_dir) for t, e, s in jobs
+        ]
         for future in futures:
             runs.append(future.result())
             r = runs[-1]
-            print(f"{r['task']} {r['estimator']} seed {r['seed']}: held-out {r['summary']['eval_score_before']:.3f} -> "
-                  f"{r['summary']['eval_score_after']:.3f}, {r['process_s']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{r['task']} {r['estimator']} seed {r['seed']}: held-out {r['summary']['eval_score_before']:.3f} -> "
+                f"{r['summary']['eval_score_after']:.3f}, {r['process_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.estimators " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -159,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for task in args.tasks:
-        lines += [f"## {task}", "",
-                  "| estimator | held-out score before | held-out after | after − before | KL to the reference after "
-                  "(nats/response) | training score, last iteration | generated tokens | training s | peak RSS (MB) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {task}",
+            "",
+            "| estimator | held-out score before | held-out after | after − before | KL to the reference after "
+            "(nats/response) | training score, last iteration | generated tokens | training s | peak RSS (MB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for estimator in args.estimators:
             mine = [r for r in runs if r["task"] == task and r["estimator"] == estimator]
             s = [r["summary"] for r in mine]
@@ -173,14 +228,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_mean_sd([x['eval_score_after'] for x in s])} | {_mean_sd(gain)} | "
                 f"{_mean_sd([x['eval_kl_after'] for x in s])} | {_mean_sd([x['score_mean_last'] for x in s])} | "
                 f"{sum(tokens) / len(tokens):.0f} | {sum(x['wall_time_s'] for x in s) / len(s):.0f} | "
-                f"{sum(r['peak_rss_mb'] for r in mine) / len(mine):.0f} |")
+                f"{sum(r['peak_rss_mb'] for r in mine) / len(mine):.0f} |"
+            )
         lines.append("")
-    lines += ["## Per run", "", "| task | estimator | seed | held-out before → after | KL after | training s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "## Per run",
+        "",
+        "| task | estimator | seed | held-out before → after | KL after | training s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
         s = r["summary"]
-        lines.append(f"| {r['task']} | {r['estimator']} | {r['seed']} | {s['eval_score_before']:.3f} → "
-                     f"{s['eval_score_after']:.3f} | {s['eval_kl_after']:.2f} | {s['wall_time_s']:.0f} |")
+        lines.append(
+            f"| {r['task']} | {r['estimator']} | {r['seed']} | {s['eval_score_before']:.3f} → "
+            f"{s['eval_score_after']:.3f} | {s['eval_kl_after']:.2f} | {s['wall_time_s']:.0f} |"
+        )
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")

@@ -60,11 +60,26 @@ def run() -> None:
 
 
 def launch(side: str) -> tuple[str, int, bool]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "benchmarks.gloo_teardown", "--rank-body", side]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "benchmarks.gloo_teardown",
+        "--rank-body",
+        side,
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return side, proc.returncode, ABORT in proc.stderr
 
 
@@ -90,22 +105,28 @@ def main() -> None:
         mine = [(code, aborted) for s, code, aborted in results if s == side]
         failed = sum(code != 0 for code, _ in mine)
         aborted = sum(aborted for _, aborted in mine)
-        rows.append(f"| {side} | {len(mine)} | {failed} ({100 * failed / len(mine):.1f}%) | {aborted} |")
-    command = (f"python -m benchmarks.gloo_teardown --launches {args.launches} --parallel {args.parallel}"
-               + (f" --out {args.out}" if args.out != parser.get_default("out") else ""))
-    text = "\n".join([
-        "# A two-process gloo run's exit: process group leaked vs freed",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, torch "
-        f"{torch.__version__}; {minutes:.1f} min in all. See the script's docstring for the two sides.",
-        "",
-        "| side | launches | exited non-zero | a rank aborted: \"terminate called without an active exception\" |",
-        "| --- | --- | --- | --- |",
-        *rows,
-        "",
-    ])
+        rows.append(
+            f"| {side} | {len(mine)} | {failed} ({100 * failed / len(mine):.1f}%) | {aborted} |"
+        )
+    command = (
+        f"python -m benchmarks.gloo_teardown --launches {args.launches} --parallel {args.parallel}"
+        + (f" --out {args.out}" if args.out != parser.get_default("out") else "")
+    )
+    text = "\n".join(
+        [
+            "# A two-process gloo run's exit: process group leaked vs freed",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, torch "
+            f"{torch.__version__}; {minutes:.1f} min in all. See the script's docstring for the two sides.",
+            "",
+            '| side | launches | exited non-zero | a rank aborted: "terminate called without an active exception" |',
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
     from textenv.agents.runlog import atomic_write_text
 
     atomic_write_text(args.out, text)

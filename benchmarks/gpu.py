@@ -99,26 +99,50 @@ def _run(cmd: list[str], timeout: int) -> tuple[int, str, float]:
 
 def _summary_line(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    hits = [ln for ln in lines if (" passed" in ln or " failed" in ln or " skipped" in ln or "error" in ln)
-            and (" in " in ln)]
+    hits = [
+        ln
+        for ln in lines
+        if (" passed" in ln or " failed" in ln or " skipped" in ln or "error" in ln)
+        and (" in " in ln)
+    ]
     return hits[-1].strip("= ") if hits else (lines[-1] if lines else "(no output)")
 
 
 def section_tests(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[str]:
     py = sys.executable
-    code, out, secs = _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"], 600)
+    code, out, secs = _run(
+        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"], 600
+    )
     raw["gpu_tests"] = {"rc": code, "summary": _summary_line(out), "seconds": secs}
     failed = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
-    lines = [f"- CUDA tests (`pytest -m gpu tests/test_gpu.py`): **{_summary_line(out)}** (exit {code})"]
+    lines = [
+        f"- CUDA tests (`pytest -m gpu tests/test_gpu.py`): **{_summary_line(out)}** (exit {code})"
+    ]
     lines += [f"  - {ln}" for ln in failed[:10]]
     if args.quick:
         return lines
-    workers = max(1, min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) // 2))
-    code, out, secs = _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
-                            "--continue-on-collection-errors"], args.suite_timeout_s)
+    workers = max(
+        1, min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) // 2)
+    )
+    code, out, secs = _run(
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            str(workers),
+            "--continue-on-collection-errors",
+        ],
+        args.suite_timeout_s,
+    )
     failed = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     raw["suite"] = {"rc": code, "summary": _summary_line(out), "seconds": secs, "failed": failed}
-    lines.append(f"- Whole suite (`pytest -n {workers}`), CUDA visible: **{_summary_line(out)}** (exit {code})")
+    lines.append(
+        f"- Whole suite (`pytest -n {workers}`), CUDA visible: **{_summary_line(out)}** (exit {code})"
+    )
     lines += [f"  - {ln}" for ln in failed[:15]]
     return lines
 
@@ -134,8 +158,10 @@ def section_control(args: GpuBenchConfig, device: torch.device, raw: dict) -> li
     if args.quick:
         sizes = [1, 64]
     steps = 500 if args.quick else 5_000  # env steps per timing, at least 50 batched steps
-    lines = ["| env | num_envs | torch on the device, rng=torch (steps/s) | Gymnasium, host (steps/s) | ratio |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| env | num_envs | torch on the device, rng=torch (steps/s) | Gymnasium, host (steps/s) | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     host = torch.device("cpu")
     for env_id in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0"):
         for n in sizes:
@@ -146,7 +172,9 @@ def section_control(args: GpuBenchConfig, device: torch.device, raw: dict) -> li
                 theirs = gym.make_vec(env_id, num_envs=n)
                 b = steps_per_second(theirs, False, host, steps, 2)
                 theirs.close()
-            raw.setdefault("control", []).append({"env": env_id, "num_envs": n, "torch": a, "gymnasium": b})
+            raw.setdefault("control", []).append(
+                {"env": env_id, "num_envs": n, "torch": a, "gymnasium": b}
+            )
             ratio = f"{a / b:.1f}×" if b == b else "—"
             theirs_s = f"{b:,.0f}" if b == b else "—"
             lines.append(f"| {env_id} | {n:,} | {a:,.0f} | {theirs_s} | {ratio} |")
@@ -158,37 +186,59 @@ def _train_sps(env_id: str, device: str, **overrides) -> dict:
     from textenv.agents.classic import preset_config, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = preset_config(env_id, device=device, runs_dir=tmp, progress=False, tensorboard=False,
-                               eval_episodes=0, save_checkpoint=False, **overrides)
+        config = preset_config(
+            env_id,
+            device=device,
+            runs_dir=tmp,
+            progress=False,
+            tensorboard=False,
+            eval_episodes=0,
+            save_checkpoint=False,
+            **overrides,
+        )
         start = time.perf_counter()
         summary = train(config)
-        return {"sps": summary["sps"], "seconds": time.perf_counter() - start,
-                "return": summary["train_return_last100"]}
+        return {
+            "sps": summary["sps"],
+            "seconds": time.perf_counter() - start,
+            "return": summary["train_return_last100"],
+        }
 
 
 def section_classic(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[str]:
     sizes = (16, 64) if args.quick else (64, 1024, 16384)
     iters = 3 if args.quick else 10
-    lines = ["PPO on CartPole (the preset's update: 10 epochs × 2 minibatches, lr 2e-3, 64×64 MLP), "
-             f"num_steps 16, {iters} iterations; steps/s over the whole run (rollout + update).", "",
-             "| num_envs | batch | torch env + policy on the device | torch env + policy on the CPU (1 thread) | "
-             "Gymnasium CartPole-v1 (numpy), policy on the CPU |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "PPO on CartPole (the preset's update: 10 epochs × 2 minibatches, lr 2e-3, 64×64 MLP), "
+        f"num_steps 16, {iters} iterations; steps/s over the whole run (rollout + update).",
+        "",
+        "| num_envs | batch | torch env + policy on the device | torch env + policy on the CPU (1 thread) | "
+        "Gymnasium CartPole-v1 (numpy), policy on the CPU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for n in sizes:
         common = dict(num_envs=n, num_steps=16, total_timesteps=iters * n * 16)
         gpu = _train_sps("textenv/TorchCartPole-v1", str(device), **common)
         cpu = _train_sps("textenv/TorchCartPole-v1", "cpu", **common) if n <= 1024 else None
         host = _train_sps("CartPole-v1", "cpu", **common) if n <= 1024 else None
-        raw.setdefault("classic", []).append({"num_envs": n, "device": gpu, "cpu": cpu, "gymnasium_cpu": host})
-        fmt = (lambda r: f"{r['sps']:,.0f}" if r else "— (too slow at one thread)")
+        raw.setdefault("classic", []).append(
+            {"num_envs": n, "device": gpu, "cpu": cpu, "gymnasium_cpu": host}
+        )
+        fmt = lambda r: f"{r['sps']:,.0f}" if r else "— (too slow at one thread)"
         lines.append(f"| {n:,} | {n * 16:,} | {fmt(gpu)} | {fmt(cpu)} | {fmt(host)} |")
         print(lines[-1], file=sys.stderr, flush=True)
     steps = 4096 if args.quick else 2 * 2048
     try:
-        half = {d: _train_sps("HalfCheetah-v5", d, total_timesteps=steps) for d in (str(device), "cpu")}
+        half = {
+            d: _train_sps("HalfCheetah-v5", d, total_timesteps=steps) for d in (str(device), "cpu")
+        }
         raw["halfcheetah"] = half
-        lines += ["", f"HalfCheetah-v5 preset (1 env × 2048 steps, 10 epochs × 32 minibatches), {steps} steps: "
-                  f"{half[str(device)]['sps']:,.0f} steps/s with the policy on `{device}`, "
-                  f"{half['cpu']['sps']:,.0f} on the CPU (1 thread)."]
+        lines += [
+            "",
+            f"HalfCheetah-v5 preset (1 env × 2048 steps, 10 epochs × 32 minibatches), {steps} steps: "
+            f"{half[str(device)]['sps']:,.0f} steps/s with the policy on `{device}`, "
+            f"{half['cpu']['sps']:,.0f} on the CPU (1 thread).",
+        ]
     except Exception as err:  # MuJoCo missing on this machine: say so, keep the rest
         lines += ["", f"HalfCheetah-v5: not run ({type(err).__name__}: {err})"]
     return lines
@@ -217,40 +267,91 @@ def section_text(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[
         sizes = ["2", "4"] if args.quick else ["1", "8", "32", "128"]
         new = "6" if args.quick else "64"
         table = Path(tmp) / "throughput.md"
-        throughput_main(["--model", model, "--device", str(device), "--batch-sizes", *sizes, "--max-new-tokens", new,
-                         "--repeats", "1" if args.quick else "3", "--out", str(table)])
+        throughput_main(
+            [
+                "--model",
+                model,
+                "--device",
+                str(device),
+                "--batch-sizes",
+                *sizes,
+                "--max-new-tokens",
+                new,
+                "--repeats",
+                "1" if args.quick else "3",
+                "--out",
+                str(table),
+            ]
+        )
         rows = [ln for ln in table.read_text().splitlines() if ln.startswith("|")]
-        lines = [f"Model: {described}; {'bf16' if device.type == 'cuda' else 'fp32'}; task Sentiment; "
-                 f"{new} new tokens per episode; median of timed episodes after a warm-up.", "", *rows, ""]
+        lines = [
+            f"Model: {described}; {'bf16' if device.type == 'cuda' else 'fp32'}; task Sentiment; "
+            f"{new} new tokens per episode; median of timed episodes after a warm-up.",
+            "",
+            *rows,
+            "",
+        ]
 
         from textenv.agents.text import TextTrainConfig, train_text
 
         n_envs, tokens, iters = (4, 6, 2) if args.quick else (64, 48, 4)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        config = TextTrainConfig(task="Sentiment", model=model, iterations=iters, num_envs=n_envs,
-                                 max_new_tokens=tokens, device=str(device), runs_dir=tmp, tensorboard=False,
-                                 progress=False, save_checkpoint=False, eval_samples=0, run_name="ppo")
+        config = TextTrainConfig(
+            task="Sentiment",
+            model=model,
+            iterations=iters,
+            num_envs=n_envs,
+            max_new_tokens=tokens,
+            device=str(device),
+            runs_dir=tmp,
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            eval_samples=0,
+            run_name="ppo",
+        )
         summary = train_text(config)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        metrics = [json.loads(ln) for ln in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        peak = (
+            torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else float("nan")
+        )
+        metrics = [
+            json.loads(ln) for ln in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()
+        ]
         last = metrics[-1]
         raw["text_ppo"] = {"summary": summary, "last": last, "peak_gib": peak}
-        lines += [f"Text PPO (`train_text`, Sentiment, {n_envs} envs × {tokens} tokens, {iters} iterations, the "
-                  f"model above as policy and frozen reference): {summary['tokens_per_s']:,.0f} tokens/s over the "
-                  f"run; last iteration: rollout {last['rollout_s']:.2f} s ({last['rollout_tokens_per_s']:,.0f} "
-                  f"tokens/s), update {last['update_s']:.2f} s; peak GPU memory "
-                  + (f"{peak:.2f} GiB." if peak == peak else "— (CPU).")]
+        lines += [
+            f"Text PPO (`train_text`, Sentiment, {n_envs} envs × {tokens} tokens, {iters} iterations, the "
+            f"model above as policy and frozen reference): {summary['tokens_per_s']:,.0f} tokens/s over the "
+            f"run; last iteration: rollout {last['rollout_s']:.2f} s ({last['rollout_tokens_per_s']:,.0f} "
+            f"tokens/s), update {last['update_s']:.2f} s; peak GPU memory "
+            + (f"{peak:.2f} GiB." if peak == peak else "— (CPU).")
+        ]
     return lines
 
 
 def _launch(nproc: int | None, args: list[str], timeout: int) -> dict:
     """One training run as a user starts it (``nproc``: under torchrun), with its summary."""
-    launcher = [sys.executable] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc is None
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+        ]
+    )
     code, out, secs = _run([*launcher, *args], timeout)
     summaries = [ln for ln in out.splitlines() if ln.startswith("{")]
-    result = {"rc": code, "seconds": secs, "summary": json.loads(summaries[-1]) if summaries else None}
+    result = {
+        "rc": code,
+        "seconds": secs,
+        "summary": json.loads(summaries[-1]) if summaries else None,
+    }
     if code != 0:  # the trainers' one-line errors first, then the end of the output
         errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
         result["tail"] = "\n".join(errors[:4]) + "\n...\n" + out[-800:]
@@ -263,13 +364,50 @@ def section_torchrun(args: GpuBenchConfig, device: torch.device, raw: dict) -> l
     backend = "nccl" if cuda else "gloo"
     with tempfile.TemporaryDirectory() as tmp:
         model, described = _text_model(args, Path(tmp))
-        common = ["--runs-dir", tmp, "--no-progress", "--no-tensorboard", "--device", str(device.type)]
+        common = [
+            "--runs-dir",
+            tmp,
+            "--no-progress",
+            "--no-tensorboard",
+            "--device",
+            str(device.type),
+        ]
         steps = "65536" if args.quick else "1048576"
-        classic = ["-m", "scripts.train", "--env-id", "textenv/TorchCartPole-v1", "--num-envs", "4096" if cuda else "256",
-                   "--num-steps", "16", "--total-timesteps", steps, "--eval-episodes", "0", *common]
-        n_envs, tokens, iters = (8, 6, 2) if args.quick else (64, 48, 4)  # 4 minibatches of each process's share
-        text = ["-m", "scripts.train_text", "--task", "Sentiment", "--model", model, "--iterations", str(iters),
-                "--num-envs", str(n_envs), "--max-new-tokens", str(tokens), "--eval-samples", "0", *common]
+        classic = [
+            "-m",
+            "scripts.train",
+            "--env-id",
+            "textenv/TorchCartPole-v1",
+            "--num-envs",
+            "4096" if cuda else "256",
+            "--num-steps",
+            "16",
+            "--total-timesteps",
+            steps,
+            "--eval-episodes",
+            "0",
+            *common,
+        ]
+        n_envs, tokens, iters = (
+            (8, 6, 2) if args.quick else (64, 48, 4)
+        )  # 4 minibatches of each process's share
+        text = [
+            "-m",
+            "scripts.train_text",
+            "--task",
+            "Sentiment",
+            "--model",
+            model,
+            "--iterations",
+            str(iters),
+            "--num-envs",
+            str(n_envs),
+            "--max-new-tokens",
+            str(tokens),
+            "--eval-samples",
+            "0",
+            *common,
+        ]
         runs = {
             "classic, plain process": _launch(None, classic, 600),
             f"classic, torchrun × {nproc} ({backend})": _launch(nproc, classic, 600),
@@ -278,17 +416,30 @@ def section_torchrun(args: GpuBenchConfig, device: torch.device, raw: dict) -> l
             f"text, torchrun × {nproc} ({backend}), --fsdp": _launch(nproc, [*text, "--fsdp"], 600),
         }
     raw["torchrun"] = runs
-    lines = [f"Classic: `textenv/TorchCartPole-v1`, {classic[classic.index('--num-envs') + 1]} envs × 16 steps, "
-             f"{steps} steps. Text: Sentiment, {described}, {n_envs} envs × {tokens} tokens, {iters} iterations. "
-             "Whole process trees, one after another.", "",
-             "| run | exit | wall (s) | steps/s or tokens/s |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Classic: `textenv/TorchCartPole-v1`, {classic[classic.index('--num-envs') + 1]} envs × 16 steps, "
+        f"{steps} steps. Text: Sentiment, {described}, {n_envs} envs × {tokens} tokens, {iters} iterations. "
+        "Whole process trees, one after another.",
+        "",
+        "| run | exit | wall (s) | steps/s or tokens/s |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, r in runs.items():
         s = r["summary"] or {}
         rate = s.get("sps") or s.get("tokens_per_s")
-        lines.append(f"| {name} | {r['rc']} | {r['seconds']:.1f} | {f'{rate:,.0f}' if rate else '—'} |")
+        lines.append(
+            f"| {name} | {r['rc']} | {r['seconds']:.1f} | {f'{rate:,.0f}' if rate else '—'} |"
+        )
     for name, r in runs.items():
         if r["rc"] != 0:
-            lines += ["", f"`{name}` failed; its output ends:", "", "```", r.get("tail", "").strip()[-1200:], "```"]
+            lines += [
+                "",
+                f"`{name}` failed; its output ends:",
+                "",
+                "```",
+                r.get("tail", "").strip()[-1200:],
+                "```",
+            ]
     return lines
 
 
@@ -297,17 +448,39 @@ def section_trl(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[s
 
     if importlib.util.find_spec("trl") is None:
         raw["trl"] = "not installed"
-        return ["TRL is not installed on this machine (`pip install -e \".[bench]\"` brings trl 0.29 and its "
-                "datasets/pyarrow stack), so the side by side with TRL's PPOTrainer did not run."]
+        return [
+            'TRL is not installed on this machine (`pip install -e ".[bench]"` brings trl 0.29 and its '
+            "datasets/pyarrow stack), so the side by side with TRL's PPOTrainer did not run."
+        ]
     name = f"text_ppo_{device.type}"
     with tempfile.TemporaryDirectory() as tmp:
         model, described = _text_model(args, Path(tmp))
-        code, out, secs = _run([sys.executable, "-m", "benchmarks.text_ppo", "--model", model, "--device", str(device),
-                                "--iterations", "2" if args.quick else "5", "--out-name", name], 1200)
+        code, out, secs = _run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.text_ppo",
+                "--model",
+                model,
+                "--device",
+                str(device),
+                "--iterations",
+                "2" if args.quick else "5",
+                "--out-name",
+                name,
+            ],
+            1200,
+        )
     raw["trl"] = {"rc": code, "seconds": secs, "result": f"benchmarks/results/{name}.md"}
     if code != 0:
-        raise RuntimeError(f"benchmarks.text_ppo exited {code}: {out.strip().splitlines()[-1] if out.strip() else ''}")
-    table = [ln for ln in (ROOT / "benchmarks" / "results" / f"{name}.md").read_text().splitlines() if ln.startswith("|")]
+        raise RuntimeError(
+            f"benchmarks.text_ppo exited {code}: {out.strip().splitlines()[-1] if out.strip() else ''}"
+        )
+    table = [
+        ln
+        for ln in (ROOT / "benchmarks" / "results" / f"{name}.md").read_text().splitlines()
+        if ln.startswith("|")
+    ]
     return [f"Model: {described}. `benchmarks/results/{name}.md`:", "", *table]
 
 
@@ -324,29 +497,40 @@ def main(argv: list[str] | None = None) -> int:
         from textenv.models import embedded_gguf_path
 
         path = embedded_gguf_path()
-        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(args.export_arch)
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(
+            args.export_arch
+        )
         tokenizer.save_pretrained(args.export_arch)
         print(f"wrote {args.export_arch}")
         return 0
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
-        print(f"error: unknown section {unknown[0]!r}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        print(
+            f"error: unknown section {unknown[0]!r}; known: {', '.join(SECTIONS)}", file=sys.stderr
+        )
         return 2
     device = _device(args.device)
     torch.set_num_threads(args.threads)
     command = "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = ["# GPU checks", "", f"Command: `{command}`", "", f"Machine: {_machine(device)}.", ""]
     if device.type != "cuda":
-        doc += ["**No CUDA device: this is the CPU fallback run; no number here is a GPU number.**", ""]
+        doc += [
+            "**No CUDA device: this is the CPU fallback run; no number here is a GPU number.**",
+            "",
+        ]
     raw: dict = {"machine": _machine(device), "command": command}
     from textenv.agents.runlog import atomic_write_text
 
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    titles = {"tests": "Tests on this machine", "control": "Classic-control envs on the device (random actions)",
-              "classic": "Classic PPO training throughput", "text": "Text env and text PPO",
-              "torchrun": "torchrun: one process per GPU, and FSDP2",
-              "trl": "This project's PPO vs TRL's PPOTrainer on the device"}
+    titles = {
+        "tests": "Tests on this machine",
+        "control": "Classic-control envs on the device (random actions)",
+        "classic": "Classic PPO training throughput",
+        "text": "Text env and text PPO",
+        "torchrun": "torchrun: one process per GPU, and FSDP2",
+        "trl": "This project's PPO vs TRL's PPOTrainer on the device",
+    }
     for name in args.sections:
         start = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)

@@ -48,13 +48,14 @@ import os
 import signal
 import sys
 import time
-import tomllib
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import tomllib
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.toml")
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
@@ -98,18 +99,39 @@ class MutationConfig:
 # ----------------------------------------------------------------------------- mutant generation
 
 BINOP_SWAPS: dict[type, tuple[type, ...]] = {
-    ast.Add: (ast.Sub,), ast.Sub: (ast.Add,), ast.Mult: (ast.Div,), ast.Div: (ast.Mult,),
-    ast.FloorDiv: (ast.Div, ast.Mult), ast.Mod: (ast.FloorDiv,), ast.Pow: (ast.Mult,),
+    ast.Add: (ast.Sub,),
+    ast.Sub: (ast.Add,),
+    ast.Mult: (ast.Div,),
+    ast.Div: (ast.Mult,),
+    ast.FloorDiv: (ast.Div, ast.Mult),
+    ast.Mod: (ast.FloorDiv,),
+    ast.Pow: (ast.Mult,),
 }
 # For each comparison: the boundary moved, the negation, the swap.
 CMP_SWAPS: dict[type, tuple[type, ...]] = {
-    ast.Lt: (ast.LtE, ast.GtE, ast.Gt), ast.LtE: (ast.Lt, ast.Gt, ast.GtE),
-    ast.Gt: (ast.GtE, ast.LtE, ast.Lt), ast.GtE: (ast.Gt, ast.Lt, ast.LtE),
-    ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,), ast.Is: (ast.IsNot,), ast.IsNot: (ast.Is,),
-    ast.In: (ast.NotIn,), ast.NotIn: (ast.In,),
+    ast.Lt: (ast.LtE, ast.GtE, ast.Gt),
+    ast.LtE: (ast.Lt, ast.Gt, ast.GtE),
+    ast.Gt: (ast.GtE, ast.LtE, ast.Lt),
+    ast.GtE: (ast.Gt, ast.Lt, ast.LtE),
+    ast.Eq: (ast.NotEq,),
+    ast.NotEq: (ast.Eq,),
+    ast.Is: (ast.IsNot,),
+    ast.IsNot: (ast.Is,),
+    ast.In: (ast.NotIn,),
+    ast.NotIn: (ast.In,),
 }
-MINMAX = {"min": "max", "max": "min", "maximum": "minimum", "minimum": "maximum", "amax": "amin", "amin": "amax",
-          "argmax": "argmin", "argmin": "argmax", "clamp_min": "clamp_max", "clamp_max": "clamp_min"}
+MINMAX = {
+    "min": "max",
+    "max": "min",
+    "maximum": "minimum",
+    "minimum": "maximum",
+    "amax": "amin",
+    "amin": "amax",
+    "argmax": "argmin",
+    "argmin": "argmax",
+    "clamp_min": "clamp_max",
+    "clamp_max": "clamp_min",
+}
 CLAMPS = {"clamp", "clip"}
 DELETABLE = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Raise, ast.Break, ast.Continue)
 
@@ -133,7 +155,9 @@ class Mutant:
 class _Site:
     index: int  # position of the node in ast.walk order (identical in a deep copy)
     operator: str
-    apply: Callable[[ast.AST, dict[int, ast.AST]], ast.AST]  # mutates the copy's node; returns what to display
+    apply: Callable[
+        [ast.AST, dict[int, ast.AST]], ast.AST
+    ]  # mutates the copy's node; returns what to display
 
 
 def _replace(parents: dict[int, ast.AST], old: ast.AST, new: ast.AST) -> ast.AST:
@@ -153,9 +177,15 @@ def _replace(parents: dict[int, ast.AST], old: ast.AST, new: ast.AST) -> ast.AST
 
 def _is_docstring(node: ast.AST) -> bool:
     """A docstring, or an assignment to ``__doc__`` (a docstring built from another): documentation."""
-    if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__doc__"]:
+    if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+        "__doc__"
+    ]:
         return True
-    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
 
 
 def _numbers(value: float) -> list[float]:
@@ -187,7 +217,9 @@ class _Collector(ast.NodeVisitor):
                 self.visit(default)
         self.scopes.pop()
 
-    visit_FunctionDef = visit_AsyncFunctionDef = _scoped  # decorators, annotations and returns are skipped
+    visit_FunctionDef = visit_AsyncFunctionDef = (
+        _scoped  # decorators, annotations and returns are skipped
+    )
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         self.scopes.append(node.name)
@@ -216,7 +248,11 @@ class _Collector(ast.NodeVisitor):
 
     def generic_visit(self, node: ast.AST) -> None:
         if isinstance(node, DELETABLE) and not _is_docstring(node):
-            alias = not self.scopes and isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript)
+            alias = (
+                not self.scopes
+                and isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Subscript)
+            )
             if not alias:  # `Batch = dict[str, Tensor]` is a type annotation
                 self._delete(node)
         if _is_docstring(node):
@@ -224,7 +260,10 @@ class _Collector(ast.NodeVisitor):
         super().generic_visit(node)
 
     def visit_Return(self, node: ast.Return) -> None:
-        if node.value is not None and not (isinstance(node.value, ast.Constant) and node.value.value is None):
+        if node.value is not None and not (
+            isinstance(node.value, ast.Constant) and node.value.value is None
+        ):
+
             def apply(n, parents):
                 n.value = ast.Constant(None)
                 return n
@@ -251,6 +290,7 @@ class _Collector(ast.NodeVisitor):
 
     def _ops(self, node, replacements) -> None:
         for new in replacements:
+
             def apply(n, parents, new=new):
                 n.op = new()
                 return n
@@ -270,6 +310,7 @@ class _Collector(ast.NodeVisitor):
     def visit_Compare(self, node: ast.Compare) -> None:
         for pos, op in enumerate(node.ops):
             for new in CMP_SWAPS.get(type(op), ()):
+
                 def apply(n, parents, pos=pos, new=new):
                     n.ops[pos] = new()
                     return n
@@ -279,10 +320,13 @@ class _Collector(ast.NodeVisitor):
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> None:
         if isinstance(node.op, (ast.USub, ast.Not)):
+
             def apply(n, parents):
                 return _replace(parents, n, n.operand)
 
-            self.add(node, f"drop {'not' if isinstance(node.op, ast.Not) else 'unary minus'}", apply)
+            self.add(
+                node, f"drop {'not' if isinstance(node.op, ast.Not) else 'unary minus'}", apply
+            )
         if isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
             self.parent_op[id(node.operand)] = node
         self.generic_visit(node)
@@ -298,6 +342,7 @@ class _Collector(ast.NodeVisitor):
         else:
             return
         for new in candidates:
+
             def apply(n, parents, new=new):
                 n.value = new
                 return n
@@ -306,8 +351,15 @@ class _Collector(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
-        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        name = (
+            func.id
+            if isinstance(func, ast.Name)
+            else func.attr
+            if isinstance(func, ast.Attribute)
+            else None
+        )
         if name in MINMAX and (isinstance(func, ast.Attribute) or name in ("min", "max")):
+
             def apply(n, parents, new=MINMAX[name]):
                 if isinstance(n.func, ast.Name):
                     n.func.id = new
@@ -317,14 +369,18 @@ class _Collector(ast.NodeVisitor):
 
             self.add(node, f"{name} -> {MINMAX[name]}", apply)
         if name in ("clamp_min", "clamp_max") and isinstance(func, ast.Attribute):
+
             def apply(n, parents):
                 return _replace(parents, n, n.func.value)
 
             self.add(node, f"drop {name}", apply)
         if name in CLAMPS and isinstance(func, ast.Attribute):
-            method = not (isinstance(func.value, ast.Name) and func.value.id in ("torch", "np", "numpy"))
-            bounds = node.args[0 if method else 1:]
+            method = not (
+                isinstance(func.value, ast.Name) and func.value.id in ("torch", "np", "numpy")
+            )
+            bounds = node.args[0 if method else 1 :]
             if len(bounds) == 2 or {k.arg for k in node.keywords} == {"min", "max"}:
+
                 def swap(n, parents, method=method):
                     if n.keywords:
                         for k in n.keywords:
@@ -344,7 +400,9 @@ class _Collector(ast.NodeVisitor):
 
 
 def _parents(tree: ast.AST) -> dict[int, ast.AST]:
-    return {id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    return {
+        id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)
+    }
 
 
 def _one_line(text: str, limit: int = 140) -> str:
@@ -370,6 +428,7 @@ def generate_mutants(source: str, filename: str) -> Iterator[Mutant]:
     collector.visit(tree)
     baseline = ast.unparse(tree)
     seen = {baseline}
+
     def position(i: int) -> tuple[int, int, int]:
         node = nodes[collector.sites[i].index]
         return node.lineno, node.col_offset, i
@@ -390,8 +449,16 @@ def generate_mutants(source: str, filename: str) -> Iterator[Mutant]:
             code = compile(mutated_tree, filename, "exec", dont_inherit=True)
         except (SyntaxError, ValueError, TypeError):
             continue
-        yield Mutant(node.lineno, collector.scope_of[i], site.operator, *_display(source_lines, node, shown), code,
-                     node.end_lineno or node.lineno, not _in_function(tree, node.lineno), text)
+        yield Mutant(
+            node.lineno,
+            collector.scope_of[i],
+            site.operator,
+            *_display(source_lines, node, shown),
+            code,
+            node.end_lineno or node.lineno,
+            not _in_function(tree, node.lineno),
+            text,
+        )
 
 
 def _in_function(tree: ast.AST, lineno: int) -> bool:
@@ -405,6 +472,7 @@ def _in_function(tree: ast.AST, lineno: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- running
+
 
 def module_name(path: Path) -> str:
     parts = list(path.with_suffix("").parts)
@@ -426,7 +494,9 @@ def install(name: str, path: Path, code) -> None:
         setattr(importlib.import_module(parent), child, module)
 
 
-def fork_test_run(name: str, path: Path, code, tests: tuple[str, ...], log: str, lines_out: str | None = None) -> int:
+def fork_test_run(
+    name: str, path: Path, code, tests: tuple[str, ...], log: str, lines_out: str | None = None
+) -> int:
     """Start a child that installs the (mutated) module and runs the tests; return its pid. With
     ``lines_out``, the run is traced and the tests that execute each line are written there (JSON)."""
     sys.stdout.flush()
@@ -511,15 +581,18 @@ def _traced_run(tests: tuple[str, ...], lines_out: str) -> int:
     for measured in data.measured_files():
         rel = os.path.relpath(os.path.realpath(measured), root)
         # The empty context is the import (and collection); a function the import calls runs there
-        files[rel] = {str(line): [c or IMPORT for c in contexts]
-                      for line, contexts in data.contexts_by_lineno(measured).items()}
+        files[rel] = {
+            str(line): [c or IMPORT for c in contexts]
+            for line, contexts in data.contexts_by_lineno(measured).items()
+        }
     with open(lines_out, "w") as f:
         json.dump({"fingerprint": _fingerprint(tests), "seconds": seconds, "files": files}, f)
     return rc
 
 
-def tests_by_line(path: Path, tests: tuple[str, ...], log_dir: Path, cache: Path | None
-                  ) -> tuple[dict[int, list[str]], dict[str, float]]:
+def tests_by_line(
+    path: Path, tests: tuple[str, ...], log_dir: Path, cache: Path | None
+) -> tuple[dict[int, list[str]], dict[str, float]]:
     """Which test ids execute each line of the unmutated module, and each test's seconds (in run
     order). The traced run covers every project module at once; with ``cache`` it is kept there
     and reused while the tests and the sources are unchanged."""
@@ -528,18 +601,27 @@ def tests_by_line(path: Path, tests: tuple[str, ...], log_dir: Path, cache: Path
     out = cache or log_dir / "lines.json"
     traced = json.loads(out.read_text()) if out.exists() else {}
     if traced.get("fingerprint") != _fingerprint(tests):
-        print(f"tracing which tests execute which lines (one run of {' '.join(tests)}) ...", flush=True)
-        _, status = os.waitpid(fork_test_run("", path, None, tests, str(log_dir / "traced.log"), str(out)), 0)
+        print(
+            f"tracing which tests execute which lines (one run of {' '.join(tests)}) ...",
+            flush=True,
+        )
+        _, status = os.waitpid(
+            fork_test_run("", path, None, tests, str(log_dir / "traced.log"), str(out)), 0
+        )
         rc = os.waitstatus_to_exitcode(status)
         if rc != 0 or not out.exists():
-            raise SystemExit(f"error: the traced run of {' '.join(tests)} failed (exit code {rc}; log: "
-                             f"{log_dir / 'traced.log'}); fix the tests first, or use --select all")
+            raise SystemExit(
+                f"error: the traced run of {' '.join(tests)} failed (exit code {rc}; log: "
+                f"{log_dir / 'traced.log'}); fix the tests first, or use --select all"
+            )
         traced = json.loads(out.read_text())
     lines = traced["files"].get(str(path), {})
     return {int(line): ids for line, ids in lines.items()}, traced["seconds"]
 
 
-def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[str, float]) -> tuple[str, ...]:
+def selected_tests(
+    mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[str, float]
+) -> tuple[str, ...]:
     """The tests a mutant runs: those executing its lines; for import-time code (constants,
     defaults, class bodies, and functions the import itself calls), every test that executes any
     line of the module."""
@@ -550,21 +632,46 @@ def selected_tests(mutant: Mutant, by_line: dict[int, list[str]], seconds: dict[
     return tuple(test for test in seconds if test in ids)  # the run order, which -x relies on
 
 
-def run_all(name: str, path: Path, mutants: list[Mutant], tests: list[tuple[str, ...]], timeouts: list[float],
-            jobs: int, log_dir: Path, on_disk: bool = False) -> list[str]:
+def run_all(
+    name: str,
+    path: Path,
+    mutants: list[Mutant],
+    tests: list[tuple[str, ...]],
+    timeouts: list[float],
+    jobs: int,
+    log_dir: Path,
+    on_disk: bool = False,
+) -> list[str]:
     """Run every mutant against its tests; return its outcome: 'killed', 'survived' or 'timeout'
     ('survived' without running when it has no tests). ``on_disk``: each mutant's source is
     written over ``path`` while it runs (one at a time), the original restored at the end."""
     from tqdm import tqdm
 
-    tqdm.monitor_interval = 0  # no monitor thread: a thread holding a lock at fork time could hang a child
+    tqdm.monitor_interval = (
+        0  # no monitor thread: a thread holding a lock at fork time could hang a child
+    )
     outcomes: list[str] = ["" if tests[i] else "survived" for i in range(len(mutants))]
     pending = [i for i in range(len(mutants)) if tests[i]][::-1]
     running: dict[int, tuple[int, float]] = {}
-    bar = tqdm(total=len(mutants), initial=len(mutants) - len(pending), desc=str(path), unit="mutant")
+    bar = tqdm(
+        total=len(mutants), initial=len(mutants) - len(pending), desc=str(path), unit="mutant"
+    )
     original = path.read_bytes()
     try:
-        _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar, on_disk)
+        _run_loop(
+            name,
+            path,
+            mutants,
+            tests,
+            timeouts,
+            jobs,
+            log_dir,
+            outcomes,
+            pending,
+            running,
+            bar,
+            on_disk,
+        )
     finally:  # Ctrl-C or an error: no child outlives the run, and the module is itself again
         for pid in running:
             _kill(pid)
@@ -582,7 +689,9 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar, on_disk) -> None:
+def _run_loop(
+    name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pending, running, bar, on_disk
+) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             i = pending.pop()
@@ -603,7 +712,9 @@ def _run_loop(name, path, mutants, tests, timeouts, jobs, log_dir, outcomes, pen
             del running[pid]
             bar.update(1)
             counts = Counter(outcomes)
-            bar.set_postfix(killed=counts["killed"], survived=counts["survived"], timeout=counts["timeout"])
+            bar.set_postfix(
+                killed=counts["killed"], survived=counts["survived"], timeout=counts["timeout"]
+            )
 
 
 def baseline(name: str, path: Path, source: str, tests: tuple[str, ...], log_dir: Path) -> float:
@@ -616,31 +727,45 @@ def baseline(name: str, path: Path, source: str, tests: tuple[str, ...], log_dir
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"error: the unmutated {path} does not pass {' '.join(tests)} (pytest exit code {rc}); "
-                         f"fix that first.\n{tail}")
+        raise SystemExit(
+            f"error: the unmutated {path} does not pass {' '.join(tests)} (pytest exit code {rc}); "
+            f"fix that first.\n{tail}"
+        )
     return elapsed
 
 
 # ----------------------------------------------------------------------------- report
 
+
 def load_equivalents(module: str) -> dict[tuple[str, str, str], str]:
     if not EQUIVALENTS.exists():
         return {}
     entries = tomllib.loads(EQUIVALENTS.read_text())["equivalent"]
-    return {(e["scope"], _one_line(e["original"]), _one_line(e["mutated"])): e["reason"]
-            for e in entries if e["module"] == module}
+    return {
+        (e["scope"], _one_line(e["original"]), _one_line(e["mutated"])): e["reason"]
+        for e in entries
+        if e["module"] == module
+    }
 
 
 def survivors_in(report_path: Path) -> set[tuple[str, str, str]]:
     """``(scope, original, mutated)`` of each survivor a report lists (its table cells unescaped)."""
     import re
 
-    row = re.compile(r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$")
+    row = re.compile(
+        r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$"
+    )
     found = set()
     for line in report_path.read_text().splitlines():
         match = row.match(line)
         if match:
-            found.add((match["scope"], match["original"].replace("\\|", "|"), match["mutated"].replace("\\|", "|")))
+            found.add(
+                (
+                    match["scope"],
+                    match["original"].replace("\\|", "|"),
+                    match["mutated"].replace("\\|", "|"),
+                )
+            )
     return found
 
 
@@ -649,7 +774,9 @@ def explain_report(report_path: Path, module: str) -> int:
     equivalents file, without running anything; return how many survivors stay unexplained."""
     import re
 
-    row = re.compile(r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$")
+    row = re.compile(
+        r"^\| \d+ \| `(?P<scope>[^`]+)` \| [^|]+ \| `(?P<original>.*)` \| `(?P<mutated>.*)` \| .* \|$"
+    )
     explained = load_equivalents(module)
     lines = report_path.read_text().splitlines()
     counts = Counter()
@@ -657,7 +784,11 @@ def explain_report(report_path: Path, module: str) -> int:
         match = row.match(line)
         if not match:
             continue
-        key = (match["scope"], match["original"].replace("\\|", "|"), match["mutated"].replace("\\|", "|"))
+        key = (
+            match["scope"],
+            match["original"].replace("\\|", "|"),
+            match["mutated"].replace("\\|", "|"),
+        )
         why = explained.get(key)
         counts[bool(why)] += 1
         if why:
@@ -675,10 +806,16 @@ def explain_report(report_path: Path, module: str) -> int:
 def family(operator: str) -> str:
     """The kind of change an operator label names, for the per-operator table."""
     first = operator.split(" ")[0]
-    for prefix, name in (("statement", "statement -> pass"), ("return", "return value -> None"),
-                         ("constant", "number / bool constant"), ("drop not", "drop not"),
-                         ("drop unary", "drop unary minus"), ("swap", "clamp bounds swapped"),
-                         ("drop clamp", "clamp dropped"), ("drop clip", "clamp dropped")):
+    for prefix, name in (
+        ("statement", "statement -> pass"),
+        ("return", "return value -> None"),
+        ("constant", "number / bool constant"),
+        ("drop not", "drop not"),
+        ("drop unary", "drop unary minus"),
+        ("swap", "clamp bounds swapped"),
+        ("drop clamp", "clamp dropped"),
+        ("drop clip", "clamp dropped"),
+    ):
         if operator.startswith(prefix):
             return name
     if first in MINMAX:
@@ -699,19 +836,34 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Mutant], outcomes: list[str],
-           seconds: float, timeout: str, uncovered: set[int] = frozenset(), select: str = "all",
-           on_disk: bool = False) -> tuple[str, int]:
+def report(
+    command: str,
+    module: str,
+    tests: tuple[str, ...],
+    mutants: list[Mutant],
+    outcomes: list[str],
+    seconds: float,
+    timeout: str,
+    uncovered: set[int] = frozenset(),
+    select: str = "all",
+    on_disk: bool = False,
+) -> tuple[str, int]:
     counts = Counter(outcomes)
     total = len(mutants)
     killed = counts["killed"] + counts["timeout"]
     explained = load_equivalents(module)
-    survivors = [(m, explained.get((m.scope, m.original, m.mutated), ""), i in uncovered)
-                 for i, (m, o) in enumerate(zip(mutants, outcomes)) if o == "survived"]
+    survivors = [
+        (m, explained.get((m.scope, m.original, m.mutated), ""), i in uncovered)
+        for i, (m, o) in enumerate(zip(mutants, outcomes))
+        if o == "survived"
+    ]
     unexplained = sum(1 for _, why, _ in survivors if not why)
-    selection = ("only the tests that execute the mutated lines (a traced run of them all first; all of them for "
-                 "import-time code, every test that executes any line of the module)" if select == "coverage"
-                 else "all of them")
+    selection = (
+        "only the tests that execute the mutated lines (a traced run of them all first; all of them for "
+        "import-time code, every test that executes any line of the module)"
+        if select == "coverage"
+        else "all of them"
+    )
     lines = [
         f"# Mutation testing: `{module}`",
         "",
@@ -720,8 +872,12 @@ def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Muta
         f"Each mutant changes one thing in `{module}` (see `benchmarks/mutation.py` for the operators); it runs in "
         f"a forked child against `pytest {' '.join(tests)} {' '.join(PYTEST_ARGS)}` and survives when every test "
         f"passes; of those tests it runs {selection}."
-        + (" The mutated source is also written over the module's file while it runs, so processes the tests "
-           "spawn import the mutant too." if on_disk else "")
+        + (
+            " The mutated source is also written over the module's file while it runs, so processes the tests "
+            "spawn import the mutant too."
+            if on_disk
+            else ""
+        )
         + f" Timeout {timeout} per mutant; {seconds:.0f} s in all.",
         "",
         "| mutants | killed | timeout (killed) | survived | of which no test executes | kill rate "
@@ -735,21 +891,34 @@ def report(command: str, module: str, tests: tuple[str, ...], mutants: list[Muta
         "",
     ]
     if survivors:
-        lines += ["| line | function | operator | original | mutated | why it survives |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| line | function | operator | original | mutated | why it survives |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for m, why, not_run in survivors:
-            why = _cell(why) or "**not explained**" + (" (no test executes this line)" if not_run else "")
-            lines.append(f"| {m.lineno} | `{m.scope}` | {m.operator} | `{_cell(m.original)}` | `{_cell(m.mutated)}` | "
-                         f"{why} |")
+            why = _cell(why) or "**not explained**" + (
+                " (no test executes this line)" if not_run else ""
+            )
+            lines.append(
+                f"| {m.lineno} | `{m.scope}` | {m.operator} | `{_cell(m.original)}` | `{_cell(m.mutated)}` | "
+                f"{why} |"
+            )
     else:
         lines.append("None.")
     by_op: dict[str, Counter] = {}
     for m, o in zip(mutants, outcomes):
         by_op.setdefault(family(m.operator), Counter())[o] += 1
-    lines += ["", "## By operator", "", "| operator | mutants | killed | timeout | survived |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## By operator",
+        "",
+        "| operator | mutants | killed | timeout | survived |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for op, c in sorted(by_op.items()):
-        lines.append(f"| {op} | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} |")
+        lines.append(
+            f"| {op} | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} |"
+        )
     return "\n".join(lines) + "\n", unexplained
 
 
@@ -785,8 +954,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = tyro.cli(MutationConfig, args=argv)
     if args.on_disk and (args.select != "all" or args.jobs != 1):
-        raise SystemExit("error: --on-disk writes one mutant at a time over the module, which processes the tests "
-                         "spawn import: it needs --select all and --jobs 1")
+        raise SystemExit(
+            "error: --on-disk writes one mutant at a time over the module, which processes the tests "
+            "spawn import: it needs --select all and --jobs 1"
+        )
     if args.explain is not None:
         unexplained = explain_report(Path(args.explain), args.module)
         print(f"{args.explain}: {unexplained} survivor(s) not explained")
@@ -794,12 +965,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
     path = Path(args.module)
     if path.is_absolute() or not path.exists():
-        raise SystemExit(f"error: --module must be a path relative to the repository root, got {args.module}")
+        raise SystemExit(
+            f"error: --module must be a path relative to the repository root, got {args.module}"
+        )
     name = module_name(path)
     source = path.read_text()
     mutants = list(generate_mutants(source, str(path)))
     if args.scopes:
-        mutants = [m for m in mutants if any(m.scope == sc or m.scope.startswith(sc + ".") for sc in args.scopes)]
+        mutants = [
+            m
+            for m in mutants
+            if any(m.scope == sc or m.scope.startswith(sc + ".") for sc in args.scopes)
+        ]
     if args.survivors_of is not None:
         listed = survivors_in(Path(args.survivors_of))
         mutants = [m for m in mutants if (m.scope, m.original, m.mutated) in listed]
@@ -817,39 +994,69 @@ def main(argv: list[str] | None = None) -> int:
     top = name.split(".")[0]
     loaded = [m for m in sys.modules if m == top or m.startswith(top + ".")]
     if loaded:
-        raise SystemExit(f"error: the parent imported project modules {loaded}; the children would test those, "
-                         "not the mutants")
+        raise SystemExit(
+            f"error: the parent imported project modules {loaded}; the children would test those, "
+            "not the mutants"
+        )
 
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         log_dir = Path(tmp)
         start = time.monotonic()
-        if args.select == "coverage":  # the traced run is also the check that the unmutated module passes
-            by_line, test_seconds = tests_by_line(path, args.tests, log_dir,
-                                                  Path(args.lines_cache) if args.lines_cache else None)
+        if (
+            args.select == "coverage"
+        ):  # the traced run is also the check that the unmutated module passes
+            by_line, test_seconds = tests_by_line(
+                path, args.tests, log_dir, Path(args.lines_cache) if args.lines_cache else None
+            )
             per_mutant = [selected_tests(m, by_line, test_seconds) for m in mutants]
-            base = [sum(test_seconds[t] for t in tests) + 2.0 for tests in per_mutant]  # + pytest's start-up
-            timeout_text = "10 x its tests' unmutated time, at least 20 s," if args.timeout is None else f"{args.timeout:.0f} s"
-            print(f"{path}: {len(mutants)} mutants; the traced run of the tests took {time.monotonic() - start:.0f} s",
-                  flush=True)
+            base = [
+                sum(test_seconds[t] for t in tests) + 2.0 for tests in per_mutant
+            ]  # + pytest's start-up
+            timeout_text = (
+                "10 x its tests' unmutated time, at least 20 s,"
+                if args.timeout is None
+                else f"{args.timeout:.0f} s"
+            )
+            print(
+                f"{path}: {len(mutants)} mutants; the traced run of the tests took {time.monotonic() - start:.0f} s",
+                flush=True,
+            )
         else:
             per_mutant = [args.tests] * len(mutants)
             base = [baseline(name, path, source, args.tests, log_dir)] * len(mutants)
             timeout_text = f"{args.timeout or max(20.0, 10 * base[0]):.0f} s"
-            print(f"{path}: {len(mutants)} mutants; the unmutated module passes in {base[0]:.1f} s", flush=True)
+            print(
+                f"{path}: {len(mutants)} mutants; the unmutated module passes in {base[0]:.1f} s",
+                flush=True,
+            )
         timeouts = [args.timeout or max(20.0, 10 * b) for b in base]
-        outcomes = run_all(name, path, mutants, per_mutant, timeouts, args.jobs, log_dir, args.on_disk)
+        outcomes = run_all(
+            name, path, mutants, per_mutant, timeouts, args.jobs, log_dir, args.on_disk
+        )
         seconds = time.monotonic() - start
     uncovered = {i for i, t in enumerate(per_mutant) if not t}
-    text, unexplained = report(command, args.module, args.tests, mutants, outcomes, seconds, timeout_text, uncovered,
-                               args.select, args.on_disk)
+    text, unexplained = report(
+        command,
+        args.module,
+        args.tests,
+        mutants,
+        outcomes,
+        seconds,
+        timeout_text,
+        uncovered,
+        args.select,
+        args.on_disk,
+    )
     out = Path(args.output or f"benchmarks/results/mutation_{path.stem}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, text)
     counts = Counter(outcomes)
-    print(f"killed {counts['killed']} + timeout {counts['timeout']} / {len(mutants)}; survived {counts['survived']} "
-          f"({unexplained} not explained); report: {out}")
+    print(
+        f"killed {counts['killed']} + timeout {counts['timeout']} / {len(mutants)}; survived {counts['survived']} "
+        f"({unexplained} not explained); report: {out}"
+    )
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @dataclass
 class SweepConfig:
     """Candidates × seeds for one env id; a markdown table of solved seeds and wall times."""
@@ -60,8 +61,14 @@ class SweepConfig:
     """internal: the worker's run directory name"""
 
 
-def _worker(env_id: str, overrides: dict, seed: int, eval_episodes: int, runs_dir: str | None = None,
-            run_name: str | None = None) -> dict:
+def _worker(
+    env_id: str,
+    overrides: dict,
+    seed: int,
+    eval_episodes: int,
+    runs_dir: str | None = None,
+    run_name: str | None = None,
+) -> dict:
     import torch
 
     from textenv.agents.classic import preset_config, train
@@ -76,12 +83,26 @@ def _worker(env_id: str, overrides: dict, seed: int, eval_episodes: int, runs_di
             overrides["ppo"] = dataclasses.replace(base.ppo, **overrides["ppo"])
         if "hidden_sizes" in overrides:
             overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
-        config = preset_config(env_id, seed=seed, runs_dir=runs_dir or tmp, run_name=run_name, progress=False,
-                               tensorboard=False, save_checkpoint=False, eval_episodes=eval_episodes, device="cpu",
-                               **overrides)
+        config = preset_config(
+            env_id,
+            seed=seed,
+            runs_dir=runs_dir or tmp,
+            run_name=run_name,
+            progress=False,
+            tensorboard=False,
+            save_checkpoint=False,
+            eval_episodes=eval_episodes,
+            device="cpu",
+            **overrides,
+        )
         summary = train(config)
-    return {"seed": seed, "eval": summary["eval_return_mean"], "train_s": summary["wall_time_s"],
-            "steps": summary["global_step"], "last100": summary["train_return_last100"]}
+    return {
+        "seed": seed,
+        "eval": summary["eval_return_mean"],
+        "train_s": summary["wall_time_s"],
+        "steps": summary["global_step"],
+        "last100": summary["train_return_last100"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = tyro.cli(SweepConfig, args=argv)
     if args.worker is not None:
-        result = _worker(args.env_id, json.loads(args.worker), args.seed, args.eval_episodes, args.runs_dir,
-                         args.run_name)
+        result = _worker(
+            args.env_id,
+            json.loads(args.worker),
+            args.seed,
+            args.eval_episodes,
+            args.runs_dir,
+            args.run_name,
+        )
         print(json.dumps(result), flush=True)
         return 0
     try:
@@ -99,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --grid {args.grid!r}: {err}", file=sys.stderr)
         return 2
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
-        print(f"error: --grid {args.grid!r} must hold a JSON object {{name: overrides}}", file=sys.stderr)
+        print(
+            f"error: --grid {args.grid!r} must hold a JSON object {{name: overrides}}",
+            file=sys.stderr,
+        )
         return 2
     if args.only:
         missing = [n for n in args.only if n not in grid]
@@ -110,21 +140,45 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(item: tuple[str, int]) -> tuple[str, dict]:
         name, seed = item
-        cmd = [sys.executable, "-m", "benchmarks.preset_sweep", "--env-id", args.env_id, "--worker",
-               json.dumps(grid[name]), "--seed", str(seed), "--eval-episodes", str(args.eval_episodes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.preset_sweep",
+            "--env-id",
+            args.env_id,
+            "--worker",
+            json.dumps(grid[name]),
+            "--seed",
+            str(seed),
+            "--eval-episodes",
+            str(args.eval_episodes),
+        ]
         if args.runs_dir:
             slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            cmd += ["--runs-dir", str(Path(args.runs_dir).resolve()), "--run-name", f"{slug}__{seed}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+            cmd += [
+                "--runs-dir",
+                str(Path(args.runs_dir).resolve()),
+                "--run-name",
+                f"{slug}__{seed}",
+            ]
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
         if proc.returncode != 0:
             return name, {"seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         if args.raw:
             with open(args.raw, "a") as f:
                 f.write(json.dumps({"env_id": args.env_id, "candidate": name, **result}) + "\n")
-        print(f"{name} seed {seed}: eval {result['eval']:.1f}, train {result['train_s']:.2f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"{name} seed {seed}: eval {result['eval']:.1f}, train {result['train_s']:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return name, result
 
     start = time.perf_counter()
@@ -144,22 +198,39 @@ def main(argv: list[str] | None = None) -> int:
         rank = -mean_eval if args.target != args.target else -solved
         rows.append((rank, train_s, name, rs, ok))
     rows.sort(key=lambda r: (r[0], r[1]))
-    command = "python -m benchmarks.preset_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"# Preset sweep: {args.env_id}", "", f"Command: `{command}`", "",
-             f"{len(args.seeds)} seeds per candidate, {args.jobs} runs at a time on this machine (one torch thread "
-             f"each; times are for ranking), deterministic evaluation on {args.eval_episodes} fresh episodes; "
-             + (f"solved: mean return ≥ {args.target:g}. " if args.target == args.target else
-                "ranked by the mean evaluation return. ")
-             + f"Overrides are on top of the env's preset. Sweep wall time {time.perf_counter() - start:.0f} s.", "",
-             "| candidate | solved | mean eval | train s (median) | steps | eval returns | overrides |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    command = "python -m benchmarks.preset_sweep " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    lines = [
+        f"# Preset sweep: {args.env_id}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{len(args.seeds)} seeds per candidate, {args.jobs} runs at a time on this machine (one torch thread "
+        f"each; times are for ranking), deterministic evaluation on {args.eval_episodes} fresh episodes; "
+        + (
+            f"solved: mean return ≥ {args.target:g}. "
+            if args.target == args.target
+            else "ranked by the mean evaluation return. "
+        )
+        + f"Overrides are on top of the env's preset. Sweep wall time {time.perf_counter() - start:.0f} s.",
+        "",
+        "| candidate | solved | mean eval | train s (median) | steps | eval returns | overrides |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for _, train_s, name, rs, ok in rows:
         evals = ", ".join(f"{r['eval']:.0f}" if "error" not in r else "error" for r in rs)
         steps = ok[0]["steps"] if ok else "—"
-        solved = f"{sum(r['eval'] >= args.target for r in ok)} of {len(rs)}" if args.target == args.target else "—"
+        solved = (
+            f"{sum(r['eval'] >= args.target for r in ok)} of {len(rs)}"
+            if args.target == args.target
+            else "—"
+        )
         mean_eval = f"{statistics.fmean(r['eval'] for r in ok):.1f}" if ok else "—"
-        lines.append(f"| {name} | {solved} | {mean_eval} | {train_s:.2f} | {steps} | {evals} | "
-                     f"`{json.dumps(grid[name])}` |")
+        lines.append(
+            f"| {name} | {solved} | {mean_eval} | {train_s:.2f} | {steps} | {evals} | "
+            f"`{json.dumps(grid[name])}` |"
+        )
     out = ROOT / (args.out or f"benchmarks/results/sweep_{args.env_id.split('/')[-1]}.md")
     from textenv.agents.runlog import atomic_write_text
 

@@ -49,8 +49,22 @@ def train_flags() -> list[str]:
 
 
 def run_seed(seed: int, runs_dir: str) -> dict:
-    cmd = [sys.executable, "-m", "scripts.train_text", "--task", "Sentiment", "--model", "embedded", *train_flags(),
-           "--seed", str(seed), "--runs-dir", runs_dir, "--no-tensorboard", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.train_text",
+        "--task",
+        "Sentiment",
+        "--model",
+        "embedded",
+        *train_flags(),
+        "--seed",
+        str(seed),
+        "--runs-dir",
+        runs_dir,
+        "--no-tensorboard",
+        "--no-progress",
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     wall = time.perf_counter() - start
@@ -65,7 +79,9 @@ def fresh_clone_make_train() -> float:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         start = time.perf_counter()
-        done = subprocess.run(["make", "train"], cwd=clone, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["make", "train"], cwd=clone, capture_output=True, text=True, check=False
+        )
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"error: make train in a fresh clone failed:\n{done.stderr[-2000:]}")
@@ -100,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for seed, s in rows:
-        lines.append(f"| {seed} | {s['eval_score_before']:.3f} ± {s['eval_score_before_se']:.3f} | "
-                     f"{s['eval_score_after']:.3f} ± {s['eval_score_after_se']:.3f} | {s['eval_kl_after']:.2f} | "
-                     f"{s['wall_time_s']:.0f} | {s['process_s']:.0f} |")
+        lines.append(
+            f"| {seed} | {s['eval_score_before']:.3f} ± {s['eval_score_before_se']:.3f} | "
+            f"{s['eval_score_after']:.3f} ± {s['eval_score_after_se']:.3f} | {s['eval_kl_after']:.2f} | "
+            f"{s['wall_time_s']:.0f} | {s['process_s']:.0f} |"
+        )
     if clone_s is not None:
-        lines += ["", f"`make train` in a fresh clone of HEAD, install included (pip cache warm): **{clone_s:.0f} s**."]
+        lines += [
+            "",
+            f"`make train` in a fresh clone of HEAD, install included (pip cache warm): **{clone_s:.0f} s**.",
+        ]
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -18,12 +18,38 @@ from pathlib import Path
 
 RUNS = {
     "CartPole-v1, 1M steps": [
-        "-m", "scripts.train", "--env-id", "CartPole-v1", "--total-timesteps", "1000000", "--num-envs", "4",
-        "--num-steps", "128", "--eval-episodes", "0", "--no-progress", "--no-tensorboard",
+        "-m",
+        "scripts.train",
+        "--env-id",
+        "CartPole-v1",
+        "--total-timesteps",
+        "1000000",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "128",
+        "--eval-episodes",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
     ],
     "Toy text task, 200 iterations": [
-        "-m", "scripts.train_text", "--task", "Toy", "--model", "tiny", "--iterations", "200", "--num-envs", "16",
-        "--learning-rate", "1e-3", "--no-progress", "--no-tensorboard", "--sample-every", "20",
+        "-m",
+        "scripts.train_text",
+        "--task",
+        "Toy",
+        "--model",
+        "tiny",
+        "--iterations",
+        "200",
+        "--num-envs",
+        "16",
+        "--learning-rate",
+        "1e-3",
+        "--no-progress",
+        "--no-tensorboard",
+        "--sample-every",
+        "20",
     ],
 }
 
@@ -39,8 +65,12 @@ def rss_mib(pid: int) -> float | None:
 
 
 def soak(args: list[str], runs_dir: str) -> list[tuple[float, float]]:
-    proc = subprocess.Popen([sys.executable, *args, "--runs-dir", runs_dir], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--runs-dir", runs_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     samples, start = [], time.perf_counter()
     while proc.poll() is None:
         rss = rss_mib(proc.pid)
@@ -48,7 +78,9 @@ def soak(args: list[str], runs_dir: str) -> list[tuple[float, float]]:
             samples.append((time.perf_counter() - start, rss))
         time.sleep(0.5)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(args)} exited {proc.returncode}: {proc.stderr.read()[-500:]}")
+        raise SystemExit(
+            f"error: {' '.join(args)} exited {proc.returncode}: {proc.stderr.read()[-500:]}"
+        )
     return samples
 
 
@@ -63,17 +95,25 @@ def main() -> int:
         for name, args in RUNS.items():
             results[name] = soak(args, runs_dir)
             print(name, "done", flush=True)
-    lines = ["# Soak: resident memory through long runs", "", "Command: `python -m benchmarks.soak`", "",
-             "RSS sampled every 0.5 s. *Start* is the first sample after 10% of the run's wall time (imports "
-             "and model loading done), *end* the last one.", "",
-             "| run | wall time (s) | RSS start (MiB) | RSS end (MiB) | RSS max (MiB) | end − start |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Soak: resident memory through long runs",
+        "",
+        "Command: `python -m benchmarks.soak`",
+        "",
+        "RSS sampled every 0.5 s. *Start* is the first sample after 10% of the run's wall time (imports "
+        "and model loading done), *end* the last one.",
+        "",
+        "| run | wall time (s) | RSS start (MiB) | RSS end (MiB) | RSS max (MiB) | end − start |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, samples in results.items():
         wall = samples[-1][0]
         start = next(rss for t, rss in samples if t >= 0.1 * wall)
         end, peak = samples[-1][1], max(rss for _, rss in samples)
-        lines.append(f"| {name} | {wall:.0f} | {start:.0f} | {end:.0f} | {peak:.0f} | {end - start:+.0f} |")
+        lines.append(
+            f"| {name} | {wall:.0f} | {start:.0f} | {end:.0f} | {peak:.0f} | {end - start:+.0f} |"
+        )
         ax.plot([t / wall for t, _ in samples], [rss for _, rss in samples], label=name)
     ax.set_xlabel("fraction of the run")
     ax.set_ylabel("RSS (MiB)")

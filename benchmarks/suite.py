@@ -32,20 +32,65 @@ from benchmarks.estimators import run_train_text
 from textenv.agents.runlog import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["--model", "embedded", "--kl-coef", "0.03", "--num-minibatches", "4", "--torch-threads", "1",
-          "--no-tensorboard", "--no-progress", "--no-save-checkpoint"]
+COMMON = [
+    "--model",
+    "embedded",
+    "--kl-coef",
+    "0.03",
+    "--num-minibatches",
+    "4",
+    "--torch-threads",
+    "1",
+    "--no-tensorboard",
+    "--no-progress",
+    "--no-save-checkpoint",
+]
 # The answer is the response's last number: the model tends to restate the question first ("8 + 7 = 15"),
 # so its first number is the question's (with "number", the first, it learnt to echo and fell to 0:
 # results/suite.md).
-CHAIN_SUM = {"config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-             "answer_format": "last_number", "system_prompt": "Answer with a single number."}
+CHAIN_SUM = {
+    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "answer_format": "last_number",
+    "system_prompt": "Answer with a single number.",
+}
 PRESETS: dict[str, list[str]] = {
-    "RG-ChainSum": ["--task", "RG-ChainSum", "--task-options", json.dumps(CHAIN_SUM), "--iterations", "24",
-                    "--num-envs", "32", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--update-epochs", "4",
-                    "--eval-samples", "64", "--sample-every", "24"],
+    "RG-ChainSum": [
+        "--task",
+        "RG-ChainSum",
+        "--task-options",
+        json.dumps(CHAIN_SUM),
+        "--iterations",
+        "24",
+        "--num-envs",
+        "32",
+        "--max-new-tokens",
+        "8",
+        "--learning-rate",
+        "1e-4",
+        "--update-epochs",
+        "4",
+        "--eval-samples",
+        "64",
+        "--sample-every",
+        "24",
+    ],
     # Longer sequences of a game: a smaller step (2e-4 with 4 epochs collapsed it to a KL of 47 in one iteration).
-    "GuessTheNumber": ["--task", "GuessTheNumber", "--iterations", "16", "--num-envs", "16", "--learning-rate", "5e-5",
-                       "--update-epochs", "1", "--eval-samples", "32", "--sample-every", "16"],
+    "GuessTheNumber": [
+        "--task",
+        "GuessTheNumber",
+        "--iterations",
+        "16",
+        "--num-envs",
+        "16",
+        "--learning-rate",
+        "5e-5",
+        "--update-epochs",
+        "1",
+        "--eval-samples",
+        "32",
+        "--sample-every",
+        "16",
+    ],
 }
 
 
@@ -67,10 +112,24 @@ class SuiteConfig:
 
 def run(task: str, seed: int, runs_dir: str) -> dict:
     name = f"{task}-{seed}"
-    cmd = [sys.executable, "-m", "scripts.train_text", *PRESETS[task], *COMMON, "--seed", str(seed),
-           "--runs-dir", runs_dir, "--run-name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.train_text",
+        *PRESETS[task],
+        *COMMON,
+        "--seed",
+        str(seed),
+        "--runs-dir",
+        runs_dir,
+        "--run-name",
+        name,
+    ]
     result = run_train_text(cmd, runs_dir, name)
-    samples = [json.loads(line) for line in (Path(runs_dir) / name / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in (Path(runs_dir) / name / "samples.jsonl").read_text().splitlines()
+    ]
     return {"task": task, "seed": seed, "samples": samples, **result}
 
 
@@ -89,13 +148,25 @@ def plot(runs: list[dict], tasks: tuple[str, ...], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in runs if r["task"] == task):
             m = r["metrics"]
-            ax.plot([x["iteration"] for x in m], [x["score_mean"] for x in m], marker="o", ms=3,
-                    label=f"seed {r['seed']}")
+            ax.plot(
+                [x["iteration"] for x in m],
+                [x["score_mean"] for x in m],
+                marker="o",
+                ms=3,
+                label=f"seed {r['seed']}",
+            )
             s = r["summary"]
-            ax.errorbar([0.5, m[-1]["iteration"] + 0.5], [s["eval_score_before"], s["eval_score_after"]],
-                        yerr=[s["eval_score_before_se"], s["eval_score_after_se"]], fmt="s", capsize=3,
-                        label=f"held-out, seed {r['seed']}")
-        ax.set(title=task, xlabel="iteration", ylabel="score (training batch; squares: held-out ± SE)")
+            ax.errorbar(
+                [0.5, m[-1]["iteration"] + 0.5],
+                [s["eval_score_before"], s["eval_score_after"]],
+                yerr=[s["eval_score_before_se"], s["eval_score_after_se"]],
+                fmt="s",
+                capsize=3,
+                label=f"held-out, seed {r['seed']}",
+            )
+        ax.set(
+            title=task, xlabel="iteration", ylabel="score (training batch; squares: held-out ± SE)"
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -110,19 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in args.tasks if t not in PRESETS]
     if unknown:
         raise SystemExit(f"error: no preset for task {unknown[0]!r}; presets: {', '.join(PRESETS)}")
-    jobs = sorted(((t, s) for s in args.seeds for t in args.tasks), key=lambda j: j[0] != "GuessTheNumber")
+    jobs = sorted(
+        ((t, s) for s in args.seeds for t in args.tasks), key=lambda j: j[0] != "GuessTheNumber"
+    )
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as runs_dir, ThreadPoolExecutor(args.jobs) as pool:
         for future in [pool.submit(run, t, s, runs_dir) for t, s in jobs]:
             runs.append(future.result())
             r = runs[-1]
-            print(f"{r['task']} seed {r['seed']}: held-out {r['summary']['eval_score_before']:.3f} -> "
-                  f"{r['summary']['eval_score_after']:.3f}, {r['process_s']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{r['task']} seed {r['seed']}: held-out {r['summary']['eval_score_before']:.3f} -> "
+                f"{r['summary']['eval_score_after']:.3f}, {r['process_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     raw = ROOT / "benchmarks" / "results" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for r in runs:  # everything the report is made of, to re-render or re-plot it
         r["summary"].pop("run_dir", None)  # a temporary directory, gone by now
-        atomic_write_text(raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json", json.dumps(r) + "\n")
+        atomic_write_text(
+            raw / f"{Path(args.out).stem}.{r['task']}-{r['seed']}.json", json.dumps(r) + "\n"
+        )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -146,13 +225,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['eval_score_before']:.3f} ± {s['eval_score_before_se']:.3f} | "
             f"{s['eval_score_after']:.3f} ± {s['eval_score_after_se']:.3f} | {s['eval_kl_after']:.2f} | "
             f"{s['score_mean_first']:.3f} → {s['score_mean_last']:.3f} | {s['wall_time_s']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} |")
+            f"{r['peak_rss_mb']:.0f} |"
+        )
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(runs, args.tasks, png)
-    lines += ["", f"![training score per iteration and held-out score before/after]({png.name})", "",
-              "## Sample transcripts (training batch; the prompt's end, then the agent's and env's turns)", ""]
+    lines += [
+        "",
+        f"![training score per iteration and held-out score before/after]({png.name})",
+        "",
+        "## Sample transcripts (training batch; the prompt's end, then the agent's and env's turns)",
+        "",
+    ]
     for r in runs:
         its = sorted({x["iteration"] for x in r["samples"]})
         for it in (its[0], its[-1]):
@@ -160,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             best = max(batch, key=lambda x: x["score"])  # the best one, then the batch's first ones
             rows = [best] + [x for x in batch if x is not best][: args.transcripts - 1]
             for x in rows:
-                lines += [f"**{r['task']}, seed {r['seed']}, iteration {it}, score {x['score']:.3f}**", "",
-                          _quote(x["prompt"], 300), "    ──", _quote(x["response"]), ""]
+                lines += [
+                    f"**{r['task']}, seed {r['seed']}, iteration {it}, score {x['score']:.3f}**",
+                    "",
+                    _quote(x["prompt"], 300),
+                    "    ──",
+                    _quote(x["response"]),
+                    "",
+                ]
     atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -91,8 +91,11 @@ def _sync(device: torch.device) -> None:
 def _response_tokens(responses: torch.Tensor, eos_id: int) -> int:
     """Tokens up to and including the first EOS of each row (the whole row if none)."""
     is_eos = responses == eos_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], responses.shape[1],
-                                                                                     dtype=torch.long))
+    first = torch.where(
+        is_eos.any(1),
+        is_eos.float().argmax(1) + 1,
+        torch.full_like(is_eos[:, 0], responses.shape[1], dtype=torch.long),
+    )
     return int(first.sum())
 
 
@@ -150,32 +153,54 @@ def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
         return collect(*a, **kw)
 
     textenv.agents.text.collect_rollout = collect_rollout
-    _Generation._response_ref_logprobs = _timed(_Generation._response_ref_logprobs, parts, "reference_s", device)
+    _Generation._response_ref_logprobs = _timed(
+        _Generation._response_ref_logprobs, parts, "reference_s", device
+    )
     reward = ClassifierReward(args.reward_model_dir, device=str(device))
     register("bench-reward-model")(_timed(reward, parts, "reward_s", device))
     with tempfile.TemporaryDirectory() as runs_dir:
         config = TextTrainConfig(
-            task="Sentiment", model=args.model, reward="bench-reward-model", iterations=args.warmup + args.iterations,
-            num_envs=args.num_envs, max_new_tokens=args.max_new_tokens, kl_coef=args.kl_coef,
-            learning_rate=args.learning_rate, device=str(device), runs_dir=runs_dir, run_name="run",
-            tensorboard=False, progress=False, save_checkpoint=False, sample_every=0, torch_threads=args.threads,
+            task="Sentiment",
+            model=args.model,
+            reward="bench-reward-model",
+            iterations=args.warmup + args.iterations,
+            num_envs=args.num_envs,
+            max_new_tokens=args.max_new_tokens,
+            kl_coef=args.kl_coef,
+            learning_rate=args.learning_rate,
+            device=str(device),
+            runs_dir=runs_dir,
+            run_name="run",
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            sample_every=0,
+            torch_threads=args.threads,
         )
-        config.ppo = dataclasses.replace(config.ppo, update_epochs=args.update_epochs,
-                                         num_minibatches=args.num_minibatches)
+        config.ppo = dataclasses.replace(
+            config.ppo, update_epochs=args.update_epochs, num_minibatches=args.num_minibatches
+        )
         train_text(config)
-        rows = [json.loads(line) for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed, timed_parts = rows[args.warmup:], parts[args.warmup:]
-    walls = [rows[0]["wall_time_s"]] + [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])]
+        rows = [
+            json.loads(line)
+            for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+    timed, timed_parts = rows[args.warmup :], parts[args.warmup :]
+    walls = [rows[0]["wall_time_s"]] + [
+        b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])
+    ]
     tokens = sum(r["rollout_tokens_per_s"] * r["rollout_s"] for r in timed)
     rollout_s = sum(r["rollout_s"] for r in timed)
     reference_s, reward_s = (sum(p[k] for p in timed_parts) for k in ("reference_s", "reward_s"))
     return {
-        "iteration_s": statistics.median(walls[args.warmup:]),
+        "iteration_s": statistics.median(walls[args.warmup :]),
         "rollout_s": statistics.median(r["rollout_s"] for r in timed),
         "rollout_tokens_per_s": tokens / rollout_s,
         "sampling_tokens_per_s": tokens / (rollout_s - reference_s - reward_s),
-        "reference_share": reference_s / rollout_s, "reward_share": reward_s / rollout_s,
-        "score_first": rows[0]["score_mean"], "score_last": rows[-1]["score_mean"],
+        "reference_share": reference_s / rollout_s,
+        "reward_share": reward_s / rollout_s,
+        "score_first": rows[0]["score_mean"],
+        "score_last": rows[-1]["score_mean"],
     }
 
 
@@ -190,8 +215,12 @@ def run_trl(args: TextPPOBenchConfig, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy, tokenizer = load_causal_lm(args.model, device=device, dtype=dtype)
     ref, _ = load_causal_lm(args.model, device=device, dtype=dtype)
-    value = AutoModelForSequenceClassification.from_pretrained(args.reward_model_dir, dtype=dtype).to(device)
-    reward = AutoModelForSequenceClassification.from_pretrained(args.reward_model_dir, dtype=dtype).to(device)
+    value = AutoModelForSequenceClassification.from_pretrained(
+        args.reward_model_dir, dtype=dtype
+    ).to(device)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        args.reward_model_dir, dtype=dtype
+    ).to(device)
     tokenizer.padding_side = "left"
     prompts = _prompts()
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
@@ -199,7 +228,9 @@ def run_trl(args: TextPPOBenchConfig, device: torch.device) -> dict:
     generation = {"seconds": 0.0, "tokens": 0, "calls": 0}
     original = trl_ppo.batch_generation
 
-    def timed_generation(*a, **kw):  # TRL's rollout generate, timed; the warm-up call is not counted
+    def timed_generation(
+        *a, **kw
+    ):  # TRL's rollout generate, timed; the warm-up call is not counted
         _sync(device)
         t0 = time.perf_counter()
         query_responses, logits = original(*a, **kw)
@@ -207,7 +238,9 @@ def run_trl(args: TextPPOBenchConfig, device: torch.device) -> dict:
         generation["calls"] += 1
         if generation["calls"] > args.warmup:
             generation["seconds"] += time.perf_counter() - t0
-            generation["tokens"] += _response_tokens(query_responses[:, a[1].shape[1]:], tokenizer.eos_token_id)
+            generation["tokens"] += _response_tokens(
+                query_responses[:, a[1].shape[1] :], tokenizer.eos_token_id
+            )
         return query_responses, logits
 
     trl_ppo.batch_generation = timed_generation
@@ -220,25 +253,47 @@ def run_trl(args: TextPPOBenchConfig, device: torch.device) -> dict:
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = PPOConfig(
-            output_dir=out_dir, per_device_train_batch_size=args.num_envs, gradient_accumulation_steps=1,
-            num_mini_batches=args.num_minibatches, num_ppo_epochs=args.update_epochs,
-            total_episodes=args.num_envs * (args.warmup + args.iterations), response_length=args.max_new_tokens,
-            local_rollout_forward_batch_size=args.num_envs, stop_token="eos", kl_coef=args.kl_coef,
-            learning_rate=args.learning_rate, temperature=1.0, bf16=device.type == "cuda", report_to="none",
-            num_sample_generations=0, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=1,
+            output_dir=out_dir,
+            per_device_train_batch_size=args.num_envs,
+            gradient_accumulation_steps=1,
+            num_mini_batches=args.num_minibatches,
+            num_ppo_epochs=args.update_epochs,
+            total_episodes=args.num_envs * (args.warmup + args.iterations),
+            response_length=args.max_new_tokens,
+            local_rollout_forward_batch_size=args.num_envs,
+            stop_token="eos",
+            kl_coef=args.kl_coef,
+            learning_rate=args.learning_rate,
+            temperature=1.0,
+            bf16=device.type == "cuda",
+            report_to="none",
+            num_sample_generations=0,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=1,
             use_cpu=device.type == "cpu",
         )
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
-                             reward_model=reward, value_model=value, train_dataset=dataset, eval_dataset=dataset,
-                             callbacks=[StepTimes()])
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            callbacks=[StepTimes()],
+        )
         start = time.perf_counter()
         trainer.train()
     scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
     walls = [b - a for a, b in zip([start] + ends, ends)]
     return {
-        "iteration_s": statistics.median(walls[args.warmup:]),
+        "iteration_s": statistics.median(walls[args.warmup :]),
         "rollout_tokens_per_s": generation["tokens"] / generation["seconds"],
-        "score_first": scores[0], "score_last": scores[-1],
+        "score_first": scores[0],
+        "score_last": scores[-1],
     }
 
 
@@ -257,12 +312,19 @@ def run_generate(args: TextPPOBenchConfig, device: torch.device) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**enc, do_sample=True, max_new_tokens=args.max_new_tokens, top_k=0, top_p=1.0,
-                                 temperature=1.0, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=args.max_new_tokens,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         _sync(device)
         if i >= args.warmup:
             seconds += time.perf_counter() - t0
-            tokens += _response_tokens(out[:, enc["input_ids"].shape[1]:], tokenizer.eos_token_id)
+            tokens += _response_tokens(out[:, enc["input_ids"].shape[1] :], tokenizer.eos_token_id)
     return {"rollout_tokens_per_s": tokens / seconds}
 
 
@@ -272,7 +334,9 @@ def run_side(args: TextPPOBenchConfig) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"textenv": run_textenv, "trl": run_trl, "generate": run_generate}[args.side](args, device)
+    result = {"textenv": run_textenv, "trl": run_trl, "generate": run_generate}[args.side](
+        args, device
+    )
     return result | {"peak_memory_mib": _peak_memory_mib(device), "device": str(device)}
 
 
@@ -295,14 +359,41 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as rm_dir:
         build_reward_model(args.model, Path(rm_dir))
         for side in args.sides:
-            cmd = [sys.executable, "-m", "benchmarks.text_ppo", "--side", side, "--reward-model-dir", rm_dir,
-                   "--model", args.model, "--num-envs", str(args.num_envs), "--max-new-tokens",
-                   str(args.max_new_tokens), "--update-epochs", str(args.update_epochs), "--num-minibatches",
-                   str(args.num_minibatches), "--learning-rate", str(args.learning_rate), "--kl-coef",
-                   str(args.kl_coef), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-                   "--device", args.device, "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.text_ppo",
+                "--side",
+                side,
+                "--reward-model-dir",
+                rm_dir,
+                "--model",
+                args.model,
+                "--num-envs",
+                str(args.num_envs),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--update-epochs",
+                str(args.update_epochs),
+                "--num-minibatches",
+                str(args.num_minibatches),
+                "--learning-rate",
+                str(args.learning_rate),
+                "--kl-coef",
+                str(args.kl_coef),
+                "--iterations",
+                str(args.iterations),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+            ]
             print(f"running {side} ...", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"}
+            )
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
                 raise SystemExit(f"error: side {side} failed (exit {proc.returncode})")
@@ -310,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{side}: {results[side]}", flush=True)
 
     device = next(iter(results.values()))["device"]
-    ours, trl, bare = results.get("textenv", {}), results.get("trl", {}), results.get("generate", {})
+    ours, trl, bare = (
+        results.get("textenv", {}),
+        results.get("trl", {}),
+        results.get("generate", {}),
+    )
     rows = [
         "| | this project | TRL 0.29 PPOTrainer | bare `generate` |",
         "| --- | --- | --- | --- |",
@@ -331,20 +426,30 @@ def main(argv: list[str] | None = None) -> int:
     ]
     ratios = []
     if ours.get("iteration_s") and trl.get("iteration_s"):
-        ratios.append(f"Iteration speed vs TRL: **{trl['iteration_s'] / ours['iteration_s']:.2f}×**.")
+        ratios.append(
+            f"Iteration speed vs TRL: **{trl['iteration_s'] / ours['iteration_s']:.2f}×**."
+        )
     if ours.get("rollout_tokens_per_s") and bare.get("rollout_tokens_per_s"):
-        ratios.append(f"Rollout tokens/s vs bare generate: **{ours['rollout_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
-                      f"for the whole rollout, **{ours['sampling_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
-                      "for the policy's sampling through the env.")
+        ratios.append(
+            f"Rollout tokens/s vs bare generate: **{ours['rollout_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
+            f"for the whole rollout, **{ours['sampling_tokens_per_s'] / bare['rollout_tokens_per_s']:.0%}** "
+            "for the policy's sampling through the env."
+        )
     command = " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
-        "# PPO on a language model: this project vs TRL", "",
-        f"Command: `python -m benchmarks.text_ppo {command}`", "",
+        "# PPO on a language model: this project vs TRL",
+        "",
+        f"Command: `python -m benchmarks.text_ppo {command}`",
+        "",
         f"Device: {device} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}). "
         f"Model {args.model}; {args.num_envs} responses × {args.max_new_tokens} tokens per iteration, "
         f"{args.update_epochs} epochs × {args.num_minibatches} minibatches, β {args.kl_coef} fixed, "
-        f"{args.iterations} timed iterations after {args.warmup} warm-up.", "",
-        *rows, "", " ".join(ratios), "",
+        f"{args.iterations} timed iterations after {args.warmup} warm-up.",
+        "",
+        *rows,
+        "",
+        " ".join(ratios),
+        "",
     ]
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)

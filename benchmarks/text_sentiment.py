@@ -68,18 +68,26 @@ class SentimentBenchConfig:
     """file stem of the results in benchmarks/results/"""
 
 
-def sample_scores(policy_name: str, config: SentimentBenchConfig,
-                  device: str) -> tuple[float, float, list[tuple[str, str, float]]]:
+def sample_scores(
+    policy_name: str, config: SentimentBenchConfig, device: str
+) -> tuple[float, float, list[tuple[str, str, float]]]:
     """Mean score and mean KL to the reference (k1, nats per response) of ``eval_samples``
     responses of the model at ``policy_name`` (same prompts, seed)."""
-    from textenv.agents.lm import LMActorCritic, collect_rollout
     from textenv import TextGenerationVectorEnv
+    from textenv.agents.lm import LMActorCritic, collect_rollout
     from textenv.models import load_causal_lm
 
-    envs = TextGenerationVectorEnv(num_envs=config.eval_samples, task=config.task, model=config.model, device=device,
-                                   max_new_tokens=config.max_new_tokens)
+    envs = TextGenerationVectorEnv(
+        num_envs=config.eval_samples,
+        task=config.task,
+        model=config.model,
+        device=device,
+        max_new_tokens=config.max_new_tokens,
+    )
     lm, _ = load_causal_lm(policy_name, device=device)
-    rollout = collect_rollout(LMActorCritic(lm), envs, seed=12345, generator=torch.Generator(device).manual_seed(0))
+    rollout = collect_rollout(
+        LMActorCritic(lm), envs, seed=12345, generator=torch.Generator(device).manual_seed(0)
+    )
     rows = list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))
     kl = float(((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).mean())
     return float(rollout.scores.mean()), kl, rows
@@ -97,23 +105,41 @@ def main(argv: list[str] | None = None) -> int:
     before, _, before_rows = sample_scores(args.model, args, device)
     print(f"before: mean score {before:.3f}", flush=True)
     with tempfile.TemporaryDirectory() as runs_dir:
-        config = TextTrainConfig(task=args.task, model=args.model, iterations=args.iterations,
-                                 target_score=args.target_score, reference_pass=args.reference_pass, num_envs=args.num_envs,
-                                 max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
-                                 anneal_lr=args.anneal_lr,
-                                 kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
-                                 seed=args.seed, device=device,
-                                 runs_dir=runs_dir, run_name="run", tensorboard=False)
-        config.ppo = dataclasses.replace(config.ppo, num_minibatches=args.num_minibatches,
-                                         update_epochs=args.update_epochs)
+        config = TextTrainConfig(
+            task=args.task,
+            model=args.model,
+            iterations=args.iterations,
+            target_score=args.target_score,
+            reference_pass=args.reference_pass,
+            num_envs=args.num_envs,
+            max_new_tokens=args.max_new_tokens,
+            learning_rate=args.learning_rate,
+            anneal_lr=args.anneal_lr,
+            kl_coef=args.kl_coef,
+            kl_target=args.kl_target,
+            kl_horizon=args.kl_horizon,
+            seed=args.seed,
+            device=device,
+            runs_dir=runs_dir,
+            run_name="run",
+            tensorboard=False,
+        )
+        config.ppo = dataclasses.replace(
+            config.ppo, num_minibatches=args.num_minibatches, update_epochs=args.update_epochs
+        )
         stopped = None
         try:
             train_text(config)
         except TrainingInterrupted as stop:  # SIGTERM/Ctrl-C: report what the checkpoint reached
             stopped = f"stopped by {signal.Signals(stop.signum).name} after iteration {stop.step}"
             print(stopped, flush=True)
-        rows = [json.loads(line) for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
-        after, after_kl, after_rows = sample_scores(str(Path(runs_dir) / "run" / "policy"), args, device)
+        rows = [
+            json.loads(line)
+            for line in (Path(runs_dir) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+        after, after_kl, after_rows = sample_scores(
+            str(Path(runs_dir) / "run" / "policy"), args, device
+        )
     print(f"after: mean score {after:.3f}, KL {after_kl:.2f}", flush=True)
 
     import matplotlib
@@ -139,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{args.out_name}.png", dpi=110)
     (out / "raw").mkdir(exist_ok=True)
-    (out / "raw" / f"{args.out_name}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "raw" / f"{args.out_name}.metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
 
     def table(sample_rows):
         lines = ["| prompt | response | score |", "| --- | --- | --- |"]
         for p, r, s in sample_rows[:8]:
-            lines.append(f"| {p.replace('|', '/')} | {r.replace('|', '/').replace(chr(10), ' ')} | {s:.3f} |")
+            lines.append(
+                f"| {p.replace('|', '/')} | {r.replace('|', '/').replace(chr(10), ' ')} | {s:.3f} |"
+            )
         return lines
 
     def stderr(sample_rows):
@@ -154,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         return sum(r[key] for r in rows[-5:]) / len(rows[-5:])
 
     lines = [
-        f"# PPO on {args.task} with {args.model}", "",
-        f"Command: `python -m benchmarks.text_sentiment {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"Device: {device} ({platform.machine()}, torch {torch.__version__}).", "",
-        "| | value |", "| --- | --- |",
+        f"# PPO on {args.task} with {args.model}",
+        "",
+        f"Command: `python -m benchmarks.text_sentiment {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "",
+        f"Device: {device} ({platform.machine()}, torch {torch.__version__}).",
+        "",
+        "| | value |",
+        "| --- | --- |",
         f"| mean score before ({args.eval_samples} samples, ± standard error) | {before:.3f} ± {stderr(before_rows):.3f} |",
         f"| mean score after ({args.eval_samples} samples, same prompts, ± standard error) | {after:.3f} ± {stderr(after_rows):.3f} |",
         f"| KL to reference after ({args.eval_samples} samples, k1, nats/response) | {after_kl:.2f} |",
@@ -165,9 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         f"| mean score and KL over the last 5 iterations | {last5('score_mean'):.3f}, {last5('kl_k1'):.2f} |",
         f"| iterations × responses × budget | {rows[-1]['iteration']} × {args.num_envs} × {args.max_new_tokens} |",
         f"| wall time of training (s) | {rows[-1]['wall_time_s']:.0f} |",
-        f"| tokens/s (rollout + update) | {rows[-1]['tokens_per_s']:.1f} |", "",
+        f"| tokens/s (rollout + update) | {rows[-1]['tokens_per_s']:.1f} |",
+        "",
         *([f"Training was {stopped}.", ""] if stopped else []),
-        "## Before", "", *table(before_rows), "", "## After", "", *table(after_rows), "",
+        "## Before",
+        "",
+        *table(before_rows),
+        "",
+        "## After",
+        "",
+        *table(after_rows),
+        "",
     ]
     (out / f"{args.out_name}.md").write_text("\n".join(lines))
     print("\n".join(lines))

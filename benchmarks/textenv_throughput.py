@@ -57,32 +57,56 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def bare_episode(model, prompt_ids, prompt_mask, steps: int, vocab: int, generator: torch.Generator) -> None:
+def bare_episode(
+    model, prompt_ids, prompt_mask, steps: int, vocab: int, generator: torch.Generator
+) -> None:
     from textenv.models import cache_kwargs, output_cache
 
-    start = int(prompt_mask.any(0).long().argmax())  # the env's first column that is not padding in every row
+    start = int(
+        prompt_mask.any(0).long().argmax()
+    )  # the env's first column that is not padding in every row
     prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = output_cache(out)
     P = prompt_ids.shape[1]
     mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1]).expand(-1, steps)], dim=1)
     for t in range(steps):
-        tokens = torch.randint(0, vocab, (prompt_ids.shape[0], 1), device=prompt_ids.device, generator=generator)
+        tokens = torch.randint(
+            0, vocab, (prompt_ids.shape[0], 1), device=prompt_ids.device, generator=generator
+        )
         torch.log_softmax(out.logits[:, -1].float(), -1)
         if t == steps - 1:  # the last token ends every episode: nothing reads the logits after it
             break
         step_mask = mask[:, : P + t + 1].contiguous()
-        out = model(input_ids=tokens, attention_mask=step_mask, position_ids=step_mask.sum(-1, keepdim=True) - 1,
-                    use_cache=True, **cache_kwargs(model, cache))
+        out = model(
+            input_ids=tokens,
+            attention_mask=step_mask,
+            position_ids=step_mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **cache_kwargs(model, cache),
+        )
         cache = output_cache(out)
 
 
 @torch.inference_mode()
 def hf_generate(model, prompt_ids, prompt_mask, steps: int, tokenizer) -> None:
-    model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=steps, min_new_tokens=steps,
-                   do_sample=True, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+    model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def env_episode(envs, steps: int, vocab: int, generator: torch.Generator) -> int:
@@ -116,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     rows = []
     for bs in args.batch_sizes:
-        envs = TextGenerationVectorEnv(num_envs=bs, task=args.task, model=model, tokenizer=tokenizer, device=device,
-                                       max_new_tokens=args.max_new_tokens)
+        envs = TextGenerationVectorEnv(
+            num_envs=bs,
+            task=args.task,
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            max_new_tokens=args.max_new_tokens,
+        )
         vocab = envs.single_action_space.n
         gen = torch.Generator(device=device).manual_seed(0)
         envs.reset(seed=0)
@@ -126,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         sides = ("env", "bare", "generate") if args.hf_generate else ("env", "bare")
         times = {side: [] for side in sides}
         for rep in range(args.repeats + 1):
-            for side in (sides[::-1] if rep % 2 else sides):  # alternate to cancel order effects
+            for side in sides[::-1] if rep % 2 else sides:  # alternate to cancel order effects
                 _sync(device)
                 start = time.perf_counter()
                 if side == "env":
@@ -140,11 +170,20 @@ def main(argv: list[str] | None = None) -> int:
                     times[side].append(time.perf_counter() - start)
         tokens = bs * args.max_new_tokens
         env_s, bare_s = statistics.median(times["env"]), statistics.median(times["bare"])
-        gen_tps = tokens / statistics.median(times["generate"]) if args.hf_generate else float("nan")
+        gen_tps = (
+            tokens / statistics.median(times["generate"]) if args.hf_generate else float("nan")
+        )
         rows.append((bs, tokens / bare_s, tokens / env_s, env_s / bare_s - 1.0, gen_tps))
-        print(f"batch {bs}: bare {tokens / bare_s:.0f} tok/s, env {tokens / env_s:.0f} tok/s, "
-              f"overhead {100 * (env_s / bare_s - 1):.1f}%", flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        print(
+            f"batch {bs}: bare {tokens / bare_s:.0f} tok/s, env {tokens / env_s:.0f} tok/s, "
+            f"overhead {100 * (env_s / bare_s - 1):.1f}%",
+            flush=True,
+        )
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     lines = [
         "# Text env throughput: env stepping vs bare KV-cached forward",
         "",
@@ -161,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         "| batch | bare forward (tok/s) | env step (tok/s) | env overhead | HF generate (tok/s) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {bs} | {bare:,.0f} | {env:,.0f} | {100 * ov:+.1f}% | {g:,.0f} |" for bs, bare, env, ov, g in rows]
+    lines += [
+        f"| {bs} | {bare:,.0f} | {env:,.0f} | {100 * ov:+.1f}% | {g:,.0f} |"
+        for bs, bare, env, ov, g in rows
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

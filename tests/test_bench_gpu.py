@@ -9,7 +9,19 @@ from benchmarks.gpu import main
 
 def test_the_gpu_benchmark_runs_its_cpu_fallback_and_writes_every_section(tmp_path, capsys):
     out = tmp_path / "gpu.md"
-    code = main(["--quick", "--device", "cpu", "--sections", "tests", "control", "classic", "--out", str(out)])
+    code = main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--sections",
+            "tests",
+            "control",
+            "classic",
+            "--out",
+            str(out),
+        ]
+    )
     text = out.read_text()
     raw = json.loads(out.with_suffix(".json").read_text())
     assert code == 0 and "errors" not in raw, raw.get("errors")
@@ -23,12 +35,27 @@ def test_the_gpu_benchmark_runs_its_cpu_fallback_and_writes_every_section(tmp_pa
 
 def test_an_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert main(["--sections", "nope", "--out", str(tmp_path / "x.md")]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown section 'nope'; known: tests, control, classic, text, torchrun, trl"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: unknown section 'nope'; known: tests, control, classic, text, torchrun, trl"
+    )
 
 
 def test_the_torchrun_section_runs_both_trainers_sharded_and_not_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "gpu.md"
-    code = main(["--quick", "--device", "cpu", "--sections", "torchrun", "--model", "tiny", "--out", str(out)])
+    code = main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--sections",
+            "torchrun",
+            "--model",
+            "tiny",
+            "--out",
+            str(out),
+        ]
+    )
     raw = json.loads(out.with_suffix(".json").read_text())
     assert code == 0 and "errors" not in raw, raw.get("errors")
     runs = raw["torchrun"]
@@ -41,7 +68,9 @@ def test_without_trl_the_trl_section_says_it_did_not_run(tmp_path, monkeypatch, 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a)
+    )
     out = tmp_path / "gpu.md"
     assert main(["--quick", "--device", "cpu", "--sections", "trl", "--out", str(out)]) == 0
     assert "TRL is not installed on this machine" in out.read_text()

@@ -47,7 +47,9 @@ def test_an_optimizer_state_with_dotted_names_round_trips():
     tensors, metadata = pack_training_state(opt, None)
     fresh = _DottedState([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     unpack_training_state(tensors, metadata, fresh, None, torch.device("cpu"))
-    torch.testing.assert_close(next(iter(fresh.state.values()))["ema.fast"], (torch.arange(3.0) - 0.1) * 2)
+    torch.testing.assert_close(
+        next(iter(fresh.state.values()))["ema.fast"], (torch.arange(3.0) - 0.1) * 2
+    )
 
 
 def test_a_checkpoint_with_a_generator_resumes_without_one_and_a_gpu_checkpoint_resumes_on_cpu():
@@ -56,7 +58,9 @@ def test_a_checkpoint_with_a_generator_resumes_without_one_and_a_gpu_checkpoint_
     tensors["rng.cuda"] = torch.zeros(16, dtype=torch.uint8)  # as written on a CUDA machine
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only path")
-    unpack_training_state(tensors, metadata, _optimizer(), None, torch.device("cpu"))  # neither raises
+    unpack_training_state(
+        tensors, metadata, _optimizer(), None, torch.device("cpu")
+    )  # neither raises
 
 
 def test_the_cuda_rng_is_restored_only_from_a_checkpoint_that_has_it(monkeypatch):
@@ -79,4 +83,7 @@ def test_the_first_signal_says_how_to_stop_at_once(capsys, signum, key):
     stop._record(signum, None)
     assert stop.received == signum
     err = capsys.readouterr().err
-    assert f"{signal.Signals(signum).name}: stopping after this iteration with a checkpoint ({key} again stops at once)" in err
+    assert (
+        f"{signal.Signals(signum).name}: stopping after this iteration with a checkpoint ({key} again stops at once)"
+        in err
+    )

@@ -10,14 +10,25 @@ from textenv.agents.checkpoint import StoppedNow, TrainingInterrupted
 from textenv.agents.cli._common import TRACEBACK_ENV, pop_resume, run_cli
 
 
-@pytest.mark.parametrize("argv, resume, rest", [
-    (["--resume", "runs/a", "--seed", "2"], "runs/a", ["--seed", "2"]),
-    (["--seed", "2", "--resume=runs/a=b"], "runs/a=b", ["--seed", "2"]),  # only the first "=" separates
-    (["--resume=x", "--resume", "y"], "y", []),  # the last one wins
-    (["--seed", "--resume"], None, ["--seed", "--resume"]),  # no directory after it: tyro reports it
-    (["--resume", "d"], "d", []),
-    ([], None, []),
-])
+@pytest.mark.parametrize(
+    "argv, resume, rest",
+    [
+        (["--resume", "runs/a", "--seed", "2"], "runs/a", ["--seed", "2"]),
+        (
+            ["--seed", "2", "--resume=runs/a=b"],
+            "runs/a=b",
+            ["--seed", "2"],
+        ),  # only the first "=" separates
+        (["--resume=x", "--resume", "y"], "y", []),  # the last one wins
+        (
+            ["--seed", "--resume"],
+            None,
+            ["--seed", "--resume"],
+        ),  # no directory after it: tyro reports it
+        (["--resume", "d"], "d", []),
+        ([], None, []),
+    ],
+)
 def test_pop_resume_splits_resume_off_the_arguments(argv, resume, rest):
     assert pop_resume(argv) == (resume, rest)
 
@@ -25,26 +36,44 @@ def test_pop_resume_splits_resume_off_the_arguments(argv, resume, rest):
 def _raise(err):
     def body():
         raise err
+
     return body
 
 
-@pytest.mark.parametrize("err, code, line", [
-    (TrainingInterrupted(signal.SIGTERM, "ckpt", "runs/r", 64), 128 + signal.SIGTERM,
-     "interrupted: SIGTERM at step 64: checkpoint written to ckpt; continue with --resume runs/r"),
-    (StoppedNow(int(signal.SIGINT)), 128 + signal.SIGINT,
-     "stopped at once; the last checkpoint written (if any) is intact"),
-    (KeyboardInterrupt(), 130, "interrupted"),
-    (ValueError("num_envs must be >= 1, got 0"), 2, "error: num_envs must be >= 1, got 0"),
-    (RuntimeError("boom"), 2, f"error: RuntimeError: boom (set {TRACEBACK_ENV}=1 for the traceback)"),
-])
-def test_run_cli_turns_each_ending_into_one_line_and_an_exit_code(err, code, line, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "err, code, line",
+    [
+        (
+            TrainingInterrupted(signal.SIGTERM, "ckpt", "runs/r", 64),
+            128 + signal.SIGTERM,
+            "interrupted: SIGTERM at step 64: checkpoint written to ckpt; continue with --resume runs/r",
+        ),
+        (
+            StoppedNow(int(signal.SIGINT)),
+            128 + signal.SIGINT,
+            "stopped at once; the last checkpoint written (if any) is intact",
+        ),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (ValueError("num_envs must be >= 1, got 0"), 2, "error: num_envs must be >= 1, got 0"),
+        (
+            RuntimeError("boom"),
+            2,
+            f"error: RuntimeError: boom (set {TRACEBACK_ENV}=1 for the traceback)",
+        ),
+    ],
+)
+def test_run_cli_turns_each_ending_into_one_line_and_an_exit_code(
+    err, code, line, capsys, monkeypatch
+):
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     monkeypatch.delenv("RANK", raising=False)
     assert run_cli(_raise(err)) == code
     assert capsys.readouterr().err == line + "\n"
 
 
-def test_a_torchrun_workers_errors_name_its_rank_and_only_rank_0_reports_a_stop(capsys, monkeypatch):
+def test_a_torchrun_workers_errors_name_its_rank_and_only_rank_0_reports_a_stop(
+    capsys, monkeypatch
+):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run_cli(_raise(ValueError("bad"))) == 2
@@ -72,7 +101,9 @@ def test_ctrl_c_becomes_keyboard_interrupt_in_the_main_thread_and_other_threads_
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         codes = []
-        worker = threading.Thread(target=lambda: codes.append(run_cli(lambda: 0)))  # signal.signal would raise there
+        worker = threading.Thread(
+            target=lambda: codes.append(run_cli(lambda: 0))
+        )  # signal.signal would raise there
         worker.start()
         worker.join()
         assert codes == [0] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN

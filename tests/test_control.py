@@ -20,7 +20,9 @@ def _random_actions(space, n, steps, seed):
     if isinstance(space, gym.spaces.Discrete):
         return rng.integers(space.n, size=(steps, n))
     low, high = space.low[0], space.high[0]
-    return rng.uniform(low * 1.2, high * 1.2, size=(steps, n, 1)).astype(np.float32)  # some out of bounds
+    return rng.uniform(low * 1.2, high * 1.2, size=(steps, n, 1)).astype(
+        np.float32
+    )  # some out of bounds
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -35,7 +37,9 @@ def test_rows_replay_gymnasiums_own_envs_step_for_step(name):
     for action in _random_actions(ref.single_action_space, n, steps, 0):
         obs, reward, term, trunc, _ = ours.step(torch.as_tensor(action))
         ref_obs, ref_reward, ref_term, ref_trunc, _ = ref.step(action)
-        np.testing.assert_allclose(obs.numpy(), ref_obs, atol=1e-5, rtol=0)  # bit-exact but MountainCarContinuous
+        np.testing.assert_allclose(
+            obs.numpy(), ref_obs, atol=1e-5, rtol=0
+        )  # bit-exact but MountainCarContinuous
         np.testing.assert_allclose(reward.numpy(), ref_reward, atol=1e-5)
         assert term.tolist() == ref_term.tolist() and trunc.tolist() == ref_trunc.tolist()
         ends += int(ref_term.sum() + ref_trunc.sum())
@@ -82,8 +86,16 @@ def test_the_classic_trainer_on_the_torch_env_equals_it_on_gymnasiums(tmp_path):
 
     summaries, params = [], []
     for env_id, vectorization in (("CartPole-v1", "sync"), ("textenv/TorchCartPole-v1", "auto")):
-        config = preset_config(env_id, total_timesteps=2048, vectorization=vectorization, runs_dir=str(tmp_path),
-                               device="cpu", progress=False, tensorboard=False, eval_episodes=0)
+        config = preset_config(
+            env_id,
+            total_timesteps=2048,
+            vectorization=vectorization,
+            runs_dir=str(tmp_path),
+            device="cpu",
+            progress=False,
+            tensorboard=False,
+            eval_episodes=0,
+        )
         summaries.append(train(config))
         params.append(load_file(summaries[-1]["checkpoint"]))
     assert summaries[0]["train_return_last100"] == summaries[1]["train_return_last100"]
@@ -132,7 +144,9 @@ def test_the_torch_wrappers_equal_gymnasiums_on_the_same_stream(env_id):
             done = h[4]["_episode"]
             episodes += int(done.sum())
             assert np.array_equal(d[4]["_episode"].numpy(), done)
-            np.testing.assert_allclose(d[4]["episode"]["r"].numpy()[done], h[4]["episode"]["r"][done], rtol=1e-6)
+            np.testing.assert_allclose(
+                d[4]["episode"]["r"].numpy()[done], h[4]["episode"]["r"][done], rtol=1e-6
+            )
             assert np.array_equal(d[4]["episode"]["l"].numpy()[done], h[4]["episode"]["l"][done])
         else:
             assert not d[4]["_episode"].any()
@@ -145,7 +159,9 @@ def test_the_torch_wrappers_equal_gymnasiums_on_the_same_stream(env_id):
     load_normalization_state(fresh, h_state, freeze=True)
     assert normalization_state(fresh).keys() == h_state.keys()
     for k, v in normalization_state(fresh).items():
-        np.testing.assert_allclose(v, np.asarray(h_state[k], dtype=np.float64).reshape(v.shape), rtol=1e-6)
+        np.testing.assert_allclose(
+            v, np.asarray(h_state[k], dtype=np.float64).reshape(v.shape), rtol=1e-6
+        )
     before = normalization_state(fresh)["obs_rms.mean"].copy()
     fresh.reset(seed=0)
     assert np.array_equal(normalization_state(fresh)["obs_rms.mean"], before)  # frozen
@@ -163,11 +179,20 @@ def test_a_non_finite_reward_on_the_device_path_stops_at_the_named_step(tmp_path
 
     if "test/NaNTorchCartPole-v1" not in gym.registry:
         gym.register("test/NaNTorchCartPole-v1", vector_entry_point=_NaNAfter)
-    config = preset_config("test/NaNTorchCartPole-v1", total_timesteps=4096,
-                           num_envs=2, num_steps=32, runs_dir=str(tmp_path), eval_episodes=0, progress=False,
-                           tensorboard=False)
+    config = preset_config(
+        "test/NaNTorchCartPole-v1",
+        total_timesteps=4096,
+        num_envs=2,
+        num_steps=32,
+        runs_dir=str(tmp_path),
+        eval_episodes=0,
+        progress=False,
+        tensorboard=False,
+    )
     # the 41st step of the envs is the 9th of the second rollout: step 64 + 9 * 2
-    with pytest.raises(ValueError, match=r"test/NaNTorchCartPole-v1 returned a non-finite reward at step 82$"):
+    with pytest.raises(
+        ValueError, match=r"test/NaNTorchCartPole-v1 returned a non-finite reward at step 82$"
+    ):
         train(config)
 
 
@@ -177,17 +202,26 @@ def test_bad_construction_and_options_are_one_line_errors_and_the_base_is_abstra
     from textenv.control import TorchControlVectorEnv
 
     assert TorchCartPole().num_envs == 1
-    assert TorchCartPole.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP  # what Gymnasium's wrappers read
-    for kwargs, message in (({"num_envs": 0}, "num_envs must be >= 1, got 0"),
-                            ({"rng": "cuda"}, "rng must be 'numpy' or 'torch', got 'cuda'"),
-                            ({"arrays": "jax"}, "arrays must be 'torch' or 'numpy', got 'jax'")):
+    assert (
+        TorchCartPole.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    )  # what Gymnasium's wrappers read
+    for kwargs, message in (
+        ({"num_envs": 0}, "num_envs must be >= 1, got 0"),
+        ({"rng": "cuda"}, "rng must be 'numpy' or 'torch', got 'cuda'"),
+        ({"arrays": "jax"}, "arrays must be 'torch' or 'numpy', got 'jax'"),
+    ):
         with pytest.raises(ValueError, match=message):
             TorchCartPole(**kwargs)
-    with pytest.raises(ValueError, match=r"TorchCartPole.reset takes no options, got \['reset_mask'\]"):
+    with pytest.raises(
+        ValueError, match=r"TorchCartPole.reset takes no options, got \['reset_mask'\]"
+    ):
         TorchCartPole(num_envs=2).reset(seed=0, options={"reset_mask": np.array([True, False])})
     base = TorchControlVectorEnv.__new__(TorchControlVectorEnv)
-    for call in (lambda: base.initial_numpy(np.random.default_rng()), lambda: base.initial_torch(1),
-                 lambda: base.dynamics(torch.zeros(1, 4), torch.zeros(1))):
+    for call in (
+        lambda: base.initial_numpy(np.random.default_rng()),
+        lambda: base.initial_torch(1),
+        lambda: base.dynamics(torch.zeros(1, 4), torch.zeros(1)),
+    ):
         with pytest.raises(NotImplementedError):
             call()
 
@@ -218,7 +252,9 @@ def test_the_torch_rng_redraws_the_rows_that_ended():
     env = TorchCartPole(num_envs=64, rng="torch")
     env.reset(seed=0)
     for _ in range(60):
-        obs, _, term, trunc, _ = env.step(torch.ones(64, dtype=torch.long))  # always push right: falls fast
+        obs, _, term, trunc, _ = env.step(
+            torch.ones(64, dtype=torch.long)
+        )  # always push right: falls fast
         if term.any():
             ended = term | trunc
             obs, *_ = env.step(torch.ones(64, dtype=torch.long))
@@ -231,15 +267,36 @@ THETA = 12 * 2 * math.pi / 360  # CartPole's angle limit
 # States a random rollout rarely or never reaches: exact limits (a zero velocity keeps a coordinate
 # where it is, so the limit is compared as given), speed clamps, walls and goals.
 EDGE_STATES = {
-    "CartPole-v1": [([-2.4, 0, 0, 0], 0), ([2.4, 0, 0, 0], 1), ([0, 0, -THETA, 0], 0), ([0, 0, THETA, 0], 1),
-                    ([-2.41, 0, 0, 0], 0), ([0, 0, THETA + 1e-3, 0], 1)],
-    "MountainCar-v0": [([-0.5, 0.0695], 2), ([-0.5, -0.0695], 0), ([-1.19, -0.05], 0), ([0.45, 0.06], 2),
-                       ([0.1, 0.01], 2), ([0.55, -0.01], 0), ([0.43, 0.07], 2)],  # 0.43 + 0.07 == 0.5
-    "MountainCarContinuous-v0": [([0.4, 0.06], [1.0]), ([0.1, 0.01], [0.5]), ([0.55, -0.03], [-2.0]),
-                                 ([-0.5, 0.0695], [1.5])],
+    "CartPole-v1": [
+        ([-2.4, 0, 0, 0], 0),
+        ([2.4, 0, 0, 0], 1),
+        ([0, 0, -THETA, 0], 0),
+        ([0, 0, THETA, 0], 1),
+        ([-2.41, 0, 0, 0], 0),
+        ([0, 0, THETA + 1e-3, 0], 1),
+    ],
+    "MountainCar-v0": [
+        ([-0.5, 0.0695], 2),
+        ([-0.5, -0.0695], 0),
+        ([-1.19, -0.05], 0),
+        ([0.45, 0.06], 2),
+        ([0.1, 0.01], 2),
+        ([0.55, -0.01], 0),
+        ([0.43, 0.07], 2),
+    ],  # 0.43 + 0.07 == 0.5
+    "MountainCarContinuous-v0": [
+        ([0.4, 0.06], [1.0]),
+        ([0.1, 0.01], [0.5]),
+        ([0.55, -0.03], [-2.0]),
+        ([-0.5, 0.0695], [1.5]),
+    ],
     "Pendulum-v1": [([3.0, 7.9], [2.0]), ([-3.0, -7.9], [-2.0]), ([0.5, 1.0], [0.7])],
-    "Acrobot-v1": [([math.pi, 0, 0, 0], 1), ([0, 0, 5 * math.pi, 10 * math.pi], 2),
-                   ([0, 0, -5 * math.pi, -10 * math.pi], 0), ([0.3, -0.2, 0.5, -0.5], 2)],
+    "Acrobot-v1": [
+        ([math.pi, 0, 0, 0], 1),
+        ([0, 0, 5 * math.pi, 10 * math.pi], 2),
+        ([0, 0, -5 * math.pi, -10 * math.pi], 0),
+        ([0.3, -0.2, 0.5, -0.5], 2),
+    ],
 }
 
 
@@ -255,8 +312,9 @@ def test_edge_states_step_as_gymnasiums_own_env(name):
         ref = gym.make(cls.gym_id).unwrapped
         ref.reset(seed=0)
         ref.state = np.array(state, dtype=np.float64)
-        ref_obs, ref_reward, ref_term, _, _ = ref.step(np.array(action, dtype=np.float32) if isinstance(action, list)
-                                                       else action)
+        ref_obs, ref_reward, ref_term, _, _ = ref.step(
+            np.array(action, dtype=np.float32) if isinstance(action, list) else action
+        )
         np.testing.assert_allclose(obs[i].numpy(), ref_obs, atol=1e-6, err_msg=f"{name} {state}")
         assert reward[i].item() == pytest.approx(ref_reward, abs=1e-5), (name, state)
         assert bool(term[i]) == ref_term, (name, state)

@@ -53,7 +53,9 @@ def test_episode_statistics_restart_on_reset_and_are_zero_where_no_episode_ended
     for _ in range(5):  # both rows end at the time limit on the 5th step
         _, _, _, trunc, info = env.step(torch.zeros(2, dtype=torch.long))
     assert trunc.all() and info["episode"]["l"].tolist() == [5, 5]
-    env.reset(seed=1)  # a reset right after the end: the next step is a first step, not a reset step
+    env.reset(
+        seed=1
+    )  # a reset right after the end: the next step is a first step, not a reset step
     for _ in range(5):
         _, _, _, _, info = env.step(torch.zeros(2, dtype=torch.long))
     assert info["episode"]["l"].tolist() == [5, 5] and info["episode"]["r"].tolist() == [5.0, 5.0]
@@ -64,7 +66,9 @@ def test_episode_statistics_restart_on_reset_and_are_zero_where_no_episode_ended
         _, _, _, _, info = env.step(torch.ones(2, dtype=torch.long))
         if t < 4:
             assert not info["_episode"].any()
-            assert info["episode"]["r"].tolist() == [0.0, 0.0] and info["episode"]["l"].tolist() == [0, 0]
+            assert info["episode"]["r"].tolist() == [0.0, 0.0] and info["episode"][
+                "l"
+            ].tolist() == [0, 0]
     assert info["_episode"].all() and info["episode"]["l"].tolist() == [5, 5]
     assert info["episode"]["r"].tolist() == [5.0, 5.0]
 
@@ -73,7 +77,12 @@ def test_the_wrappers_expose_gymnasiums_spaces():
     kw = dict(normalize_obs=True, normalize_reward=True)
     host = make_vector_env("textenv/TorchPendulum-v1", 3, **kw)
     dev = make_vector_env("textenv/TorchPendulum-v1", 3, device="cpu", **kw)
-    for name in ("action_space", "single_action_space", "observation_space", "single_observation_space"):
+    for name in (
+        "action_space",
+        "single_action_space",
+        "observation_space",
+        "single_observation_space",
+    ):
         assert getattr(dev, name) == getattr(host, name), name
     assert np.isinf(dev.single_action_space.low).all() and (dev.single_action_space.low < 0).all()
 
@@ -122,9 +131,17 @@ def test_episode_returns_keep_accumulating_after_a_reset_of_the_reward_normalise
 
 def test_loading_statistics_keeps_them_updating_unless_frozen_and_accepts_plain_values():
     for device in (None, "cpu"):
-        envs = make_vector_env("textenv/TorchPendulum-v1", 2, normalize_obs=True, normalize_reward=True, device=device)
-        state = {"obs_rms.mean": [0.1, 0.2, 0.3], "obs_rms.var": [1.0, 2.0, 3.0], "obs_rms.count": [5.0],
-                 "return_rms.mean": [0.0], "return_rms.var": [4.0], "return_rms.count": 7.0}
+        envs = make_vector_env(
+            "textenv/TorchPendulum-v1", 2, normalize_obs=True, normalize_reward=True, device=device
+        )
+        state = {
+            "obs_rms.mean": [0.1, 0.2, 0.3],
+            "obs_rms.var": [1.0, 2.0, 3.0],
+            "obs_rms.count": [5.0],
+            "return_rms.mean": [0.0],
+            "return_rms.var": [4.0],
+            "return_rms.count": 7.0,
+        }
         load_normalization_state(envs, state)
         loaded = normalization_state(envs)
         np.testing.assert_allclose(loaded["obs_rms.var"], [1.0, 2.0, 3.0])
@@ -137,4 +154,6 @@ def test_loading_statistics_keeps_them_updating_unless_frozen_and_accepts_plain_
         envs.step(np.zeros((2, 1), dtype=np.float32) if device is None else torch.zeros(2, 1))
         after = normalization_state(envs)
         assert float(np.asarray(after["obs_rms.count"])) == 5.0  # frozen
-        assert float(np.asarray(after["return_rms.count"])) > 7.0  # the reward statistics are not frozen
+        assert (
+            float(np.asarray(after["return_rms.count"])) > 7.0
+        )  # the reward statistics are not frozen

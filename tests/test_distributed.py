@@ -33,7 +33,9 @@ def _worker(rank: int, port: int, fn, out: str, args: tuple) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
     # A collective that waits longer than this fails: ranks that disagree fail the test, never hang it.
-    tdist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    tdist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         result = fn(Dist(rank=rank, world_size=WORLD, active=True), *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -43,7 +45,9 @@ def _worker(rank: int, port: int, fn, out: str, args: tuple) -> None:
 
 def run_ranks(fn, tmp_path: Path, *args) -> list:
     """``fn(dist, *args)`` in two gloo processes; their return values, in rank order."""
-    mp.start_processes(_worker, args=(_free_port(), fn, str(tmp_path), args), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(_free_port(), fn, str(tmp_path), args), nprocs=WORLD, start_method="spawn"
+    )
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -59,8 +63,14 @@ def _mlp_batch(n: int = 64) -> dict[str, torch.Tensor]:
     mask = torch.ones(n)
     mask[half + 3 : half + 14] = 0.0  # the second rank has fewer valid transitions
     mask[5] = 0.0
-    return {"obs": obs, "actions": torch.randint(0, 2, (n,), generator=g), "advantages": adv,
-            "returns": torch.randn(n, generator=g) * 4, "values": torch.randn(n, generator=g), "mask": mask}
+    return {
+        "obs": obs,
+        "actions": torch.randint(0, 2, (n,), generator=g),
+        "advantages": adv,
+        "returns": torch.randn(n, generator=g) * 4,
+        "values": torch.randn(n, generator=g),
+        "mask": mask,
+    }
 
 
 def _mlp_policy():
@@ -87,9 +97,18 @@ def _mlp_update(dist: Dist | None, config: PPOConfig, rows: slice | None = None)
         batch = {k: v[rows] for k, v in batch.items()}
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3, eps=1e-5)
     gen = torch.Generator().manual_seed(7)
-    metrics = ppo_update(policy.parameters(), optimizer, batch, lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
-                         config, gen, dist=dist)
-    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, {k: float(v) for k, v in metrics.items()}
+    metrics = ppo_update(
+        policy.parameters(),
+        optimizer,
+        batch,
+        lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+        config,
+        gen,
+        dist=dist,
+    )
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, {
+        k: float(v) for k, v in metrics.items()
+    }
 
 
 def _mlp_rank(dist: Dist, config: PPOConfig):
@@ -97,7 +116,9 @@ def _mlp_rank(dist: Dist, config: PPOConfig):
     return _mlp_update(dist, config, slice(dist.rank * n, (dist.rank + 1) * n))
 
 
-FULL_BATCH = PPOConfig(update_epochs=3, num_minibatches=1, ent_coef=0.01, clip_vloss=True, norm_adv=True)
+FULL_BATCH = PPOConfig(
+    update_epochs=3, num_minibatches=1, ent_coef=0.01, clip_vloss=True, norm_adv=True
+)
 
 
 def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
@@ -109,11 +130,21 @@ def test_an_update_split_over_two_ranks_equals_one_process_on_the_whole_batch(tm
     for params, metrics in results:
         for k in ref_params:
             torch.testing.assert_close(params[k], ref_params[k], rtol=1e-5, atol=1e-6, msg=k)
-        for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm", "epochs"):
+        for k in (
+            "policy_loss",
+            "value_loss",
+            "entropy",
+            "approx_kl",
+            "clipfrac",
+            "grad_norm",
+            "epochs",
+        ):
             assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-7), k
     # Per-rank statistics would have given another update: the test can see the difference.
     local_params, _ = _mlp_update(None, FULL_BATCH, slice(0, 32))
-    assert not torch.allclose(local_params["actor.4.weight"], ref_params["actor.4.weight"], atol=1e-4)
+    assert not torch.allclose(
+        local_params["actor.4.weight"], ref_params["actor.4.weight"], atol=1e-4
+    )
 
 
 def test_target_kl_stops_every_rank_on_the_global_kl(tmp_path):
@@ -127,7 +158,9 @@ def test_target_kl_stops_every_rank_on_the_global_kl(tmp_path):
     results = run_ranks(_mlp_rank, tmp_path, config)
     for params, metrics in results:
         assert metrics["epochs"] == ref_metrics["epochs"]
-        torch.testing.assert_close(params["critic.4.weight"], ref_params["critic.4.weight"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            params["critic.4.weight"], ref_params["critic.4.weight"], rtol=1e-5, atol=1e-6
+        )
 
 
 def _mlp_minibatched_reference(config: PPOConfig):
@@ -145,8 +178,14 @@ def _mlp_minibatched_reference(config: PPOConfig):
         order = torch.randperm(n, generator=gen)
         for k in range(config.num_minibatches):
             rows = torch.cat([order[k * m : (k + 1) * m] + r * n for r in range(WORLD)])
-            ppo_update(policy.parameters(), optimizer, {key: v[rows] for key, v in batch.items()},
-                       lambda mb: policy.evaluate(mb["obs"], mb["actions"]), one_step, torch.Generator())
+            ppo_update(
+                policy.parameters(),
+                optimizer,
+                {key: v[rows] for key, v in batch.items()},
+                lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+                one_step,
+                torch.Generator(),
+            )
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
@@ -183,9 +222,16 @@ def _lm_batch(policy) -> dict[str, torch.Tensor]:
         logp, _, values = policy.evaluate_responses(input_ids, attention_mask, actions, prompt)
     adv = torch.randn(n, T, generator=g) * mask
     adv[n // 2 :] += 2.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "actions": actions,
-            "logprobs": logp - 0.05 * torch.rand(n, T, generator=g), "values": values,
-            "advantages": adv, "returns": torch.randn(n, T, generator=g) * mask, "mask": mask}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "actions": actions,
+        "logprobs": logp - 0.05 * torch.rand(n, T, generator=g),
+        "values": values,
+        "advantages": adv,
+        "returns": torch.randn(n, T, generator=g) * mask,
+        "mask": mask,
+    }
 
 
 def _lm_update(dist: Dist | None, config: PPOConfig):
@@ -197,16 +243,32 @@ def _lm_update(dist: Dist | None, config: PPOConfig):
         batch = {k: v[dist.rank * n : (dist.rank + 1) * n] for k, v in batch.items()}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, eps=1e-5, weight_decay=0.0)
     metrics = ppo_update(
-        policy.parameters(), optimizer, batch,
-        lambda mb: policy.evaluate_responses(mb["input_ids"], mb["attention_mask"], mb["actions"], 5),
-        config, torch.Generator().manual_seed(3), dist=dist)
-    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, {k: float(v) for k, v in metrics.items()}
+        policy.parameters(),
+        optimizer,
+        batch,
+        lambda mb: policy.evaluate_responses(
+            mb["input_ids"], mb["attention_mask"], mb["actions"], 5
+        ),
+        config,
+        torch.Generator().manual_seed(3),
+        dist=dist,
+    )
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, {
+        k: float(v) for k, v in metrics.items()
+    }
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
 def test_a_language_model_update_split_over_two_ranks_equals_one_process(tmp_path, aggregation):
-    config = PPOConfig(update_epochs=2, num_minibatches=1, grad_accum_steps=2, vf_coef=0.1, norm_adv=True,
-                       max_grad_norm=1.0, loss_aggregation=aggregation)
+    config = PPOConfig(
+        update_epochs=2,
+        num_minibatches=1,
+        grad_accum_steps=2,
+        vf_coef=0.1,
+        norm_adv=True,
+        max_grad_norm=1.0,
+        loss_aggregation=aggregation,
+    )
     ref_params, ref_metrics = _lm_update(None, config)
     for params, metrics in run_ranks(_lm_update, tmp_path, config):
         for k in ref_params:
@@ -231,8 +293,11 @@ def _statistics_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _statistics(dist: Dist):
     x, mask, values = _statistics_inputs()
     r = dist.rank
-    return (normalize(x[r], mask[r], dist=dist), normalize(x[r], dist=dist),
-            explained_variance(values[r], x[r], mask[r], dist=dist))
+    return (
+        normalize(x[r], mask[r], dist=dist),
+        normalize(x[r], dist=dist),
+        explained_variance(values[r], x[r], mask[r], dist=dist),
+    )
 
 
 def test_whitening_and_explained_variance_are_over_every_ranks_entries(tmp_path):
@@ -245,14 +310,20 @@ def test_whitening_and_explained_variance_are_over_every_ranks_entries(tmp_path)
         torch.testing.assert_close(masked_r[keep], whole_masked[r][keep], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(plain_r, whole[r], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ev_r, ev, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(normalize(x[1], mask[1])[mask[1] > 0], whole_masked[1][mask[1] > 0], atol=0.1)
+    assert not torch.allclose(
+        normalize(x[1], mask[1])[mask[1] > 0], whole_masked[1][mask[1] > 0], atol=0.1
+    )
 
 
 def _rms_sync(dist: Dist, start: dict, streams: list):
     from gymnasium.wrappers.utils import RunningMeanStd
 
     rms = RunningMeanStd(shape=(3,))
-    rms.mean, rms.var, rms.count = start["x.mean"].copy(), start["x.var"].copy(), float(start["x.count"])
+    rms.mean, rms.var, rms.count = (
+        start["x.mean"].copy(),
+        start["x.var"].copy(),
+        float(start["x.count"]),
+    )
     for chunk in streams[dist.rank]:
         rms.update(chunk)
     state = {"x.mean": rms.mean, "x.var": rms.var, "x.count": np.asarray(rms.count)}
@@ -266,8 +337,15 @@ def test_running_statistics_merge_into_the_statistics_of_every_ranks_data(tmp_pa
     first = rng.normal(size=(50, 3))
     start_rms = RunningMeanStd(shape=(3,))
     start_rms.update(first)
-    start = {"x.mean": start_rms.mean.copy(), "x.var": start_rms.var.copy(), "x.count": np.asarray(start_rms.count)}
-    streams = [[rng.normal(1.0, 2.0, size=(7, 3)) for _ in range(5)], [rng.normal(-3.0, 0.5, size=(4, 3)) for _ in range(9)]]
+    start = {
+        "x.mean": start_rms.mean.copy(),
+        "x.var": start_rms.var.copy(),
+        "x.count": np.asarray(start_rms.count),
+    }
+    streams = [
+        [rng.normal(1.0, 2.0, size=(7, 3)) for _ in range(5)],
+        [rng.normal(-3.0, 0.5, size=(4, 3)) for _ in range(9)],
+    ]
     expected = RunningMeanStd(shape=(3,))
     expected.update(np.concatenate([first, *streams[0], *streams[1]]))
     for merged in run_ranks(_rms_sync, tmp_path, start, streams):
@@ -290,17 +368,30 @@ def _lm_update_fsdp(dist: Dist, config: PPOConfig):
     shard_policy(policy, policy.lm)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, eps=1e-5, weight_decay=0.0)
     metrics = ppo_update(
-        policy.parameters(), optimizer, batch,
-        lambda mb: policy.evaluate_responses(mb["input_ids"], mb["attention_mask"], mb["actions"], 5),
-        config, torch.Generator().manual_seed(3), dist=dist)
+        policy.parameters(),
+        optimizer,
+        batch,
+        lambda mb: policy.evaluate_responses(
+            mb["input_ids"], mb["attention_mask"], mb["actions"], 5
+        ),
+        config,
+        torch.Generator().manual_seed(3),
+        dist=dist,
+    )
     return full_state_dict(policy), {k: float(v) for k, v in metrics.items()}
 
 
 def test_an_fsdp_sharded_update_over_two_ranks_equals_one_process(tmp_path):
     """FSDP2 (fully_shard) on the CPU with gloo: every block, the value head and the root
     sharded over two ranks; gradients summed by FSDP's reduce-scatter, not by our all-reduce."""
-    config = PPOConfig(update_epochs=2, num_minibatches=1, grad_accum_steps=2, vf_coef=0.1, norm_adv=True,
-                       max_grad_norm=1.0)
+    config = PPOConfig(
+        update_epochs=2,
+        num_minibatches=1,
+        grad_accum_steps=2,
+        vf_coef=0.1,
+        norm_adv=True,
+        max_grad_norm=1.0,
+    )
     ref_params, ref_metrics = _lm_update(None, config)
     (params, metrics), (other, _) = run_ranks(_lm_update_fsdp, tmp_path, config)
     assert other == {}  # the full weights gather on rank 0 only
@@ -328,10 +419,22 @@ def _text_run_prompts(dist: Dist | None, runs_dir: str) -> list[list[str]]:
 
     text.collect_rollout = spy
     try:
-        text.train_text(text.TextTrainConfig(
-            task="Toy", model="tiny", num_envs=8, max_new_tokens=2, iterations=3, eval_samples=0, device="cpu",
-            runs_dir=runs_dir, progress=False, tensorboard=False, save_checkpoint=False,
-            ppo=PPOConfig(update_epochs=1, num_minibatches=2)))
+        text.train_text(
+            text.TextTrainConfig(
+                task="Toy",
+                model="tiny",
+                num_envs=8,
+                max_new_tokens=2,
+                iterations=3,
+                eval_samples=0,
+                device="cpu",
+                runs_dir=runs_dir,
+                progress=False,
+                tensorboard=False,
+                save_checkpoint=False,
+                ppo=PPOConfig(update_epochs=1, num_minibatches=2),
+            )
+        )
     finally:
         text.collect_rollout = real
     return seen
@@ -356,14 +459,21 @@ def _timed_run(rank: int, port: int, out: str, rank_one_fails: bool) -> None:
 
     from textenv.agents.distributed import PeerFailed, distributed_run
 
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                   "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)}
+    os.environ |= {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(WORLD),
+        "LOCAL_RANK": str(rank),
+    }
     times = {}
     try:
         with distributed_run(torch.device("cpu")) as (dist, _):
             assert dist.active and dist.world_size == WORLD
             if rank == 0:
-                time.sleep(2.0)  # as rank 0 alone evaluates at the end of a run (a margin a loaded machine keeps)
+                time.sleep(
+                    2.0
+                )  # as rank 0 alone evaluates at the end of a run (a margin a loaded machine keeps)
             elif rank_one_fails:
                 raise ValueError("rank 1 failed")
             times["body_end"] = time.monotonic()
@@ -379,8 +489,12 @@ def test_ranks_leave_a_run_together_unless_one_failed(tmp_path, rank_one_fails):
     """A finished rank waits for the others before tearing the process group down; a failed
     one tears it down at once, and never waits for ranks that may never arrive; the others
     learn of it at the barrier."""
-    mp.start_processes(_timed_run, args=(_free_port(), str(tmp_path), rank_one_fails), nprocs=WORLD,
-                       start_method="spawn")
+    mp.start_processes(
+        _timed_run,
+        args=(_free_port(), str(tmp_path), rank_one_fails),
+        nprocs=WORLD,
+        start_method="spawn",
+    )
     zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     assert not zero["initialized"] and not one["initialized"]
     if rank_one_fails:

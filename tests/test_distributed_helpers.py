@@ -115,7 +115,11 @@ def test_a_failed_collective_is_peer_failed(monkeypatch):
 
 def test_broadcast_writes_rank_zeros_values_into_every_parameter_in_order(peer, monkeypatch):
     monkeypatch.setattr(distributed, "BUCKET_NUMEL", 5)  # 2x2 and 3 in one bucket, then 4
-    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params = [
+        torch.nn.Parameter(torch.zeros(2, 2)),
+        torch.nn.Parameter(torch.zeros(3)),
+        torch.nn.Parameter(torch.zeros(4)),
+    ]
     TWO.broadcast_parameters(params)
     assert [c[:2] for c in peer.calls] == [("broadcast", 4), ("broadcast", 3), ("broadcast", 4)]
     assert all(c[2] == 0 for c in peer.calls)
@@ -124,15 +128,22 @@ def test_broadcast_writes_rank_zeros_values_into_every_parameter_in_order(peer, 
     assert params[2].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_reduce_gradients_sums_every_gradient_in_buckets_and_counts_a_missing_one_as_zero(peer, monkeypatch):
+def test_reduce_gradients_sums_every_gradient_in_buckets_and_counts_a_missing_one_as_zero(
+    peer, monkeypatch
+):
     monkeypatch.setattr(distributed, "BUCKET_NUMEL", 4)
     a, b, c = (torch.nn.Parameter(torch.zeros(shape)) for shape in ((2, 2), (3,), (1,)))
     a.grad = torch.arange(4.0).reshape(2, 2)
     c.grad = torch.tensor([-1.0])
     TWO.reduce_gradients(p for p in (a, b, c))  # any iterable, as model.parameters() is
-    assert [call[2] for call in peer.calls] == [4, 4]  # [a], [b, c]: a bucket is never over its size
+    assert [call[2] for call in peer.calls] == [
+        4,
+        4,
+    ]  # [a], [b, c]: a bucket is never over its size
     torch.testing.assert_close(a.grad, torch.arange(4.0).reshape(2, 2) * 4)
-    torch.testing.assert_close(b.grad, torch.zeros(3))  # this rank had none: zeros, reduced like the rest
+    torch.testing.assert_close(
+        b.grad, torch.zeros(3)
+    )  # this rank had none: zeros, reduced like the rest
     torch.testing.assert_close(c.grad, torch.tensor([-4.0]))
 
 
@@ -148,13 +159,19 @@ def test_batch_checks_name_the_split():
     from textenv.agents.ppo import PPOConfig
 
     assert TWO.check_divides("num_envs", 8) == 4 and type(TWO.check_divides("num_envs", 8)) is int
-    with pytest.raises(ValueError, match="^num_envs=7 must divide evenly over the 2 processes of the run$"):
+    with pytest.raises(
+        ValueError, match="^num_envs=7 must divide evenly over the 2 processes of the run$"
+    ):
         TWO.check_divides("num_envs", 7)
     assert Dist().check_divides("num_envs", 7) == 7
     TWO.check_local_batch(PPOConfig(num_minibatches=2), 4)
-    with pytest.raises(ValueError, match=r"\(each of the 2 processes updates on its share of 3 samples\)$"):
+    with pytest.raises(
+        ValueError, match=r"\(each of the 2 processes updates on its share of 3 samples\)$"
+    ):
         TWO.check_local_batch(PPOConfig(num_minibatches=2), 3)
-    Dist().check_local_batch(PPOConfig(num_minibatches=2), 3)  # one process: the trainer's own validate() says it
+    Dist().check_local_batch(
+        PPOConfig(num_minibatches=2), 3
+    )  # one process: the trainer's own validate() says it
 
 
 def test_torchrun_is_recognised_by_its_variables(monkeypatch):
@@ -194,7 +211,9 @@ def test_increment_recovers_a_batch_and_merge_combines_two_exactly():
         warnings.simplefilter("error")  # no 0/0 for a rank that saw nothing new
         empty_mean, empty_var, empty = distributed._increment(mean0, var0, n0, mean0, var0, n0)
     assert float(empty) == 0.0 and np.isfinite(empty_mean).all() and np.isfinite(empty_var).all()
-    for got, want in zip(distributed._merge(mean0, var0, n0, mean0 + 5, var0 + 5, empty), (mean0, var0, n0)):
+    for got, want in zip(
+        distributed._merge(mean0, var0, n0, mean0 + 5, var0 + 5, empty), (mean0, var0, n0)
+    ):
         np.testing.assert_array_equal(got, want)
     # One new observation is a batch of one, merged like any other.
     one = np.concatenate([old, new[:1]])
@@ -210,27 +229,41 @@ def test_increment_recovers_a_batch_and_merge_combines_two_exactly():
 
 def test_sync_running_stats_merges_every_ranks_new_data_in_rank_order(peer):
     rng = np.random.default_rng(1)
-    start, mine, theirs = rng.normal(size=(30, 2)), rng.normal(3.0, 2.0, (12, 2)), rng.normal(-2.0, 1.0, (5, 2))
+    start, mine, theirs = (
+        rng.normal(size=(30, 2)),
+        rng.normal(3.0, 2.0, (12, 2)),
+        rng.normal(-2.0, 1.0, (5, 2)),
+    )
 
     def state(x):
         mean, var, count = _stats(x)
         return {"obs.mean": mean, "obs.var": var, "obs.count": count}
 
     synced = state(start)
-    peer.peer_object = {"obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))}
+    peer.peer_object = {
+        "obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))
+    }
     merged = distributed.sync_running_stats(state(np.concatenate([start, mine])), synced, TWO)
     want = state(np.concatenate([start, mine, theirs]))
     assert merged.keys() == want.keys()
     for key in want:
         np.testing.assert_allclose(merged[key], want[key], rtol=1e-10, err_msg=key)
     # With no earlier sync every rank starts from the same statistics: this rank's are the start.
-    peer.peer_object = {"obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))}
+    peer.peer_object = {
+        "obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))
+    }
     first = distributed.sync_running_stats(state(start), None, TWO)
     np.testing.assert_allclose(first["obs.count"], 35.0)
     # Statistics whose names hold dots are grouped by the last dot.
-    dotted = {f"env.obs.{k.split('.')[-1]}": v for k, v in state(np.concatenate([start, mine])).items()}
-    peer.peer_object = {"env.obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))}
-    merged = distributed.sync_running_stats(dotted, {f"env.obs.{k.split('.')[-1]}": v for k, v in synced.items()}, TWO)
+    dotted = {
+        f"env.obs.{k.split('.')[-1]}": v for k, v in state(np.concatenate([start, mine])).items()
+    }
+    peer.peer_object = {
+        "env.obs": distributed._increment(*_stats(np.concatenate([start, theirs])), *_stats(start))
+    }
+    merged = distributed.sync_running_stats(
+        dotted, {f"env.obs.{k.split('.')[-1]}": v for k, v in synced.items()}, TWO
+    )
     np.testing.assert_allclose(merged["env.obs.mean"], want["obs.mean"], rtol=1e-10)
     # Nothing to do for one process (even in a group of one) or no statistics.
     only = state(mine)
@@ -241,8 +274,13 @@ def test_sync_running_stats_merges_every_ranks_new_data_in_rank_order(peer):
 
 
 def _torchrun_variables(monkeypatch, port: int) -> None:
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", str(port))):
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+    ):
         monkeypatch.setenv(name, value)
 
 
@@ -258,7 +296,9 @@ def test_under_torchrun_a_run_owns_its_gloo_group_and_destroys_it(monkeypatch):
 
 def test_a_group_the_caller_initialised_is_used_and_left_alone(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    distributed.tdist.init_process_group("gloo", store=distributed.tdist.HashStore(), rank=0, world_size=1)
+    distributed.tdist.init_process_group(
+        "gloo", store=distributed.tdist.HashStore(), rank=0, world_size=1
+    )
     try:
         with distributed.distributed_run(torch.device("cpu")) as (dist, _):
             assert dist.active and dist.world_size == 1
@@ -270,7 +310,10 @@ def test_a_group_the_caller_initialised_is_used_and_left_alone(monkeypatch):
 def test_a_rank_without_a_gpu_of_its_own_is_a_one_line_error(monkeypatch):
     _torchrun_variables(monkeypatch, 1)
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
-    with pytest.raises(ValueError, match=r"^rank with LOCAL_RANK=\d+ has no GPU of its own \(\d+ visible\); start at most "
-                                         r"one process per GPU \(--nproc-per-node\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rank with LOCAL_RANK=\d+ has no GPU of its own \(\d+ visible\); start at most "
+        r"one process per GPU \(--nproc-per-node\)$",
+    ):
         distributed.init_distributed(torch.device("cuda"))
     assert not distributed.tdist.is_initialized()

@@ -78,22 +78,41 @@ def test_gae_rejects_gamma_or_lambda_outside_unit_interval():
 
 def test_gae_by_hand_on_a_single_env_rollout():
     # γ = λ = 0.5, r = 1, V = 0, V(s_T) = 2: δ = (1, 1, 2) and A_t = δ_t + 0.25 A_{t+1}.
-    adv, ret = gae(torch.ones(3), torch.zeros(3), torch.tensor(2.0), torch.zeros(3), torch.zeros(3), 0.5, 0.5)
+    adv, ret = gae(
+        torch.ones(3), torch.zeros(3), torch.tensor(2.0), torch.zeros(3), torch.zeros(3), 0.5, 0.5
+    )
     assert adv.tolist() == [1.375, 1.5, 2.0]
     assert ret.tolist() == [1.375, 1.5, 2.0]  # returns = advantages + values
-    adv, ret = gae(torch.ones(3), torch.full((3,), 0.5), torch.tensor(2.0), torch.zeros(3), torch.zeros(3), 0.5, 0.5)
+    adv, ret = gae(
+        torch.ones(3),
+        torch.full((3,), 0.5),
+        torch.tensor(2.0),
+        torch.zeros(3),
+        torch.zeros(3),
+        0.5,
+        0.5,
+    )
     # δ = (1 + 0.25 - 0.5, 0.75, 1 + 1 - 0.5) = (0.75, 0.75, 1.5)
     assert adv.tolist() == [0.75 + 0.25 * (0.75 + 0.25 * 1.5), 0.75 + 0.25 * 1.5, 1.5]
     assert ret.tolist() == [a + 0.5 for a in adv.tolist()]
 
 
 def test_gae_keeps_the_dtype_and_shape_of_the_rewards():
-    adv, ret = gae(torch.ones(4, 2), torch.zeros(4, 2), torch.zeros(2), torch.zeros(4, 2, dtype=torch.bool),
-                   torch.zeros(4, 2, dtype=torch.bool), 0.99, 0.95)
+    adv, ret = gae(
+        torch.ones(4, 2),
+        torch.zeros(4, 2),
+        torch.zeros(2),
+        torch.zeros(4, 2, dtype=torch.bool),
+        torch.zeros(4, 2, dtype=torch.bool),
+        0.99,
+        0.95,
+    )
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == (4, 2)
 
 
-@pytest.mark.parametrize("gamma,lam", [(-0.1, 0.9), (1.01, 0.9), (0.9, 1.01), (0.9, 1.5), (0.9, -0.1)])
+@pytest.mark.parametrize(
+    "gamma,lam", [(-0.1, 0.9), (1.01, 0.9), (0.9, 1.01), (0.9, 1.5), (0.9, -0.1)]
+)
 def test_gae_rejects_each_rate_outside_the_unit_interval(gamma, lam):
     z = torch.zeros(2, 1)
     with pytest.raises(ValueError, match=r"gamma and lam must lie in \[0, 1\]"):

@@ -28,12 +28,23 @@ def test_sde_policy_equals_stable_baselines3s_in_values_and_gradients():
     from stable_baselines3.common.policies import ActorCriticPolicy
 
     torch.manual_seed(1)
-    sb3 = ActorCriticPolicy(OBS, ACT, lambda _: 1e-3, net_arch=dict(pi=[8, 8], vf=[8, 8]), use_sde=True,
-                            log_std_init=-0.3)
+    sb3 = ActorCriticPolicy(
+        OBS,
+        ACT,
+        lambda _: 1e-3,
+        net_arch=dict(pi=[8, 8], vf=[8, 8]),
+        use_sde=True,
+        log_std_init=-0.3,
+    )
     ours = _sde_policy(log_std_init=-0.3)
-    pairs = [(ours.actor[0], sb3.mlp_extractor.policy_net[0]), (ours.actor[2], sb3.mlp_extractor.policy_net[2]),
-             (ours.actor[4], sb3.action_net), (ours.critic[0], sb3.mlp_extractor.value_net[0]),
-             (ours.critic[2], sb3.mlp_extractor.value_net[2]), (ours.critic[4], sb3.value_net)]
+    pairs = [
+        (ours.actor[0], sb3.mlp_extractor.policy_net[0]),
+        (ours.actor[2], sb3.mlp_extractor.policy_net[2]),
+        (ours.actor[4], sb3.action_net),
+        (ours.critic[0], sb3.mlp_extractor.value_net[0]),
+        (ours.critic[2], sb3.mlp_extractor.value_net[2]),
+        (ours.critic[4], sb3.value_net),
+    ]
     with torch.no_grad():
         for mine, theirs in pairs:
             mine.weight.copy_(theirs.weight)
@@ -106,7 +117,9 @@ def test_features_all_zero_leave_the_variance_floor_of_sb3():
     with torch.no_grad():
         logprob, entropy, _ = policy.evaluate(obs, action)
         mean = policy.deterministic_action(obs)
-        expected = torch.distributions.Normal(mean, torch.full_like(mean, 1e-3)).log_prob(action).sum(-1)
+        expected = (
+            torch.distributions.Normal(mean, torch.full_like(mean, 1e-3)).log_prob(action).sum(-1)
+        )
         torch.testing.assert_close(logprob, expected)
         torch.testing.assert_close(policy.action_std(obs), torch.tensor(1e-3))
         assert torch.isfinite(entropy).all()
@@ -122,7 +135,9 @@ def test_action_std_is_the_mean_std_the_update_scores_with():
     # The entropy is the Gaussian's with that std: it pins std as the second output.
     torch.testing.assert_close(entropy, (0.5 + 0.5 * np.log(2 * np.pi) + std.log()).sum(-1))
     plain = MLPActorCritic(OBS, ACT, log_std_init=-0.7)
-    torch.testing.assert_close(plain.action_std(obs), torch.tensor(np.exp(-0.7), dtype=torch.float32))
+    torch.testing.assert_close(
+        plain.action_std(obs), torch.tensor(np.exp(-0.7), dtype=torch.float32)
+    )
 
 
 def test_over_noise_draws_actions_have_the_state_dependent_std():
@@ -138,26 +153,45 @@ def test_over_noise_draws_actions_have_the_state_dependent_std():
     expected = (features.square() @ policy.actor_logstd.exp().square() + 1e-6).sqrt()[0]
     torch.testing.assert_close(std[0], expected)
     torch.testing.assert_close(action.std(0), expected, rtol=0.02, atol=0)
-    torch.testing.assert_close(action.mean(0), policy.deterministic_action(obs[:1])[0], rtol=0, atol=0.02)
+    torch.testing.assert_close(
+        action.mean(0), policy.deterministic_action(obs[:1])[0], rtol=0, atol=0.02
+    )
 
 
 def test_sde_log_std_is_one_per_feature_and_action_and_needs_box_actions():
     policy = MLPActorCritic(OBS, ACT, hidden_sizes=(16, 9, 5), log_std_init=-1.0, use_sde=True)
     assert torch.equal(policy.actor_logstd.detach(), torch.full((5, 2), -1.0))
-    assert MLPActorCritic(OBS, ACT, hidden_sizes=(), use_sde=True).actor_logstd.shape == (3, 2)  # features: obs
+    assert MLPActorCritic(OBS, ACT, hidden_sizes=(), use_sde=True).actor_logstd.shape == (
+        3,
+        2,
+    )  # features: obs
     with pytest.raises(ValueError, match="use_sde needs continuous"):
         MLPActorCritic(OBS, gym.spaces.Discrete(2), use_sde=True)
 
 
 def _pendulum(tmp_path, name, **kw):
-    return preset_config("Pendulum-v1", seed=2, total_timesteps=2 * 4 * 8, num_envs=4, num_steps=8,
-                         ppo=PPOConfig(update_epochs=1, num_minibatches=2), use_sde=True, runs_dir=str(tmp_path),
-                         run_name=name, eval_episodes=0, **QUIET, **kw)
+    return preset_config(
+        "Pendulum-v1",
+        seed=2,
+        total_timesteps=2 * 4 * 8,
+        num_envs=4,
+        num_steps=8,
+        ppo=PPOConfig(update_epochs=1, num_minibatches=2),
+        use_sde=True,
+        runs_dir=str(tmp_path),
+        run_name=name,
+        eval_episodes=0,
+        **QUIET,
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("freq, draws", [(-1, [0]), (1, list(range(8))), (4, [0, 4]), (3, [0, 3, 6]), (8, [0])])
+@pytest.mark.parametrize(
+    "freq, draws", [(-1, [0]), (1, list(range(8))), (4, [0, 4]), (3, [0, 3, 6]), (8, [0])]
+)
 def test_the_trainer_draws_noise_at_each_rollouts_start_and_every_sde_sample_freq_steps(
-        tmp_path, monkeypatch, freq, draws):
+    tmp_path, monkeypatch, freq, draws
+):
     seen = []
     original = MLPActorCritic.act
 
@@ -177,7 +211,11 @@ def test_an_sde_run_checkpoints_and_reloads_and_bad_settings_are_refused(tmp_pat
     summary = train(config)
     policy, _, loaded = load_checkpoint(summary["checkpoint"])
     assert loaded == config and policy.use_sde and policy.actor_logstd.shape == (64, 1)
-    metrics = [line for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines() if "action_std" in line]
+    metrics = [
+        line
+        for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()
+        if "action_std" in line
+    ]
     assert len(metrics) == 2
     for bad in (0, -2):
         with pytest.raises(ValueError, match=f"sde_sample_freq must be -1 .* or >= 1, got {bad}"):
@@ -199,8 +237,11 @@ def test_the_logged_action_std_is_the_updated_policys_std_on_the_last_batch(tmp_
     summary = train(_pendulum(tmp_path, "std", sde_sample_freq=4))
     policy, _, _ = load_checkpoint(summary["checkpoint"])
     last_batch = torch.stack(seen[-8:]).reshape(-1, 3)
-    logged = [json.loads(line) for line in (tmp_path / "std" / "metrics.jsonl").read_text().splitlines()
-              if "action_std" in line]
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "std" / "metrics.jsonl").read_text().splitlines()
+        if "action_std" in line
+    ]
     with torch.no_grad():
         expected = policy.action_std(last_batch).item()
         on_first_batch = policy.action_std(torch.stack(seen[:8]).reshape(-1, 3)).item()

@@ -10,14 +10,17 @@ from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
 from textenv.models import load_causal_lm
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(temperature=-1.0), "temperature must be > 0"),
-    (dict(top_k=-1), "top_k must be >= 0"),
-    (dict(top_k=-1, top_p=0.5), "top_k must be >= 0"),
-    (dict(top_p=0.0), "top_p in \\(0, 1\\]"),
-    (dict(top_p=1.5), "top_p in \\(0, 1\\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(temperature=-1.0), "temperature must be > 0"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(top_k=-1, top_p=0.5), "top_k must be >= 0"),
+        (dict(top_p=0.0), "top_p in \\(0, 1\\]"),
+        (dict(top_p=1.5), "top_p in \\(0, 1\\]"),
+    ],
+)
 def test_settings_that_cannot_sample_are_refused(kwargs, message):
     lm, _ = load_causal_lm("tiny")
     with pytest.raises(ValueError, match=message):
@@ -35,9 +38,13 @@ def test_the_value_head_reads_the_lms_last_hidden_state():
     with torch.no_grad():
         _, _, values = policy.evaluate_responses(ids, mask, actions, prompt_len=2)
         hidden = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        expected = policy.value_head(hidden).squeeze(-1)[:, 1:-1]  # positions before each response token
+        expected = policy.value_head(hidden).squeeze(-1)[
+            :, 1:-1
+        ]  # positions before each response token
     torch.testing.assert_close(values, expected)
-    assert not torch.allclose(values, policy.value_head(hidden.new_zeros(hidden.shape)).squeeze(-1)[:, 1:-1])
+    assert not torch.allclose(
+        values, policy.value_head(hidden.new_zeros(hidden.shape)).squeeze(-1)[:, 1:-1]
+    )
 
 
 def test_the_entropy_carries_a_gradient_only_when_asked_and_enabled():
@@ -45,7 +52,9 @@ def test_the_entropy_carries_a_gradient_only_when_asked_and_enabled():
     policy = LMActorCritic(lm)
     ids = torch.tensor([[3, 4, 5, 6]])
     args = (ids, torch.ones_like(ids), ids[:, 2:], 2)
-    assert policy.evaluate_responses(*args)[1].requires_grad  # the default keeps the entropy bonus trainable
+    assert policy.evaluate_responses(*args)[
+        1
+    ].requires_grad  # the default keeps the entropy bonus trainable
     assert not policy.evaluate_responses(*args, entropy_grad=False)[1].requires_grad
     with torch.no_grad():
         assert not policy.evaluate_responses(*args, entropy_grad=True)[1].requires_grad
@@ -65,7 +74,9 @@ def test_filtering_acts_on_the_last_dimension_of_any_shape(top_k, top_p):
 
 def test_filter_boundaries():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
-    assert torch.isfinite(filter_logits(logits, 1, 1.0)).tolist() == [[True, False, False, False]]  # top_k=1: the max
+    assert torch.isfinite(filter_logits(logits, 1, 1.0)).tolist() == [
+        [True, False, False, False]
+    ]  # top_k=1: the max
     assert torch.equal(filter_logits(logits, 0, 1.0), logits)  # off
     # top_p = 1 leaves even a distribution whose head already sums to 1.0 in float32 alone.
     peaked = torch.tensor([[30.0, 0.0, 0.0, 0.0]])
@@ -91,7 +102,9 @@ def test_sampling_unnormalised_rows_matches_their_normalised_distribution():
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_categorical(probs, g) for _ in range(20_000)])
     freq = torch.bincount(draws, minlength=3).double() / draws.numel()
-    torch.testing.assert_close(freq, torch.tensor([0.25, 0.25, 0.5], dtype=torch.double), rtol=0, atol=0.02)
+    torch.testing.assert_close(
+        freq, torch.tensor([0.25, 0.25, 0.5], dtype=torch.double), rtol=0, atol=0.02
+    )
 
 
 def test_old_import_paths_of_the_rollout_still_work():

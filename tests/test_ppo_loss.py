@@ -58,8 +58,14 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero(continuous):
     obs = torch.randn(64, 4)
     with torch.inference_mode():
         actions, logprobs, values = policy.act(obs)
-    batch = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
-             "advantages": torch.randn(64), "returns": torch.randn(64)}
+    batch = {
+        "obs": obs,
+        "actions": actions.clone(),
+        "logprobs": logprobs.clone(),
+        "values": values.clone(),
+        "advantages": torch.randn(64),
+        "returns": torch.randn(64),
+    }
     seen = []
 
     def evaluate(mb):
@@ -68,7 +74,13 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero(continuous):
         return out
 
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    ppo_update(policy.parameters(), optimizer, batch, evaluate, PPOConfig(update_epochs=2, num_minibatches=4))
+    ppo_update(
+        policy.parameters(),
+        optimizer,
+        batch,
+        evaluate,
+        PPOConfig(update_epochs=2, num_minibatches=4),
+    )
     new, old = seen[0]
     ratio = (new - old).exp()
     approx_kl = ((ratio - 1) - (new - old)).mean()
@@ -90,8 +102,15 @@ def test_masked_entries_do_not_affect_the_update():
     with torch.inference_mode():
         actions, logprobs, values = policy.act(obs)
     mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.float32)
-    base = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
-            "advantages": torch.randn(8), "returns": torch.randn(8), "mask": mask}
+    base = {
+        "obs": obs,
+        "actions": actions.clone(),
+        "logprobs": logprobs.clone(),
+        "values": values.clone(),
+        "advantages": torch.randn(8),
+        "returns": torch.randn(8),
+        "mask": mask,
+    }
     poisoned = {k: v.clone() for k, v in base.items()}
     poisoned["advantages"][mask == 0] = 1e6
     poisoned["returns"][mask == 0] = -1e6
@@ -100,8 +119,13 @@ def test_masked_entries_do_not_affect_the_update():
         p = MLPActorCritic(gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2))
         p.load_state_dict(policy.state_dict())
         opt = torch.optim.SGD(p.parameters(), lr=0.1)
-        ppo_update(p.parameters(), opt, batch, lambda mb, p=p: p.evaluate(mb["obs"], mb["actions"]),
-                   PPOConfig(update_epochs=1, num_minibatches=1))
+        ppo_update(
+            p.parameters(),
+            opt,
+            batch,
+            lambda mb, p=p: p.evaluate(mb["obs"], mb["actions"]),
+            PPOConfig(update_epochs=1, num_minibatches=1),
+        )
         results.append(torch.cat([q.detach().flatten() for q in p.parameters()]))
     torch.testing.assert_close(results[0], results[1])
 
@@ -113,23 +137,39 @@ def test_gradient_accumulation_equals_one_big_minibatch():
     obs = torch.randn(32, 3)
     with torch.inference_mode():
         actions, logprobs, values = policy.act(obs)
-    batch = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
-             "advantages": torch.randn(32), "returns": torch.randn(32)}
+    batch = {
+        "obs": obs,
+        "actions": actions.clone(),
+        "logprobs": logprobs.clone(),
+        "values": values.clone(),
+        "advantages": torch.randn(32),
+        "returns": torch.randn(32),
+    }
     params = []
     for accum in (1, 4):
         p = MLPActorCritic(space, gym.spaces.Discrete(4))
         p.load_state_dict(policy.state_dict())
         opt = torch.optim.SGD(p.parameters(), lr=0.1)
-        ppo_update(p.parameters(), opt, batch, lambda mb, p=p: p.evaluate(mb["obs"], mb["actions"]),
-                   PPOConfig(update_epochs=1, num_minibatches=2, grad_accum_steps=accum), torch.Generator().manual_seed(3))
+        ppo_update(
+            p.parameters(),
+            opt,
+            batch,
+            lambda mb, p=p: p.evaluate(mb["obs"], mb["actions"]),
+            PPOConfig(update_epochs=1, num_minibatches=2, grad_accum_steps=accum),
+            torch.Generator().manual_seed(3),
+        )
         params.append(torch.cat([q.detach().flatten() for q in p.parameters()]))
     torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "kw,match",
-    [(dict(num_minibatches=3), "num_minibatches"), (dict(clip_coef=0.0), "clip_coef"),
-     (dict(update_epochs=0), "update_epochs"), (dict(grad_accum_steps=5), "grad_accum_steps")],
+    [
+        (dict(num_minibatches=3), "num_minibatches"),
+        (dict(clip_coef=0.0), "clip_coef"),
+        (dict(update_epochs=0), "update_epochs"),
+        (dict(grad_accum_steps=5), "grad_accum_steps"),
+    ],
 )
 def test_config_rejects_settings_that_cannot_work(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -145,19 +185,35 @@ def test_non_finite_update_is_skipped_and_counted():
         actions, logprobs, values = policy.act(obs)
     advantages = torch.randn(16)
     advantages[3] = float("nan")
-    batch = {"obs": obs, "actions": actions.clone(), "logprobs": logprobs.clone(), "values": values.clone(),
-             "advantages": advantages, "returns": torch.randn(16)}
+    batch = {
+        "obs": obs,
+        "actions": actions.clone(),
+        "logprobs": logprobs.clone(),
+        "values": values.clone(),
+        "advantages": advantages,
+        "returns": torch.randn(16),
+    }
     before = [p.detach().clone() for p in policy.parameters()]
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    stats = ppo_update(policy.parameters(), opt, batch, lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
-                       PPOConfig(update_epochs=1, num_minibatches=1, norm_adv=False))
+    stats = ppo_update(
+        policy.parameters(),
+        opt,
+        batch,
+        lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+        PPOConfig(update_epochs=1, num_minibatches=1, norm_adv=False),
+    )
     assert stats["skipped_updates"].item() == 1 and stats["updates"].item() == 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     # Masked out, the same NaN is harmless: the update goes through.
     batch["mask"] = torch.ones(16)
     batch["mask"][3] = 0
-    stats = ppo_update(policy.parameters(), opt, batch, lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
-                       PPOConfig(update_epochs=1, num_minibatches=1))
+    stats = ppo_update(
+        policy.parameters(),
+        opt,
+        batch,
+        lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+        PPOConfig(update_epochs=1, num_minibatches=1),
+    )
     assert stats["skipped_updates"].item() == 0 and torch.isfinite(stats["policy_loss"])
     assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 

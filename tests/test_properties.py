@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from textenv.agents.gae import gae
 from tests.test_gae import reference_gae
 from textenv import RewardError, TextGenerationEnv, score_batch
+from textenv.agents.gae import gae
 
 
 @st.composite
@@ -18,9 +18,13 @@ def rollouts(draw):
     T = draw(st.integers(1, 20))
     N = draw(st.integers(1, 4))
     floats = st.floats(-10, 10, allow_nan=False, width=32)
-    arr = lambda shape: np.array(draw(st.lists(floats, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
-                                 dtype=np.float64).reshape(shape)
-    flags = lambda: np.array(draw(st.lists(st.booleans(), min_size=T * N, max_size=T * N))).reshape(T, N)
+    arr = lambda shape: np.array(
+        draw(st.lists(floats, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+        dtype=np.float64,
+    ).reshape(shape)
+    flags = lambda: np.array(draw(st.lists(st.booleans(), min_size=T * N, max_size=T * N))).reshape(
+        T, N
+    )
     terminated = flags()
     truncated = flags() & ~terminated
     return arr((T, N)), arr((T, N)), arr((N,)), terminated, terminated | truncated
@@ -39,11 +43,17 @@ def test_gae_matches_reference_on_random_episodes(data, gamma, lam):
 
 @pytest.fixture(scope="module")
 def text_env():
-    return TextGenerationEnv(task="Toy", model="tiny", max_new_tokens=5, max_prompt_tokens=6, kl_coef=0.2)
+    return TextGenerationEnv(
+        task="Toy", model="tiny", max_new_tokens=5, max_prompt_tokens=6, kl_coef=0.2
+    )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31 - 1), actions=st.lists(st.integers(-3, 40), min_size=1, max_size=8))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 2**31 - 1), actions=st.lists(st.integers(-3, 40), min_size=1, max_size=8)
+)
 def test_text_env_under_random_actions(text_env, seed, actions):
     """Any valid token at any step is accepted and the observation stays in its space; an
     out-of-range token is the documented ValueError; stepping past the end the documented RuntimeError."""
@@ -62,7 +72,11 @@ def test_text_env_under_random_actions(text_env, seed, actions):
             continue
         obs, reward, terminated, truncated, info = text_env.step(a)
         assert text_env.observation_space.contains(obs)
-        assert math.isfinite(reward) and math.isfinite(info["ref_logprob"]) and info["ref_logprob"] <= 0
+        assert (
+            math.isfinite(reward)
+            and math.isfinite(info["ref_logprob"])
+            and info["ref_logprob"] <= 0
+        )
         assert not truncated
         ended = terminated
         if terminated:
@@ -70,8 +84,12 @@ def test_text_env_under_random_actions(text_env, seed, actions):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)), max_size=6),
-       st.integers(0, 6))
+@given(
+    st.lists(
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)), max_size=6
+    ),
+    st.integers(0, 6),
+)
 def test_reward_protocol_accepts_exactly_one_finite_float_per_item(scores, n):
     responses = [f"r{i}" for i in range(n)]
     fn = lambda prompts, rs: scores

@@ -35,7 +35,10 @@ def test_python_block_runs(index, tmp_path, monkeypatch):
     for old, new in TINY.items():
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)  # anything a block writes (runs/) stays out of the repository
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": f"readme_block_{index}"})
+    exec(
+        compile(code, f"README.md python block {index}", "exec"),
+        {"__name__": f"readme_block_{index}"},
+    )
 
 
 def _parse(module: str, args: list[str]) -> None:
@@ -51,7 +54,8 @@ def _parse(module: str, args: list[str]) -> None:
             assert exit_info.code == 0
         return
     config = {
-        "scripts.evaluate": "textenv.agents.cli.evaluate:EvalConfig", "scripts.plot": "textenv.agents.cli.plot:PlotConfig",
+        "scripts.evaluate": "textenv.agents.cli.evaluate:EvalConfig",
+        "scripts.plot": "textenv.agents.cli.plot:PlotConfig",
         "benchmarks.mutation": "benchmarks.mutation:MutationConfig",
     }[module]
     import importlib
@@ -69,7 +73,9 @@ def test_every_command_is_a_make_target_an_install_or_parses():
             assert set(words[1:]) <= targets, command
         elif words[0] == "pip" or words[:3] == [".venv/bin/python", "-m", "pip"]:
             continue
-        elif words[0] == "torchrun":  # torchrun's own flags parse with torchrun's parser, the trainer's with ours
+        elif (
+            words[0] == "torchrun"
+        ):  # torchrun's own flags parse with torchrun's parser, the trainer's with ours
             from torch.distributed.run import get_args_parser
 
             launch = get_args_parser().parse_args(words[1:])

@@ -14,7 +14,9 @@ from textenv import TextGenerationVectorEnv
 from textenv.models import char_tokenizer, tiny_causal_lm
 from textenv.tasks import CURATED_REASONING_GYM, make_task
 
-pytest.importorskip("reasoning_gym")  # a dev dependency: installed wherever the suite runs (make test)
+pytest.importorskip(
+    "reasoning_gym"
+)  # a dev dependency: installed wherever the suite runs (make test)
 
 
 def _rendered_prompts(task_name, n=6, **kw):
@@ -32,7 +34,9 @@ def test_the_generators_reference_answer_scores_one_through_the_env(task_name):
         entry = next(e for e in data if e["question"] in prompt)
         assert reward([prompt], [f"<answer>{entry['answer']}</answer>"]) == [1.0]
         assert reward([prompt], [entry["answer"]]) == [0.0]  # the prompts ask for answer tags
-        assert reward([prompt], ["<answer>certainly not the answer</answer>"])[0] < 1.0  # some checkers give partial credit
+        assert (
+            reward([prompt], ["<answer>certainly not the answer</answer>"])[0] < 1.0
+        )  # some checkers give partial credit
 
 
 def test_raw_answer_format_scores_the_whole_response():
@@ -42,14 +46,22 @@ def test_raw_answer_format_scores_the_whole_response():
 
 
 def test_number_answer_format_scores_the_first_number_and_a_custom_system_prompt_is_used():
-    envs, prompts = _rendered_prompts("RG-ChainSum", answer_format="number", system_prompt="Answer with a number.")
+    envs, prompts = _rendered_prompts(
+        "RG-ChainSum", answer_format="number", system_prompt="Answer with a number."
+    )
     assert envs.task.prompts[0][0] == {"role": "system", "content": "Answer with a number."}
     entry = next(e for e in envs.task.generated() if e["question"] in prompts[0])
     answer = int(entry["answer"])
-    assert envs.reward_fn([prompts[0]] * 4, [f"It is {answer}, 7.", f"{answer + 1} or {answer}", "none", f"{answer:,}"]) \
-        == [1.0, 0.0, 0.0, 1.0]
+    assert envs.reward_fn(
+        [prompts[0]] * 4,
+        [f"It is {answer}, 7.", f"{answer + 1} or {answer}", "none", f"{answer:,}"],
+    ) == [1.0, 0.0, 0.0, 1.0]
     last = _rendered_prompts("RG-ChainSum", answer_format="last_number")[0].reward_fn
-    assert last([prompts[0]] * 3, [f"{answer + 1} or {answer}", f"It is {answer}, 7.", "none"]) == [1.0, 0.0, 0.0]
+    assert last([prompts[0]] * 3, [f"{answer + 1} or {answer}", f"It is {answer}, 7.", "none"]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
     with pytest.raises(ValueError, match="system_prompt must be one of"):
         make_task("RG-ChainSum", system_prompt="dirct").system_text()
 
@@ -69,11 +81,19 @@ def test_prompts_are_deterministic_for_a_seed_and_config_reaches_the_generator()
 
 def test_a_chat_template_renders_the_prompt_and_the_checker_still_finds_its_question():
     tok = char_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     model = tiny_causal_lm(tok, seed=0)
-    envs = TextGenerationVectorEnv(num_envs=4, task="RG-SpellBackward", model=model, tokenizer=tok, size=4,
-                                   max_prompt_tokens=200)
+    envs = TextGenerationVectorEnv(
+        num_envs=4,
+        task="RG-SpellBackward",
+        model=model,
+        tokenizer=tok,
+        size=4,
+        max_prompt_tokens=200,
+    )
     _, info = envs.reset(seed=0)
     for prompt in info["prompt"]:
         assert prompt.startswith("<system>") and prompt.endswith("<assistant>")
@@ -82,11 +102,15 @@ def test_a_chat_template_renders_the_prompt_and_the_checker_still_finds_its_ques
 
 
 def test_an_episode_on_a_tiny_model_scores_in_zero_one():
-    envs = TextGenerationVectorEnv(num_envs=4, task="RG-BasicArithmetic", model="tiny", size=10, max_new_tokens=6)
+    envs = TextGenerationVectorEnv(
+        num_envs=4, task="RG-BasicArithmetic", model="tiny", size=10, max_new_tokens=6
+    )
     envs.reset(seed=0)
     scores = torch.full((4,), float("nan"))
     while not envs.all_done:
-        _, _, _, _, info = envs.step(torch.randint(0, 34, (4,), generator=torch.Generator().manual_seed(0)))
+        _, _, _, _, info = envs.step(
+            torch.randint(0, 34, (4,), generator=torch.Generator().manual_seed(0))
+        )
         if "_score" in info:
             scores = torch.where(info["_score"], info["score"], scores)
     assert torch.all((scores >= 0) & (scores <= 1))

@@ -39,8 +39,9 @@ def test_regex_match_scores_a_match_anywhere():
 
 def test_exact_match_compares_the_first_line_normalised():
     reward = ExactMatch({"q1": "Paris", "q2": "42."})
-    assert reward(["q1", "q1", "q1", "q2", "q1"], ["paris.\nmore", " Paris ", "Paris is", "42", ""]) == [
-        1.0, 1.0, 0.0, 1.0, 0.0]
+    assert reward(
+        ["q1", "q1", "q1", "q2", "q1"], ["paris.\nmore", " Paris ", "Paris is", "42", ""]
+    ) == [1.0, 1.0, 0.0, 1.0, 0.0]
     strict = ExactMatch({"q1": "Paris"}, normalize=False)
     assert strict(["q1", "q1"], ["paris", "Paris\n"]) == [0.0, 1.0]
     with pytest.raises(KeyError, match="no known answer"):
@@ -50,7 +51,12 @@ def test_exact_match_compares_the_first_line_normalised():
 def test_answer_regex_takes_the_first_number_or_the_pattern_group():
     reward = AnswerRegex({"q": "12", "r": "-3.5"})
     assert reward(["q", "q", "q", "r", "r"], ["it is 12", "7 then 12", "none", "-3.5!", "3.5"]) == [
-        1.0, 0.0, 0.0, 1.0, 0.0]
+        1.0,
+        0.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
     tagged = AnswerRegex({"q": "12"}, pattern=r"answer: (\d+)")
     assert tagged(["q", "q"], ["5 and answer: 12", "12"]) == [1.0, 0.0]
     with pytest.raises(KeyError, match="no known answer"):
@@ -66,12 +72,20 @@ class _Dataset(list):
 
 def test_reasoning_gym_reward_extracts_the_answer_in_each_format():
     pytest.importorskip("reasoning_gym")
-    data = _Dataset([{"question": "2+2=?", "answer": "4"}, {"question": "What is 12+2=?", "answer": "1400"}])
+    data = _Dataset(
+        [{"question": "2+2=?", "answer": "4"}, {"question": "What is 12+2=?", "answer": "1400"}]
+    )
     prompts = ["<user>2+2=?</user>", "<user>What is 12+2=?</user>"]
-    assert ReasoningGymReward(data, "tag")(prompts, ["so <answer>4</answer>", "no tags"]) == [1.0, 0.0]
+    assert ReasoningGymReward(data, "tag")(prompts, ["so <answer>4</answer>", "no tags"]) == [
+        1.0,
+        0.0,
+    ]
     assert ReasoningGymReward(data, "raw")(prompts, [" 4 \n", "14"]) == [1.0, 0.25]
     assert ReasoningGymReward(data, "number")(prompts, ["4 or 5", "1,400 then 3"]) == [1.0, 1.0]
-    assert ReasoningGymReward(data, "last_number")(prompts, ["5 or 4", "1,400 then 3"]) == [1.0, 0.25]
+    assert ReasoningGymReward(data, "last_number")(prompts, ["5 or 4", "1,400 then 3"]) == [
+        1.0,
+        0.25,
+    ]
     assert ReasoningGymReward(data, "last_number")(prompts, ["4", "7, 8 and 1,400"]) == [1.0, 1.0]
     assert ReasoningGymReward(data, "number")(prompts, ["none", "none"]) == [0.0, 0.0]
     # The longest question a prompt contains wins: "2=?" is inside "say 2+2=?" too.
@@ -86,8 +100,16 @@ def test_reasoning_gym_reward_extracts_the_answer_in_each_format():
 def test_each_builtin_reward_has_its_name():
     from textenv.rewards import VaderSentiment
 
-    names = [reward_name(r) for r in (VaderSentiment(), ExactMatch({}), AnswerRegex({}),
-                                      ReasoningGymReward(_Dataset(), "raw"), LengthReward())]
+    names = [
+        reward_name(r)
+        for r in (
+            VaderSentiment(),
+            ExactMatch({}),
+            AnswerRegex({}),
+            ReasoningGymReward(_Dataset(), "raw"),
+            LengthReward(),
+        )
+    ]
     assert names == ["vader", "exact_match", "answer_regex", "reasoning_gym", "length"]
 
 
@@ -130,10 +152,14 @@ def test_classifier_reward_pads_a_batch_and_truncates_to_max_length(tmp_path):
     together = reward(["p", "p"], [short, long])  # one padded batch
     assert together == pytest.approx(reward(["p"], [short]) + reward(["p"], [long]), abs=1e-5)
     clipped = ClassifierReward(path, with_prompt=False, max_length=4)
-    assert clipped(["p"], [long]) == pytest.approx(reward(["p"], [long[:4]]), abs=1e-6)  # one token per char
+    assert clipped(["p"], [long]) == pytest.approx(
+        reward(["p"], [long[:4]]), abs=1e-6
+    )  # one token per char
 
 
-def test_classifier_reward_defaults_batch_32_max_length_512_float32_no_remote_code(tmp_path, monkeypatch):
+def test_classifier_reward_defaults_batch_32_max_length_512_float32_no_remote_code(
+    tmp_path, monkeypatch
+):
     import torch
     import transformers
 
@@ -159,14 +185,18 @@ def test_classifier_reward_defaults_batch_32_max_length_512_float32_no_remote_co
     text = "abcdefgh" * 80  # 640 characters, one token each
     assert reward(["p"], [text]) == pytest.approx(reward(["p"], [text[:512]]), abs=1e-6)
     longer = ClassifierReward(path, with_prompt=False, max_length=513)
-    assert longer(["p"], [text]) != pytest.approx(reward(["p"], [text]), abs=1e-6)  # the check can tell 512 apart
+    assert longer(["p"], [text]) != pytest.approx(
+        reward(["p"], [text]), abs=1e-6
+    )  # the check can tell 512 apart
 
     # A checkpoint saved in bf16 still loads in float32 unless a dtype is given.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "bf16")
     assert ClassifierReward(str(tmp_path / "bf16")).model.dtype == torch.float32
-    assert ClassifierReward(str(tmp_path / "bf16"), dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    assert (
+        ClassifierReward(str(tmp_path / "bf16"), dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    )
 
 
 def test_classifier_reward_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
@@ -176,8 +206,16 @@ def test_classifier_reward_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp
     from textenv.rewards import ClassifierReward
 
     tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.eos_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
@@ -185,7 +223,9 @@ def test_classifier_reward_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp
     reward = ClassifierReward(str(tmp_path), with_prompt=False)
     assert reward.tokenizer.pad_token == "<eos>"
     together = reward(["p", "p"], ["ab", "a longer reply"])
-    assert together == pytest.approx(reward(["p"], ["ab"]) + reward(["p"], ["a longer reply"]), abs=1e-5)
+    assert together == pytest.approx(
+        reward(["p"], ["ab"]) + reward(["p"], ["a longer reply"]), abs=1e-5
+    )
 
 
 def test_classifier_reward_follows_the_env_unless_placed(tmp_path):
@@ -213,8 +253,12 @@ def test_score_batch_returns_python_floats_from_any_sequence():
     def generator(prompts, responses):
         return (len(r) for r in responses)
 
-    for fn in (generator, lambda p, r: np.array([1, 2], dtype=np.float32), lambda p, r: torch.tensor([1.0, 2.0]),
-               lambda p, r: [1, 2]):
+    for fn in (
+        generator,
+        lambda p, r: np.array([1, 2], dtype=np.float32),
+        lambda p, r: torch.tensor([1.0, 2.0]),
+        lambda p, r: [1, 2],
+    ):
         scores = score_batch(fn, ["p", "p"], ["a", "bb"])
         assert scores == [1.0, 2.0] and all(type(s) is float for s in scores)
 
@@ -226,17 +270,29 @@ def test_reward_module_imports_from_the_working_directory_first(tmp_path, monkey
 
     (tmp_path / "cwd").mkdir()
     (tmp_path / "other").mkdir()
-    (tmp_path / "cwd" / "my_cwd_rewards.py").write_text("def fn(p, r):\n    return [1.0] * len(r)\n")
-    (tmp_path / "other" / "my_cwd_rewards.py").write_text("def fn(p, r):\n    return [2.0] * len(r)\n")
+    (tmp_path / "cwd" / "my_cwd_rewards.py").write_text(
+        "def fn(p, r):\n    return [1.0] * len(r)\n"
+    )
+    (tmp_path / "other" / "my_cwd_rewards.py").write_text(
+        "def fn(p, r):\n    return [2.0] * len(r)\n"
+    )
     monkeypatch.chdir(tmp_path / "cwd")
     path = [p for p in sys.path if p not in ("", str(tmp_path / "cwd"))]
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "other")] + path)  # an installed console script's path
+    monkeypatch.setattr(
+        sys, "path", [str(tmp_path / "other")] + path
+    )  # an installed console script's path
     monkeypatch.delitem(sys.modules, "my_cwd_rewards", raising=False)
-    assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [1.0]  # the user's file wins, as with python -m
+    assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [
+        1.0
+    ]  # the user's file wins, as with python -m
     assert sys.path == [str(tmp_path / "other")] + path  # and the path is left as it was
     monkeypatch.delitem(sys.modules, "my_cwd_rewards")
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "cwd")] + path)  # already importable: imported as is
+    monkeypatch.setattr(
+        sys, "path", [str(tmp_path / "cwd")] + path
+    )  # already importable: imported as is
     assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [1.0]
     monkeypatch.delitem(sys.modules, "my_cwd_rewards")
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "other"), ""] + path)  # the user's own order is kept
+    monkeypatch.setattr(
+        sys, "path", [str(tmp_path / "other"), ""] + path
+    )  # the user's own order is kept
     assert get_reward("my_cwd_rewards:fn")([""], ["x"]) == [2.0]

@@ -6,7 +6,13 @@ import os
 import pytest
 
 from textenv.agents import runlog
-from textenv.agents.runlog import RunLogger, atomic_write_json, atomic_write_text, check_writable_dir, make_run_dir
+from textenv.agents.runlog import (
+    RunLogger,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    make_run_dir,
+)
 
 
 def test_atomic_write_text_takes_a_string_path_and_gives_the_users_file_mode(tmp_path):
@@ -44,7 +50,9 @@ def test_check_writable_dir_creates_missing_parents_and_leaves_nothing_behind(tm
     assert target.is_dir() and os.listdir(target) == []
 
 
-def test_a_named_run_directory_is_created_under_missing_parents_and_reused_until_it_holds_a_run(tmp_path):
+def test_a_named_run_directory_is_created_under_missing_parents_and_reused_until_it_holds_a_run(
+    tmp_path,
+):
     run = make_run_dir(tmp_path / "a" / "b", "mine", "Task__1")
     assert run == tmp_path / "a" / "b" / "mine" and run.is_dir()
     assert make_run_dir(tmp_path / "a" / "b", "mine", "Task__1") == run  # empty: still usable
@@ -53,11 +61,17 @@ def test_a_named_run_directory_is_created_under_missing_parents_and_reused_until
         make_run_dir(tmp_path / "a" / "b", "mine", "Task__1")
 
 
-def test_unnamed_run_directories_started_in_the_same_second_get_numbered_names(tmp_path, monkeypatch):
+def test_unnamed_run_directories_started_in_the_same_second_get_numbered_names(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(runlog.time, "strftime", lambda fmt: "20260101-000000")
     root = tmp_path / "runs" / "deep"
     names = [make_run_dir(root, None, "ns/Env__1").name for _ in range(3)]
-    assert names == ["ns-Env__1__20260101-000000", "ns-Env__1__20260101-000000-2", "ns-Env__1__20260101-000000-3"]
+    assert names == [
+        "ns-Env__1__20260101-000000",
+        "ns-Env__1__20260101-000000-2",
+        "ns-Env__1__20260101-000000-3",
+    ]
 
 
 def test_make_run_dir_gives_up_with_an_error_when_every_name_is_taken(tmp_path, monkeypatch):
@@ -88,7 +102,9 @@ def test_run_logger_writes_jsonl_at_once_and_tensorboard_by_default(tmp_path):
     logger = RunLogger(run_dir)  # TensorBoard on by default
     logger.log(3, {"loss": 0.5, "name": "not a scalar"})
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # flushed before close
-    assert [json.loads(line) for line in lines] == [{"global_step": 3, "loss": 0.5, "name": "not a scalar"}]
+    assert [json.loads(line) for line in lines] == [
+        {"global_step": 3, "loss": 0.5, "name": "not a scalar"}
+    ]
     logger.text("samples", "| a | b |", 3)
     logger.close()
     assert threading.active_count() == threads  # TensorBoard's writer thread is stopped, not leaked

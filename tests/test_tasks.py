@@ -6,17 +6,41 @@ import pytest
 
 import textenv.tasks as tasks
 from textenv.rewards import AnswerRegex, KeywordReward, get_reward
-from textenv.tasks import (CURATED_REASONING_GYM, TASKS, Arithmetic, ReasoningGym, Task, make_task, read_prompts,
-                           split_prompts)
+from textenv.tasks import (
+    CURATED_REASONING_GYM,
+    TASKS,
+    Arithmetic,
+    ReasoningGym,
+    Task,
+    make_task,
+    read_prompts,
+    split_prompts,
+)
 
 
-@pytest.mark.parametrize("name,defaults", [
-    ("Sentiment", dict(max_new_tokens=24, max_prompt_tokens=32, kl_coef=0.05, classifier=None,
-                       classifier_label="POSITIVE", reward=None, split="all")),
-    ("RewardModel", dict(max_new_tokens=48, max_prompt_tokens=48, kl_coef=0.05, reward_model=None, label=0)),
-    ("Arithmetic", dict(max_new_tokens=8, max_prompt_tokens=48, kl_coef=0.02)),
-    ("Toy", dict(max_new_tokens=8, max_prompt_tokens=16, kl_coef=0.0)),
-])
+@pytest.mark.parametrize(
+    "name,defaults",
+    [
+        (
+            "Sentiment",
+            dict(
+                max_new_tokens=24,
+                max_prompt_tokens=32,
+                kl_coef=0.05,
+                classifier=None,
+                classifier_label="POSITIVE",
+                reward=None,
+                split="all",
+            ),
+        ),
+        (
+            "RewardModel",
+            dict(max_new_tokens=48, max_prompt_tokens=48, kl_coef=0.05, reward_model=None, label=0),
+        ),
+        ("Arithmetic", dict(max_new_tokens=8, max_prompt_tokens=48, kl_coef=0.02)),
+        ("Toy", dict(max_new_tokens=8, max_prompt_tokens=16, kl_coef=0.0)),
+    ],
+)
 def test_each_task_is_registered_under_its_name_with_its_documented_budgets(name, defaults):
     """A task's budgets are part of its definition: results are comparable only while they hold."""
     task = make_task(name)
@@ -29,7 +53,12 @@ def test_each_task_is_registered_under_its_name_with_its_documented_budgets(name
 def test_the_base_task_defaults_a_custom_task_inherits():
     task = Task(prompts=["hello"], reward="vader")
     assert (task.name, task.max_new_tokens, task.max_prompt_tokens, task.kl_coef, task.split) == (
-        "Task", 24, 64, 0.05, "all")
+        "Task",
+        24,
+        64,
+        0.05,
+        "all",
+    )
     assert Task.chat_fallback is False and Task().prompts == []
     task.validate()
     with pytest.raises(ValueError, match="task Task needs a reward"):
@@ -39,8 +68,17 @@ def test_the_base_task_defaults_a_custom_task_inherits():
 
 def test_reasoning_gym_tasks_default_to_its_direct_prompt_and_render_chats_as_text_without_a_template():
     pytest.importorskip("reasoning_gym")
-    defaults = dict(dataset="basic_arithmetic", size=500, seed=0, config={}, system_prompt="direct",
-                    answer_format="tag", max_new_tokens=16, max_prompt_tokens=160, kl_coef=0.02)
+    defaults = dict(
+        dataset="basic_arithmetic",
+        size=500,
+        seed=0,
+        config={},
+        system_prompt="direct",
+        answer_format="tag",
+        max_new_tokens=16,
+        max_prompt_tokens=160,
+        kl_coef=0.02,
+    )
     task = ReasoningGym(size=3)
     assert {k: getattr(task, k) for k in defaults} == defaults | {"size": 3}
     assert ReasoningGym.chat_fallback is True and ReasoningGym().size == 500
@@ -71,21 +109,27 @@ def test_make_task_takes_a_name_or_an_instance_and_ignores_unset_overrides():
     assert make_task(toy) is toy
     with pytest.raises(ValueError, match="pass overrides to the Task you construct, not beside it"):
         make_task(toy, kl_coef=0.1)
-    with pytest.raises(ValueError, match=r"unknown task 'Nope'; known tasks: Sentiment, RewardModel, Arithmetic, Toy, "):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'Nope'; known tasks: Sentiment, RewardModel, Arithmetic, Toy, ",
+    ):
         make_task("Nope")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("prompts", [], "task Toy: the prompt set is empty$"),
-    ("prompts", ["ok", " "], "task Toy: prompt 1 is empty"),
-    ("prompts", ["ok", 3], "task Toy: prompt 1 is empty"),
-    ("prompts", [[]], r"task Toy: prompt 0 is not a list of \{'role', 'content'\} messages"),
-    ("prompts", [[{"role": "user"}]], "prompt 0 is not a list of"),
-    ("prompts", [["user: hi"]], "prompt 0 is not a list of"),
-    ("max_new_tokens", 0, "task Toy: max_new_tokens must be >= 1, got 0"),
-    ("max_prompt_tokens", 0, "task Toy: max_prompt_tokens must be >= 1, got 0"),
-    ("kl_coef", -0.1, "task Toy: kl_coef must be >= 0, got -0.1"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("prompts", [], "task Toy: the prompt set is empty$"),
+        ("prompts", ["ok", " "], "task Toy: prompt 1 is empty"),
+        ("prompts", ["ok", 3], "task Toy: prompt 1 is empty"),
+        ("prompts", [[]], r"task Toy: prompt 0 is not a list of \{'role', 'content'\} messages"),
+        ("prompts", [[{"role": "user"}]], "prompt 0 is not a list of"),
+        ("prompts", [["user: hi"]], "prompt 0 is not a list of"),
+        ("max_new_tokens", 0, "task Toy: max_new_tokens must be >= 1, got 0"),
+        ("max_prompt_tokens", 0, "task Toy: max_prompt_tokens must be >= 1, got 0"),
+        ("kl_coef", -0.1, "task Toy: kl_coef must be >= 0, got -0.1"),
+    ],
+)
 def test_validate_names_what_is_wrong(field, value, message):
     task = make_task("Toy")
     setattr(task, field, value)
@@ -94,14 +138,21 @@ def test_validate_names_what_is_wrong(field, value, message):
 
 
 def test_validate_accepts_the_smallest_settings_and_chat_prompts():
-    task = make_task("Toy", max_new_tokens=1, max_prompt_tokens=1, kl_coef=0.0,
-                     prompts=["a", [{"role": "user", "content": "hi"}]])
+    task = make_task(
+        "Toy",
+        max_new_tokens=1,
+        max_prompt_tokens=1,
+        kl_coef=0.0,
+        prompts=["a", [{"role": "user", "content": "hi"}]],
+    )
     task.validate()
 
 
 def test_arithmetic_asks_every_question_it_has_an_answer_for_and_checks_the_first_number():
     task = Arithmetic()
-    assert task.prompts == list(task.answers) and len(task.prompts) == 176  # 160 generated + 16 word problems
+    assert (
+        task.prompts == list(task.answers) and len(task.prompts) == 176
+    )  # 160 generated + 16 word problems
     reward = task.build_reward()
     assert isinstance(reward, AnswerRegex)
     q = task.prompts[0]
@@ -125,9 +176,12 @@ def test_classifier_tasks_build_their_classifier_as_documented(monkeypatch):
     assert make_task("Sentiment", classifier="m", classifier_label=1).build_reward() == "clf"
     assert make_task("RewardModel", reward_model="rm").build_reward() == "clf"
     assert make_task("RewardModel", reward_model="rm", label="good").build_reward() == "clf"
-    assert made == [(("some/model", "POSITIVE"), dict(probability=True, with_prompt=False)),
-                    (("m", 1), dict(probability=True, with_prompt=False)),
-                    (("rm", 0), {}), (("rm", "good"), {})]
+    assert made == [
+        (("some/model", "POSITIVE"), dict(probability=True, with_prompt=False)),
+        (("m", 1), dict(probability=True, with_prompt=False)),
+        (("rm", 0), {}),
+        (("rm", "good"), {}),
+    ]
 
 
 def test_prompt_file_errors_name_the_files_own_line_numbers(tmp_path):
@@ -136,7 +190,9 @@ def test_prompt_file_errors_name_the_files_own_line_numbers(tmp_path):
     with pytest.raises(ValueError, match=r"p\.jsonl:4: not JSON"):
         read_prompts(jsonl)
     jsonl.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(["a list"]) + "\n")
-    with pytest.raises(ValueError, match=r"p\.jsonl:2: each line needs a \"prompt\" string or a \"messages\" list"):
+    with pytest.raises(
+        ValueError, match=r"p\.jsonl:2: each line needs a \"prompt\" string or a \"messages\" list"
+    ):
         read_prompts(jsonl)
     jsonl.write_text(json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(ValueError, match=r"p\.jsonl:1: each line needs"):
@@ -155,16 +211,24 @@ def test_prompt_file_errors_name_the_files_own_line_numbers(tmp_path):
 def test_the_split_is_by_position_every_fifth_held_out():
     prompts = [f"p{i}" for i in range(11)]
     assert split_prompts(prompts, "test") == ["p4", "p9"]
-    assert make_task("Toy", prompts=prompts, split="train").prompts == [p for p in prompts if p not in ("p4", "p9")]
-    with pytest.raises(ValueError, match=r"task Toy: the prompt set is empty \(split 'test': every 5th prompt"):
+    assert make_task("Toy", prompts=prompts, split="train").prompts == [
+        p for p in prompts if p not in ("p4", "p9")
+    ]
+    with pytest.raises(
+        ValueError, match=r"task Toy: the prompt set is empty \(split 'test': every 5th prompt"
+    ):
         make_task("Toy", prompts=prompts[:4], split="test").validate()
 
 
 def test_tasks_that_build_their_own_prompts_still_split_them_and_take_a_given_reward():
     arithmetic = Arithmetic(split="test")
-    assert arithmetic.prompts == split_prompts(list(arithmetic.answers), "test") and len(arithmetic.prompts) == 35
+    assert (
+        arithmetic.prompts == split_prompts(list(arithmetic.answers), "test")
+        and len(arithmetic.prompts) == 35
+    )
     pytest.importorskip("reasoning_gym")
     rg = make_task("RG-ChainSum", size=10, split="test")
     assert rg.prompts == [make_task("RG-ChainSum", size=10).prompts[i] for i in (4, 9)]
-    assert make_task("RG-ChainSum", size=2, reward="length").build_reward()(["p"], ["abcd"]) == get_reward("length")(
-        ["p"], ["abcd"])
+    assert make_task("RG-ChainSum", size=2, reward="length").build_reward()(
+        ["p"], ["abcd"]
+    ) == get_reward("length")(["p"], ["abcd"])

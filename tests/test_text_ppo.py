@@ -4,11 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, sample_categorical
-from textenv.agents.text import collect_rollout
-from textenv.agents.text import TextTrainConfig, shaped_rewards, token_advantages, train_text
-from textenv import TextGenerationEnv, TextGenerationVectorEnv
+from textenv.agents.text import (
+    TextTrainConfig,
+    collect_rollout,
+    shaped_rewards,
+    token_advantages,
+    train_text,
+)
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
@@ -27,7 +32,9 @@ def test_rollout_logprobs_equal_a_fresh_forward(temperature):
     policy = _policy(temperature=temperature)
     ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logprob, entropy, values = policy.evaluate_responses(ro.input_ids, ro.attention_mask, ro.actions, ro.prompt_len)
+        logprob, entropy, values = policy.evaluate_responses(
+            ro.input_ids, ro.attention_mask, ro.actions, ro.prompt_len
+        )
     m = ro.mask.bool()
     assert m.sum() > 16 and (~m).any()  # some responses ended early (EOS), others ran on
     torch.testing.assert_close(logprob[m], ro.logprobs[m], rtol=1e-4, atol=1e-4)
@@ -55,7 +62,9 @@ def test_shaped_rewards_sum_to_score_minus_beta_kl():
     torch.testing.assert_close(rewards.sum(1), expected, rtol=1e-5, atol=1e-5)
     assert torch.all(rewards[ro.mask == 0] == 0)
     # Per token, they are what the per-step env paid plus −β·log π (the design's identity).
-    torch.testing.assert_close(rewards, (ro.env_rewards - beta * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rewards, (ro.env_rewards - beta * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6
+    )
     penalised = shaped_rewards(ro, beta, kl_in_reward=True, missing_eos_penalty=1.0)
     torch.testing.assert_close(penalised.sum(1), expected - ro.truncated_response.float())
 
@@ -64,19 +73,27 @@ def test_reference_pass_at_end_gives_the_same_rollout_and_shaped_rewards():
     rollouts = {}
     for mode in ("per_step", "at_end"):
         envs = TextGenerationVectorEnv(num_envs=16, reference_pass=mode, **ENV)
-        rollouts[mode] = collect_rollout(_policy(), envs, seed=0, generator=torch.Generator().manual_seed(0))
+        rollouts[mode] = collect_rollout(
+            _policy(), envs, seed=0, generator=torch.Generator().manual_seed(0)
+        )
     step, end = rollouts["per_step"], rollouts["at_end"]
     assert torch.equal(step.actions, end.actions) and torch.equal(step.mask, end.mask)
     assert (~step.mask.bool()).any()  # some rows ended early: ragged ends are covered
     torch.testing.assert_close(end.ref_logprobs, step.ref_logprobs, rtol=1e-4, atol=1e-5)
     # The env pays the same return, the KL term all at the last token.
-    torch.testing.assert_close(end.env_rewards.sum(1), step.env_rewards.sum(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        end.env_rewards.sum(1), step.env_rewards.sum(1), rtol=1e-4, atol=1e-5
+    )
     last = step.mask.sum(1).long() - 1
     not_last = torch.arange(end.mask.shape[1]).unsqueeze(0) != last.unsqueeze(1)
     assert torch.all(end.env_rewards[not_last] == 0)
     beta = 0.1
-    torch.testing.assert_close(shaped_rewards(end, beta, True, None), shaped_rewards(step, beta, True, None),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        shaped_rewards(end, beta, True, None),
+        shaped_rewards(step, beta, True, None),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_vector_rollout_and_single_envs_give_the_same_advantages():
@@ -102,9 +119,21 @@ def test_vector_rollout_and_single_envs_give_the_same_advantages():
 
 
 def test_toy_task_score_rises(tmp_path):
-    config = TextTrainConfig(task="Toy", model="tiny", iterations=15, num_envs=32, learning_rate=3e-3, kl_coef=0.0,
-                             seed=1, device="cpu", runs_dir=str(tmp_path), tensorboard=False, progress=False,
-                             save_checkpoint=True, run_name="toy")
+    config = TextTrainConfig(
+        task="Toy",
+        model="tiny",
+        iterations=15,
+        num_envs=32,
+        learning_rate=3e-3,
+        kl_coef=0.0,
+        seed=1,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        tensorboard=False,
+        progress=False,
+        save_checkpoint=True,
+        run_name="toy",
+    )
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.1
     assert summary["score_mean_last"] > 0.5, summary
@@ -118,9 +147,22 @@ def test_toy_task_score_rises(tmp_path):
 
 
 def test_kl_in_loss_and_adaptive_kl_run(tmp_path):
-    config = TextTrainConfig(task="Toy", model="tiny", iterations=3, num_envs=8, learning_rate=1e-3, kl_coef=0.1,
-                             kl_target=1.0, kl_in_loss=True, device="cpu", runs_dir=str(tmp_path),
-                             tensorboard=False, progress=False, save_checkpoint=False, run_name="kl")
+    config = TextTrainConfig(
+        task="Toy",
+        model="tiny",
+        iterations=3,
+        num_envs=8,
+        learning_rate=1e-3,
+        kl_coef=0.1,
+        kl_target=1.0,
+        kl_in_loss=True,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        tensorboard=False,
+        progress=False,
+        save_checkpoint=False,
+        run_name="kl",
+    )
     summary = train_text(config)
     import json
 
@@ -138,13 +180,37 @@ def test_text_training_stops_on_sigterm_and_resumes(tmp_path):
     import sys
     import time
 
-    args = [sys.executable, "-m", "scripts.train_text", "--task", "Toy", "--model", "tiny", "--iterations", "500",
-            "--num-envs", "8", "--learning-rate", "1e-3", "--device", "cpu", "--no-progress", "--no-tensorboard",
-            "--torch-threads", "1", "--runs-dir", str(tmp_path), "--run-name", "t"]
+    args = [
+        sys.executable,
+        "-m",
+        "scripts.train_text",
+        "--task",
+        "Toy",
+        "--model",
+        "tiny",
+        "--iterations",
+        "500",
+        "--num-envs",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tensorboard",
+        "--torch-threads",
+        "1",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "t",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -152,16 +218,43 @@ def test_text_training_stops_on_sigterm_and_resumes(tmp_path):
     assert "checkpoint written to" in err
     before = [json.loads(line) for line in metrics.read_text().splitlines()]
     last = before[-1]["iteration"]
-    done = subprocess.run([sys.executable, "-m", "scripts.train_text", "--resume", str(tmp_path / "t"),
-                           "--iterations", str(last + 2), "--no-progress"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.train_text",
+            "--resume",
+            str(tmp_path / "t"),
+            "--iterations",
+            str(last + 2),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     after = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert after[: len(before)] == before
-    assert [r["iteration"] for r in after[len(before):]] == [last + 1, last + 2]
+    assert [r["iteration"] for r in after[len(before) :]] == [last + 1, last + 2]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["iterations"] == last + 2 and summary["score_mean_first"] == before[0]["score_mean"]
-    bad = subprocess.run([sys.executable, "-m", "scripts.train_text", "--resume", str(tmp_path / "t"), "--task",
-                          "Sentiment"], capture_output=True, text=True, timeout=120)
+    assert (
+        summary["iterations"] == last + 2 and summary["score_mean_first"] == before[0]["score_mean"]
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.train_text",
+            "--resume",
+            str(tmp_path / "t"),
+            "--task",
+            "Sentiment",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "is a run of task Toy" in bad.stderr
 
 
@@ -173,37 +266,60 @@ def test_filter_logits_keeps_top_k_and_the_nucleus():
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
     # 0.5 < 0.7, 0.5 + 0.3 crosses 0.7: the nucleus is the first two tokens.
     assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_logits(logits[:, [2, 0, 3, 1]], 0, 0.7)).tolist() == [[True, False, True, False]]
+    assert torch.isinf(filter_logits(logits[:, [2, 0, 3, 1]], 0, 0.7)).tolist() == [
+        [True, False, True, False]
+    ]
     envs = TextGenerationVectorEnv(num_envs=8, **ENV)
     policy = _policy()
     policy.top_k = 3
     ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = torch.log_softmax(policy._forward(ro.input_ids, ro.attention_mask,
-                                                 (ro.attention_mask.cumsum(-1) - 1).clamp_min(0))[0], -1)
+        full = torch.log_softmax(
+            policy._forward(
+                ro.input_ids, ro.attention_mask, (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
+            )[0],
+            -1,
+        )
     top3 = full[:, ro.prompt_len - 1 : -1].topk(3, dim=-1).indices
     m = ro.mask.bool()
-    assert (top3 == ro.actions.unsqueeze(-1)).any(-1)[m].all()  # every sampled token was in the top 3
+    assert (
+        (top3 == ro.actions.unsqueeze(-1)).any(-1)[m].all()
+    )  # every sampled token was in the top 3
 
 
 def test_lora_training_saves_a_merged_model_that_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = TextTrainConfig(task="Toy", model="tiny", iterations=2, num_envs=8, learning_rate=1e-2, lora_r=4,
-                             device="cpu", runs_dir=str(tmp_path), tensorboard=False, progress=False, run_name="l")
+    config = TextTrainConfig(
+        task="Toy",
+        model="tiny",
+        iterations=2,
+        num_envs=8,
+        learning_rate=1e-2,
+        lora_r=4,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        tensorboard=False,
+        progress=False,
+        run_name="l",
+    )
     train_text(config)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "l" / "policy")
     base, _ = load_causal_lm("tiny")
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
-        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)  # the adapter moved it
+        assert not torch.allclose(
+            merged(input_ids=ids).logits, base(input_ids=ids).logits
+        )  # the adapter moved it
     assert (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
     # Resuming restores the adapter exactly: the merged weights of a resumed run's policy match.
     from textenv.agents.text import load_text_run_config, with_lora
 
     resumed = with_lora(load_causal_lm("tiny")[0], 4, 16, tmp_path / "l" / "policy" / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(resumed(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            resumed(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
     assert load_text_run_config(tmp_path / "l").lora_r == 4
 
 
@@ -212,9 +328,20 @@ def test_gradient_checkpointing_gives_the_same_first_update(tmp_path):
 
     losses = []
     for gc in (False, True):
-        config = TextTrainConfig(task="Toy", model="tiny", iterations=1, num_envs=8, learning_rate=1e-3,
-                                 gradient_checkpointing=gc, device="cpu", runs_dir=str(tmp_path), tensorboard=False,
-                                 progress=False, save_checkpoint=False, run_name=f"gc{gc}")
+        config = TextTrainConfig(
+            task="Toy",
+            model="tiny",
+            iterations=1,
+            num_envs=8,
+            learning_rate=1e-3,
+            gradient_checkpointing=gc,
+            device="cpu",
+            runs_dir=str(tmp_path),
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            run_name=f"gc{gc}",
+        )
         train_text(config)
         row = json.loads((tmp_path / f"gc{gc}" / "metrics.jsonl").read_text().splitlines()[0])
         losses.append((row["policy_loss"], row["value_loss"], row["score_mean"]))
@@ -224,24 +351,28 @@ def test_gradient_checkpointing_gives_the_same_first_update(tmp_path):
 def _not_a_causal_lm(tmp_path):
     from transformers import DistilBertConfig
 
-    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
+    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(
+        tmp_path / "clf"
+    )
     return str(tmp_path / "clf")
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--task", "Nope"], "unknown task"),
-     (["--model", "/no/such/model"], "does not exist"),
-     (["--model", _not_a_causal_lm], "not a causal language model"),
-     (["--reward", "no-such-reward"], "unknown reward"),
-     (["--reward", "json:no_such_function"], "cannot import reward"),
-     (["--reward", "math:sqrt"], "raised TypeError"),  # fails at the first scoring, named
-     (["--learning-rate", "-1"], "learning_rate"),
-     (["--gamma", "1.5"], "gamma"),
-     (["--num-envs", "6", "--num-minibatches", "4"], "num_minibatches"),
-     (["--clip-coef", "0"], "clip_coef"),
-     (["--device", "cuda"], "cuda"),
-     (["--resume", "RUNS_DIR"], "not a text run directory")],
+    [
+        (["--task", "Nope"], "unknown task"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--model", _not_a_causal_lm], "not a causal language model"),
+        (["--reward", "no-such-reward"], "unknown reward"),
+        (["--reward", "json:no_such_function"], "cannot import reward"),
+        (["--reward", "math:sqrt"], "raised TypeError"),  # fails at the first scoring, named
+        (["--learning-rate", "-1"], "learning_rate"),
+        (["--gamma", "1.5"], "gamma"),
+        (["--num-envs", "6", "--num-minibatches", "4"], "num_minibatches"),
+        (["--clip-coef", "0"], "clip_coef"),
+        (["--device", "cuda"], "cuda"),
+        (["--resume", "RUNS_DIR"], "not a text run directory"),
+    ],
 )
 def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args, message):
     from textenv.agents.cli.train_text import main
@@ -249,8 +380,23 @@ def test_train_text_script_rejects_bad_input_in_one_line(tmp_path, capsys, args,
     if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("a GPU is present")
     args = [a(tmp_path) if callable(a) else a.replace("RUNS_DIR", str(tmp_path)) for a in args]
-    code = main(["--task", "Toy", "--model", "tiny", "--iterations", "1", "--num-envs", "4",
-                 "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--no-tensorboard", *args])
+    code = main(
+        [
+            "--task",
+            "Toy",
+            "--model",
+            "tiny",
+            "--iterations",
+            "1",
+            "--num-envs",
+            "4",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+            "--no-tensorboard",
+            *args,
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message.lower() in errors[0].lower(), errors
 
@@ -274,28 +420,57 @@ def test_nan_reward_mid_run_stops_with_the_last_good_state_saved_and_resumes(tmp
     if "test-nan-later" not in available():
         register("test-nan-later")(_nan_later)
     _FLAKY.update(calls=0, fail_after=8)  # a rollout scores at most max_new_tokens (6) times
-    config = TextTrainConfig(task="Toy", model="tiny", reward="test-nan-later", iterations=8, num_envs=4,
-                             max_new_tokens=6, learning_rate=1e-3, device="cpu", runs_dir=str(tmp_path), run_name="r",
-                             progress=False, tensorboard=False, checkpoint_every=0)
-    with pytest.raises(RewardError, match=r"returned nan .*last good state \(iteration \d+\) is saved in") as err:
+    config = TextTrainConfig(
+        task="Toy",
+        model="tiny",
+        reward="test-nan-later",
+        iterations=8,
+        num_envs=4,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        run_name="r",
+        progress=False,
+        tensorboard=False,
+        checkpoint_every=0,
+    )
+    with pytest.raises(
+        RewardError, match=r"returned nan .*last good state \(iteration \d+\) is saved in"
+    ) as err:
         train_text(config)
     good = int(re.search(r"iteration (\d+)\)", str(err.value)).group(1))
     assert good >= 1
-    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert metrics[-1]["iteration"] == good  # the failed iteration logged nothing
 
     _FLAKY.update(fail_after=None)
     summary = train_text(config, resume=tmp_path / "r")
-    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["iteration"] for m in metrics] == list(range(1, 9)) and summary["iterations"] == 8
 
 
 def test_training_stops_once_the_score_window_reaches_the_target(tmp_path):
     import json
 
-    config = TextTrainConfig(task="Toy", model="tiny", iterations=10, num_envs=4, max_new_tokens=4, device="cpu",
-                             target_score=-1.0, target_window=3, runs_dir=str(tmp_path), run_name="r",
-                             progress=False, tensorboard=False)
+    config = TextTrainConfig(
+        task="Toy",
+        model="tiny",
+        iterations=10,
+        num_envs=4,
+        max_new_tokens=4,
+        device="cpu",
+        target_score=-1.0,
+        target_window=3,
+        runs_dir=str(tmp_path),
+        run_name="r",
+        progress=False,
+        tensorboard=False,
+    )
     summary = train_text(config)  # every score is >= 0 > -1: stop as soon as 3 iterations exist
     metrics = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert summary["iterations"] == 3 and [json.loads(m)["iteration"] for m in metrics] == [1, 2, 3]

@@ -17,12 +17,26 @@ ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_c
 
 
 def _train(tmp_path, name, **kw):
-    base = dict(task="Toy", model="tiny", iterations=1, num_envs=8, seed=3, device="cpu", runs_dir=str(tmp_path),
-                run_name=name, tensorboard=False, progress=False, eval_samples=0, sample_every=0)
+    base = dict(
+        task="Toy",
+        model="tiny",
+        iterations=1,
+        num_envs=8,
+        seed=3,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        run_name=name,
+        tensorboard=False,
+        progress=False,
+        eval_samples=0,
+        sample_every=0,
+    )
     if "ppo" in kw:
         kw["ppo"] = dataclasses.replace(TextTrainConfig().ppo, **kw["ppo"])
     summary = train_text(TextTrainConfig(**(base | kw)))
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
     return summary, rows
 
 
@@ -33,7 +47,9 @@ def _changed_fraction(policy_dir, dtypes):
     with safe_open(str(policy_dir / "model.safetensors"), framework="pt") as f:
         for name in f.keys():
             after = f.get_tensor(name)
-            changed += int((after != before[name].to(after.dtype)).sum())  # vs the start as the run held it
+            changed += int(
+                (after != before[name].to(after.dtype)).sum()
+            )  # vs the start as the run held it
             total += after.numel()
             dtypes.add(after.dtype)
     return changed / total
@@ -54,18 +70,33 @@ def test_bf16_mixed_precision_moves_as_many_weights_as_fp32_at_the_default_learn
 
 def test_bf16_keeps_fp32_optimizer_state(tmp_path):
     _train(tmp_path, "bf16", precision="bf16")
-    with safe_open(str(tmp_path / "bf16" / "policy" / "trainer_state.safetensors"), framework="pt") as f:
-        moments = [f.get_tensor(k) for k in f.keys() if k.startswith("optim.") and k.endswith(("exp_avg", "exp_avg_sq"))]
+    with safe_open(
+        str(tmp_path / "bf16" / "policy" / "trainer_state.safetensors"), framework="pt"
+    ) as f:
+        moments = [
+            f.get_tensor(k)
+            for k in f.keys()
+            if k.startswith("optim.") and k.endswith(("exp_avg", "exp_avg_sq"))
+        ]
     floats = [t for t in moments if t.is_floating_point()]
     assert floats and all(t.dtype == torch.float32 for t in floats)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_a_policy_equal_to_the_reference_has_ratio_one_and_kl_zero(tmp_path, precision, temperature):
+def test_a_policy_equal_to_the_reference_has_ratio_one_and_kl_zero(
+    tmp_path, precision, temperature
+):
     # One epoch of one minibatch: the logged ratio statistics are of the forward before any step.
-    _, rows = _train(tmp_path, "eq", precision=precision, temperature=temperature, kl_coef=0.1,
-                     ppo=dict(update_epochs=1, num_minibatches=1), save_checkpoint=False)
+    _, rows = _train(
+        tmp_path,
+        "eq",
+        precision=precision,
+        temperature=temperature,
+        kl_coef=0.1,
+        ppo=dict(update_epochs=1, num_minibatches=1),
+        save_checkpoint=False,
+    )
     (row,) = rows
     assert abs(row["old_approx_kl"]) < 1e-6, row
     assert row["approx_kl"] < 1e-6, row
@@ -74,13 +105,17 @@ def test_a_policy_equal_to_the_reference_has_ratio_one_and_kl_zero(tmp_path, pre
 
 
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.8), (5, 0.9)])
-def test_the_update_scores_a_token_under_the_filtered_distribution_it_was_sampled_from(top_k, top_p):
+def test_the_update_scores_a_token_under_the_filtered_distribution_it_was_sampled_from(
+    top_k, top_p
+):
     envs = TextGenerationVectorEnv(num_envs=16, **ENV)
     lm, _ = load_causal_lm("tiny:1")
     policy = LMActorCritic(lm, top_k=top_k, top_p=top_p)
     ro = collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logprob, entropy, _ = policy.evaluate_responses(ro.input_ids, ro.attention_mask, ro.actions, ro.prompt_len)
+        logprob, entropy, _ = policy.evaluate_responses(
+            ro.input_ids, ro.attention_mask, ro.actions, ro.prompt_len
+        )
     m = ro.mask.bool()
     torch.testing.assert_close(logprob[m], ro.logprobs[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy[m], ro.entropy[m], rtol=1e-5, atol=1e-5)
@@ -93,7 +128,9 @@ def test_top_k_and_top_p_are_refused_in_training_with_one_line(flag, capsys, tmp
     assert main(["--task", "Toy", "--model", "tiny", "--runs-dir", str(tmp_path), *flag]) == 2
     assert not any(tmp_path.iterdir())
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and flag[0].split("=")[0] in err and "textenv-evaluate" in err, err
+    assert (
+        len(err.splitlines()) == 1 and flag[0].split("=")[0] in err and "textenv-evaluate" in err
+    ), err
 
 
 def _with_a_minus_inf_logit(policy, column=5):
@@ -124,6 +161,13 @@ def test_entropy_and_its_gradient_are_finite_when_a_logit_is_minus_inf():
 def test_old_logprobs_are_recomputed_with_the_updates_forward_when_asked(tmp_path):
     # The KV-cached sampling forward and the update's full forward differ by rounding; the
     # recompute pass makes the stored log-probs the update's own, so the first ratio is exact.
-    _, rows = _train(tmp_path, "re", old_logprobs="recompute", ppo=dict(update_epochs=1, num_minibatches=1),
-                     save_checkpoint=False)
-    assert abs(rows[0]["old_approx_kl"]) < 1e-9 and rows[0]["approx_kl"] < 1e-9, rows[0]  # rollout: 2.6e-8
+    _, rows = _train(
+        tmp_path,
+        "re",
+        old_logprobs="recompute",
+        ppo=dict(update_epochs=1, num_minibatches=1),
+        save_checkpoint=False,
+    )
+    assert abs(rows[0]["old_approx_kl"]) < 1e-9 and rows[0]["approx_kl"] < 1e-9, rows[
+        0
+    ]  # rollout: 2.6e-8

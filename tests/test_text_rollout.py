@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from textenv import TextGenerationVectorEnv
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic
 from textenv.agents.text import AdaptiveKLController, Rollout, collect_rollout, token_advantages
-from textenv import TextGenerationVectorEnv
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
@@ -25,7 +25,9 @@ def test_the_rollout_samples_in_eval_mode_and_gives_the_mode_back():
     for mode in (True, False):
         policy.train(mode)
         modes.clear()
-        collect_rollout(policy, TextGenerationVectorEnv(num_envs=2, **ENV), seed=0, generator=torch.Generator())
+        collect_rollout(
+            policy, TextGenerationVectorEnv(num_envs=2, **ENV), seed=0, generator=torch.Generator()
+        )
         assert modes and not any(modes)  # every forward of the rollout ran in eval mode
         assert policy.training is mode and policy.lm.training is mode
 
@@ -65,8 +67,11 @@ def test_entropy_is_that_of_the_filtered_distribution_sampled_from():
     assert torch.isfinite(ro.entropy).all()
     # The first token's distribution, recomputed: the entropy of the softmax over the 3 kept logits.
     with torch.no_grad():
-        full = policy._forward(ro.input_ids[:, : ro.prompt_len], ro.attention_mask[:, : ro.prompt_len],
-                               (ro.attention_mask[:, : ro.prompt_len].cumsum(-1) - 1).clamp_min(0))[0][:, -1]
+        full = policy._forward(
+            ro.input_ids[:, : ro.prompt_len],
+            ro.attention_mask[:, : ro.prompt_len],
+            (ro.attention_mask[:, : ro.prompt_len].cumsum(-1) - 1).clamp_min(0),
+        )[0][:, -1]
         top = torch.softmax(full.topk(3, dim=-1).values, dim=-1)
         expected = -(top * top.log()).sum(-1)
     torch.testing.assert_close(ro.entropy[:, 0], expected, rtol=1e-4, atol=1e-5)
@@ -79,11 +84,22 @@ def test_the_kl_controller_default_horizon_is_ziegler_et_als_10000():
 def _rollout(mask: torch.Tensor, values: torch.Tensor) -> Rollout:
     n, t = mask.shape
     zeros = torch.zeros(n, t)
-    return Rollout(input_ids=torch.zeros(n, t + 1, dtype=torch.long), attention_mask=torch.ones(n, t + 1),
-                   actions=torch.zeros(n, t, dtype=torch.long), logprobs=zeros, values=values, env_rewards=zeros,
-                   ref_logprobs=zeros, entropy=zeros, mask=mask, scores=torch.zeros(n),
-                   truncated_response=torch.zeros(n, dtype=torch.bool), prompts=[""] * n, responses=[""] * n,
-                   prompt_len=1)
+    return Rollout(
+        input_ids=torch.zeros(n, t + 1, dtype=torch.long),
+        attention_mask=torch.ones(n, t + 1),
+        actions=torch.zeros(n, t, dtype=torch.long),
+        logprobs=zeros,
+        values=values,
+        env_rewards=zeros,
+        ref_logprobs=zeros,
+        entropy=zeros,
+        mask=mask,
+        scores=torch.zeros(n),
+        truncated_response=torch.zeros(n, dtype=torch.bool),
+        prompts=[""] * n,
+        responses=[""] * n,
+        prompt_len=1,
+    )
 
 
 def test_token_advantages_stop_at_each_responses_last_token():
@@ -96,7 +112,15 @@ def test_token_advantages_stop_at_each_responses_last_token():
     for i, length in enumerate((4, 2, 1)):
         done = torch.zeros(length, 1)
         done[-1] = 1
-        row_adv, row_ret = gae(rewards[i, :length, None], values[i, :length, None], torch.zeros(1), done, done, 0.9, 0.8)
+        row_adv, row_ret = gae(
+            rewards[i, :length, None],
+            values[i, :length, None],
+            torch.zeros(1),
+            done,
+            done,
+            0.9,
+            0.8,
+        )
         torch.testing.assert_close(adv[i, :length], row_adv[:, 0])
         torch.testing.assert_close(ret[i, :length], row_ret[:, 0])
         assert torch.all(adv[i, length:] == 0) and torch.all(ret[i, length:] == 0)
@@ -119,8 +143,16 @@ def test_rollout_stats_are_means_per_response_and_a_constant_score_has_std_zero(
     k1 = ((ro.logprobs - ro.ref_logprobs) * mask).sum() / 3
     log_r = ro.ref_logprobs - ro.logprobs
     k3 = ((log_r.exp() - 1 - log_r) * mask).sum() / 3  # Schulman's k3 estimator of KL(pi || pi_ref)
-    expected = {"kl_k1": k1.item(), "kl_k3": k3.item(), "score_mean": 0.1, "response_length": 2.0,
-                "missing_eos_frac": 1 / 3, "reward_total": 7.0 / 3, "rollout_entropy": 6.0 / 6, "tokens": 6.0}
+    expected = {
+        "kl_k1": k1.item(),
+        "kl_k3": k3.item(),
+        "score_mean": 0.1,
+        "response_length": 2.0,
+        "missing_eos_frac": 1 / 3,
+        "reward_total": 7.0 / 3,
+        "rollout_entropy": 6.0 / 6,
+        "tokens": 6.0,
+    }
     assert stats.keys() == expected.keys() | {"score_std"}
     for key, value in expected.items():
         assert stats[key].item() == pytest.approx(value, rel=1e-6), key
@@ -136,7 +168,12 @@ def test_a_constant_score_over_many_responses_has_std_zero_not_nan():
     square = (ro.scores.double() ** 2).sum()
     n = torch.tensor(999.0, dtype=torch.float64)
     assert square - n * (ro.scores.double().sum() / n) ** 2 < 0  # the case the clamp is for
-    assert rollout_stats(ro, torch.zeros(999, 1), torch.zeros(999, 1), has_critic=False)["score_std"].item() == 0.0
+    assert (
+        rollout_stats(ro, torch.zeros(999, 1), torch.zeros(999, 1), has_critic=False)[
+            "score_std"
+        ].item()
+        == 0.0
+    )
 
 
 def test_prompt_seeds_are_disjoint_blocks_per_iteration_and_run_seed():
@@ -144,6 +181,10 @@ def test_prompt_seeds_are_disjoint_blocks_per_iteration_and_run_seed():
     from textenv.agents.text import prompt_seeds
 
     assert prompt_seeds(0, 1, 8) == 8 and prompt_seeds(3, 2, 16) == (3 * 100_003 + 2) * 16
-    blocks = [range(prompt_seeds(s, i, 4), prompt_seeds(s, i, 4) + 4) for s in range(3) for i in (1, 2, 100_002)]
+    blocks = [
+        range(prompt_seeds(s, i, 4), prompt_seeds(s, i, 4) + 4)
+        for s in range(3)
+        for i in (1, 2, 100_002)
+    ]
     taken = [x for b in blocks for x in b]
     assert min(taken) >= 0 and len(set(taken)) == len(taken)

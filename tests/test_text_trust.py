@@ -16,22 +16,41 @@ from textenv.models import char_tokenizer
 
 
 def _config(tmp_path, name, **kw):
-    base = dict(task="Toy", model="tiny", iterations=1, num_envs=8, max_new_tokens=6, learning_rate=1e-3, seed=3,
-                device="cpu", runs_dir=str(tmp_path), run_name=name, tensorboard=False, progress=False,
-                save_checkpoint=False, eval_samples=0)
+    base = dict(
+        task="Toy",
+        model="tiny",
+        iterations=1,
+        num_envs=8,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        seed=3,
+        device="cpu",
+        runs_dir=str(tmp_path),
+        run_name=name,
+        tensorboard=False,
+        progress=False,
+        save_checkpoint=False,
+        eval_samples=0,
+    )
     return TextTrainConfig(**(base | kw))
 
 
 def _metrics(tmp_path, name):
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
-def test_kl_to_reference_is_zero_at_initialisation_at_any_temperature(tmp_path, temperature, reference_pass):
+def test_kl_to_reference_is_zero_at_initialisation_at_any_temperature(
+    tmp_path, temperature, reference_pass
+):
     # The policy starts as the reference ("tiny" both), so the KL of the first rollout is 0
     # only if the reference scores tokens with the temperature the policy sampled with.
-    train_text(_config(tmp_path, "t", temperature=temperature, reference_pass=reference_pass, kl_coef=0.1))
+    train_text(
+        _config(tmp_path, "t", temperature=temperature, reference_pass=reference_pass, kl_coef=0.1)
+    )
     row = _metrics(tmp_path, "t")[0]
     assert abs(row["kl_k1"]) < 1e-4 and abs(row["kl_k3"]) < 1e-6, row
 
@@ -41,9 +60,19 @@ def _tiny_gpt2_dir(tmp_path, dropout=0.1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = char_tokenizer()
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=dropout,
-                        embd_pdrop=dropout, attn_pdrop=dropout, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path / "gpt2"
     GPT2LMHeadModel(config).save_pretrained(path)
@@ -62,6 +91,7 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
             out = evaluate(mb)
             seen.append((out[0].detach() - mb["logprobs"]) * mb["mask"])
             return out
+
         return real_update(params, optimizer, batch, recording, config, generator, **kw)
 
     monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
@@ -73,7 +103,9 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
     # up to float rounding, where dropout left on moves them by whole percents.
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     assert approx_kl.abs().item() < 1e-9
-    assert not torch.allclose(seen[-1], torch.zeros_like(seen[-1]))  # later minibatches see a moved policy
+    assert not torch.allclose(
+        seen[-1], torch.zeros_like(seen[-1])
+    )  # later minibatches see a moved policy
 
 
 def test_dropout_is_disabled_in_the_policy_even_in_train_mode():
@@ -82,8 +114,14 @@ def test_dropout_is_disabled_in_the_policy_even_in_train_mode():
     from textenv.agents.lm import LMActorCritic, disable_dropout
 
     tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, attention_dropout=0.5)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        attention_dropout=0.5,
+    )
     policy = LMActorCritic(LlamaForCausalLM(config)).train()
     ids = torch.randint(3, len(tok), (4, 12))
     with torch.no_grad():
@@ -120,6 +158,7 @@ def sigterm_reward():
 
     def arm(call):
         _SIGTERM_AT.update(call=call, calls=0)
+
     yield arm
     _SIGTERM_AT.update(call=None, calls=0)
 
@@ -137,7 +176,9 @@ def test_resume_with_a_longer_horizon_continues_the_decay_without_a_jump(tmp_pat
     train_text(_config(tmp_path, "r", iterations=20, **kw), resume=tmp_path / "r")
     lrs = _lrs(tmp_path, "r")
     assert len(lrs) == 20 and lrs[:4] == before
-    assert all(b < a for a, b in zip(lrs, lrs[1:]))  # strictly decreasing across the resume: no jump up
+    assert all(
+        b < a for a, b in zip(lrs, lrs[1:])
+    )  # strictly decreasing across the resume: no jump up
     # After the resume: a straight line from iteration 4's rate to 0 just past iteration 20.
     expected = [before[-1] * (1 - (it - 4) / 17) for it in range(5, 21)]
     assert lrs[4:] == pytest.approx(expected, rel=1e-12)
@@ -146,7 +187,13 @@ def test_resume_with_a_longer_horizon_continues_the_decay_without_a_jump(tmp_pat
 def test_resume_with_the_same_horizon_follows_the_uninterrupted_schedule(tmp_path, sigterm_reward):
     from textenv.agents.checkpoint import TrainingInterrupted
 
-    kw = dict(iterations=10, num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
+    kw = dict(
+        iterations=10,
+        num_envs=4,
+        max_new_tokens=1,
+        save_checkpoint=True,
+        reward="test-count-a-sigterm",
+    )
     train_text(_config(tmp_path, "whole", **kw))
     sigterm_reward(3)
     with pytest.raises(TrainingInterrupted):
@@ -159,8 +206,16 @@ def test_resume_with_the_same_horizon_follows_the_uninterrupted_schedule(tmp_pat
 def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path, sigterm_reward):
     from textenv.agents.checkpoint import TrainingInterrupted
 
-    kw = dict(iterations=5, num_envs=4, max_new_tokens=3, save_checkpoint=True, kl_coef=0.05, kl_target=0.5,
-              kl_horizon=20, reward="test-count-a-sigterm")
+    kw = dict(
+        iterations=5,
+        num_envs=4,
+        max_new_tokens=3,
+        save_checkpoint=True,
+        kl_coef=0.05,
+        kl_target=0.5,
+        kl_horizon=20,
+        reward="test-count-a-sigterm",
+    )
     train_text(_config(tmp_path, "whole", **kw))
     sigterm_reward(4)  # at most 3 scoring calls per iteration: the 4th is in iteration 2
     with pytest.raises(TrainingInterrupted):
@@ -168,9 +223,18 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
     assert len(_metrics(tmp_path, "cut")) == 2
     sigterm_reward(None)
     train_text(_config(tmp_path, "cut", **kw), resume=tmp_path / "cut")
-    timing = ("wall_time_s", "rollout_s", "recompute_s", "update_s", "tokens_per_s", "rollout_tokens_per_s")
-    whole, cut = ([{k: v for k, v in m.items() if k not in timing} for m in _metrics(tmp_path, name)]
-                  for name in ("whole", "cut"))
+    timing = (
+        "wall_time_s",
+        "rollout_s",
+        "recompute_s",
+        "update_s",
+        "tokens_per_s",
+        "rollout_tokens_per_s",
+    )
+    whole, cut = (
+        [{k: v for k, v in m.items() if k not in timing} for m in _metrics(tmp_path, name)]
+        for name in ("whole", "cut")
+    )
     assert cut == whole  # every logged loss, KL, β and score, iteration by iteration
     for file in ("model.safetensors", "value_head.safetensors"):
         a = load_file(str(tmp_path / "whole" / "policy" / file))
@@ -180,15 +244,22 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
 
 # -- β: one owner (the env), moved by the controller in the right direction -----------------
 
+
 def test_adaptive_kl_controller_moves_beta_toward_the_target_by_the_clipped_error():
     from textenv.agents.text import AdaptiveKLController
 
     c = AdaptiveKLController(0.1, target=4.0, horizon=100)
-    assert c.update(5.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error 0.25, clipped to 0.2
+    assert c.update(5.0, n_steps=10) == pytest.approx(
+        0.1 * (1 + 0.2 * 10 / 100)
+    )  # error 0.25, clipped to 0.2
     c = AdaptiveKLController(0.1, target=4.0, horizon=100)
-    assert c.update(4.4, n_steps=10) == pytest.approx(0.1 * (1 + 0.1 * 10 / 100))  # error 0.1: β rises
+    assert c.update(4.4, n_steps=10) == pytest.approx(
+        0.1 * (1 + 0.1 * 10 / 100)
+    )  # error 0.1: β rises
     c = AdaptiveKLController(0.1, target=4.0, horizon=100)
-    assert c.update(3.6, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))  # error -0.1: β falls
+    assert c.update(3.6, n_steps=10) == pytest.approx(
+        0.1 * (1 - 0.1 * 10 / 100)
+    )  # error -0.1: β falls
     c = AdaptiveKLController(0.1, target=4.0, horizon=100)
     assert c.update(0.0, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 10 / 100))  # clipped at -0.2
     assert c.value == pytest.approx(0.098)  # the controller keeps the moved β
@@ -196,14 +267,18 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target_by_the_clipped_erro
 
 
 def test_trainer_beta_is_the_envs_and_follows_the_controller(tmp_path):
-    cfg = _config(tmp_path, "b", iterations=4, kl_coef=0.1, kl_target=0.01, kl_horizon=80, learning_rate=3e-3)
+    cfg = _config(
+        tmp_path, "b", iterations=4, kl_coef=0.1, kl_target=0.01, kl_horizon=80, learning_rate=3e-3
+    )
     train_text(cfg)
     rows = _metrics(tmp_path, "b")
     assert rows[0]["kl_coef"] == pytest.approx(0.1)
     for prev, row in zip(rows, rows[1:]):
         error = min(max(prev["kl_k1"] / 0.01 - 1.0, -0.2), 0.2)
         assert row["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + error * 8 / 80), rel=1e-12)
-        assert (row["kl_coef"] - prev["kl_coef"]) * (prev["kl_k1"] - 0.01) > 0  # up above target, down below
+        assert (row["kl_coef"] - prev["kl_coef"]) * (
+            prev["kl_k1"] - 0.01
+        ) > 0  # up above target, down below
 
 
 def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path, monkeypatch):
@@ -218,12 +293,17 @@ def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path,
             r = mb["ref_logprobs"] - logprob.detach()
             extra.append((kl_term.detach(), 0.2 * (r.exp() - r - 1.0)))
             return logprob, entropy, value, kl_term
+
         return real_update(params, optimizer, batch, recording, config, generator, **kw)
 
     monkeypatch.setattr(textenv.agents.text, "ppo_update", spy)
-    train_text(_config(tmp_path, "l", iterations=2, kl_coef=0.2, kl_in_loss=True, learning_rate=3e-3))
+    train_text(
+        _config(tmp_path, "l", iterations=2, kl_coef=0.2, kl_in_loss=True, learning_rate=3e-3)
+    )
     rows = _metrics(tmp_path, "l")
-    assert all(r["reward_total"] == pytest.approx(r["score_mean"], abs=1e-7) for r in rows)  # no KL in the reward
+    assert all(
+        r["reward_total"] == pytest.approx(r["score_mean"], abs=1e-7) for r in rows
+    )  # no KL in the reward
     for got, want in extra:
         torch.testing.assert_close(got, want)
     assert extra[-1][0].abs().sum() > 0  # the policy moved: the KL term is live
@@ -242,24 +322,28 @@ def test_kl_penalized_rewards_on_hand_computed_values():
 
 
 def test_env_reward_plus_minus_beta_logpi_is_the_kl_penalized_reward_at_any_temperature():
-    from textenv.agents.text import collect_rollout
-    from textenv.agents.lm import LMActorCritic
     from textenv import TextGenerationVectorEnv
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.text import collect_rollout
     from textenv.kl import kl_penalized_rewards
     from textenv.models import load_causal_lm
 
-    envs = TextGenerationVectorEnv(num_envs=6, task="Toy", model="tiny", max_new_tokens=5, kl_coef=0.3,
-                                   temperature=0.6)
+    envs = TextGenerationVectorEnv(
+        num_envs=6, task="Toy", model="tiny", max_new_tokens=5, kl_coef=0.3, temperature=0.6
+    )
     assert envs.temperature == 0.6
     policy = LMActorCritic(load_causal_lm("tiny:1")[0], temperature=0.6)
     ro = collect_rollout(policy, envs, seed=1, generator=torch.Generator().manual_seed(0))
     shaped = kl_penalized_rewards(ro.scores, ro.ref_logprobs, ro.logprobs, ro.mask, envs.kl_coef)
-    torch.testing.assert_close(shaped, (ro.env_rewards - 0.3 * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        shaped, (ro.env_rewards - 0.3 * ro.logprobs) * ro.mask, rtol=1e-5, atol=1e-6
+    )
     # The reference's log-probs are those of its logits / T, from one full uncached forward.
     with torch.no_grad():
         pos = (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = envs.reference_model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
-                                      position_ids=pos).logits[:, ro.prompt_len - 1 : -1]
+        logits = envs.reference_model(
+            input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos
+        ).logits[:, ro.prompt_len - 1 : -1]
     full = torch.log_softmax(logits / 0.6, -1).gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
     m = ro.mask.bool()
     torch.testing.assert_close(ro.ref_logprobs[m], full[m], rtol=1e-5, atol=1e-5)
@@ -279,28 +363,40 @@ def test_kl_shaping_is_still_accepted_as_the_old_name_of_reference_pass():
 
 # -- the shared plumbing ---------------------------------------------------------------------
 
+
 def test_linear_lr_is_cleanrls_schedule_and_resumes_without_a_jump():
     from textenv.agents.training import LinearLR
 
     fresh = LinearLR(1e-3, horizon=10)
-    assert [fresh.rate(i) for i in (1, 2, 10)] == [(1.0 - (i - 1.0) / 10) * 1e-3 for i in (1, 2, 10)]
+    assert [fresh.rate(i) for i in (1, 2, 10)] == [
+        (1.0 - (i - 1.0) / 10) * 1e-3 for i in (1, 2, 10)
+    ]
     assert LinearLR(1e-3, 10, enabled=False).rate(7) == 1e-3
     same = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=1e-3, horizon=10)
-    assert [same.rate(i) for i in range(5, 11)] == [fresh.rate(i) for i in range(5, 11)]  # bit for bit
+    assert [same.rate(i) for i in range(5, 11)] == [
+        fresh.rate(i) for i in range(5, 11)
+    ]  # bit for bit
     longer = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=1e-3, horizon=20)
     assert longer.rate(4) == fresh.rate(4) and longer.rate(21) == pytest.approx(0.0, abs=1e-18)
     assert fresh.rate(4) > longer.rate(5) > longer.rate(6) > longer.rate(20) > 0
     new_lr = LinearLR.resumed(fresh.state(), last_iteration=4, learning_rate=5e-4, horizon=10)
     assert new_lr.rate(5) == 5e-4 and new_lr.rate(11) == pytest.approx(0.0, abs=1e-18)
     off = LinearLR.resumed(LinearLR(1e-3, 10, enabled=False).state(), 4, 1e-3, 20)
-    assert off.rate(5) == pytest.approx(1e-3 * (1 - 1 / 17)) and off.rate(21) == pytest.approx(0.0, abs=1e-18)
+    assert off.rate(5) == pytest.approx(1e-3 * (1 - 1 / 17)) and off.rate(21) == pytest.approx(
+        0.0, abs=1e-18
+    )
 
 
 def test_summary_json_writes_nan_and_inf_as_null():
     from textenv.agents.training import summary_json, summary_line
 
-    assert summary_json({"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x", "e": None}) == \
-        {"a": None, "b": None, "c": 1.5, "d": "x", "e": None}
+    assert summary_json({"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x", "e": None}) == {
+        "a": None,
+        "b": None,
+        "c": 1.5,
+        "d": "x",
+        "e": None,
+    }
     assert json.loads(summary_line({"a": float("-inf"), "n": 3})) == {"a": None, "n": 3}
 
 
@@ -322,7 +418,9 @@ def test_text_trainer_seeds_pythons_random_for_user_rewards(tmp_path):
     draws = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         _DRAWS.clear()
-        train_text(_config(tmp_path, name, seed=seed, reward="test-python-random", max_new_tokens=1))
+        train_text(
+            _config(tmp_path, name, seed=seed, reward="test-python-random", max_new_tokens=1)
+        )
         draws.append(list(_DRAWS))
     assert draws[0] == draws[1] != draws[2]
 
@@ -331,9 +429,11 @@ def test_training_cartpole_never_imports_the_language_model_stack():
     import subprocess
     import sys
 
-    code = ("import sys; import textenv.agents.cli.train, textenv.agents.classic, textenv.agents.training, textenv; "
-            "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'textenv.agents.text', 'textenv.agents.lm') "
-            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys; import textenv.agents.cli.train, textenv.agents.classic, textenv.agents.training, textenv; "
+        "heavy = [m for m in ('transformers', 'textenv.env', 'textenv.models', 'textenv.agents.text', 'textenv.agents.lm') "
+        "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -348,6 +448,7 @@ def test_registered_ids_are_the_tasks():
 
 
 # -- every logged diagnostic and the batch the update sees, recomputed from the rollout ------
+
 
 def _spy_on_iteration(monkeypatch):
     """Record each iteration's rollout, the batch given to ppo_update and the optimizer's lr."""
@@ -372,37 +473,57 @@ def _spy_on_iteration(monkeypatch):
 
 
 @pytest.mark.parametrize("whiten", [True, False])
-def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(tmp_path, monkeypatch, whiten):
+def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(
+    tmp_path, monkeypatch, whiten
+):
     from textenv.agents.ppo import explained_variance
     from textenv.agents.text import shaped_rewards, token_advantages
 
     seen = _spy_on_iteration(monkeypatch)
-    cfg = _config(tmp_path, "m", iterations=2, kl_coef=0.2, missing_eos_penalty=0.5, whiten_advantages=whiten,
-                  gamma=0.9, gae_lambda=0.8)
+    cfg = _config(
+        tmp_path,
+        "m",
+        iterations=2,
+        kl_coef=0.2,
+        missing_eos_penalty=0.5,
+        whiten_advantages=whiten,
+        gamma=0.9,
+        gae_lambda=0.8,
+    )
     train_text(cfg)
     rows = _metrics(tmp_path, "m")
     for row, ro, batch, lr in zip(rows, seen["rollouts"], seen["batches"], seen["lrs"]):
         m = ro.mask
         assert row["learning_rate"] == lr == (1.0 - (row["iteration"] - 1) / 2) * 1e-3
-        assert row["kl_k1"] == pytest.approx(((ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item(), rel=1e-6)
+        assert row["kl_k1"] == pytest.approx(
+            ((ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item(), rel=1e-6
+        )
         r = ro.ref_logprobs - ro.logprobs
         assert row["kl_k3"] == pytest.approx(((r.exp() - r - 1) * m).sum(1).mean().item(), rel=1e-6)
         assert row["score_mean"] == pytest.approx(ro.scores.mean().item(), rel=1e-6)
         assert row["score_std"] == pytest.approx(ro.scores.std().item(), rel=1e-6)
         assert row["response_length"] == pytest.approx(m.sum(1).mean().item())
-        assert row["rollout_entropy"] == pytest.approx(((ro.entropy * m).sum() / m.sum()).item(), rel=1e-6)
+        assert row["rollout_entropy"] == pytest.approx(
+            ((ro.entropy * m).sum() / m.sum()).item(), rel=1e-6
+        )
         assert row["missing_eos_frac"] == pytest.approx(ro.truncated_response.float().mean().item())
         rewards = shaped_rewards(ro, 0.2, True, 0.5)
         # The penalty lands on the truncated rows' scores: the reward total says so.
         penalty = 0.5 * ro.truncated_response.float().mean().item()
         kl = (0.2 * (ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item()
-        assert row["reward_total"] == pytest.approx(ro.scores.mean().item() - penalty - kl, abs=1e-5)
+        assert row["reward_total"] == pytest.approx(
+            ro.scores.mean().item() - penalty - kl, abs=1e-5
+        )
         adv, ret = token_advantages(ro, rewards, 0.9, 0.8)
-        assert row["explained_variance"] == pytest.approx(explained_variance(ro.values, ret, m).item(), abs=1e-6)
+        assert row["explained_variance"] == pytest.approx(
+            explained_variance(ro.values, ret, m).item(), abs=1e-6
+        )
         torch.testing.assert_close(batch["returns"], ret)
         if whiten:  # whitened over the whole batch's response tokens, zero past each end
             a = batch["advantages"][m.bool()]
-            assert a.mean().item() == pytest.approx(0.0, abs=1e-6) and a.std().item() == pytest.approx(1.0, abs=1e-5)
+            assert a.mean().item() == pytest.approx(
+                0.0, abs=1e-6
+            ) and a.std().item() == pytest.approx(1.0, abs=1e-5)
             assert torch.all(batch["advantages"][~m.bool()] == 0)
         else:
             torch.testing.assert_close(batch["advantages"], adv)
@@ -413,23 +534,35 @@ def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
     from textenv.agents.cli.train_text import parse
 
     config, _ = parse(["--kl-shaping", "per_step", "--task", "Toy"])
-    assert config.reference_pass == "per_step" and "renamed --reference-pass" in capsys.readouterr().err
+    assert (
+        config.reference_pass == "per_step"
+        and "renamed --reference-pass" in capsys.readouterr().err
+    )
     config, _ = parse(["--kl-shaping=at_end"])
     assert config.reference_pass == "at_end"
 
 
 def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():
+    from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
     from textenv.agents.text import collect_rollout
-    from textenv import TextGenerationVectorEnv
     from textenv.models import load_causal_lm
 
-    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=2, temperature=0.7)
+    envs = TextGenerationVectorEnv(
+        num_envs=2, task="Toy", model="tiny", max_new_tokens=2, temperature=0.7
+    )
     policy = LMActorCritic(load_causal_lm("tiny")[0], temperature=1.0)
-    with pytest.raises(ValueError, match="samples at temperature 1.0 but the env's reference scores at 0.7"):
+    with pytest.raises(
+        ValueError, match="samples at temperature 1.0 but the env's reference scores at 0.7"
+    ):
         collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0))
     envs.set_attr("temperature", 1.0)
-    assert collect_rollout(policy, envs, seed=0, generator=torch.Generator().manual_seed(0)).actions.shape[0] == 2
+    assert (
+        collect_rollout(
+            policy, envs, seed=0, generator=torch.Generator().manual_seed(0)
+        ).actions.shape[0]
+        == 2
+    )
 
 
 def test_kl_penalized_rewards_on_one_token_and_empty_rows_and_integer_masks():
@@ -440,16 +573,21 @@ def test_kl_penalized_rewards_on_one_token_and_empty_rows_and_integer_masks():
     mask = torch.tensor([[1, 0], [1, 1], [0, 0]])  # one token; two tokens; nothing (a padding row)
     rewards = kl_penalized_rewards(torch.tensor([3.0, -2.0, 5.0]), ref, logprobs, mask, kl_coef=1.0)
     assert rewards.dtype == torch.float32
-    expected = torch.tensor([[3.0 - 1.0, 0.0], [-1.0, -2.0], [0.0, 0.0]])  # an empty row is paid nothing
+    expected = torch.tensor(
+        [[3.0 - 1.0, 0.0], [-1.0, -2.0], [0.0, 0.0]]
+    )  # an empty row is paid nothing
     torch.testing.assert_close(rewards, expected)
 
 
 # -- the training loop's bookkeeping, pinned (each test kills mutants that survived before it) --
 
+
 def test_resume_refuses_a_run_of_another_task(tmp_path):
     train_text(_config(tmp_path, "t", save_checkpoint=True))
     with pytest.raises(ValueError, match="is a run of task Toy with model tiny, not Arithmetic"):
-        train_text(_config(tmp_path, "t", task="Arithmetic", save_checkpoint=True), resume=tmp_path / "t")
+        train_text(
+            _config(tmp_path, "t", task="Arithmetic", save_checkpoint=True), resume=tmp_path / "t"
+        )
 
 
 SETUP_S = 2.0
@@ -458,7 +596,9 @@ SETUP_S = 2.0
 def test_wall_clock_and_token_counters_add_up_and_continue_across_a_resume(tmp_path, monkeypatch):
     import textenv.agents.text as text_module
 
-    def slow_adamw(*args, **kw):  # a setup step that takes SETUP_S, which the loop's clock must not count
+    def slow_adamw(
+        *args, **kw
+    ):  # a setup step that takes SETUP_S, which the loop's clock must not count
         time.sleep(SETUP_S)
         return real_adamw(*args, **kw)
 
@@ -474,31 +614,58 @@ def test_wall_clock_and_token_counters_add_up_and_continue_across_a_resume(tmp_p
         tokens += row["response_length"] * 8
         # tokens_per_s and wall_time_s share one clock reading: their product is the running token count.
         assert row["tokens_per_s"] * row["wall_time_s"] == pytest.approx(tokens, rel=1e-9)
-        assert row["rollout_tokens_per_s"] * row["rollout_s"] == pytest.approx(row["response_length"] * 8, rel=1e-9)
-        assert 0 < row["rollout_s"] and 0 < row["update_s"] and row["rollout_s"] + row["update_s"] <= row["wall_time_s"]
+        assert row["rollout_tokens_per_s"] * row["rollout_s"] == pytest.approx(
+            row["response_length"] * 8, rel=1e-9
+        )
+        assert (
+            0 < row["rollout_s"]
+            and 0 < row["update_s"]
+            and row["rollout_s"] + row["update_s"] <= row["wall_time_s"]
+        )
     # A fresh run's clock starts at the loop, after the setup: iteration 1 is its rollout, its
     # update and some bookkeeping (far less than the setup's 2 s, even on a loaded machine).
     assert rows[0]["wall_time_s"] < rows[0]["rollout_s"] + rows[0]["update_s"] + SETUP_S
     # The resumed run continues the saved clock: no reset to 0, no jump.
     assert first[-1]["wall_time_s"] <= rows[2]["wall_time_s"] < first[-1]["wall_time_s"] + 60
-    assert rows[2]["wall_time_s"] - first[-1]["wall_time_s"] >= rows[2]["rollout_s"] + rows[2]["update_s"]
+    assert (
+        rows[2]["wall_time_s"] - first[-1]["wall_time_s"]
+        >= rows[2]["rollout_s"] + rows[2]["update_s"]
+    )
 
 
-def test_a_resume_keeps_the_first_score_and_a_run_with_nothing_left_to_do_reports_its_iterations(tmp_path):
+def test_a_resume_keeps_the_first_score_and_a_run_with_nothing_left_to_do_reports_its_iterations(
+    tmp_path,
+):
     first = train_text(_config(tmp_path, "f", iterations=2, save_checkpoint=True))
-    again = train_text(_config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f")
-    assert again["score_mean_first"] == first["score_mean_first"] == _metrics(tmp_path, "f")[0]["score_mean"]
-    done = train_text(_config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f")
+    again = train_text(
+        _config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f"
+    )
+    assert (
+        again["score_mean_first"]
+        == first["score_mean_first"]
+        == _metrics(tmp_path, "f")[0]["score_mean"]
+    )
+    done = train_text(
+        _config(tmp_path, "f", iterations=3, save_checkpoint=True), resume=tmp_path / "f"
+    )
     assert done["iterations"] == 3 and len(_metrics(tmp_path, "f")) == 3
 
 
-def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(tmp_path, sigterm_reward):
+def test_a_checkpoint_without_a_saved_schedule_resumes_on_its_first_horizon(
+    tmp_path, sigterm_reward
+):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from textenv.agents.checkpoint import TrainingInterrupted
 
-    kw = dict(iterations=6, num_envs=4, max_new_tokens=1, save_checkpoint=True, reward="test-count-a-sigterm")
+    kw = dict(
+        iterations=6,
+        num_envs=4,
+        max_new_tokens=1,
+        save_checkpoint=True,
+        reward="test-count-a-sigterm",
+    )
     train_text(_config(tmp_path, "whole", **kw))
     sigterm_reward(3)
     with pytest.raises(TrainingInterrupted):
@@ -522,7 +689,9 @@ def test_gradient_checkpointing_is_on_in_the_update_and_the_kv_cache_off(tmp_pat
 
     class Recording(textenv.agents.text.LMActorCritic):
         def evaluate_responses(self, *args, **kw):
-            on = getattr(self.lm, "is_activation_checkpointing", None)  # transformers >= 5.24's name
+            on = getattr(
+                self.lm, "is_activation_checkpointing", None
+            )  # transformers >= 5.24's name
             on = self.lm.is_gradient_checkpointing if on is None else on
             seen.append((on, self.lm.config.use_cache, self.lm.training))
             return super().evaluate_responses(*args, **kw)
@@ -537,7 +706,14 @@ def test_an_entropy_bonus_moves_the_policy_whatever_its_coefficient(tmp_path):
 
     params = {}
     for ent in (0.0, 1.0):
-        ppo = PPOConfig(update_epochs=1, num_minibatches=1, vf_coef=0.1, ent_coef=ent, max_grad_norm=1.0, norm_adv=False)
+        ppo = PPOConfig(
+            update_epochs=1,
+            num_minibatches=1,
+            vf_coef=0.1,
+            ent_coef=ent,
+            max_grad_norm=1.0,
+            norm_adv=False,
+        )
         train_text(_config(tmp_path, f"e{ent}", ppo=ppo, save_checkpoint=True, learning_rate=1e-2))
         params[ent] = load_file(str(tmp_path / f"e{ent}" / "policy" / "model.safetensors"))
     # Same rollout (same seed), different update: the bonus's gradient reached the parameters.
@@ -552,9 +728,14 @@ def test_no_progress_bar_when_progress_is_off(tmp_path, capfd):
 
 def test_a_lora_run_resumes_from_its_adapter(tmp_path):
     train_text(_config(tmp_path, "l", lora_r=4, save_checkpoint=True, learning_rate=1e-2))
-    summary = train_text(_config(tmp_path, "l", lora_r=4, iterations=2, save_checkpoint=True, learning_rate=1e-2),
-                         resume=tmp_path / "l")
-    assert summary["iterations"] == 2 and (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
+    summary = train_text(
+        _config(tmp_path, "l", lora_r=4, iterations=2, save_checkpoint=True, learning_rate=1e-2),
+        resume=tmp_path / "l",
+    )
+    assert (
+        summary["iterations"] == 2
+        and (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
+    )
 
 
 def _half(prompts, responses):
@@ -572,8 +753,17 @@ def _register_half():
 def test_target_score_stops_once_the_window_mean_reaches_it(tmp_path, target, iterations_run):
     # Every response scores 0.5: a window of 2 averages exactly 0.5, which reaches 0.5 but not 0.6.
     _register_half()
-    summary = train_text(_config(tmp_path, "t", reward="test-half", iterations=4, target_score=target,
-                                 target_window=2, kl_coef=0.0))
+    summary = train_text(
+        _config(
+            tmp_path,
+            "t",
+            reward="test-half",
+            iterations=4,
+            target_score=target,
+            target_window=2,
+            kl_coef=0.0,
+        )
+    )
     assert summary["iterations"] == iterations_run
     assert len(_metrics(tmp_path, "t")) == iterations_run
 
@@ -615,15 +805,22 @@ def test_the_held_out_standard_error_exists_from_two_responses():
 
     lm, _ = load_causal_lm("tiny:1")
     policy = LMActorCritic(lm, value_head=False)
-    two = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end")
+    two = TextGenerationVectorEnv(
+        num_envs=2, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end"
+    )
     result = evaluate_held_out(policy, two, seed=0)
     generator = torch.Generator().manual_seed(0)
     from textenv.agents.text import collect_rollout
 
     scores = collect_rollout(policy, two, seed=0, generator=generator).scores.double()
     assert result["score_se"] == pytest.approx(float(scores.std() / 2**0.5))
-    one = TextGenerationVectorEnv(num_envs=1, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end")
-    assert evaluate_held_out(policy, one, seed=0)["score_se"] != evaluate_held_out(policy, one, seed=0)["score_se"]  # nan
+    one = TextGenerationVectorEnv(
+        num_envs=1, task="Toy", model="tiny", max_new_tokens=6, reference_pass="at_end"
+    )
+    assert (
+        evaluate_held_out(policy, one, seed=0)["score_se"]
+        != evaluate_held_out(policy, one, seed=0)["score_se"]
+    )  # nan
 
 
 def test_fsdp_with_lora_is_refused(tmp_path):
@@ -661,14 +858,18 @@ def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_pr
         if shard:
             shard_policy(policy, lm)
         policies.append(policy)
-        rollouts.append(collect_rollout(policy, envs, seed=5, generator=torch.Generator().manual_seed(1)))
+        rollouts.append(
+            collect_rollout(policy, envs, seed=5, generator=torch.Generator().manual_seed(1))
+        )
     plain, sharded = rollouts
     assert not _is_sharded(policies[0]) and _is_sharded(policies[1])
     assert all(isinstance(p, DTensor) for p in policies[1].parameters())
     from torch.distributed.fsdp import FSDPModule
 
     lm = policies[1].lm
-    blocks = [m for m in lm.modules() if any(c.__name__ in lm._no_split_modules for c in type(m).__mro__)]
+    blocks = [
+        m for m in lm.modules() if any(c.__name__ in lm._no_split_modules for c in type(m).__mro__)
+    ]
     assert blocks and all(isinstance(m, FSDPModule) for m in blocks)  # each block its own unit
     assert isinstance(policies[1].value_head, FSDPModule)  # and the fp32 value head
     assert sharded.responses == plain.responses
@@ -683,7 +884,11 @@ def test_the_text_optimizer_is_adamw_without_weight_decay_fused_or_not():
     for fused in (True, False):
         opt = adamw(params, lr=0.25, fused=fused)
         assert isinstance(opt, torch.optim.AdamW)
-        assert (opt.defaults["lr"], opt.defaults["eps"], opt.defaults["weight_decay"]) == (0.25, 1e-5, 0.0)
+        assert (opt.defaults["lr"], opt.defaults["eps"], opt.defaults["weight_decay"]) == (
+            0.25,
+            1e-5,
+            0.0,
+        )
         assert bool(opt.defaults["fused"]) is fused  # CPU float32 has a fused kernel
     assert adamw(params, lr=0.25).defaults["fused"] is True
 
@@ -701,13 +906,19 @@ def test_save_policy_writes_the_full_weights_it_is_given_as_a_sharded_run_does(t
     source = LMActorCritic(load_causal_lm("tiny:1")[0])
     torch.nn.init.normal_(source.value_head.weight)
     full = {k: v.clone() for k, v in source.state_dict().items()}
-    path = save_policy(tmp_path / "policy", policy, tok, generator=torch.Generator().manual_seed(0),
-                       state={"iteration": 7}, state_dict=full)
+    path = save_policy(
+        tmp_path / "policy",
+        policy,
+        tok,
+        generator=torch.Generator().manual_seed(0),
+        state={"iteration": 7},
+        state_dict=full,
+    )
     saved = load_file(str(path / "model.safetensors"))
     assert saved and all(torch.equal(v, full[f"lm.{k}"]) for k, v in saved.items())
     assert any(not torch.equal(v, lm.state_dict()[k]) for k, v in saved.items())
     head = load_file(str(path / "value_head.safetensors"))
-    assert head.keys() == {k[len("value_head."):] for k in full if k.startswith("value_head.")}
+    assert head.keys() == {k[len("value_head.") :] for k in full if k.startswith("value_head.")}
     assert all(torch.equal(v, full[f"value_head.{k}"]) for k, v in head.items())
     from safetensors import safe_open
 
@@ -739,13 +950,17 @@ def _rewrite_trainer_state(policy_dir, **changes):
 def test_resuming_says_so_only_when_the_process_count_changed(tmp_path, capsys):
     summary = train_text(_config(tmp_path, "r", iterations=1, save_checkpoint=True))
     assert "world_size" not in summary  # one process: no such field
-    _rewrite_trainer_state(tmp_path / "r" / "policy", world_size=None)  # a checkpoint from before the field
+    _rewrite_trainer_state(
+        tmp_path / "r" / "policy", world_size=None
+    )  # a checkpoint from before the field
     capsys.readouterr()
     train_text(_config(tmp_path, "r", iterations=2, save_checkpoint=True), resume=tmp_path / "r")
     assert "process(es)" not in capsys.readouterr().err
     _rewrite_trainer_state(tmp_path / "r" / "policy", world_size=2)
     train_text(_config(tmp_path, "r", iterations=3, save_checkpoint=True), resume=tmp_path / "r")
-    assert "note: this run was trained by 2 process(es) and resumes with 1" in capsys.readouterr().err
+    assert (
+        "note: this run was trained by 2 process(es) and resumes with 1" in capsys.readouterr().err
+    )
 
 
 def test_progress_messages_only_when_asked(tmp_path, capsys):
@@ -753,7 +968,9 @@ def test_progress_messages_only_when_asked(tmp_path, capsys):
     assert "loading" not in capsys.readouterr().err
     train_text(_config(tmp_path, "chatty", progress=True))
     err = capsys.readouterr().err
-    assert "loading the reference model (tiny) ..." in err and "loading the policy (tiny) ..." in err
+    assert (
+        "loading the reference model (tiny) ..." in err and "loading the policy (tiny) ..." in err
+    )
 
 
 def test_fsdp_needs_the_models_transformer_blocks(one_process_group):
@@ -763,6 +980,9 @@ def test_fsdp_needs_the_models_transformer_blocks(one_process_group):
 
     lm, _ = load_causal_lm("tiny")
     lm._no_split_modules = None
-    with pytest.raises(ValueError, match=r"^--fsdp: cannot find the transformer blocks of \w+ \(it lists no "
-                                         r"_no_split_modules\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--fsdp: cannot find the transformer blocks of \w+ \(it lists no "
+        r"_no_split_modules\)$",
+    ):
         shard_policy(LMActorCritic(lm), lm)

@@ -96,7 +96,9 @@ def test_vector_env_matches_single_envs_token_for_token():
             assert vinfo["ref_logprob"][i].item() == pytest.approx(info["ref_logprob"], abs=1e-5)
             assert bool(vterm[i]) == term and not trunc and not vtrunc[i]
             if term:
-                assert vinfo["_score"][i] and vinfo["score"][i].item() == pytest.approx(info["score"])
+                assert vinfo["_score"][i] and vinfo["score"][i].item() == pytest.approx(
+                    info["score"]
+                )
                 assert vinfo["response_text"][i] == info["response_text"]
                 assert bool(vinfo["truncated_response"][i]) == info["truncated_response"]
                 assert int(vinfo["response_length"][i]) == info["response_length"] == t + 1
@@ -132,7 +134,9 @@ def test_sb3_env_checker_and_ppo_run():
 
     env = TextGenerationEnv(**TINY)
     check_env(env, warn=False)
-    model = PPO("MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model = PPO(
+        "MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu"
+    )
     model.learn(total_timesteps=256)
     assert model.num_timesteps >= 256
 
@@ -142,8 +146,15 @@ def test_registered_tasks_build_and_document_themselves():
         spec = gym.spec(f"textenv/{name}-v0")
         assert spec.vector_entry_point is not None
         doc = textenv.TASKS[name].__doc__
-        for section in ("## Description", "## Action Space", "## Observation Space", "## Rewards",
-                        "## Starting State", "## Episode End", "## Arguments"):
+        for section in (
+            "## Description",
+            "## Action Space",
+            "## Observation Space",
+            "## Rewards",
+            "## Starting State",
+            "## Episode End",
+            "## Arguments",
+        ):
             assert section in doc, (name, section)
     env = gym.make("textenv/Arithmetic-v0", model="tiny", max_prompt_tokens=64)
     _, info = env.reset(seed=0)
@@ -168,17 +179,19 @@ def test_custom_reward_object_and_registered_name():
 
 @pytest.mark.parametrize(
     "bad,match",
-    [(lambda p, r: 1 / 0, "raised ZeroDivisionError"),
-     (lambda p, r: [1.0] * (len(r) + 1), "returned 2 scores for 1"),
-     (lambda p, r: [float("nan")], "returned nan for item 0"),
-     (lambda p, r: [float("inf")], "returned inf for item 0"),
-     (lambda p, r: ["x"], "returned str 'x' for item 0; scores must be numbers"),
-     (lambda p, r: ["1.0"], "returned str '1.0' for item 0"),  # float("1.0") would pass silently
-     (lambda p, r: [True], "returned bool True for item 0"),
-     (lambda p, r: np.array([True]), r"returned bool (np\.True_|True) for item 0"),
-     (lambda p, r: torch.tensor([True]), "returned Tensor tensor\\(\\[?True"),
-     (lambda p, r: "1", "got a string '1'"),
-     (lambda p, r: None, "sequence of floats")],
+    [
+        (lambda p, r: 1 / 0, "raised ZeroDivisionError"),
+        (lambda p, r: [1.0] * (len(r) + 1), "returned 2 scores for 1"),
+        (lambda p, r: [float("nan")], "returned nan for item 0"),
+        (lambda p, r: [float("inf")], "returned inf for item 0"),
+        (lambda p, r: ["x"], "returned str 'x' for item 0; scores must be numbers"),
+        (lambda p, r: ["1.0"], "returned str '1.0' for item 0"),  # float("1.0") would pass silently
+        (lambda p, r: [True], "returned bool True for item 0"),
+        (lambda p, r: np.array([True]), r"returned bool (np\.True_|True) for item 0"),
+        (lambda p, r: torch.tensor([True]), "returned Tensor tensor\\(\\[?True"),
+        (lambda p, r: "1", "got a string '1'"),
+        (lambda p, r: None, "sequence of floats"),
+    ],
 )
 def test_bad_reward_fails_with_a_clear_error(bad, match):
     with pytest.raises(RewardError, match=match):
@@ -234,7 +247,9 @@ def test_load_causal_lm_rejects_what_is_not_a_causal_lm(tmp_path):
         load_causal_lm(str(tmp_path))
     from transformers import DistilBertConfig  # an encoder: no causal-LM head exists for it
 
-    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(tmp_path / "clf")
+    DistilBertConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8).save_pretrained(
+        tmp_path / "clf"
+    )
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(str(tmp_path / "clf"))
 
@@ -261,9 +276,14 @@ def test_model_code_from_a_model_directory_runs_only_when_trusted(tmp_path, monk
     tiny_causal_lm(tok, seed=2).save_pretrained(path)
     tok.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    config |= {"model_type": "textenv-remote-llama", "architectures": ["RemoteLM"],
-               "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig",
-                            "AutoModelForCausalLM": "modeling_remote.RemoteLM"}}
+    config |= {
+        "model_type": "textenv-remote-llama",
+        "architectures": ["RemoteLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_remote.RemoteConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteLM",
+        },
+    }
     (path / "config.json").write_text(json.dumps(config))
     (path / "configuration_remote.py").write_text(_REMOTE_CONFIG)
     (path / "modeling_remote.py").write_text(_REMOTE_MODEL)
@@ -285,7 +305,9 @@ def test_load_causal_lm_loads_a_saved_model_with_from_pretrained(tmp_path):
     model, tok2 = load_causal_lm(str(tmp_path / "m"))
     ids = torch.tensor([tok("hello")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, tiny_causal_lm(tok, seed=4)(input_ids=ids).logits)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, tiny_causal_lm(tok, seed=4)(input_ids=ids).logits
+        )
     assert tok2.decode(ids[0]) == "hello"
 
 
@@ -294,8 +316,16 @@ def tiny_reward_model(path) -> str:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -314,13 +344,20 @@ def test_reward_model_task_scores_with_a_sequence_classifier(tmp_path):
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([tok("hi there")["input_ids"]])).logits[0, 0].item()
     assert direct[0] == pytest.approx(expected, rel=1e-5)
-    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), max_new_tokens=3,
-                   max_prompt_tokens=64)
+    env = gym.make(
+        "textenv/RewardModel-v0",
+        model="tiny",
+        reward_model=str(tmp_path / "rm"),
+        max_new_tokens=3,
+        max_prompt_tokens=64,
+    )
     _, info = env.reset(seed=0)
     for a in (5, 6, 7):
         _, _, term, _, step_info = env.step(a)
     assert term
-    assert step_info["score"] == pytest.approx(rm([info["prompt"]], [step_info["response_text"]])[0], rel=1e-5)
+    assert step_info["score"] == pytest.approx(
+        rm([info["prompt"]], [step_info["response_text"]])[0], rel=1e-5
+    )
     with pytest.raises(ValueError, match="needs reward_model"):
         gym.make("textenv/RewardModel-v0", model="tiny")
 
@@ -330,15 +367,29 @@ def test_reward_model_follows_the_env_dtype_unless_given_its_own(tmp_path):
 
     fp32 = ClassifierReward(tiny_reward_model(tmp_path / "rm"))
     assert fp32.model.dtype == torch.float32
-    env = gym.make("textenv/RewardModel-v0", model="tiny", reward_model=str(tmp_path / "rm"), dtype=torch.bfloat16,
-                   max_new_tokens=2, max_prompt_tokens=64).unwrapped
+    env = gym.make(
+        "textenv/RewardModel-v0",
+        model="tiny",
+        reward_model=str(tmp_path / "rm"),
+        dtype=torch.bfloat16,
+        max_new_tokens=2,
+        max_prompt_tokens=64,
+    ).unwrapped
     followed = env.reward_fn
-    assert followed.model.dtype == torch.bfloat16 == env.reference_model.dtype  # beside the reference
+    assert (
+        followed.model.dtype == torch.bfloat16 == env.reference_model.dtype
+    )  # beside the reference
     # bf16 scores are the fp32 ones to bf16 precision.
     assert followed(["hi "], ["there"])[0] == pytest.approx(fp32(["hi "], ["there"])[0], abs=0.05)
     own = ClassifierReward(str(tmp_path / "rm"), dtype=torch.float32)
-    env = gym.make("textenv/RewardModel-v0", model="tiny", reward=own, dtype=torch.bfloat16, max_new_tokens=2,
-                   max_prompt_tokens=64).unwrapped
+    env = gym.make(
+        "textenv/RewardModel-v0",
+        model="tiny",
+        reward=own,
+        dtype=torch.bfloat16,
+        max_new_tokens=2,
+        max_prompt_tokens=64,
+    ).unwrapped
     assert env.reward_fn is own and own.model.dtype == torch.float32  # an explicit choice stands
 
 
@@ -348,32 +399,50 @@ def test_sentiment_task_scores_with_vader_or_a_named_classifier(tmp_path):
     env = TextGenerationEnv(task="Sentiment", model="tiny", max_prompt_tokens=64, max_new_tokens=2)
     assert env.task.build_reward()([""], ["what a wonderful, lovely day"])[0] > 0.5
     tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id,
-                         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     torch.manual_seed(0)
     clf = LlamaForSequenceClassification(config)
     clf.save_pretrained(tmp_path / "clf")
     tok.save_pretrained(tmp_path / "clf")
-    env = gym.make("textenv/Sentiment-v0", model="tiny", classifier=str(tmp_path / "clf"), max_prompt_tokens=64)
+    env = gym.make(
+        "textenv/Sentiment-v0", model="tiny", classifier=str(tmp_path / "clf"), max_prompt_tokens=64
+    )
     reward = env.unwrapped.task.build_reward()
     with torch.no_grad():
-        expected = clf(input_ids=torch.tensor([tok("good")["input_ids"]])).logits.softmax(-1)[0, 1].item()
+        expected = (
+            clf(input_ids=torch.tensor([tok("good")["input_ids"]])).logits.softmax(-1)[0, 1].item()
+        )
     assert reward(["ignored prompt "], ["good"])[0] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
-def test_vector_env_returns_ordinary_tensors_a_user_can_modify_and_differentiate_through(reference_pass):
+def test_vector_env_returns_ordinary_tensors_a_user_can_modify_and_differentiate_through(
+    reference_pass,
+):
     # Inference-mode tensors refuse in-place updates and autograd outside inference mode.
-    envs = TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=3,
-                                   reference_pass=reference_pass)
+    envs = TextGenerationVectorEnv(
+        num_envs=4, task="Toy", model="tiny", max_new_tokens=3, reference_pass=reference_pass
+    )
     envs.reset(seed=0)
     seen = set()
     while not envs.all_done:
         _, reward, terminated, truncated, info = envs.step(torch.full((4,), 5))
         weight = torch.ones(4, requires_grad=True)
-        for name, x in [("reward", reward), *((k, info[k]) for k in ("ref_logprob", "ref_logprobs", "score")
-                                              if k in info)]:
+        for name, x in [
+            ("reward", reward),
+            *((k, info[k]) for k in ("ref_logprob", "ref_logprobs", "score") if k in info),
+        ]:
             assert not x.is_inference(), name
             x.add_(1)
             (x.float().sum() * weight.sum()).backward()
@@ -384,8 +453,15 @@ def test_vector_env_returns_ordinary_tensors_a_user_can_modify_and_differentiate
 
 
 def _numpy_vec(num_envs=4):
-    return gym.make_vec("textenv/Toy-v0", num_envs=num_envs, model="tiny", max_new_tokens=4, kl_coef=0.1,
-                        reference_pass="per_step", arrays="numpy")
+    return gym.make_vec(
+        "textenv/Toy-v0",
+        num_envs=num_envs,
+        model="tiny",
+        max_new_tokens=4,
+        kl_coef=0.1,
+        reference_pass="per_step",
+        arrays="numpy",
+    )
 
 
 def _random_episode(envs, seed=0):
@@ -403,10 +479,18 @@ def test_numpy_arrays_mode_returns_numpy_and_matches_the_torch_mode():
     raw = _random_episode(_numpy_vec())
     obs, reward, terminated, truncated, info = raw[-1]
     assert isinstance(obs["input_ids"], np.ndarray) and obs["input_ids"].dtype == np.int64
-    assert reward.dtype == np.float32 and terminated.dtype == np.bool_ and truncated.dtype == np.bool_
+    assert (
+        reward.dtype == np.float32 and terminated.dtype == np.bool_ and truncated.dtype == np.bool_
+    )
     assert isinstance(info["score"], np.ndarray) and info["_score"].dtype == np.bool_
-    torch_envs = gym.make_vec("textenv/Toy-v0", num_envs=4, model="tiny", max_new_tokens=4, kl_coef=0.1,
-                              reference_pass="per_step")
+    torch_envs = gym.make_vec(
+        "textenv/Toy-v0",
+        num_envs=4,
+        model="tiny",
+        max_new_tokens=4,
+        kl_coef=0.1,
+        reference_pass="per_step",
+    )
     for (o_np, r_np, t_np, _, _), (o_t, r_t, t_t, _, _) in zip(raw, _random_episode(torch_envs)):
         np.testing.assert_array_equal(o_np["input_ids"], o_t["input_ids"].numpy())
         np.testing.assert_array_equal(r_np, r_t.numpy())
@@ -431,11 +515,13 @@ def test_gymnasiums_vector_wrappers_work_on_the_numpy_mode():
         episode = stats[step][4]["episode"]
         assert stats[step][4]["_episode"][row]
         assert episode["l"][row] == lengths[row]
-        assert episode["r"][row] == pytest.approx(rewards[:lengths[row], row].sum(), abs=1e-5)
+        assert episode["r"][row] == pytest.approx(rewards[: lengths[row], row].sum(), abs=1e-5)
 
     # ClipReward: the same rewards, clipped.
     clipped = _random_episode(vw.ClipReward(_numpy_vec(), -0.35, 0.0))
-    np.testing.assert_allclose(np.stack([s[1] for s in clipped]), np.clip(rewards, -0.35, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([s[1] for s in clipped]), np.clip(rewards, -0.35, 0.0), rtol=1e-6
+    )
     assert (rewards < -0.35).any()  # the clip did something
 
     # NormalizeReward: each reward divided by the running std of the discounted return.
@@ -476,12 +562,20 @@ def test_a_partial_reset_restarts_only_its_rows_and_their_episodes_equal_fresh_o
     envs.reset(seed=0, options={"prompts": ["abc", "b", "hello"]})
     envs.step(torch.tensor(actions))
     before = envs.step(torch.tensor(actions))[0]["input_ids"]
-    obs, info = envs.reset(options={"reset_mask": np.array([False, True, False]), "prompts": [None, "say a", None]})
+    obs, info = envs.reset(
+        options={"reset_mask": np.array([False, True, False]), "prompts": [None, "say a", None]}
+    )
     assert list(info["prompt"]) == ["abc", "say a", "hello"]
     assert envs._gen.resp_len.tolist() == [2, 0, 2]
     P = envs.max_prompt_tokens
-    assert obs["attention_mask"][:, P:].sum(1).tolist() == [2, 0, 2]  # row 1's response is gone, the others stay
-    assert torch.equal(obs["input_ids"][[0, 2]], before[[0, 2]]) and not torch.equal(obs["input_ids"][1], before[1])
+    assert obs["attention_mask"][:, P:].sum(1).tolist() == [
+        2,
+        0,
+        2,
+    ]  # row 1's response is gone, the others stay
+    assert torch.equal(obs["input_ids"][[0, 2]], before[[0, 2]]) and not torch.equal(
+        obs["input_ids"][1], before[1]
+    )
     totals, texts = _run_rows(envs, actions)
 
     uninterrupted = TextGenerationVectorEnv(num_envs=3, **kw)
@@ -500,12 +594,23 @@ def test_a_partial_reset_restarts_only_its_rows_and_their_episodes_equal_fresh_o
 def test_partial_resets_with_record_episode_statistics_count_every_episode():
     from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
-    envs = RecordEpisodeStatistics(TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=3,
-                                                           reference_pass="at_end", kl_coef=0.1, arrays="numpy"))
+    envs = RecordEpisodeStatistics(
+        TextGenerationVectorEnv(
+            num_envs=4,
+            task="Toy",
+            model="tiny",
+            max_new_tokens=3,
+            reference_pass="at_end",
+            kl_coef=0.1,
+            arrays="numpy",
+        )
+    )
     rng = np.random.default_rng(0)
     envs.reset(seed=0)
     ended = 0
-    for _ in range(20):  # rows end at different steps and restart at once: Gymnasium's DISABLED autoreset loop
+    for _ in range(
+        20
+    ):  # rows end at different steps and restart at once: Gymnasium's DISABLED autoreset loop
         _, reward, terminated, truncated, info = envs.step(rng.integers(0, 34, size=4))
         done = terminated | truncated
         ended += int(done.sum())
@@ -516,11 +621,15 @@ def test_partial_resets_with_record_episode_statistics_count_every_episode():
 
 
 def test_partial_resets_are_refused_clearly_where_they_cannot_work():
-    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="per_step")
+    envs = TextGenerationVectorEnv(
+        num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="per_step"
+    )
     envs.reset(seed=0)
     with pytest.raises(NotImplementedError, match="need reference_pass='at_end'"):
         envs.reset(options={"reset_mask": np.array([True, False])})
-    envs = TextGenerationVectorEnv(num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="at_end")
+    envs = TextGenerationVectorEnv(
+        num_envs=2, task="Toy", model="tiny", max_new_tokens=3, reference_pass="at_end"
+    )
     envs.reset(seed=0)
     with pytest.raises(ValueError, match="must be 2 booleans"):
         envs.reset(options={"reset_mask": np.array([1, 0])})
@@ -529,6 +638,7 @@ def test_partial_resets_are_refused_clearly_where_they_cannot_work():
 
 
 # -- the generation core's own checks, the frozen reference, the spaces ------------------------------
+
 
 def test_the_core_refuses_what_cannot_work_with_a_one_line_error():
     tok = char_tokenizer()
@@ -549,7 +659,9 @@ def test_the_core_refuses_what_cannot_work_with_a_one_line_error():
         gen.step(torch.tensor([3, 3, 3]))
 
 
-def test_the_reference_is_frozen_in_eval_mode_without_dropout_and_the_spaces_are_the_vocabulary(tmp_path):
+def test_the_reference_is_frozen_in_eval_mode_without_dropout_and_the_spaces_are_the_vocabulary(
+    tmp_path,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.test_text_trust import _tiny_gpt2_dir
@@ -584,6 +696,7 @@ def test_the_kl_shaping_warning_points_at_the_callers_line():
 
 # -- the env classes: construction, attributes, reset options, render ------------------------------
 
+
 def test_env_construction_errors_and_defaults():
     from gymnasium.vector import AutoresetMode
     from gymnasium.vector.utils import batch_space
@@ -602,7 +715,11 @@ def test_env_construction_errors_and_defaults():
     env.step(torch.tensor([3]))
     assert env.render() == [info["prompt"][0] + "a"]
     quiet = TextGenerationVectorEnv(task="Toy", model="tiny")
-    assert quiet.num_envs == 8 and quiet.render_mode is None and TextGenerationEnv(task="Toy", model="tiny").render() is None
+    assert (
+        quiet.num_envs == 8
+        and quiet.render_mode is None
+        and TextGenerationEnv(task="Toy", model="tiny").render() is None
+    )
     quiet.reset(seed=0)
     assert quiet.render() is None
 
@@ -613,7 +730,9 @@ def test_vector_attributes_are_one_value_for_the_batch():
     assert env.get_attr("kl_coef") == (0.3, 0.3)
     with pytest.raises(ValueError, match="kl_coef must be the same for every sub-env"):
         env.set_attr("kl_coef", [0.1, 0.2])
-    with pytest.raises(AttributeError, match="TextGenerationVectorEnv has no settable attribute 'reward_fn'"):
+    with pytest.raises(
+        AttributeError, match="TextGenerationVectorEnv has no settable attribute 'reward_fn'"
+    ):
         env.set_attr("reward_fn", [None, None])
     with pytest.raises(ValueError, match="kl_coef must be >= 0, got -1"):
         env.kl_coef = -1
@@ -624,8 +743,14 @@ def test_vector_reset_options_are_checked():
     for group in (0, 3):
         with pytest.raises(ValueError, match=rf"must be >= 1 and divide num_envs=4, got {group}"):
             env.reset(seed=0, options={"group_size": group})
-    for options in ({"prompts": ["a"] * 4}, {"prompt": "a"}, {"reset_mask": np.array([True, False, True, False])}):
-        with pytest.raises(ValueError, match="cannot be combined with 'prompts', 'prompt' or 'reset_mask'"):
+    for options in (
+        {"prompts": ["a"] * 4},
+        {"prompt": "a"},
+        {"reset_mask": np.array([True, False, True, False])},
+    ):
+        with pytest.raises(
+            ValueError, match="cannot be combined with 'prompts', 'prompt' or 'reset_mask'"
+        ):
             env.reset(seed=0, options={"group_size": 2, **options})
     with pytest.raises(ValueError, match=r"options\['prompts'\] needs 4 prompts, got 3"):
         env.reset(options={"prompts": ["a", "b", "c"]})
@@ -639,11 +764,14 @@ def test_vector_reset_options_are_checked():
         env.step(torch.full((4,), env.unwrapped._gen.eos_id))
         if env.all_done:
             break
-    with pytest.raises(RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"):
+    with pytest.raises(
+        RuntimeError, match="after every episode in the batch ended; call reset\\(\\) first"
+    ):
         env.step(torch.full((4,), 3))
 
 
 # -- the reference pass against a slow reference, on a model with absolute positions ---------------
+
 
 def _gpt2_vector_env(tmp_path, num_envs, reference_pass):
     """GPT-2 reads absolute positions: a padding column counted as a position, or a prompt token
@@ -653,9 +781,16 @@ def _gpt2_vector_env(tmp_path, num_envs, reference_pass):
     from tests.test_text_trust import _tiny_gpt2_dir
 
     path = _tiny_gpt2_dir(tmp_path, dropout=0.0)
-    return TextGenerationVectorEnv(num_envs=num_envs, task="Toy", model=AutoModelForCausalLM.from_pretrained(path),
-                                   tokenizer=AutoTokenizer.from_pretrained(path), reference_pass=reference_pass,
-                                   max_prompt_tokens=8, max_new_tokens=5, kl_coef=0.1)
+    return TextGenerationVectorEnv(
+        num_envs=num_envs,
+        task="Toy",
+        model=AutoModelForCausalLM.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        reference_pass=reference_pass,
+        max_prompt_tokens=8,
+        max_new_tokens=5,
+        kl_coef=0.1,
+    )
 
 
 def _play(envs, plan, held=None):
@@ -663,7 +798,10 @@ def _play(envs, plan, held=None):
     response tokens (after ``held``, those it already has), the env's log π_ref of them (per
     step, or at the end), the rewards paid and the scores."""
     n = envs.num_envs
-    tokens, ref = [list(h) for h in held] if held else [[] for _ in range(n)], [[] for _ in range(n)]
+    tokens, ref = (
+        [list(h) for h in held] if held else [[] for _ in range(n)],
+        [[] for _ in range(n)],
+    )
     paid, scores = np.zeros(n), np.full(n, np.nan)
     active = [not bool(d) for d in envs.unwrapped._gen.done]
     for actions in plan:
@@ -680,7 +818,7 @@ def _play(envs, plan, held=None):
                 scores[i] = info["score"][i].item()
                 if "ref_logprobs" in info:
                     ref[i] = info["ref_logprobs"][i, : len(tokens[i])].tolist()
-                    assert not info["ref_logprobs"][i, len(tokens[i]):].any()  # 0 past the end
+                    assert not info["ref_logprobs"][i, len(tokens[i]) :].any()  # 0 past the end
         if envs.all_done:
             break
     assert envs.all_done
@@ -690,26 +828,36 @@ def _play(envs, plan, held=None):
 def _check_against_slow_reference(envs, prompts, tokens, ref, paid, scores):
     """Each row's log π_ref equals an unpadded forward's, and its return is score + β Σ log π_ref."""
     for i, prompt in enumerate(prompts):
-        prompt_ids = envs.tokenizer(prompt)["input_ids"][-envs.max_prompt_tokens:]
+        prompt_ids = envs.tokenizer(prompt)["input_ids"][-envs.max_prompt_tokens :]
         slow = _reference_logprobs(envs.reference_model, prompt_ids, tokens[i])
         np.testing.assert_allclose(ref[i], slow, rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
         assert paid[i] == pytest.approx(scores[i] + envs.kl_coef * sum(slow), abs=1e-5), f"row {i}"
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
-def test_left_padded_prompts_of_any_width_score_as_unpadded_ones_episode_after_episode(tmp_path, reference_pass):
+def test_left_padded_prompts_of_any_width_score_as_unpadded_ones_episode_after_episode(
+    tmp_path, reference_pass
+):
     envs = _gpt2_vector_env(tmp_path, 3, reference_pass)
     EOS = envs.unwrapped._gen.eos_id
     # Short prompts first, then longer ones: the second episode's window must widen again.
     for prompts in (["ab", "b", "c"], ["a", "hello wo", "abc"]):
         envs.reset(options={"prompts": prompts})
-        plan = [[3, 4, 5], [EOS, 6, 7], [0, 8, 9], [0, 3, EOS], [0, 4, 0]]  # rows end at 2, 5 and 4 tokens
+        plan = [
+            [3, 4, 5],
+            [EOS, 6, 7],
+            [0, 8, 9],
+            [0, 3, EOS],
+            [0, 4, 0],
+        ]  # rows end at 2, 5 and 4 tokens
         tokens, *played = _play(envs, plan)
         assert [len(t) for t in tokens] == [2, 5, 4]
         _check_against_slow_reference(envs, prompts, tokens, *played)
 
 
-def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_unpadded_ones(tmp_path):
+def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_unpadded_ones(
+    tmp_path,
+):
     envs = _gpt2_vector_env(tmp_path, 3, "at_end")
     EOS = envs.unwrapped._gen.eos_id
     prompts = ["ab", "b", "c"]
@@ -721,14 +869,18 @@ def test_a_partial_reset_with_a_wider_prompt_and_rows_ending_together_score_as_u
     # Row 0 restarts with a prompt wider than any before; rows 0 and 1 then end at the same step
     # with 2 and 4 tokens, so one forward scores responses of two lengths.
     prompts[0] = "hello wo"
-    envs.reset(options={"reset_mask": np.array([True, False, False]), "prompts": ["hello wo", None, None]})
+    envs.reset(
+        options={"reset_mask": np.array([True, False, False]), "prompts": ["hello wo", None, None]}
+    )
     tokens, *played = _play(envs, [[8, 9, 3], [EOS, EOS, 4], [0, 0, EOS]], held)
     assert [len(t) for t in tokens] == [2, 4, 5]
     _check_against_slow_reference(envs, prompts, tokens, *played)
 
 
 @pytest.mark.parametrize("reference_pass", ["per_step", "at_end"])
-def test_the_reference_runs_once_per_step_or_once_per_ending_with_masks_that_cover_its_cache(reference_pass):
+def test_the_reference_runs_once_per_step_or_once_per_ending_with_masks_that_cover_its_cache(
+    reference_pass,
+):
     """HF's contract: the attention mask spans the cached tokens plus the new ones. ``per_step``
     runs the reference at reset and after each step but the last; ``at_end`` only at steps where
     episodes end."""
@@ -736,7 +888,9 @@ def test_the_reference_runs_once_per_step_or_once_per_ending_with_masks_that_cov
     calls = []
 
     def check(module, args, kwargs):
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # its name depends on the transformers version
+        past = kwargs.get(
+            "cache", kwargs.get("past_key_values")
+        )  # its name depends on the transformers version
         mask, ids = kwargs["attention_mask"], kwargs["input_ids"]
         cached = past.get_seq_length() if past is not None else 0
         assert mask.shape == (ids.shape[0], cached + ids.shape[1])
@@ -751,9 +905,16 @@ def test_the_reference_runs_once_per_step_or_once_per_ending_with_masks_that_cov
             envs.step(torch.tensor(actions))
         assert envs.all_done
         if reference_pass == "per_step":
-            assert len(calls) == 1 + len(plan) - 1 and calls[0] == (2, 5) and all(c == (2, 1) for c in calls[1:])
+            assert (
+                len(calls) == 1 + len(plan) - 1
+                and calls[0] == (2, 5)
+                and all(c == (2, 1) for c in calls[1:])
+            )
         else:
-            assert calls == [(1, 5 + 2), (1, 5 + 4)]  # one forward per ending: window of prompt + response
+            assert calls == [
+                (1, 5 + 2),
+                (1, 5 + 4),
+            ]  # one forward per ending: window of prompt + response
 
 
 def test_rows_that_ended_ignore_any_action_even_one_outside_the_vocabulary():
@@ -764,7 +925,9 @@ def test_rows_that_ended_ignore_any_action_even_one_outside_the_vocabulary():
     for dead in (vocab, -1, vocab + 5):
         _, reward, terminated, _, _ = envs.step(torch.tensor([dead, 3]))
         assert reward[0].item() == 0.0 and not terminated[0]
-    with pytest.raises(ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"):
+    with pytest.raises(
+        ValueError, match=rf"action {vocab} \(row 1\) is outside Discrete\({vocab}\)"
+    ):
         envs.step(torch.tensor([3, vocab]))
 
 
@@ -805,21 +968,35 @@ def test_truncated_response_is_set_exactly_when_the_budget_ends_the_episode():
         for _ in range(budget - 1):
             env.step(4)
         _, _, terminated, _, info = env.step(last)
-        assert terminated and info["truncated_response"] is (last != 1) and info["response_length"] == budget
+        assert (
+            terminated
+            and info["truncated_response"] is (last != 1)
+            and info["response_length"] == budget
+        )
     envs = TextGenerationVectorEnv(num_envs=3, **TINY)
     envs.reset(seed=0)
     for t in range(budget):
-        _, _, terminated, _, info = envs.step(torch.tensor([1 if t == 0 else 0, 4, 1 if t == budget - 1 else 4]))
+        _, _, terminated, _, info = envs.step(
+            torch.tensor([1 if t == 0 else 0, 4, 1 if t == budget - 1 else 4])
+        )
         if t == 0:
             assert info["truncated_response"].tolist() == [False, False, False]
-            assert info["score"].isnan().tolist() == [False, True, True]  # NaN where no episode ended
-    assert info["truncated_response"].tolist() == [False, True, False] and info["_truncated_response"].tolist() == [
-        False, True, True]
+            assert info["score"].isnan().tolist() == [
+                False,
+                True,
+                True,
+            ]  # NaN where no episode ended
+    assert info["truncated_response"].tolist() == [False, True, False] and info[
+        "_truncated_response"
+    ].tolist() == [False, True, True]
 
 
 def test_a_prompt_that_tokenizes_to_nothing_and_a_chat_prompt_without_a_template_are_refused():
     env = TextGenerationEnv(task="Toy", model="tiny")
-    with pytest.raises(ValueError, match="a chat prompt \\(a list of messages\\) needs a tokenizer with a chat template"):
+    with pytest.raises(
+        ValueError,
+        match="a chat prompt \\(a list of messages\\) needs a tokenizer with a chat template",
+    ):
         env.reset(options={"prompt": [{"role": "user", "content": "hi"}]})
     gen = env.unwrapped._gen
     real = gen.tokenizer
@@ -840,7 +1017,9 @@ def test_a_reference_model_object_is_moved_to_the_envs_device():
     from textenv.env import frozen_reference
 
     tok = char_tokenizer()
-    model, _ = frozen_reference(tiny_causal_lm(tok), tok, torch.device("meta"), torch.float32, False)
+    model, _ = frozen_reference(
+        tiny_causal_lm(tok), tok, torch.device("meta"), torch.float32, False
+    )
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
@@ -849,8 +1028,13 @@ def check_threads_and_trust(monkeypatch, module, makers, **kw):
     ``module.frozen_reference`` with ``trust_remote_code=False`` unless told otherwise."""
     seen = []
     real = module.frozen_reference
-    monkeypatch.setattr(module, "frozen_reference",
-                        lambda model, tokenizer, device, dtype, trust: seen.append(trust) or real(model, tokenizer, device, dtype, trust))
+    monkeypatch.setattr(
+        module,
+        "frozen_reference",
+        lambda model, tokenizer, device, dtype, trust: (
+            seen.append(trust) or real(model, tokenizer, device, dtype, trust)
+        ),
+    )
     before = torch.get_num_threads()
     try:
         for make in makers:
@@ -865,8 +1049,12 @@ def check_threads_and_trust(monkeypatch, module, makers, **kw):
 def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monkeypatch):
     import textenv.env as env_module
 
-    check_threads_and_trust(monkeypatch, env_module,
-                            (TextGenerationEnv, lambda **kw: TextGenerationVectorEnv(num_envs=2, **kw)), task="Toy")
+    check_threads_and_trust(
+        monkeypatch,
+        env_module,
+        (TextGenerationEnv, lambda **kw: TextGenerationVectorEnv(num_envs=2, **kw)),
+        task="Toy",
+    )
 
 
 def test_close_releases_the_reference_cache():
@@ -897,9 +1085,13 @@ def test_device_and_thread_settings_are_checked_with_one_line_errors():
 
     assert resolve_device(torch.device("cpu")) == torch.device("cpu") == resolve_device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^device 'cuda:0' was asked for but no CUDA GPU is available"):
+        with pytest.raises(
+            ValueError, match=r"^device 'cuda:0' was asked for but no CUDA GPU is available"
+        ):
             resolve_device(torch.device("cuda:0"))
-    with pytest.raises(ValueError, match=r"torch_threads must be >= 0 \(0: torch's default\), got -1"):
+    with pytest.raises(
+        ValueError, match=r"torch_threads must be >= 0 \(0: torch's default\), got -1"
+    ):
         set_torch_threads(-1)
 
 

@@ -50,21 +50,29 @@ def test_a_recoverable_failure_saves_the_last_good_iteration_and_says_where(tmp_
     run, saver = _run(tmp_path)
     assert run.last_iteration == 0
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(NonFiniteTraining, match=r"boom; the last good state \(iteration 2\) is saved in .*ckpt2, "
-                                                r"continue with --resume"):
+    with pytest.raises(
+        NonFiniteTraining,
+        match=r"boom; the last good state \(iteration 2\) is saved in .*ckpt2, "
+        r"continue with --resume",
+    ):
         with run.loop():
-            assert signal.getsignal(signal.SIGTERM) != before  # recorded, not fatal, inside the loop
+            assert (
+                signal.getsignal(signal.SIGTERM) != before
+            )  # recorded, not fatal, inside the loop
             run.end_iteration(1, 10, {"updates": 1.0}, "x")
             run.end_iteration(2, 20, {"updates": 1.0}, "x")
             raise NonFiniteTraining("boom")
     assert saver.calls == [2] and signal.getsignal(signal.SIGTERM) == before  # handlers restored
     assert run.logger._jsonl.closed
-    assert [json.loads(l)["global_step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+    assert [
+        json.loads(l)["global_step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ] == [10, 20]
 
 
 @pytest.mark.parametrize("save_on_failure, iterations", [(False, 2), (True, 0)])
-def test_a_failure_is_reraised_unchanged_without_saving_when_off_or_before_any_iteration(tmp_path, save_on_failure,
-                                                                                       iterations):
+def test_a_failure_is_reraised_unchanged_without_saving_when_off_or_before_any_iteration(
+    tmp_path, save_on_failure, iterations
+):
     run, saver = _run(tmp_path)
     with pytest.raises(NonFiniteTraining, match=r"^boom$"):
         with run.loop(save_on_failure=save_on_failure):
@@ -91,7 +99,9 @@ def test_other_errors_pass_through_and_extra_recoverable_types_are_saved(tmp_pat
 
 def test_a_streak_of_skipped_updates_stops_the_run_with_the_last_state_saved(tmp_path):
     run, saver = _run(tmp_path)
-    with pytest.raises(NonFiniteTraining, match=r"3 iterations in a row \(at 3\).*\(iteration 3\) is saved"):
+    with pytest.raises(
+        NonFiniteTraining, match=r"3 iterations in a row \(at 3\).*\(iteration 3\) is saved"
+    ):
         with run.loop():
             for i in range(1, 10):
                 run.end_iteration(i, i, {"updates": 0.0}, f"(at {i})")
@@ -106,7 +116,11 @@ def test_a_signal_during_an_iteration_checkpoints_it_and_raises_interrupted(tmp_
             os.kill(os.getpid(), signal.SIGTERM)
             run.end_iteration(2, 20, {"updates": 1.0}, "x")
             run.end_iteration(3, 30, {"updates": 1.0}, "x")  # never reached
-    assert saver.calls == [2] and info.value.checkpoint == tmp_path / "ckpt2" and run.logger._jsonl.closed
+    assert (
+        saver.calls == [2]
+        and info.value.checkpoint == tmp_path / "ckpt2"
+        and run.logger._jsonl.closed
+    )
 
 
 def test_finish_writes_the_summary_with_null_for_nan_and_closes_the_logs(tmp_path):
@@ -125,8 +139,12 @@ def test_directory_writes_the_config_for_a_new_run_and_reuses_a_resumed_one(tmp_
         lr: float = 0.1
 
     fresh = TrainingRun.directory(str(tmp_path), "r1", "p", Cfg(), None)
-    assert fresh == tmp_path / "r1" and json.loads((fresh / "config.json").read_text()) == {"lr": 0.1}
-    assert TrainingRun.directory(str(tmp_path), None, "p", Cfg(), tmp_path / "old") == tmp_path / "old"
+    assert fresh == tmp_path / "r1" and json.loads((fresh / "config.json").read_text()) == {
+        "lr": 0.1
+    }
+    assert (
+        TrainingRun.directory(str(tmp_path), None, "p", Cfg(), tmp_path / "old") == tmp_path / "old"
+    )
 
 
 def test_end_iteration_outside_the_loop_logs_without_signal_handling(tmp_path):
@@ -158,8 +176,13 @@ def test_packed_training_state_restores_every_rng_and_the_optimizer_exactly():
     tensors = load(save(tensors, metadata=metadata))
 
     def draws():
-        return (torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist(), np.random.normal(size=3).tolist(),
-                np.random.rand(2).tolist(), [random.random(), random.gauss(0, 1)])
+        return (
+            torch.rand(3).tolist(),
+            torch.rand(3, generator=generator).tolist(),
+            np.random.normal(size=3).tolist(),
+            np.random.rand(2).tolist(),
+            [random.random(), random.gauss(0, 1)],
+        )
 
     expected = draws()
     saved_state = {k: v.clone() for k, v in optimizer.state[param].items()}

@@ -16,18 +16,39 @@ import importlib
 import gymnasium as gym
 
 _EXPORTS = {
-    "TextGenerationEnv": "textenv.env", "TextGenerationVectorEnv": "textenv.env",
-    "char_tokenizer": "textenv.models", "load_causal_lm": "textenv.models", "tiny_causal_lm": "textenv.models",
+    "TextGenerationEnv": "textenv.env",
+    "TextGenerationVectorEnv": "textenv.env",
+    "char_tokenizer": "textenv.models",
+    "load_causal_lm": "textenv.models",
+    "tiny_causal_lm": "textenv.models",
     "kl_penalized_rewards": "textenv.kl",
-    "RewardError": "textenv.rewards", "RewardFn": "textenv.rewards", "get_reward": "textenv.rewards",
-    "register": "textenv.rewards", "score_batch": "textenv.rewards",
-    "TASKS": "textenv.tasks", "Task": "textenv.tasks", "make_task": "textenv.tasks",
-    "MultiTurnTextEnv": "textenv.multiturn", "MultiTurnTextVectorEnv": "textenv.multiturn",
-    "MultiTurnTask": "textenv.multiturn", "FunctionTask": "textenv.multiturn", "Turn": "textenv.multiturn",
+    "RewardError": "textenv.rewards",
+    "RewardFn": "textenv.rewards",
+    "get_reward": "textenv.rewards",
+    "register": "textenv.rewards",
+    "score_batch": "textenv.rewards",
+    "TASKS": "textenv.tasks",
+    "Task": "textenv.tasks",
+    "make_task": "textenv.tasks",
+    "MultiTurnTextEnv": "textenv.multiturn",
+    "MultiTurnTextVectorEnv": "textenv.multiturn",
+    "MultiTurnTask": "textenv.multiturn",
+    "FunctionTask": "textenv.multiturn",
+    "Turn": "textenv.multiturn",
 }
 __all__ = sorted(_EXPORTS)
-TASK_NAMES = ("Sentiment", "RewardModel", "Arithmetic", "Toy", "ReasoningGym", "RG-BasicArithmetic", "RG-ChainSum",
-              "RG-LegCounting", "RG-LetterCounting", "RG-SpellBackward")
+TASK_NAMES = (
+    "Sentiment",
+    "RewardModel",
+    "Arithmetic",
+    "Toy",
+    "ReasoningGym",
+    "RG-BasicArithmetic",
+    "RG-ChainSum",
+    "RG-LegCounting",
+    "RG-LetterCounting",
+    "RG-SpellBackward",
+)
 
 
 def __getattr__(name: str):
@@ -39,7 +60,14 @@ def __getattr__(name: str):
 
 
 # Multi-turn tasks (textenv.multiturn); textenv/MultiTurn-v0 is FunctionTask: pass respond= and prompts=.
-MULTITURN_TASK_NAMES = ("Calculator", "GuessTheNumber", "TicTacToe", "TextArena", "ToyTurns", "MultiTurn")
+MULTITURN_TASK_NAMES = (
+    "Calculator",
+    "GuessTheNumber",
+    "TicTacToe",
+    "TextArena",
+    "ToyTurns",
+    "MultiTurn",
+)
 
 for _name in MULTITURN_TASK_NAMES:
     _id = f"textenv/{_name}-v0"
@@ -52,9 +80,13 @@ for _name in MULTITURN_TASK_NAMES:
         )
 
 # Classic control as torch vector envs on the policy's device (textenv.control).
-for _name, _cls in (("TorchCartPole-v1", "TorchCartPole"), ("TorchAcrobot-v1", "TorchAcrobot"),
-                    ("TorchPendulum-v1", "TorchPendulum"), ("TorchMountainCar-v0", "TorchMountainCar"),
-                    ("TorchMountainCarContinuous-v0", "TorchMountainCarContinuous")):
+for _name, _cls in (
+    ("TorchCartPole-v1", "TorchCartPole"),
+    ("TorchAcrobot-v1", "TorchAcrobot"),
+    ("TorchPendulum-v1", "TorchPendulum"),
+    ("TorchMountainCar-v0", "TorchMountainCar"),
+    ("TorchMountainCarContinuous-v0", "TorchMountainCarContinuous"),
+):
     if f"textenv/{_name}" not in gym.registry:
         gym.register(id=f"textenv/{_name}", vector_entry_point=f"textenv.control:{_cls}")
 

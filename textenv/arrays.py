@@ -16,7 +16,9 @@ def selected_rows(reset_mask: Any, num_envs: int) -> list[int]:
         reset_mask = reset_mask.cpu().numpy()
     mask = np.asarray(reset_mask)
     if mask.shape != (num_envs,) or mask.dtype != np.bool_:
-        raise ValueError(f"options['reset_mask'] must be {num_envs} booleans, got shape {mask.shape} of {mask.dtype}")
+        raise ValueError(
+            f"options['reset_mask'] must be {num_envs} booleans, got shape {mask.shape} of {mask.dtype}"
+        )
     if not mask.any():
         raise ValueError("options['reset_mask'] selects no row to reset")
     return np.flatnonzero(mask).tolist()

@@ -28,8 +28,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from textenv.device import resolve_device
 from textenv.arrays import as_arrays, row_seeds
+from textenv.device import resolve_device
 
 
 class TorchControlVectorEnv(gym.vector.VectorEnv):
@@ -39,8 +39,14 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
     max_episode_steps: int  # each env sets both: its Gymnasium twin's id and time limit
     gym_id: str
 
-    def __init__(self, num_envs: int = 1, device: str | torch.device = "cpu", rng: str = "numpy",
-                 max_episode_steps: int | None = None, arrays: str = "torch") -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        device: str | torch.device = "cpu",
+        rng: str = "numpy",
+        max_episode_steps: int | None = None,
+        arrays: str = "torch",
+    ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if rng not in ("numpy", "torch"):
@@ -69,7 +75,9 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
         """``n`` initial states drawn on the device."""
         raise NotImplementedError
 
-    def dynamics(self, state: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dynamics(
+        self, state: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(next_state, reward, terminated)`` for every row."""
         raise NotImplementedError
 
@@ -127,7 +135,9 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
             # is trusted, since reading the check back would stall every step on the host.
             on_host = not isinstance(actions, torch.Tensor) or actions.device.type == "cpu"
             if on_host and bool(((a < 0) | (a >= self.single_action_space.n)).any()):
-                raise ValueError(f"actions must be in Discrete({self.single_action_space.n}), got {a.tolist()[:8]}")
+                raise ValueError(
+                    f"actions must be in Discrete({self.single_action_space.n}), got {a.tolist()[:8]}"
+                )
             return a
         a = a.to(torch.float64).reshape(self.num_envs, -1)
         return a
@@ -149,7 +159,10 @@ class TorchCartPole(TorchControlVectorEnv):
         return rng.uniform(low=-0.05, high=0.05, size=(4,))
 
     def initial_torch(self, n):
-        return torch.rand((n, 4), generator=self._gen, device=self.device, dtype=torch.float64) * 0.1 - 0.05
+        return (
+            torch.rand((n, 4), generator=self._gen, device=self.device, dtype=torch.float64) * 0.1
+            - 0.05
+        )
 
     def dynamics(self, state, action):
         x, x_dot, theta, theta_dot = state.unbind(1)
@@ -159,12 +172,17 @@ class TorchCartPole(TorchControlVectorEnv):
         polemass_length = self.masspole * self.length
         temp = (force + polemass_length * theta_dot**2 * sin) / total_mass
         thetaacc = (self.gravity * sin - cos * temp) / (
-            self.length * (4.0 / 3.0 - self.masspole * cos**2 / total_mass))
+            self.length * (4.0 / 3.0 - self.masspole * cos**2 / total_mass)
+        )
         xacc = temp - polemass_length * thetaacc * cos / total_mass
         x, x_dot = x + self.tau * x_dot, x_dot + self.tau * xacc
         theta, theta_dot = theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc
-        terminated = (x < -self.x_threshold) | (x > self.x_threshold) | (theta < -self.theta_threshold) | (
-            theta > self.theta_threshold)
+        terminated = (
+            (x < -self.x_threshold)
+            | (x > self.x_threshold)
+            | (theta < -self.theta_threshold)
+            | (theta > self.theta_threshold)
+        )
         return torch.stack([x, x_dot, theta, theta_dot], 1), torch.ones_like(x), terminated
 
 
@@ -175,22 +193,31 @@ class TorchMountainCar(TorchControlVectorEnv):
     max_episode_steps = 200
     min_position, max_position, max_speed, goal_position = -1.2, 0.6, 0.07, 0.5
     force, gravity = 0.001, 0.0025
-    single_observation_space = gym.spaces.Box(np.array([min_position, -max_speed], dtype=np.float32),
-                                              np.array([max_position, max_speed], dtype=np.float32), dtype=np.float32)
+    single_observation_space = gym.spaces.Box(
+        np.array([min_position, -max_speed], dtype=np.float32),
+        np.array([max_position, max_speed], dtype=np.float32),
+        dtype=np.float32,
+    )
     single_action_space = gym.spaces.Discrete(3)
 
     def initial_numpy(self, rng):
         return np.array([rng.uniform(low=-0.6, high=-0.4), 0])
 
     def initial_torch(self, n):
-        pos = torch.rand(n, generator=self._gen, device=self.device, dtype=torch.float64) * 0.2 - 0.6
+        pos = (
+            torch.rand(n, generator=self._gen, device=self.device, dtype=torch.float64) * 0.2 - 0.6
+        )
         return torch.stack([pos, torch.zeros_like(pos)], 1)
 
     def _move(self, state, push):
         position, velocity = state.unbind(1)
-        velocity = (velocity + (push - self.gravity * torch.cos(3 * position))).clamp(-self.max_speed, self.max_speed)
+        velocity = (velocity + (push - self.gravity * torch.cos(3 * position))).clamp(
+            -self.max_speed, self.max_speed
+        )
         position = (position + velocity).clamp(self.min_position, self.max_position)
-        velocity = torch.where((position == self.min_position) & (velocity < 0), torch.zeros_like(velocity), velocity)
+        velocity = torch.where(
+            (position == self.min_position) & (velocity < 0), torch.zeros_like(velocity), velocity
+        )
         terminated = (position >= self.goal_position) & (velocity >= 0)
         return torch.stack([position, velocity], 1), terminated
 
@@ -222,8 +249,11 @@ class TorchPendulum(TorchControlVectorEnv):
     gym_id = "Pendulum-v1"
     max_episode_steps = 200
     max_speed, max_torque, dt, g, m, l = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
-    single_observation_space = gym.spaces.Box(-np.array([1.0, 1.0, 8.0], dtype=np.float32),
-                                              np.array([1.0, 1.0, 8.0], dtype=np.float32), dtype=np.float32)
+    single_observation_space = gym.spaces.Box(
+        -np.array([1.0, 1.0, 8.0], dtype=np.float32),
+        np.array([1.0, 1.0, 8.0], dtype=np.float32),
+        dtype=np.float32,
+    )
     single_action_space = gym.spaces.Box(-2.0, 2.0, (1,), dtype=np.float32)
 
     def initial_numpy(self, rng):
@@ -240,8 +270,10 @@ class TorchPendulum(TorchControlVectorEnv):
         u = action[:, 0].float().clamp(-self.max_torque, self.max_torque)
         normalized = ((th + math.pi) % (2 * math.pi)) - math.pi
         costs = normalized**2 + 0.1 * thdot**2 + 0.001 * u**2
-        thdot = (thdot + (3 * self.g / (2 * self.l) * torch.sin(th) + 3.0 / (self.m * self.l**2) * u) * self.dt).clamp(
-            -self.max_speed, self.max_speed)
+        thdot = (
+            thdot
+            + (3 * self.g / (2 * self.l) * torch.sin(th) + 3.0 / (self.m * self.l**2) * u) * self.dt
+        ).clamp(-self.max_speed, self.max_speed)
         th = th + thdot * self.dt
         return torch.stack([th, thdot], 1), -costs, torch.zeros_like(th, dtype=torch.bool)
 
@@ -267,7 +299,10 @@ class TorchAcrobot(TorchControlVectorEnv):
         return rng.uniform(low=-0.1, high=0.1, size=(4,)).astype(np.float32)
 
     def initial_torch(self, n):
-        draw = torch.rand((n, 4), generator=self._gen, device=self.device, dtype=torch.float64) * 0.2 - 0.1
+        draw = (
+            torch.rand((n, 4), generator=self._gen, device=self.device, dtype=torch.float64) * 0.2
+            - 0.1
+        )
         return draw.float().double()
 
     def _dsdt(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -276,10 +311,15 @@ class TorchAcrobot(TorchControlVectorEnv):
         d1 = m1 * lc1**2 + m2 * (l1**2 + lc2**2 + 2 * l1 * lc2 * torch.cos(theta2)) + i1 + i1
         d2 = m2 * (lc2**2 + l1 * lc2 * torch.cos(theta2)) + i1
         phi2 = m2 * lc2 * g * torch.cos(theta1 + theta2 - math.pi / 2.0)
-        phi1 = (-m2 * l1 * lc2 * dtheta2**2 * torch.sin(theta2) - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * torch.sin(theta2)
-                + (m1 * lc1 + m2 * l1) * g * torch.cos(theta1 - math.pi / 2) + phi2)
+        phi1 = (
+            -m2 * l1 * lc2 * dtheta2**2 * torch.sin(theta2)
+            - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * torch.sin(theta2)
+            + (m1 * lc1 + m2 * l1) * g * torch.cos(theta1 - math.pi / 2)
+            + phi2
+        )
         ddtheta2 = (a + d2 / d1 * phi1 - m2 * l1 * lc2 * dtheta1**2 * torch.sin(theta2) - phi2) / (
-            m2 * lc2**2 + i1 - d2**2 / d1)
+            m2 * lc2**2 + i1 - d2**2 / d1
+        )
         ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
         return torch.stack([dtheta1, dtheta2, ddtheta1, ddtheta2], 1)
 
@@ -292,14 +332,19 @@ class TorchAcrobot(TorchControlVectorEnv):
         k4 = self._dsdt(state + dt * k3, a)
         ns = state + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
         t1, t2 = _wrap(ns[:, 0]), _wrap(ns[:, 1])
-        v1, v2 = ns[:, 2].clamp(-self.max_vel_1, self.max_vel_1), ns[:, 3].clamp(-self.max_vel_2, self.max_vel_2)
+        v1, v2 = (
+            ns[:, 2].clamp(-self.max_vel_1, self.max_vel_1),
+            ns[:, 3].clamp(-self.max_vel_2, self.max_vel_2),
+        )
         terminated = -torch.cos(t1) - torch.cos(t2 + t1) > 1.0
         reward = torch.where(terminated, 0.0, -1.0).to(state.dtype)
         return torch.stack([t1, t2, v1, v2], 1), reward, terminated
 
     def observe(self, state):
         t1, t2, v1, v2 = state.unbind(1)
-        return torch.stack([torch.cos(t1), torch.sin(t1), torch.cos(t2), torch.sin(t2), v1, v2], 1).float()
+        return torch.stack(
+            [torch.cos(t1), torch.sin(t1), torch.cos(t2), torch.sin(t2), v1, v2], 1
+        ).float()
 
 
 def _wrap(x: torch.Tensor) -> torch.Tensor:
@@ -309,8 +354,16 @@ def _wrap(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.pi, x + torch.ceil((-math.pi - x) / diff) * diff, x)
 
 
-TORCH_CONTROL = {f"Torch{cls.gym_id}": cls for cls in (TorchCartPole, TorchAcrobot, TorchPendulum, TorchMountainCar,
-                                                      TorchMountainCarContinuous)}
+TORCH_CONTROL = {
+    f"Torch{cls.gym_id}": cls
+    for cls in (
+        TorchCartPole,
+        TorchAcrobot,
+        TorchPendulum,
+        TorchMountainCar,
+        TorchMountainCarContinuous,
+    )
+}
 """Registered as ``textenv/Torch<Gymnasium id>`` (``textenv/TorchCartPole-v1``, ...)."""
 
 

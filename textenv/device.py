@@ -16,7 +16,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
+        raise ValueError(
+            f"device {name!r} was asked for but no CUDA GPU is available (use --device cpu or auto)"
+        )
     return device
 
 

@@ -24,8 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.arrays import as_arrays, row_seeds, selected_rows
 from textenv.device import set_torch_threads
-from textenv.models import (cache_kwargs, disable_dropout, ensure_pad_token, load_causal_lm, output_cache,
-                            resolve_device)
+from textenv.models import (
+    cache_kwargs,
+    disable_dropout,
+    ensure_pad_token,
+    load_causal_lm,
+    output_cache,
+    resolve_device,
+)
 from textenv.rewards import RewardFn, get_reward, score_batch
 from textenv.tasks import Task, make_task
 
@@ -52,14 +58,18 @@ class _Generation:
     ) -> None:
         task.validate()
         if reference_pass not in REFERENCE_PASSES:
-            raise ValueError(f"reference_pass must be one of {REFERENCE_PASSES}, got {reference_pass!r}")
+            raise ValueError(
+                f"reference_pass must be one of {REFERENCE_PASSES}, got {reference_pass!r}"
+            )
         self.at_end = reference_pass == "at_end"
         self.temperature = check_temperature(temperature)
         self.task, self.model, self.tokenizer, self.reward = task, model, tokenizer, reward
         self.device, self.batch_size = device, batch_size
         self.pad_id = ensure_pad_token(tokenizer)
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; episodes could only end at the budget")
+            raise ValueError(
+                "the tokenizer has no EOS token; episodes could only end at the budget"
+            )
         self.eos_id = int(tokenizer.eos_token_id)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.P, self.B = task.max_prompt_tokens, task.max_new_tokens
@@ -83,7 +93,9 @@ class _Generation:
         self.start = 0  # first column of the reference's cache
 
     # -- reset -------------------------------------------------------------------------------
-    def tokenize_prompts(self, prompts: list[str], chat: list[bool]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def tokenize_prompts(
+        self, prompts: list[str], chat: list[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots; also
         returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat template."""
         ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
@@ -108,8 +120,12 @@ class _Generation:
         if not getattr(self.tokenizer, "chat_template", None):
             if self.task.chat_fallback:  # e.g. reasoning-gym's [system, user] with a base model
                 return "\n\n".join(m["content"] for m in prompt) + "\n"
-            raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
-        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            raise ValueError(
+                "a chat prompt (a list of messages) needs a tokenizer with a chat template"
+            )
+        return self.tokenizer.apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=True
+        )
 
     @torch.no_grad()  # not inference_mode: returned tensors must work in a user's in-place ops and losses
     def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
@@ -132,8 +148,13 @@ class _Generation:
             return
         prompt_ids, prompt_mask = prompt_ids[:, self.start :], prompt_mask[:, self.start :]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = output_cache(out)
         self.ref_logp_next = self._ref_logp(out.logits[:, -1])
 
@@ -143,8 +164,10 @@ class _Generation:
         has its own response length, so rows need not be at the same step; only the per-step
         reference's KV cache (one slot per step for the whole batch) cannot allow it."""
         if not self.at_end:
-            raise NotImplementedError("partial resets (options['reset_mask']) need reference_pass='at_end': with "
-                                      "'per_step' the reference's KV cache is shared by the batch, one slot per step")
+            raise NotImplementedError(
+                "partial resets (options['reset_mask']) need reference_pass='at_end': with "
+                "'per_step' the reference's KV cache is shared by the batch, one slot per step"
+            )
         if not self.started:
             raise RuntimeError("the first reset() must reset every row")
         chat = [not isinstance(p, str) for p in prompts]
@@ -170,13 +193,17 @@ class _Generation:
 
     # -- step --------------------------------------------------------------------------------
     @torch.no_grad()  # see reset
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    def step(
+        self, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Advance every active row by its action; returns ``(reward, terminated, ended_now,
         ref_logprob, end_info)``. Rows that have ended ignore their action and pay 0."""
         if not self.started:
             raise RuntimeError("step() called before reset()")
         if actions.shape != (self.batch_size,):
-            raise ValueError(f"expected {self.batch_size} actions, got shape {tuple(actions.shape)}")
+            raise ValueError(
+                f"expected {self.batch_size} actions, got shape {tuple(actions.shape)}"
+            )
         active = ~self.done
         bad = ((actions < 0) | (actions >= self.vocab_size)) & active
         a = actions.clamp(0, self.vocab_size - 1)
@@ -189,15 +216,21 @@ class _Generation:
         if any_bad:
             self.all_done = False
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"action {int(actions[row])} (row {row}) is outside Discrete({self.vocab_size})")
+            raise ValueError(
+                f"action {int(actions[row])} (row {row}) is outside Discrete({self.vocab_size})"
+            )
         if self.at_end:
             ref_lp = torch.zeros(self.batch_size, device=self.device)
         else:
             ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
             ref_lp = torch.where(active, ref_lp, torch.zeros_like(ref_lp))
         slot = (self.P + self.resp_len).clamp_max(self.L - 1).unsqueeze(1)
-        self.ids.scatter_(1, slot, torch.where(active, a, self.ids.gather(1, slot).squeeze(1)).unsqueeze(1))
-        self.mask.scatter_(1, slot, torch.where(active, 1, self.mask.gather(1, slot).squeeze(1)).unsqueeze(1))
+        self.ids.scatter_(
+            1, slot, torch.where(active, a, self.ids.gather(1, slot).squeeze(1)).unsqueeze(1)
+        )
+        self.mask.scatter_(
+            1, slot, torch.where(active, 1, self.mask.gather(1, slot).squeeze(1)).unsqueeze(1)
+        )
         self.resp_len += active.long()
         self.done |= ended_now
         reward = self.kl_coef * ref_lp
@@ -206,14 +239,24 @@ class _Generation:
             rows = ended_now.nonzero().squeeze(1).tolist()
             lengths = self.resp_len[rows].tolist()
             tokens = self.ids[rows, self.P :].tolist()
-            texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
+            texts = [
+                self.tokenizer.decode(t[:n], skip_special_tokens=True)
+                for t, n in zip(tokens, lengths)
+            ]
             scores = score_batch(self.reward, [self.prompts[r] for r in rows], texts)
             score_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
             idx = torch.tensor(rows, device=self.device)
             reward = reward.index_add(0, idx, score_t)
             # scores as a [N] tensor too, NaN where no episode ended
-            batch_scores = torch.full((self.batch_size,), float("nan"), device=self.device).index_copy(0, idx, score_t)
-            end_info = {"rows": rows, "scores": scores, "batch_scores": batch_scores, "texts": texts}
+            batch_scores = torch.full(
+                (self.batch_size,), float("nan"), device=self.device
+            ).index_copy(0, idx, score_t)
+            end_info = {
+                "rows": rows,
+                "scores": scores,
+                "batch_scores": batch_scores,
+                "texts": texts,
+            }
             if self.at_end:
                 ref_lps = self._response_ref_logprobs(idx, max(lengths))
                 reward = reward.index_add(0, idx, self.kl_coef * ref_lps.sum(1))
@@ -230,8 +273,9 @@ class _Generation:
         mask = self.mask[idx, self.start : self.P + width]
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         # The logits at the column before each response token give its distribution.
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                            logits_to_keep=width + 1).logits[:, :width]
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1
+        ).logits[:, :width]
         logp = self._ref_logp(logits).gather(-1, ids[:, -width:].unsqueeze(-1)).squeeze(-1)
         return logp * mask[:, -width:]
 
@@ -240,9 +284,16 @@ class _Generation:
         # slot of the observation (mask 1); rows that had ended never write there (mask 0, they
         # feed pad), so the observation's mask is exactly the cache's attention mask.
         attn = self.mask[:, self.start : self.P + self.steps].contiguous()
-        position_ids = attn.sum(-1, keepdim=True) - 1  # >= 1: every row holds a prompt token and one more
-        out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=attn, position_ids=position_ids,
-                         use_cache=True, **cache_kwargs(self.model, self.cache))
+        position_ids = (
+            attn.sum(-1, keepdim=True) - 1
+        )  # >= 1: every row holds a prompt token and one more
+        out = self.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=attn,
+            position_ids=position_ids,
+            use_cache=True,
+            **cache_kwargs(self.model, self.cache),
+        )
         self.cache = output_cache(out)
         self.ref_logp_next = self._ref_logp(out.logits[:, -1])
 
@@ -251,8 +302,9 @@ class _Generation:
 
     def text(self, row: int) -> str:
         n = int(self.resp_len[row])
-        return self.prompts[row] + self.tokenizer.decode(self.ids[row, self.P : self.P + n].tolist(),
-                                                         skip_special_tokens=True)
+        return self.prompts[row] + self.tokenizer.decode(
+            self.ids[row, self.P : self.P + n].tolist(), skip_special_tokens=True
+        )
 
 
 REFERENCE_PASSES = ("per_step", "at_end")
@@ -272,7 +324,9 @@ def _reference_pass(reference_pass: str | None, kl_shaping: str | None) -> str:
 
         warnings.warn("kl_shaping is renamed reference_pass", DeprecationWarning, stacklevel=3)
         if reference_pass is not None and reference_pass != kl_shaping:
-            raise ValueError(f"reference_pass={reference_pass!r} and kl_shaping={kl_shaping!r} disagree")
+            raise ValueError(
+                f"reference_pass={reference_pass!r} and kl_shaping={kl_shaping!r} disagree"
+            )
         return kl_shaping
     return reference_pass or "per_step"
 
@@ -295,18 +349,29 @@ def _build(
     if reward is not None:
         task.reward = reward
     reward_fn = task.build_reward() if reward is None else get_reward(reward)
-    if callable(getattr(reward_fn, "follow_env", None)):  # a model-based reward: beside the reference
+    if callable(
+        getattr(reward_fn, "follow_env", None)
+    ):  # a model-based reward: beside the reference
         reward_fn.follow_env(device, dtype)
     model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
-    return _Generation(task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature)
+    return _Generation(
+        task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature
+    )
 
 
-def frozen_reference(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, device: torch.device,
-                     dtype: torch.dtype, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def frozen_reference(
+    model: str | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The reference model (loaded by name, or the object given with its tokenizer) on ``device``,
     in eval mode, without gradients or dropout."""
     if isinstance(model, str):
-        model, loaded_tok = load_causal_lm(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, loaded_tok = load_causal_lm(
+            model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         tokenizer = tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("pass the tokenizer of the model object you give")
@@ -318,10 +383,12 @@ def frozen_reference(model: str | PreTrainedModel, tokenizer: PreTrainedTokenize
 
 
 def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
-    obs = gym.spaces.Dict({
-        "input_ids": gym.spaces.Box(0, gen.vocab_size - 1, (gen.L,), np.int64),
-        "attention_mask": gym.spaces.Box(0, 1, (gen.L,), np.int64),
-    })
+    obs = gym.spaces.Dict(
+        {
+            "input_ids": gym.spaces.Box(0, gen.vocab_size - 1, (gen.L,), np.int64),
+            "attention_mask": gym.spaces.Box(0, 1, (gen.L,), np.int64),
+        }
+    )
     return obs, gym.spaces.Discrete(gen.vocab_size)
 
 
@@ -331,14 +398,22 @@ class _GenerationAccess:
     _gen: _Generation
     device = property(lambda self: self._gen.device, doc="the models' device")
     task = property(lambda self: self._gen.task, doc="the Task (prompts, reward, defaults)")
-    tokenizer = property(lambda self: self._gen.tokenizer, doc="the policy's (and reference's) tokenizer")
+    tokenizer = property(
+        lambda self: self._gen.tokenizer, doc="the policy's (and reference's) tokenizer"
+    )
     reference_model = property(lambda self: self._gen.model, doc="the frozen reference model")
-    reward_fn = property(lambda self: self._gen.reward, doc="the reward: (prompts, responses) -> scores")
+    reward_fn = property(
+        lambda self: self._gen.reward, doc="the reward: (prompts, responses) -> scores"
+    )
     max_prompt_tokens = property(lambda self: self._gen.P, doc="prompt slots P of the observation")
     max_new_tokens = property(lambda self: self._gen.B, doc="response budget B")
-    all_done = property(lambda self: self._gen.all_done, doc="every episode of the batch has ended (no sync)")
-    reference_pass = property(lambda self: "at_end" if self._gen.at_end else "per_step",
-                              doc="when the reference runs: per_step (KV-cached, each token) or at_end")
+    all_done = property(
+        lambda self: self._gen.all_done, doc="every episode of the batch has ended (no sync)"
+    )
+    reference_pass = property(
+        lambda self: "at_end" if self._gen.at_end else "per_step",
+        doc="when the reference runs: per_step (KV-cached, each token) or at_end",
+    )
 
     @property
     def temperature(self) -> float:
@@ -402,9 +477,22 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
     ) -> None:
         set_torch_threads(torch_threads)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, 1,
-                           _reference_pass(reference_pass, kl_shaping), temperature, task_kwargs)
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        self._gen = _build(
+            task,
+            model,
+            tokenizer,
+            reward,
+            device,
+            dtype,
+            trust_remote_code,
+            1,
+            _reference_pass(reference_pass, kl_shaping),
+            temperature,
+            task_kwargs,
+        )
         self.observation_space, self.action_space = _spaces(self._gen)
         self.render_mode = render_mode
 
@@ -425,7 +513,9 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         if self._gen.started and self._gen.all_done:
             raise RuntimeError("step() called after the episode ended; call reset() first")
         action = int(action)
-        reward, terminated, _, ref_lp, end = self._gen.step(torch.tensor([action], device=self._gen.device))
+        reward, terminated, _, ref_lp, end = self._gen.step(
+            torch.tensor([action], device=self._gen.device)
+        )
         info: dict[str, Any] = {} if self._gen.at_end else {"ref_logprob": float(ref_lp[0])}
         if end and self._gen.at_end:
             info["ref_logprobs"] = end["ref_logprobs"][0, : self._gen.resp_len[0]].cpu().numpy()
@@ -433,7 +523,8 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
             info |= {
                 "score": end["scores"][0],
                 "response_text": end["texts"][0],
-                "truncated_response": action != self._gen.eos_id,  # ended without EOS: at the budget
+                "truncated_response": action
+                != self._gen.eos_id,  # ended without EOS: at the budget
                 "response_length": int(self._gen.resp_len[0]),
             }
         return self._obs(), float(reward[0]), bool(terminated[0]), False, info
@@ -502,9 +593,22 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             raise ValueError(f"arrays must be 'torch' or 'numpy', got {arrays!r}")
         self.arrays = arrays
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, reward, device, dtype, trust_remote_code, num_envs,
-                           _reference_pass(reference_pass, kl_shaping), temperature, task_kwargs)
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        self._gen = _build(
+            task,
+            model,
+            tokenizer,
+            reward,
+            device,
+            dtype,
+            trust_remote_code,
+            num_envs,
+            _reference_pass(reference_pass, kl_shaping),
+            temperature,
+            task_kwargs,
+        )
         self.num_envs = num_envs
         self.single_observation_space, self.single_action_space = _spaces(self._gen)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -534,14 +638,20 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
                 self._rngs[i] = seeding.np_random(seeds[i])[0]
         group = int(options.get("group_size", 1))
         if group < 1 or self.num_envs % group:
-            raise ValueError(f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}")
+            raise ValueError(
+                f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}"
+            )
         if group > 1 and ("prompts" in options or "prompt" in options or partial):
-            raise ValueError("options['group_size'] groups the prompts of a full reset; it cannot be combined with "
-                             "'prompts', 'prompt' or 'reset_mask'")
+            raise ValueError(
+                "options['group_size'] groups the prompts of a full reset; it cannot be combined with "
+                "'prompts', 'prompt' or 'reset_mask'"
+            )
         if "prompts" in options:
             prompts = list(options["prompts"])
             if len(prompts) != self.num_envs:
-                raise ValueError(f"options['prompts'] needs {self.num_envs} prompts, got {len(prompts)}")
+                raise ValueError(
+                    f"options['prompts'] needs {self.num_envs} prompts, got {len(prompts)}"
+                )
         elif "prompt" in options:
             prompts = [options["prompt"]] * self.num_envs
         else:  # only the rows being reset draw (and advance their generators)
@@ -552,12 +662,16 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             self._gen.reset_rows(rows, [prompts[i] for i in rows])
         else:
             self._gen.reset(prompts)
-        return self._out(self._gen.observation()), {"prompt": np.array(self._gen.prompts, dtype=object)}
+        return self._out(self._gen.observation()), {
+            "prompt": np.array(self._gen.prompts, dtype=object)
+        }
 
     def step(self, actions):
         gen = self._gen
         if gen.started and gen.all_done:
-            raise RuntimeError("step() called after every episode in the batch ended; call reset() first")
+            raise RuntimeError(
+                "step() called after every episode in the batch ended; call reset() first"
+            )
         actions = torch.as_tensor(actions, device=gen.device).long().reshape(-1)
         reward, terminated, ended_now, ref_lp, end = gen.step(actions)
         info: dict[str, Any] = {} if gen.at_end else {"ref_logprob": ref_lp}
@@ -571,9 +685,12 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             info |= {
                 "score": end["batch_scores"],
                 "_score": ended_now,
-                "truncated_response": ended_now & (actions != gen.eos_id),  # ended without EOS: at the budget
+                "truncated_response": ended_now
+                & (actions != gen.eos_id),  # ended without EOS: at the budget
                 "_truncated_response": ended_now,
-                "response_length": torch.where(ended_now, gen.resp_len, torch.zeros_like(gen.resp_len)),
+                "response_length": torch.where(
+                    ended_now, gen.resp_len, torch.zeros_like(gen.resp_len)
+                ),
                 "_response_length": ended_now,
                 "response_text": texts,
                 "_response_text": ended_now.cpu().numpy(),
@@ -595,4 +712,3 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     def close_extras(self, **kwargs: Any) -> None:
         if hasattr(self, "_gen"):  # absent when the constructor raised; __del__ still closes
             self._gen.cache = None
-

@@ -37,7 +37,9 @@ def kl_penalized_rewards(
 
     Nothing is paid past a row's last masked token.
     """
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask  # a bool or integer mask promotes to float
+    rewards = (
+        -kl_coef * (logprobs - ref_logprobs) * mask
+    )  # a bool or integer mask promotes to float
     if scores.dim() == 2:
         return rewards + scores.to(rewards.dtype) * mask
     rows = torch.arange(mask.shape[0], device=mask.device)

@@ -31,8 +31,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from textenv.device import resolve_device
-
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ALPHABET = string.ascii_lowercase + " .,!?"
@@ -61,7 +59,9 @@ def char_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_causal_lm(
@@ -75,10 +75,17 @@ def tiny_causal_lm(
 ) -> PreTrainedModel:
     """A small random Llama whose vocabulary is ``tokenizer``'s, deterministic in ``seed``."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,7 +125,9 @@ def load_causal_lm(
     elif name == "tiny" or name.startswith("tiny:"):
         match = re.fullmatch(r"tiny(?::([0-9]+))?", name)
         if match is None:
-            raise ValueError(f"model {name!r}: the tiny model is named 'tiny' or 'tiny:<seed>' (a non-negative integer)")
+            raise ValueError(
+                f"model {name!r}: the tiny model is named 'tiny' or 'tiny:<seed>' (a non-negative integer)"
+            )
         seed = int(match[1] or 0)
         tokenizer = char_tokenizer()
         model = tiny_causal_lm(tokenizer, seed=seed).to(dtype)
@@ -141,14 +150,24 @@ def load_causal_lm(
             ) from None
         except ValueError as err:
             if "trust_remote_code" in str(err) and not trust_remote_code:
-                raise ValueError(f"model {name!r} needs its own Python code to load; it runs only with "
-                                 "trust_remote_code=True (--trust-remote-code)") from None
-            raise ValueError(f"could not load the config of model {name!r}: {str(err).splitlines()[0]}") from None
-        remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+                raise ValueError(
+                    f"model {name!r} needs its own Python code to load; it runs only with "
+                    "trust_remote_code=True (--trust-remote-code)"
+                ) from None
+            raise ValueError(
+                f"could not load the config of model {name!r}: {str(err).splitlines()[0]}"
+            ) from None
+        remote_causal = trust_remote_code and "AutoModelForCausalLM" in (
+            getattr(config, "auto_map", None) or {}
+        )
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote_causal:
-            raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model")
+            raise ValueError(
+                f"{name!r} is a {config.model_type!r} model, not a causal language model"
+            )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     return model.to(device).eval(), tokenizer
 
 
@@ -171,7 +190,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+        raise ValueError(
+            "the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token"
+        )
     tokenizer.pad_token = tokenizer.eos_token
     return int(tokenizer.eos_token_id)
 
@@ -179,7 +200,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
 def cache_kwargs(model: PreTrainedModel, cache) -> dict:
     """The KV-cache argument of ``model.forward``: ``cache`` from transformers 5.24 on
     (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps forward
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # peft wraps forward
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     return {name: cache}
 

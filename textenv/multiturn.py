@@ -30,8 +30,9 @@ import ast
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, NamedTuple, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -41,8 +42,8 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.device import set_torch_threads
 from textenv.arrays import as_arrays, row_seeds, selected_rows
+from textenv.device import set_torch_threads
 from textenv.env import _Generation, _GenerationAccess, check_temperature, frozen_reference
 from textenv.models import resolve_device
 from textenv.rewards import RewardError
@@ -108,17 +109,27 @@ class MultiTurnTask:
     def validate(self) -> None:
         for name in ("max_prompt_tokens", "max_context_tokens", "max_turn_tokens", "max_turns"):
             if getattr(self, name) < 1:
-                raise ValueError(f"task {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"task {self.name}: {name} must be >= 1, got {getattr(self, name)}"
+                )
         if self.kl_coef < 0:
             raise ValueError(f"task {self.name}: kl_coef must be >= 0, got {self.kl_coef}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"task {self.name}: stop strings must be non-empty strings, got {self.stop!r}")
+            raise ValueError(
+                f"task {self.name}: stop strings must be non-empty strings, got {self.stop!r}"
+            )
         if "{reply}" not in self.reply_format:
-            raise ValueError(f"task {self.name}: reply_format must contain '{{reply}}', got {self.reply_format!r}")
+            raise ValueError(
+                f"task {self.name}: reply_format must contain '{{reply}}', got {self.reply_format!r}"
+            )
 
 
 def as_messages(prompt: str | Messages) -> Messages:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    return (
+        [{"role": "user", "content": prompt}]
+        if isinstance(prompt, str)
+        else [dict(m) for m in prompt]
+    )
 
 
 def check_turn(result: Any, task: str, row: int) -> Turn:
@@ -126,15 +137,21 @@ def check_turn(result: Any, task: str, row: int) -> Turn:
     try:
         reply, reward, done = result
     except (TypeError, ValueError):
-        raise RewardError(f"task {task}: respond() must return (reply, reward, done), got {result!r} (row {row})") from None
+        raise RewardError(
+            f"task {task}: respond() must return (reply, reward, done), got {result!r} (row {row})"
+        ) from None
     if reply is not None and not isinstance(reply, str):
-        raise RewardError(f"task {task}: the reply must be a string or None, got {type(reply).__name__} (row {row})")
+        raise RewardError(
+            f"task {task}: the reply must be a string or None, got {type(reply).__name__} (row {row})"
+        )
     if isinstance(reward, (str, bytes, bool)):
         raise RewardError(f"task {task}: the reward must be a number, got {reward!r} (row {row})")
     try:
         reward = float(reward)
     except (TypeError, ValueError):
-        raise RewardError(f"task {task}: the reward must be a number, got {reward!r} (row {row})") from None
+        raise RewardError(
+            f"task {task}: the reward must be a number, got {reward!r} (row {row})"
+        ) from None
     if not math.isfinite(reward):
         raise RewardError(f"task {task}: respond() returned reward {reward} (row {row})")
     return Turn(reply or None, reward, bool(done))
@@ -145,14 +162,23 @@ class _Conversation(_Generation):
     into ``[0, P)``, the conversation (agent and env tokens) from ``P``; ``agent`` marks the
     agent's tokens. Per-row bookkeeping is host-side: replies are Python anyway."""
 
-    def __init__(self, task: MultiTurnTask, model, tokenizer, batch_size: int, device: torch.device,
-                 temperature: float) -> None:
+    def __init__(
+        self,
+        task: MultiTurnTask,
+        model,
+        tokenizer,
+        batch_size: int,
+        device: torch.device,
+        temperature: float,
+    ) -> None:
         super().__init__(task, model, tokenizer, None, batch_size, device, "at_end", temperature)
         self.agent = torch.zeros((batch_size, self.L), dtype=torch.bool, device=device)
         self.eos_text = tokenizer.convert_ids_to_tokens(self.eos_id)
         self.use_chat = bool(task.chat and getattr(tokenizer, "chat_template", None))
         n = batch_size
-        self.length = np.zeros(n, dtype=np.int64)  # tokens after the prompt, the agent's and the env's
+        self.length = np.zeros(
+            n, dtype=np.int64
+        )  # tokens after the prompt, the agent's and the env's
         self.n_actions = np.zeros(n, dtype=np.int64)  # the agent's tokens
         self.turns = np.zeros(n, dtype=np.int64)  # the agent's finished turns
         self.turn_tokens: list[list[int]] = [[] for _ in range(n)]  # the agent's current turn
@@ -179,7 +205,11 @@ class _Conversation(_Generation):
             if self.use_chat:
                 prompts.append(msgs)
             else:  # plain text: replies follow reply_format
-                prompts.append(ep.prompt if isinstance(ep.prompt, str) else "\n\n".join(m["content"] for m in msgs) + "\n")
+                prompts.append(
+                    ep.prompt
+                    if isinstance(ep.prompt, str)
+                    else "\n\n".join(m["content"] for m in msgs) + "\n"
+                )
         if len(rows) == self.batch_size:
             self.reset(prompts)
             self.agent.zero_()
@@ -196,13 +226,20 @@ class _Conversation(_Generation):
         if self.use_chat:
             hist = self.histories[row]
             prev = self.tokenizer.apply_chat_template(hist, tokenize=False)
-            full = self.tokenizer.apply_chat_template(hist + [{"role": self.task.reply_role, "content": reply}],
-                                                      tokenize=False, add_generation_prompt=True)
-            cut = prev.rfind(self.eos_text)  # where the agent's message ends; at 0 it is a BOS, not an end
+            full = self.tokenizer.apply_chat_template(
+                hist + [{"role": self.task.reply_role, "content": reply}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            cut = prev.rfind(
+                self.eos_text
+            )  # where the agent's message ends; at 0 it is a BOS, not an end
             if cut > 0 and full.startswith(prev[: cut + len(self.eos_text)]):
-                text = full[cut + (len(self.eos_text) if closed else 0):]
+                text = full[cut + (len(self.eos_text) if closed else 0) :]
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(self.task.reply_format.format(reply=reply), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.task.reply_format.format(reply=reply), add_special_tokens=False)[
+            "input_ids"
+        ]
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor):
@@ -211,14 +248,20 @@ class _Conversation(_Generation):
         if not self.started:
             raise RuntimeError("step() called before reset()")
         if actions.shape != (self.batch_size,):
-            raise ValueError(f"expected {self.batch_size} actions, got shape {tuple(actions.shape)}")
+            raise ValueError(
+                f"expected {self.batch_size} actions, got shape {tuple(actions.shape)}"
+            )
         acts = actions.tolist()  # the step's one host sync: replies are decided on the host
         active = np.flatnonzero(~self.done_host).tolist()
         for r in active:
             if not 0 <= acts[r] < self.vocab_size:
-                raise ValueError(f"action {acts[r]} (row {r}) is outside Discrete({self.vocab_size})")
+                raise ValueError(
+                    f"action {acts[r]} (row {r}) is outside Discrete({self.vocab_size})"
+                )
         rows_t = torch.tensor(active, device=self.device, dtype=torch.long)
-        cols_t = torch.tensor([self.P + int(self.length[r]) for r in active], device=self.device, dtype=torch.long)
+        cols_t = torch.tensor(
+            [self.P + int(self.length[r]) for r in active], device=self.device, dtype=torch.long
+        )
         self.ids[rows_t, cols_t] = actions.to(self.device).long()[rows_t]
         self.mask[rows_t, cols_t] = 1
         self.agent[rows_t, cols_t] = True
@@ -256,7 +299,9 @@ class _Conversation(_Generation):
             except RewardError:
                 raise
             except Exception as err:  # the user's code: report it with the task's name
-                raise RewardError(f"task {self.task.name}: respond() raised {type(err).__name__}: {err} (row {r})") from err
+                raise RewardError(
+                    f"task {self.task.name}: respond() raised {type(err).__name__}: {err} (row {r})"
+                ) from err
             turn = check_turn(result, self.task.name, r)
             turn_reward[r] = turn.reward
             self.score_host[r] += turn.reward
@@ -265,7 +310,9 @@ class _Conversation(_Generation):
                 ended.append(r)
                 continue
             toks = self.reply_tokens(r, turn.reply or "", closed=eos) if turn.reply else []
-            if self.length[r] + len(toks) + 1 > self.B:  # the reply and one more agent token must fit
+            if (
+                self.length[r] + len(toks) + 1 > self.B
+            ):  # the reply and one more agent token must fit
                 self.end_reason[r] = "context"
                 ended.append(r)
                 continue
@@ -299,8 +346,9 @@ class _Conversation(_Generation):
         ids = self.ids[idx, self.start : self.P + width]
         mask = self.mask[idx, self.start : self.P + width]
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                            logits_to_keep=width + 1).logits[:, :width]
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1
+        ).logits[:, :width]
         logp = self._ref_logp(logits).gather(-1, ids[:, -width:].unsqueeze(-1)).squeeze(-1)
         agent = self.agent[idx, self.P : self.P + width]
         out = torch.zeros((len(rows), self.B), device=self.device)
@@ -312,7 +360,9 @@ class _Conversation(_Generation):
     def conversation_text(self, row: int) -> str:
         """The conversation after the prompt as text (special tokens dropped)."""
         n = int(self.length[row])
-        return self.tokenizer.decode(self.ids[row, self.P : self.P + n].tolist(), skip_special_tokens=True)
+        return self.tokenizer.decode(
+            self.ids[row, self.P : self.P + n].tolist(), skip_special_tokens=True
+        )
 
     def text(self, row: int) -> str:
         return self.prompts[row] + self.conversation_text(row)
@@ -321,11 +371,23 @@ class _Conversation(_Generation):
         return super().observation() | {"agent_mask": self.agent.long()}
 
 
-def _build(task, model, tokenizer, device, dtype, trust_remote_code, batch_size, temperature, reference_pass,
-           task_kwargs) -> _Conversation:
+def _build(
+    task,
+    model,
+    tokenizer,
+    device,
+    dtype,
+    trust_remote_code,
+    batch_size,
+    temperature,
+    reference_pass,
+    task_kwargs,
+) -> _Conversation:
     if reference_pass not in (None, "at_end"):
-        raise ValueError("multi-turn envs run the reference once per finished conversation: reference_pass must be "
-                         f"'at_end', got {reference_pass!r}")
+        raise ValueError(
+            "multi-turn envs run the reference once per finished conversation: reference_pass must be "
+            f"'at_end', got {reference_pass!r}"
+        )
     device = resolve_device(device)
     task = make_multiturn_task(task, **task_kwargs)
     model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
@@ -334,7 +396,9 @@ def _build(task, model, tokenizer, device, dtype, trust_remote_code, batch_size,
 
 def _spaces(gen: _Conversation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
     box = lambda high: gym.spaces.Box(0, high, (gen.L,), np.int64)  # noqa: E731
-    obs = gym.spaces.Dict({"input_ids": box(gen.vocab_size - 1), "attention_mask": box(1), "agent_mask": box(1)})
+    obs = gym.spaces.Dict(
+        {"input_ids": box(gen.vocab_size - 1), "attention_mask": box(1), "agent_mask": box(1)}
+    )
     return obs, gym.spaces.Discrete(gen.vocab_size)
 
 
@@ -371,16 +435,37 @@ class MultiTurnTextEnv(_ConversationAccess, gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(self, task: str | MultiTurnTask = "Calculator", model: str | PreTrainedModel = "tiny",
-                 tokenizer: PreTrainedTokenizerBase | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, render_mode: str | None = None, trust_remote_code: bool = False,
-                 reference_pass: str | None = None, temperature: float = 1.0, torch_threads: int | None = None,
-                 **task_kwargs: Any) -> None:
+    def __init__(
+        self,
+        task: str | MultiTurnTask = "Calculator",
+        model: str | PreTrainedModel = "tiny",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+        reference_pass: str | None = None,
+        temperature: float = 1.0,
+        torch_threads: int | None = None,
+        **task_kwargs: Any,
+    ) -> None:
         set_torch_threads(torch_threads)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self._gen = _build(task, model, tokenizer, device, dtype, trust_remote_code, 1, temperature, reference_pass,
-                           task_kwargs)
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        self._gen = _build(
+            task,
+            model,
+            tokenizer,
+            device,
+            dtype,
+            trust_remote_code,
+            1,
+            temperature,
+            reference_pass,
+            task_kwargs,
+        )
         self.observation_space, self.action_space = _spaces(self._gen)
         self.render_mode = render_mode
 
@@ -390,7 +475,11 @@ class MultiTurnTextEnv(_ConversationAccess, gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        episode, ep_seed = (options["episode"], None) if "episode" in options else _episode(self.task, self.np_random)
+        episode, ep_seed = (
+            (options["episode"], None)
+            if "episode" in options
+            else _episode(self.task, self.np_random)
+        )
         self._gen.begin([0], [episode])
         return self._obs(), {"prompt": self._gen.prompts[0], "episode_seed": ep_seed}
 
@@ -398,13 +487,23 @@ class MultiTurnTextEnv(_ConversationAccess, gym.Env):
         gen = self._gen
         if gen.started and gen.all_done:
             raise RuntimeError("step() called after the episode ended; call reset() first")
-        reward, ended, turn_reward, turn_ended, end = gen.step(torch.tensor([int(action)], device=gen.device))
-        info: dict[str, Any] = {"turn_reward": float(turn_reward[0]), "turn_ended": bool(turn_ended[0])}
+        reward, ended, turn_reward, turn_ended, end = gen.step(
+            torch.tensor([int(action)], device=gen.device)
+        )
+        info: dict[str, Any] = {
+            "turn_reward": float(turn_reward[0]),
+            "turn_ended": bool(turn_ended[0]),
+        }
         if end:
-            info |= {"score": float(gen.score_host[0]), "ref_logprobs": end["ref_logprobs"][0, : gen.n_actions[0]].cpu().numpy(),
-                     "context_exhausted": gen.end_reason[0] == "context", "turns": int(gen.turns[0]),
-                     "end_reason": gen.end_reason[0], "response_text": end["texts"][0],
-                     "response_length": int(gen.n_actions[0])}
+            info |= {
+                "score": float(gen.score_host[0]),
+                "ref_logprobs": end["ref_logprobs"][0, : gen.n_actions[0]].cpu().numpy(),
+                "context_exhausted": gen.end_reason[0] == "context",
+                "turns": int(gen.turns[0]),
+                "end_reason": gen.end_reason[0],
+                "response_text": end["texts"][0],
+                "response_length": int(gen.n_actions[0]),
+            }
         return self._obs(), float(reward[0]), bool(ended[0]), False, info
 
     def render(self) -> str | None:
@@ -424,22 +523,44 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.DISABLED}
 
-    def __init__(self, num_envs: int = 8, task: str | MultiTurnTask = "Calculator",
-                 model: str | PreTrainedModel = "tiny", tokenizer: PreTrainedTokenizerBase | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 render_mode: str | None = None, trust_remote_code: bool = False, reference_pass: str | None = None,
-                 temperature: float = 1.0, torch_threads: int | None = None, arrays: str = "torch",
-                 **task_kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int = 8,
+        task: str | MultiTurnTask = "Calculator",
+        model: str | PreTrainedModel = "tiny",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+        reference_pass: str | None = None,
+        temperature: float = 1.0,
+        torch_threads: int | None = None,
+        arrays: str = "torch",
+        **task_kwargs: Any,
+    ) -> None:
         set_torch_threads(torch_threads)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if arrays not in ("torch", "numpy"):
             raise ValueError(f"arrays must be 'torch' or 'numpy', got {arrays!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         self.arrays = arrays
-        self._gen = _build(task, model, tokenizer, device, dtype, trust_remote_code, num_envs, temperature,
-                           reference_pass, task_kwargs)
+        self._gen = _build(
+            task,
+            model,
+            tokenizer,
+            device,
+            dtype,
+            trust_remote_code,
+            num_envs,
+            temperature,
+            reference_pass,
+            task_kwargs,
+        )
         self.num_envs = num_envs
         self.single_observation_space, self.single_action_space = _spaces(self._gen)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -456,14 +577,20 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
                 self._rngs[i] = seeding.np_random(seeds[i])[0]
         group = int(options.get("group_size", 1))
         if group < 1 or self.num_envs % group:
-            raise ValueError(f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}")
+            raise ValueError(
+                f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}"
+            )
         if group > 1 and ("episodes" in options or len(rows) < self.num_envs):
-            raise ValueError("options['group_size'] groups the episodes of a full reset; it cannot be combined with "
-                             "'episodes' or 'reset_mask'")
+            raise ValueError(
+                "options['group_size'] groups the episodes of a full reset; it cannot be combined with "
+                "'episodes' or 'reset_mask'"
+            )
         if "episodes" in options:
             episodes = list(options["episodes"])
             if len(episodes) != self.num_envs:
-                raise ValueError(f"options['episodes'] needs {self.num_envs} episodes, got {len(episodes)}")
+                raise ValueError(
+                    f"options['episodes'] needs {self.num_envs} episodes, got {len(episodes)}"
+                )
             seeds_used = [None] * self.num_envs
             episodes = [episodes[i] for i in rows]
         else:  # only the rows being reset draw; a group's rows share its first row's seed
@@ -471,14 +598,18 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
             seeds_used = [drawn.get(i - i % group) for i in range(self.num_envs)]
             episodes = [self.task.new_episode(np.random.default_rng(seeds_used[i])) for i in rows]
         self._gen.begin(rows, episodes)
-        info = {"prompt": np.array(self._gen.prompts, dtype=object),
-                "episode_seed": np.array(seeds_used, dtype=object)}
+        info = {
+            "prompt": np.array(self._gen.prompts, dtype=object),
+            "episode_seed": np.array(seeds_used, dtype=object),
+        }
         return self._out(self._gen.observation()), info
 
     def step(self, actions):
         gen = self._gen
         if gen.started and gen.all_done:
-            raise RuntimeError("step() called after every episode in the batch ended; call reset() first")
+            raise RuntimeError(
+                "step() called after every episode in the batch ended; call reset() first"
+            )
         actions = torch.as_tensor(actions, device=gen.device).long().reshape(-1)
         reward, ended, turn_reward, turn_ended, end = gen.step(actions)
         info: dict[str, Any] = {"turn_reward": turn_reward, "_turn_reward": turn_ended.clone()}
@@ -490,19 +621,36 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
             texts[end["rows"]] = end["texts"]
             reasons = np.full(n, None, dtype=object)
             reasons[end["rows"]] = [gen.end_reason[r] for r in end["rows"]]
-            exhausted = torch.as_tensor([gen.end_reason[r] == "context" for r in range(n)], device=gen.device) & ended
+            exhausted = (
+                torch.as_tensor(
+                    [gen.end_reason[r] == "context" for r in range(n)], device=gen.device
+                )
+                & ended
+            )
             zero = torch.zeros(n, dtype=torch.long, device=gen.device)
             info |= {
-                "score": torch.where(ended, torch.as_tensor(gen.score_host, dtype=torch.float32, device=gen.device),
-                                     float("nan")), "_score": ended,
-                "ref_logprobs": ref_lps, "_ref_logprobs": ended,
-                "context_exhausted": exhausted, "_context_exhausted": ended,
-                "truncated_response": exhausted, "_truncated_response": ended,
-                "turns": torch.where(ended, torch.as_tensor(gen.turns, device=gen.device), zero), "_turns": ended,
-                "response_length": torch.where(ended, torch.as_tensor(gen.n_actions, device=gen.device), zero),
+                "score": torch.where(
+                    ended,
+                    torch.as_tensor(gen.score_host, dtype=torch.float32, device=gen.device),
+                    float("nan"),
+                ),
+                "_score": ended,
+                "ref_logprobs": ref_lps,
+                "_ref_logprobs": ended,
+                "context_exhausted": exhausted,
+                "_context_exhausted": ended,
+                "truncated_response": exhausted,
+                "_truncated_response": ended,
+                "turns": torch.where(ended, torch.as_tensor(gen.turns, device=gen.device), zero),
+                "_turns": ended,
+                "response_length": torch.where(
+                    ended, torch.as_tensor(gen.n_actions, device=gen.device), zero
+                ),
                 "_response_length": ended,
-                "response_text": texts, "_response_text": ended.cpu().numpy(),
-                "end_reason": reasons, "_end_reason": ended.cpu().numpy(),
+                "response_text": texts,
+                "_response_text": ended.cpu().numpy(),
+                "end_reason": reasons,
+                "_end_reason": ended.cpu().numpy(),
             }
         truncated = torch.zeros_like(ended)
         return self._out((gen.observation(), reward, ended.clone(), truncated, info))
@@ -511,7 +659,11 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
         return as_arrays(x, self.arrays)
 
     def render(self) -> list[str] | None:
-        return [self._gen.text(i) for i in range(self.num_envs)] if self.render_mode == "ansi" else None
+        return (
+            [self._gen.text(i) for i in range(self.num_envs)]
+            if self.render_mode == "ansi"
+            else None
+        )
 
     def close_extras(self, **kwargs: Any) -> None:
         if hasattr(self, "_gen"):
@@ -519,6 +671,7 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
 
 
 # -- tasks -----------------------------------------------------------------------------------
+
 
 @dataclass
 class _FunctionEpisode:
@@ -553,7 +706,9 @@ class FunctionTask(MultiTurnTask):
     def validate(self) -> None:
         super().validate()
         if not callable(self.respond):
-            raise ValueError(f"task {self.name}: respond must be a callable (history) -> (reply, reward, done)")
+            raise ValueError(
+                f"task {self.name}: respond must be a callable (history) -> (reply, reward, done)"
+            )
         if not self.prompts:
             raise ValueError(f"task {self.name}: prompts is empty")
 
@@ -612,13 +767,17 @@ class _CalculatorEpisode:
             try:
                 return Turn(str(safe_arithmetic(call.group(1))), 0.0, False)
             except (ValueError, SyntaxError, ZeroDivisionError):
-                return Turn("error: the calculator takes integers with + - * and parentheses", 0.0, False)
+                return Turn(
+                    "error: the calculator takes integers with + - * and parentheses", 0.0, False
+                )
         if final is None and not self.answer_tags:
             final = _NUMBER.search(said)
         if final is not None:
             value = final.group(1) if final.re is _ANSWER else final.group(0)
             return Turn(None, float(int(value.replace(",", "")) == self.answer), True)
-        return Turn("Use <calc>expression</calc>, or answer with <answer>number</answer>.", 0.0, False)
+        return Turn(
+            "Use <calc>expression</calc>, or answer with <answer>number</answer>.", 0.0, False
+        )
 
 
 @dataclass
@@ -680,7 +839,10 @@ class Calculator(MultiTurnTask):
         question, answer = self._questions[int(rng.integers(len(self._questions)))]
         prompt: str | Messages = question
         if self.system_prompt:
-            prompt = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
+            prompt = [
+                {"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": question},
+            ]
         return _CalculatorEpisode(prompt, answer, self.answer_tags)
 
 
@@ -694,7 +856,9 @@ class _ArenaEpisode:
 
     def respond(self, history: Messages) -> Turn:
         done, _ = self.game.step(action=history[-1]["content"])
-        while not done and self.game.state.current_player_id != 0:  # the fixed opponent plays its moves
+        while (
+            not done and self.game.state.current_player_id != 0
+        ):  # the fixed opponent plays its moves
             _, obs = self.game.get_observation()
             done, _ = self.game.step(action=self.opponent(obs))
         if done:
@@ -715,7 +879,9 @@ def random_legal_move(rng: np.random.Generator) -> Callable[[str], str]:
         lines = [line for line in observation.splitlines() if "Available Moves" in line]
         moves = re.findall(r"\[[^\]]+\]", lines[-1]) if lines else []
         if not moves:
-            raise ValueError("the opponent found no 'Available Moves' in its observation: pass opponent=<callable>")
+            raise ValueError(
+                "the opponent found no 'Available Moves' in its observation: pass opponent=<callable>"
+            )
         return moves[int(rng.integers(len(moves)))]
 
     return play
@@ -770,16 +936,20 @@ class TextArena(MultiTurnTask):
 
 @dataclass
 class GuessTheNumber(TextArena):
-    __doc__ = TextArena.__doc__.replace("A textarena game (``game`` is its id)", "textarena's GuessTheNumber-v0 (1 to 20, "
-                                        "higher/lower hints)")
+    __doc__ = TextArena.__doc__.replace(
+        "A textarena game (``game`` is its id)",
+        "textarena's GuessTheNumber-v0 (1 to 20, higher/lower hints)",
+    )
     name: ClassVar[str] = "GuessTheNumber"
     game: str = "GuessTheNumber-v0"
 
 
 @dataclass
 class TicTacToe(TextArena):
-    __doc__ = TextArena.__doc__.replace("A textarena game (``game`` is its id)", "textarena's TicTacToe-v0 against a "
-                                        "random legal opponent")
+    __doc__ = TextArena.__doc__.replace(
+        "A textarena game (``game`` is its id)",
+        "textarena's TicTacToe-v0 against a random legal opponent",
+    )
     name: ClassVar[str] = "TicTacToe"
     game: str = "TicTacToe-v0"
     num_players: int = 2
@@ -832,7 +1002,9 @@ class ToyTurns(MultiTurnTask):
 
 
 MULTITURN_TASKS: dict[str, type[MultiTurnTask]] = {
-    cls.name: cls for cls in (FunctionTask, Calculator, TextArena, GuessTheNumber, TicTacToe, ToyTurns)}
+    cls.name: cls
+    for cls in (FunctionTask, Calculator, TextArena, GuessTheNumber, TicTacToe, ToyTurns)
+}
 
 
 def make_multiturn_task(task: str | MultiTurnTask, **overrides: Any) -> MultiTurnTask:

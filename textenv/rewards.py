@@ -54,7 +54,9 @@ def available() -> list[str]:
 
 
 def reward_name(reward: RewardFn) -> str:
-    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+    return (
+        getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+    )
 
 
 def _import_from_cwd(module_name: str):
@@ -82,11 +84,15 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         try:
             obj = getattr(_import_from_cwd(module_name), attr)
         except SyntaxError as err:
-            raise ValueError(f"cannot import reward {spec!r}: {err.msg} ({err.filename}, line {err.lineno})") from None
+            raise ValueError(
+                f"cannot import reward {spec!r}: {err.msg} ({err.filename}, line {err.lineno})"
+            ) from None
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot import reward {spec!r}: {err}") from None
         return obj() if isinstance(obj, type) else obj
-    raise ValueError(f"unknown reward {spec!r}: not registered ({', '.join(available())}) and not module:callable")
+    raise ValueError(
+        f"unknown reward {spec!r}: not registered ({', '.join(available())}) and not module:callable"
+    )
 
 
 def score_batch(reward: RewardFn, prompts: list[str], responses: list[str]) -> list[float]:
@@ -97,22 +103,35 @@ def score_batch(reward: RewardFn, prompts: list[str], responses: list[str]) -> l
     except Exception as err:  # the user's code: report it with the reward's name
         raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
     if isinstance(scores, (str, bytes)):
-        raise RewardError(f"reward {name!r} must return a sequence of numbers, got a string {scores[:40]!r}")
+        raise RewardError(
+            f"reward {name!r} must return a sequence of numbers, got a string {scores[:40]!r}"
+        )
     try:
         scores = list(scores)
         for i, s in enumerate(scores):
             # float("1") and float(True) would succeed: a reward that returns text or flags has a bug.
-            if isinstance(s, (str, bytes, bool)) or str(getattr(s, "dtype", "")) in ("bool", "torch.bool"):
-                raise RewardError(f"reward {name!r} returned {type(s).__name__} {s!r} for item {i}; scores must be "
-                                  f"numbers (use float(...) for a pass/fail score)")
+            if isinstance(s, (str, bytes, bool)) or str(getattr(s, "dtype", "")) in (
+                "bool",
+                "torch.bool",
+            ):
+                raise RewardError(
+                    f"reward {name!r} returned {type(s).__name__} {s!r} for item {i}; scores must be "
+                    f"numbers (use float(...) for a pass/fail score)"
+                )
         scores = [float(s) for s in scores]
     except (TypeError, ValueError) as err:
-        raise RewardError(f"reward {name!r} must return a sequence of floats, got {type(scores).__name__}: {err}") from None
+        raise RewardError(
+            f"reward {name!r} must return a sequence of floats, got {type(scores).__name__}: {err}"
+        ) from None
     if len(scores) != len(responses):
-        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(responses)} responses")
+        raise RewardError(
+            f"reward {name!r} returned {len(scores)} scores for {len(responses)} responses"
+        )
     for i, s in enumerate(scores):
         if not math.isfinite(s):
-            raise RewardError(f"reward {name!r} returned {s} for item {i} (response {responses[i][:60]!r})")
+            raise RewardError(
+                f"reward {name!r} returned {s} for item {i} (response {responses[i][:60]!r})"
+            )
     return scores
 
 
@@ -159,21 +178,33 @@ class ClassifierReward:
 
         self._placed = device is not None or dtype is not None  # an explicit choice: envs leave it
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                model, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
-            ).to(device or "cpu").eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            )
+            self.model = (
+                AutoModelForSequenceClassification.from_pretrained(
+                    model, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+                )
+                .to(device or "cpu")
+                .eval()
+            )
         except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"could not load reward model {model!r}: {str(err).splitlines()[0]}") from None
+            raise FileNotFoundError(
+                f"could not load reward model {model!r}: {str(err).splitlines()[0]}"
+            ) from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if isinstance(label, str):
             by_name = {v: k for k, v in self.model.config.id2label.items()}
             if label not in by_name:
-                raise ValueError(f"reward model {model!r} has no label {label!r} (labels: {sorted(by_name)})")
+                raise ValueError(
+                    f"reward model {model!r} has no label {label!r} (labels: {sorted(by_name)})"
+                )
             label = by_name[label]
         if not 0 <= label < self.model.config.num_labels:
-            raise ValueError(f"label index {label} out of range for {self.model.config.num_labels} labels")
+            raise ValueError(
+                f"label index {label} out of range for {self.model.config.num_labels} labels"
+            )
         self.label, self.probability, self.with_prompt = int(label), probability, with_prompt
         self.device, self.batch_size, self.max_length = self.model.device, batch_size, max_length
         self.name = f"classifier:{model}[{self.label}]"
@@ -190,10 +221,17 @@ class ClassifierReward:
         scores: list[float] = []
         with self._torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length).to(self.device)
+                enc = self.tokenizer(
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                ).to(self.device)
                 logits = self.model(**enc).logits.float()
-                out = logits.softmax(-1)[:, self.label] if self.probability else logits[:, self.label]
+                out = (
+                    logits.softmax(-1)[:, self.label] if self.probability else logits[:, self.label]
+                )
                 scores += out.tolist()
         return scores
 
@@ -258,7 +296,9 @@ class ReasoningGymReward:
 
     def __init__(self, dataset: Any, answer_format: str = "tag") -> None:
         if answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+            raise ValueError(
+                f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}"
+            )
         self.dataset, self.answer_format = dataset, answer_format
         self.entries = sorted(dataset, key=lambda e: -len(e["question"]))
         self._by_prompt: dict[str, Any] = {}
@@ -280,10 +320,18 @@ class ReasoningGymReward:
                 answer = extract_answer(r)
             elif self.answer_format in ("number", "last_number"):
                 found = _NUMBER.findall(r)
-                answer = (found[0] if self.answer_format == "number" else found[-1]).replace(",", "") if found else None
+                answer = (
+                    (found[0] if self.answer_format == "number" else found[-1]).replace(",", "")
+                    if found
+                    else None
+                )
             else:
                 answer = r.strip()
-            out.append(0.0 if answer is None else float(self.dataset.score_answer(answer=answer, entry=self.entry(p))))
+            out.append(
+                0.0
+                if answer is None
+                else float(self.dataset.score_answer(answer=answer, entry=self.entry(p)))
+            )
         return out
 
 

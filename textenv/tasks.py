@@ -13,7 +13,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from textenv.rewards import AnswerRegex, ClassifierReward, KeywordReward, ReasoningGymReward, RewardFn, get_reward
+from textenv.rewards import (
+    AnswerRegex,
+    ClassifierReward,
+    KeywordReward,
+    ReasoningGymReward,
+    RewardFn,
+    get_reward,
+)
 
 
 def _lines(name: str) -> list[str]:
@@ -37,7 +44,9 @@ def split_prompts(prompts: list[str], split: str) -> list[str]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
     held_out = split == "test"
-    return [p for i, p in enumerate(prompts) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+    return [
+        p for i, p in enumerate(prompts) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out
+    ]
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -60,7 +69,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
         value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
         if not isinstance(value, (str, list)):
-            raise ValueError(f"{path}:{n}: each line needs a \"prompt\" string or a \"messages\" list")
+            raise ValueError(f'{path}:{n}: each line needs a "prompt" string or a "messages" list')
         prompts.append(value)
     return prompts
 
@@ -106,7 +115,9 @@ class Task:
     """render chat prompts as plain text when the tokenizer has no chat template (else an error)"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.prompts, (str, os.PathLike)):  # a path, not a string of one-character prompts
+        if isinstance(
+            self.prompts, (str, os.PathLike)
+        ):  # a path, not a string of one-character prompts
             self.prompts = read_prompts(self.prompts)
         self.prompts = split_prompts(self.prompts, self.split)
 
@@ -117,25 +128,38 @@ class Task:
 
     def validate(self) -> None:
         if not self.prompts:
-            part = f" (split {self.split!r}: every {HELD_OUT_EVERY}th prompt is held out)" if self.split != "all" else ""
+            part = (
+                f" (split {self.split!r}: every {HELD_OUT_EVERY}th prompt is held out)"
+                if self.split != "all"
+                else ""
+            )
             raise ValueError(f"task {self.name}: the prompt set is empty{part}")
         for i, p in enumerate(self.prompts):
             if isinstance(p, list):  # chat messages
-                if not p or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in p):
-                    raise ValueError(f"task {self.name}: prompt {i} is not a list of {{'role', 'content'}} messages")
+                if not p or not all(
+                    isinstance(m, dict) and {"role", "content"} <= m.keys() for m in p
+                ):
+                    raise ValueError(
+                        f"task {self.name}: prompt {i} is not a list of {{'role', 'content'}} messages"
+                    )
             elif not isinstance(p, str) or not p.strip():
                 raise ValueError(f"task {self.name}: prompt {i} is empty")
         if self.max_new_tokens < 1:
-            raise ValueError(f"task {self.name}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(
+                f"task {self.name}: max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
         if self.max_prompt_tokens < 1:
-            raise ValueError(f"task {self.name}: max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+            raise ValueError(
+                f"task {self.name}: max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}"
+            )
         if self.kl_coef < 0:
             raise ValueError(f"task {self.name}: kl_coef must be >= 0, got {self.kl_coef}")
 
 
 @dataclass
 class Sentiment(Task):
-    __doc__ = """Continue a review so that it reads positive.
+    __doc__ = (
+        """Continue a review so that it reads positive.
 
     ## Description
     Prompts are openings of reviews of films, food, products and places, written for this
@@ -143,7 +167,9 @@ class Sentiment(Task):
     in [-1, 1]); with ``classifier="<hf sentiment model id or path>"`` it is instead that
     classifier's probability of ``classifier_label`` (default ``"POSITIVE"``) for the
     continuation alone.
-    """ + _SECTIONS + """
+    """
+        + _SECTIONS
+        + """
     ## Arguments
     ``gym.make("textenv/Sentiment-v0", model="embedded", max_new_tokens=24, kl_coef=0.05)``;
     ``classifier=..., classifier_label="POSITIVE"`` to score with an HF classifier.
@@ -151,6 +177,7 @@ class Sentiment(Task):
     ## Version History
     * v0: initial version.
     """
+    )
     name: ClassVar[str] = "Sentiment"
     prompts: list[str] = field(default_factory=lambda: _lines("sentiment_prompts.txt"))
     classifier: str | None = None
@@ -161,25 +188,31 @@ class Sentiment(Task):
         if self.reward is not None:
             return get_reward(self.reward)
         if self.classifier is not None:
-            return ClassifierReward(self.classifier, self.classifier_label, probability=True, with_prompt=False)
+            return ClassifierReward(
+                self.classifier, self.classifier_label, probability=True, with_prompt=False
+            )
         return get_reward("vader")
 
 
 @dataclass
 class RewardModel(Task):
-    __doc__ = """Answer an instruction; a learned reward model scores prompt + response.
+    __doc__ = (
+        """Answer an instruction; a learned reward model scores prompt + response.
 
     ## Description
     Prompts are short instructions written for this project. ``reward_model`` is any
     ``AutoModelForSequenceClassification`` id or path; ``label`` picks the logit (0 for a
     scalar-head reward model, or a label name of ``config.id2label``).
-    """ + _SECTIONS + """
+    """
+        + _SECTIONS
+        + """
     ## Arguments
     ``gym.make("textenv/RewardModel-v0", model=..., reward_model="path/to/rm", label=0)``
 
     ## Version History
     * v0: initial version.
     """
+    )
     name: ClassVar[str] = "RewardModel"
     prompts: list[str] = field(default_factory=lambda: _lines("instruction_prompts.txt"))
     reward_model: str | None = None
@@ -191,27 +224,35 @@ class RewardModel(Task):
         if self.reward is not None:
             return get_reward(self.reward)
         if self.reward_model is None:
-            raise ValueError("task RewardModel needs reward_model=<AutoModelForSequenceClassification id or path>")
+            raise ValueError(
+                "task RewardModel needs reward_model=<AutoModelForSequenceClassification id or path>"
+            )
         return ClassifierReward(self.reward_model, self.label)
 
 
 @dataclass
 class Arithmetic(Task):
-    __doc__ = """Answer short arithmetic and word problems; the answer is verified.
+    __doc__ = (
+        """Answer short arithmetic and word problems; the answer is verified.
 
     ## Description
     160 generated ``a op b`` questions and 16 word problems, each with its answer (package
     data). The score is 1 when the first number in the response equals the answer
     (``AnswerRegex``), else 0; ``ExactMatch`` is the stricter alternative.
-    """ + _SECTIONS + """
+    """
+        + _SECTIONS
+        + """
     ## Arguments
     ``gym.make("textenv/Arithmetic-v0", model="embedded", max_new_tokens=8)``
 
     ## Version History
     * v0: initial version.
     """
+    )
     name: ClassVar[str] = "Arithmetic"
-    answers: dict[str, str] = field(default_factory=lambda: {r["prompt"]: r["answer"] for r in _jsonl("arithmetic.jsonl")})
+    answers: dict[str, str] = field(
+        default_factory=lambda: {r["prompt"]: r["answer"] for r in _jsonl("arithmetic.jsonl")}
+    )
     max_new_tokens: int = 8
     max_prompt_tokens: int = 48
     kl_coef: float = 0.02
@@ -227,19 +268,23 @@ class Arithmetic(Task):
 
 @dataclass
 class Toy(Task):
-    __doc__ = """Say the letter ``a``: learnable by a tiny random model in about a minute on a CPU.
+    __doc__ = (
+        """Say the letter ``a``: learnable by a tiny random model in about a minute on a CPU.
 
     ## Description
     Short prompts over the tiny character vocabulary (``model="tiny"``). The score is the
     fraction of response characters that are ``a`` (``KeywordReward("a")``), so a policy
     that writes only ``a`` until the budget scores 1.
-    """ + _SECTIONS + """
+    """
+        + _SECTIONS
+        + """
     ## Arguments
     ``gym.make("textenv/Toy-v0", model="tiny", max_new_tokens=8, kl_coef=0.0)``
 
     ## Version History
     * v0: initial version.
     """
+    )
     name: ClassVar[str] = "Toy"
     prompts: list[str] = field(default_factory=lambda: _lines("toy_prompts.txt"))
     max_new_tokens: int = 8
@@ -252,7 +297,8 @@ class Toy(Task):
 
 @dataclass
 class ReasoningGym(Task):
-    __doc__ = """A task generated by reasoning-gym (100+ procedural generators), scored by its own checker.
+    __doc__ = (
+        """A task generated by reasoning-gym (100+ procedural generators), scored by its own checker.
 
     ## Description
     ``size`` questions of the reasoning-gym dataset ``dataset`` (generated for ``seed``, with
@@ -262,7 +308,9 @@ class ReasoningGym(Task):
     template, or as plain text for a tokenizer without one. The score is the dataset's own
     ``score_answer`` of the extracted answer (``ReasoningGymReward``), 1 for a right answer.
     Needs ``pip install reasoning-gym``.
-    """ + _SECTIONS + """
+    """
+        + _SECTIONS
+        + """
     ## Arguments
     ``gym.make("textenv/ReasoningGym-v0", model=..., dataset="basic_arithmetic", size=500, seed=0,
     config={"max_terms": 3})``; the curated ids (``textenv/RG-ChainSum-v0``, ...) fix ``dataset``.
@@ -270,6 +318,7 @@ class ReasoningGym(Task):
     ## Version History
     * v0: initial version.
     """
+    )
     name: ClassVar[str] = "ReasoningGym"
     chat_fallback: ClassVar[bool] = True  # plain text for tokenizers without a chat template
     dataset: str = "basic_arithmetic"
@@ -286,8 +335,13 @@ class ReasoningGym(Task):
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            self.prompts = [[{"role": "system", "content": self.system_text()}, {"role": "user", "content": e["question"]}]
-                            for e in self.generated()]
+            self.prompts = [
+                [
+                    {"role": "system", "content": self.system_text()},
+                    {"role": "user", "content": e["question"]},
+                ]
+                for e in self.generated()
+            ]
         super().__post_init__()
 
     def generated(self) -> Any:
@@ -296,10 +350,14 @@ class ReasoningGym(Task):
             try:
                 import reasoning_gym
             except ImportError as e:
-                raise ImportError("task ReasoningGym needs reasoning-gym: pip install reasoning-gym") from e
+                raise ImportError(
+                    "task ReasoningGym needs reasoning-gym: pip install reasoning-gym"
+                ) from e
             if self.size < 1:
                 raise ValueError(f"task ReasoningGym: size must be >= 1, got {self.size}")
-            self._data = reasoning_gym.create_dataset(self.dataset, size=self.size, seed=self.seed, **self.config)
+            self._data = reasoning_gym.create_dataset(
+                self.dataset, size=self.size, seed=self.seed, **self.config
+            )
         return self._data
 
     def system_text(self) -> str:
@@ -307,9 +365,13 @@ class ReasoningGym(Task):
 
         if self.system_prompt in SYSTEM_PROMPTS:
             return SYSTEM_PROMPTS[self.system_prompt]
-        if not self.system_prompt.strip() or (" " not in self.system_prompt and len(self.system_prompt) < 20):
-            raise ValueError(f"system_prompt must be one of {sorted(SYSTEM_PROMPTS)} or your own text (a sentence), "
-                             f"got {self.system_prompt!r}")
+        if not self.system_prompt.strip() or (
+            " " not in self.system_prompt and len(self.system_prompt) < 20
+        ):
+            raise ValueError(
+                f"system_prompt must be one of {sorted(SYSTEM_PROMPTS)} or your own text (a sentence), "
+                f"got {self.system_prompt!r}"
+            )
         return self.system_prompt
 
     def build_reward(self) -> RewardFn:
@@ -319,21 +381,37 @@ class ReasoningGym(Task):
 
 
 # A curated handful of reasoning-gym generators, each its own task (and env id textenv/<name>-v0).
-CURATED_REASONING_GYM = {"RG-BasicArithmetic": "basic_arithmetic", "RG-ChainSum": "chain_sum",
-                         "RG-LegCounting": "leg_counting", "RG-LetterCounting": "letter_counting",
-                         "RG-SpellBackward": "spell_backward"}
+CURATED_REASONING_GYM = {
+    "RG-BasicArithmetic": "basic_arithmetic",
+    "RG-ChainSum": "chain_sum",
+    "RG-LegCounting": "leg_counting",
+    "RG-LetterCounting": "letter_counting",
+    "RG-SpellBackward": "spell_backward",
+}
 
 
 def _curated(task_name: str, dataset: str) -> type[ReasoningGym]:
-    cls = dataclass(type(task_name.replace("-", ""), (ReasoningGym,), {
-        "__annotations__": {"dataset": str}, "dataset": dataset, "name": task_name,
-        "__doc__": ReasoningGym.__doc__.replace("``size`` questions of the reasoning-gym dataset ``dataset``",
-                                                f"``size`` questions of the reasoning-gym dataset ``{dataset}``"),
-    }))
+    cls = dataclass(
+        type(
+            task_name.replace("-", ""),
+            (ReasoningGym,),
+            {
+                "__annotations__": {"dataset": str},
+                "dataset": dataset,
+                "name": task_name,
+                "__doc__": ReasoningGym.__doc__.replace(
+                    "``size`` questions of the reasoning-gym dataset ``dataset``",
+                    f"``size`` questions of the reasoning-gym dataset ``{dataset}``",
+                ),
+            },
+        )
+    )
     return cls
 
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym)
+}
 TASKS |= {name: _curated(name, dataset) for name, dataset in CURATED_REASONING_GYM.items()}
 
 

@@ -32,7 +32,9 @@ def pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def with_resume(args_cls: type, default: Any, resume: str | None) -> Any:
     """``default`` (a config) as an instance of ``args_cls``, its subclass with a ``resume`` field."""
-    return args_cls(**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, resume=resume)
+    return args_cls(
+        **{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, resume=resume
+    )
 
 
 def strip_resume(config_cls: type, args: Any) -> Any:
@@ -48,8 +50,16 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from textenv.agents.ppo import NonFiniteTraining
     from textenv.rewards import RewardError
 
-    return (ValueError, OSError, ImportError, NotImplementedError, RewardError, NonFiniteTraining, PeerFailed,
-            gymnasium.error.Error)
+    return (
+        ValueError,
+        OSError,
+        ImportError,
+        NotImplementedError,
+        RewardError,
+        NonFiniteTraining,
+        PeerFailed,
+        gymnasium.error.Error,
+    )
 
 
 def is_main_process() -> bool:
@@ -71,7 +81,9 @@ def run_cli(body: Callable[[], int]) -> int:
     """Run ``body``; a failure prints one line (no traceback) and returns 2, a stop by signal
     returns 128 + its number. ``TEXTENV_TRACEBACK=1`` re-raises, for bug reports."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is KeyboardInterrupt
+        signal.signal(
+            signal.SIGINT, signal.default_int_handler
+        )  # from here on, Ctrl-C is KeyboardInterrupt
     try:
         return body()
     except TrainingInterrupted as stop:
@@ -79,7 +91,11 @@ def run_cli(body: Callable[[], int]) -> int:
             print(f"interrupted: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
     except StoppedNow as stop:
-        print("stopped at once; the last checkpoint written (if any) is intact", file=sys.stderr, flush=True)
+        print(
+            "stopped at once; the last checkpoint written (if any) is intact",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + stop.args[0]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
@@ -92,6 +108,9 @@ def run_cli(body: Callable[[], int]) -> int:
         if isinstance(err, expected_errors()):
             print(f"error: {_where()}{err}", file=sys.stderr, flush=True)
         else:
-            print(f"error: {_where()}{type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"error: {_where()}{type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+                file=sys.stderr,
+                flush=True,
+            )
         return 2

@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.video_dir is not None:
                 raise ValueError("--video-dir records classic envs only")
-            print(json.dumps(evaluate_text_run(path, args.episodes, args.seed, args.device, args.top_k, args.top_p)))
+            print(
+                json.dumps(
+                    evaluate_text_run(
+                        path, args.episodes, args.seed, args.device, args.top_k, args.top_p
+                    )
+                )
+            )
             return 0
         return evaluate_classic(args, path)
 
@@ -64,22 +70,42 @@ def evaluate_classic(args: EvalConfig, path: Path) -> int:
     from textenv.agents.device import resolve_device
 
     if args.top_k or args.top_p != 1.0:
-        raise ValueError("--top-k/--top-p filter a language model's sampling; a classic run has none")
+        raise ValueError(
+            "--top-k/--top-p filter a language model's sampling; a classic run has none"
+        )
     if path.suffix != ".safetensors":
         path = path / "checkpoint.safetensors"
     if args.video_dir is not None:
         try:
             import moviepy  # noqa: F401
         except ImportError:
-            raise ValueError('--video-dir needs moviepy: pip install "textenv-ppo[video]"') from None
+            raise ValueError(
+                '--video-dir needs moviepy: pip install "textenv-ppo[video]"'
+            ) from None
     device = resolve_device(args.device)
     policy, norm_state, config = load_checkpoint(str(path), device=str(device))
     returns = evaluate_policy(
-        policy, config.env_id, args.episodes, seed=args.seed, norm_state=norm_state,
-        normalize_obs=config.normalize_obs, clip_obs=config.clip_obs, device=device, video_dir=args.video_dir,
+        policy,
+        config.env_id,
+        args.episodes,
+        seed=args.seed,
+        norm_state=norm_state,
+        normalize_obs=config.normalize_obs,
+        clip_obs=config.clip_obs,
+        device=device,
+        video_dir=args.video_dir,
     )
-    print(json.dumps({"env_id": config.env_id, "episodes": len(returns), "eval_return_mean": float(np.mean(returns)),
-                      "eval_return_std": float(np.std(returns)), "returns": returns}))
+    print(
+        json.dumps(
+            {
+                "env_id": config.env_id,
+                "episodes": len(returns),
+                "eval_return_mean": float(np.mean(returns)),
+                "eval_return_std": float(np.std(returns)),
+                "returns": returns,
+            }
+        )
+    )
     return 0
 
 

@@ -61,8 +61,13 @@ def group_name(run_dir: Path) -> str:
     return run_dir.name.split("__")[0] if "__" in run_dir.name else run_dir.name
 
 
-def plot_groups(groups: dict[str, list[tuple[np.ndarray, np.ndarray]]], output: str, metric: str, title: str | None,
-                xlabel: str = "environment steps") -> None:
+def plot_groups(
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    output: str,
+    metric: str,
+    title: str | None,
+    xlabel: str = "environment steps",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,13 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         runs = [Path(run) for run in args.runs]
         text = {is_text_run(run) for run in runs}
         if len(text) > 1:
-            raise ValueError("mix of text and classic runs: their x-axes (iterations, steps) differ; plot them apart")
+            raise ValueError(
+                "mix of text and classic runs: their x-axes (iterations, steps) differ; plot them apart"
+            )
         text_runs = text == {True}
         metric = args.metric or ("score_mean" if text_runs else "episodic_return")
         groups: dict[str, list] = defaultdict(list)
         for run in runs:
             groups[group_name(run)].append(read_curve(run, metric))
-        plot_groups(groups, args.output, metric, args.title, "iterations" if text_runs else "environment steps")
+        plot_groups(
+            groups,
+            args.output,
+            metric,
+            args.title,
+            "iterations" if text_runs else "environment steps",
+        )
         print(args.output)
         return 0
 

@@ -14,8 +14,21 @@ from typing import Literal
 
 import tyro
 
-from textenv.agents.classic import TrainConfig, defaults_note, load_run_config, preset_config, summary_line, train
-from textenv.agents.cli._common import is_main_process, pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.classic import (
+    TrainConfig,
+    defaults_note,
+    load_run_config,
+    preset_config,
+    summary_line,
+    train,
+)
+from textenv.agents.cli._common import (
+    is_main_process,
+    pop_resume,
+    run_cli,
+    strip_resume,
+    with_resume,
+)
 
 
 @dataclass
@@ -46,23 +59,43 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     resume, argv = pop_resume(argv)
     if resume is not None:
         default = load_run_config(resume)
-        given = _env_id_from_argv(argv) if any(a.startswith("--env-id") for a in argv) else default.env_id
+        given = (
+            _env_id_from_argv(argv)
+            if any(a.startswith("--env-id") for a in argv)
+            else default.env_id
+        )
         if given != default.env_id:
             raise ValueError(f"--resume {resume} is a run of {default.env_id}, not {given}")
     else:
-        default = preset_config(_env_id_from_argv(argv), preset=_flag_from_argv(argv, "--preset", "tuned"))
+        default = preset_config(
+            _env_id_from_argv(argv), preset=_flag_from_argv(argv, "--preset", "tuned")
+        )
     if resume is not None and any(a.startswith("--preset") for a in argv):
-        raise ValueError("--preset chooses a new run's starting settings; --resume continues the run's own")
-    args = tyro.cli(TrainArgs, default=with_resume(TrainArgs, default, resume), args=argv,
-                    config=(tyro.conf.OmitArgPrefixes,), description="PPO on a Gymnasium task.")
+        raise ValueError(
+            "--preset chooses a new run's starting settings; --resume continues the run's own"
+        )
+    args = tyro.cli(
+        TrainArgs,
+        default=with_resume(TrainArgs, default, resume),
+        args=argv,
+        config=(tyro.conf.OmitArgPrefixes,),
+        description="PPO on a Gymnasium task.",
+    )
     return strip_resume(TrainConfig, args), resume
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config, resume = parse(argv)
-        tuned = _flag_from_argv(sys.argv[1:] if argv is None else argv, "--preset", "tuned") == "tuned"
-        if resume is None and tuned and is_main_process() and (note := defaults_note(config.env_id)):
+        tuned = (
+            _flag_from_argv(sys.argv[1:] if argv is None else argv, "--preset", "tuned") == "tuned"
+        )
+        if (
+            resume is None
+            and tuned
+            and is_main_process()
+            and (note := defaults_note(config.env_id))
+        ):
             print(note, file=sys.stderr, flush=True)
         summary = train(config, resume=resume)
         if is_main_process():

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import tyro
 
-from textenv.agents.cli._common import is_main_process, pop_resume, run_cli, strip_resume, with_resume
+from textenv.agents.cli._common import (
+    is_main_process,
+    pop_resume,
+    run_cli,
+    strip_resume,
+    with_resume,
+)
 from textenv.agents.text import TextTrainConfig, load_text_run_config, summary_line, train_text
 
 
@@ -29,24 +35,36 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
     resume, argv = pop_resume(argv)
     if any(a == "--kl-shaping" or a.startswith("--kl-shaping=") for a in argv):
         print("warning: --kl-shaping is renamed --reference-pass", file=sys.stderr)
-        argv = [a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a for a in argv]
+        argv = [
+            a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a
+            for a in argv
+        ]
     for flag in ("--top-k", "--top-p"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
-            raise ValueError(f"{flag} is for sampling at evaluation (textenv-evaluate {flag}): training samples from "
-                             "the whole tempered distribution, the only one whose PPO ratio and KL to the reference "
-                             "compare like with like")
+            raise ValueError(
+                f"{flag} is for sampling at evaluation (textenv-evaluate {flag}): training samples from "
+                "the whole tempered distribution, the only one whose PPO ratio and KL to the reference "
+                "compare like with like"
+            )
     default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
-    args = tyro.cli(TextTrainArgs, default=with_resume(TextTrainArgs, default, resume), args=argv,
-                    config=(tyro.conf.OmitArgPrefixes,), description="PPO on a text task.")
+    args = tyro.cli(
+        TextTrainArgs,
+        default=with_resume(TextTrainArgs, default, resume),
+        args=argv,
+        config=(tyro.conf.OmitArgPrefixes,),
+        description="PPO on a text task.",
+    )
     return strip_resume(TextTrainConfig, args), resume
 
 
 def held_out_line(summary: dict) -> str:
     """The before/after evaluation on held-out prompts, for people."""
-    return (f"held-out prompts, {summary['eval_samples']} responses: mean score {summary['eval_score_before']:.3f} "
-            f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
-            f"± {summary['eval_score_after_se']:.3f} after; KL to the reference {summary['eval_kl_after']:.2f} "
-            f"nats per response")
+    return (
+        f"held-out prompts, {summary['eval_samples']} responses: mean score {summary['eval_score_before']:.3f} "
+        f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
+        f"± {summary['eval_score_after_se']:.3f} after; KL to the reference {summary['eval_kl_after']:.2f} "
+        f"nats per response"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
