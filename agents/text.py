@@ -46,10 +46,10 @@ from textenv.agents.training import (
     seed_everything,
     summary_line,
 )
-from textenv.device import set_torch_threads
+from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
 from textenv.kl import kl_penalized_rewards
-from textenv.models import load_causal_lm, resolve_device
+from textenv.models import load_causal_lm
 from textenv.rewards import RewardError
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
 

@@ -329,7 +329,7 @@ def run_generate(args: TextPPOBenchConfig, device: torch.device) -> dict:
 
 
 def run_side(args: TextPPOBenchConfig) -> dict:
-    from textenv.models import resolve_device
+    from textenv.device import resolve_device
 
     device = resolve_device(args.device)
     if args.threads:

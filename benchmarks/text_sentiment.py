@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from textenv.agents.checkpoint import TrainingInterrupted
     from textenv.agents.text import TextTrainConfig, train_text
-    from textenv.models import resolve_device
+    from textenv.device import resolve_device
 
     args = tyro.cli(SentimentBenchConfig, args=argv)
     device = str(resolve_device(args.device))

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     from textenv import TextGenerationVectorEnv
-    from textenv.models import load_causal_lm, resolve_device
+    from textenv.device import resolve_device
+    from textenv.models import load_causal_lm
 
     args = tyro.cli(ThroughputConfig, args=argv)
     if args.threads:

@@ -23,14 +23,13 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.arrays import as_arrays, row_seeds, selected_rows
-from textenv.device import set_torch_threads
+from textenv.device import resolve_device, set_torch_threads
 from textenv.models import (
     cache_kwargs,
     disable_dropout,
     ensure_pad_token,
     load_causal_lm,
     output_cache,
-    resolve_device,
 )
 from textenv.rewards import RewardFn, get_reward, score_batch
 from textenv.tasks import Task, make_task

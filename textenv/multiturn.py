@@ -43,9 +43,8 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.arrays import as_arrays, row_seeds, selected_rows
-from textenv.device import set_torch_threads
+from textenv.device import resolve_device, set_torch_threads
 from textenv.env import _Generation, _GenerationAccess, check_temperature, frozen_reference
-from textenv.models import resolve_device
 from textenv.rewards import RewardError
 
 Messages = list[dict[str, str]]
