@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators clean
+.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators mutation clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench-text-ppo: $(VENV)/.installed
 
 bench-sentiment: $(VENV)/.installed
 	$(PY) -m benchmarks.text_sentiment --iterations 140 --num-envs 32 --update-epochs 2 --num-minibatches 4 --learning-rate 3e-5 --kl-coef 0.03 --kl-target 7.5 --kl-horizon 320 --eval-samples 128
+
+# Mutation testing with mutmut on the modules and tests of [tool.mutmut] in pyproject.toml, at
+# HEAD; writes benchmarks/results/mutation.md (one kill rate per module).
+mutation: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.mutmut_report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -56,7 +56,6 @@ def _parse(module: str, args: list[str]) -> None:
     config = {
         "scripts.evaluate": "textenv.agents.cli.evaluate:EvalConfig",
         "scripts.plot": "textenv.agents.cli.plot:PlotConfig",
-        "benchmarks.mutation": "benchmarks.mutation:MutationConfig",
     }[module]
     import importlib
 
