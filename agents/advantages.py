@@ -42,7 +42,8 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, scale: bool = True) 
     ``torch.std``); ``scale=False`` leaves out the division. ``returns``: ``[N]``."""
     if group_size < 2:
         raise ValueError(
-            f"grpo needs group_size >= 2 (the spread of one response is undefined), got {group_size}"
+            "grpo needs group_size >= 2 (the spread of one response is undefined), "
+            f"got {group_size}"
         )
     g = _groups(returns, group_size)
     centred = g - g.mean(dim=1, keepdim=True)
@@ -52,10 +53,12 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, scale: bool = True) 
 
 
 def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``R_i - mean_{j != i} R_j`` over each group (the leave-one-out baseline). ``returns``: ``[N]``."""
+    """``R_i - mean_{j != i} R_j`` over each group (the leave-one-out baseline).
+
+    ``returns``: ``[N]``."""
     if group_size < 2:
         raise ValueError(
-            f"rloo needs group_size >= 2 (a leave-one-out baseline over a group of 1 is undefined), "
+            "rloo needs group_size >= 2 (a leave-one-out baseline over a group of 1 is undefined), "
             f"got {group_size}"
         )
     g = _groups(returns, group_size)

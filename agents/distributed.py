@@ -40,7 +40,8 @@ BUCKET_NUMEL = 1 << 24
 
 
 class PeerFailed(RuntimeError):
-    """Another process of the run failed or stopped; this one stops too (its error is printed by it)."""
+    """Another process of the run failed or stopped; this one stops too (that process prints its
+    error)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -60,7 +61,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     active: bool = False
-    """a process group is initialised (also at world size 1 under torchrun, so its backend is exercised)"""
+    """a process group is initialised (also at world size 1 under torchrun, so its backend is
+    exercised)"""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """where collectives run: the rank's GPU with nccl, the CPU with gloo"""
 
@@ -248,8 +250,9 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             raise ValueError(
-                f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
-                "visible); start at most one process per GPU (--nproc-per-node)"
+                f"rank with LOCAL_RANK={local_rank} has no GPU of its own "
+                f"({torch.cuda.device_count()} visible); start at most one process per GPU "
+                "(--nproc-per-node)"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -307,7 +310,8 @@ def shutdown_distributed(*, synchronize: bool) -> None:
     finally:
         tdist.destroy_process_group()
         _drop_device_meshes()
-        gc.collect()  # the group's last references may sit in cycles: free it (and join its threads) now
+        # The group's last references may sit in cycles: free it (and join its threads) now.
+        gc.collect()
 
 
 def _drop_device_meshes() -> None:
@@ -323,7 +327,8 @@ def _drop_device_meshes() -> None:
         _redistribute._gen_transform_infos.cache_clear()
         _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
     except (ImportError, AttributeError):
-        pass  # another torch's internals; tests/test_torchrun.py checks that no group outlives a run
+        # Another torch's internals; tests/test_torchrun.py checks that no group outlives a run.
+        pass
 
 
 def sync_running_stats(

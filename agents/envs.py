@@ -36,7 +36,8 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
 
 def is_device_env(env_id: str) -> bool:
     """Whether ``env_id``'s vector env is a torch classic-control env (``textenv/Torch*`` or a
-    subclass of :class:`textenv.control.TorchControlVectorEnv`), which keeps its state on a device."""
+    subclass of :class:`textenv.control.TorchControlVectorEnv`), which keeps its state on a
+    device."""
     from textenv.control import torch_control_class
 
     env_spec(env_id)  # an unknown id is a one-line error
@@ -95,7 +96,8 @@ def make_vector_env(
         != gym.vector.AutoresetMode.NEXT_STEP
     ):
         raise ValueError(
-            f"{env_id}: the trainer expects next-step autoreset, got {envs.metadata['autoreset_mode']}"
+            f"{env_id}: the trainer expects next-step autoreset, "
+            f"got {envs.metadata['autoreset_mode']}"
         )
     obs_space = envs.single_observation_space
     if (
@@ -133,7 +135,8 @@ class TorchRunningMeanStd:
         self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Update from the rows of ``x`` (``[B, *shape]``) where ``mask`` is true (all rows without one)."""
+        """Update from the rows of ``x`` (``[B, *shape]``) where ``mask`` is true (all rows
+        without one)."""
         x = x.to(torch.float64)
         w = (
             torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
@@ -157,8 +160,9 @@ class TorchRunningMeanStd:
 
 
 class TorchRecordEpisodeStatistics(gym.vector.VectorWrapper):
-    """Episode return and length in ``info["episode"]["r"/"l"]`` with ``info["_episode"]`` marking the
-    rows whose episode ended this step; present on every step (all false when none ended)."""
+    """Episode return and length in ``info["episode"]["r"/"l"]`` with ``info["_episode"]``
+    marking the rows whose episode ended this step; present on every step (all false when none
+    ended)."""
 
     def __init__(self, env: gym.vector.VectorEnv) -> None:
         super().__init__(env)
@@ -323,7 +327,8 @@ def normalization_state(envs: gym.vector.VectorEnv) -> dict[str, np.ndarray]:
 def load_normalization_state(
     envs: gym.vector.VectorEnv, state: dict[str, np.ndarray], freeze: bool = False
 ) -> None:
-    """Copy saved running statistics into ``envs``; ``freeze`` stops further updates (evaluation)."""
+    """Copy saved running statistics into ``envs``; ``freeze`` stops further updates
+    (evaluation)."""
     for key, classes, attr in (
         ("obs_rms", _OBS_NORM, "obs_rms"),
         ("return_rms", _REW_NORM, "return_rms"),

@@ -129,7 +129,8 @@ def entropy_of(logp: torch.Tensor) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k / nucleus filtering (``-inf`` outside the kept set); identity with ``top_k=0, top_p=1``.
+    """Top-k / nucleus filtering (``-inf`` outside the kept set); the identity with ``top_k=0``
+    and ``top_p=1``.
 
     The rollout and :meth:`LMActorCritic.evaluate_responses` both apply it, so PPO's ratio is of
     the filtered distribution on both sides. The env's reference scores the unfiltered one, so
@@ -165,7 +166,8 @@ def sample_categorical(
 
 
 def __getattr__(name: str):
-    # The rollout and the KL controller moved to the trainer (textenv.agents.text); old imports keep working.
+    # The rollout and the KL controller moved to the trainer (textenv.agents.text); old imports
+    # keep working.
     if name in ("Rollout", "collect_rollout", "AdaptiveKLController"):
         import textenv.agents.text
 

@@ -11,7 +11,8 @@ from typing import Any
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename, so a crash never leaves half a file."""
+    """Write ``text`` to ``path`` via a temp file and rename, so a crash never leaves half a
+    file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -67,7 +68,8 @@ def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
     root.mkdir(parents=True, exist_ok=True)
-    base = f"{prefix.replace('/', '-')}__{time.strftime('%Y%m%d-%H%M%S')}"  # env ids may hold a namespace/
+    # Env ids may hold a namespace ("textenv/Toy-v0"): the slash would make a subfolder.
+    base = f"{prefix.replace('/', '-')}__{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
         run_dir = root / (base if n == 1 else f"{base}-{n}")
         try:
@@ -108,7 +110,7 @@ class RunLogger:
     ) -> None:
         """Append prompt/response/score rows to ``samples.jsonl``."""
         with open(self.run_dir / "samples.jsonl", "a") as f:
-            for p, r, s in zip(prompts, responses, scores):
+            for p, r, s in zip(prompts, responses, scores, strict=True):
                 f.write(
                     json.dumps({"iteration": step, "prompt": p, "response": r, "score": s}) + "\n"
                 )

@@ -1,6 +1,7 @@
 """The plumbing every trainer shares, written once: seeding, the learning-rate schedule, the
 run directory and its logs, SIGINT/SIGTERM, the non-finite guard, checkpoint-on-failure and
-the summary. The trainers (:mod:`textenv.agents.classic`, :mod:`textenv.agents.text`) keep only their loops.
+the summary. The trainers (:mod:`textenv.agents.classic`, :mod:`textenv.agents.text`) keep only
+their loops.
 
 Imports torch and the standard library only: a classic run never loads the language-model stack.
 """
@@ -212,13 +213,15 @@ class TrainingRun:
 
 
 def resumed_world_note(saved_world: int, dist: Dist) -> str | None:
-    """What resuming a run made by ``saved_world`` processes with another number means (None: same)."""
+    """What resuming a run made by ``saved_world`` processes with another number means (None:
+    the same number)."""
     if saved_world == dist.world_size:
         return None
     return (
-        f"note: this run was trained by {saved_world} process(es) and resumes with {dist.world_size}: the "
-        "parameters, optimizer, schedule and statistics continue; each rank's sampling and env streams start "
-        "anew, so it is not the run the original process count would have made"
+        f"note: this run was trained by {saved_world} process(es) and resumes with "
+        f"{dist.world_size}: the parameters, optimizer, schedule and statistics continue; each "
+        "rank's sampling and env streams start anew, so it is not the run the original process "
+        "count would have made"
     )
 
 

@@ -1,4 +1,5 @@
-"""``python -m scripts.evaluate`` from a clone; installed, the same command is ``textenv-evaluate`` (textenv.agents.cli.evaluate)."""
+"""``python -m scripts.evaluate`` from a clone; installed, the same command is ``textenv-evaluate``
+(textenv.agents.cli.evaluate)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""``python -m scripts.plot`` from a clone; installed, the same command is ``textenv-plot`` (textenv.agents.cli.plot)."""
+"""``python -m scripts.plot`` from a clone; installed, the same command is ``textenv-plot``
+(textenv.agents.cli.plot)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""``python -m scripts.train`` from a clone; installed, the same command is ``textenv-train`` (textenv.agents.cli.train)."""
+"""``python -m scripts.train`` from a clone; installed, the same command is ``textenv-train``
+(textenv.agents.cli.train)."""
 
 import sys
 

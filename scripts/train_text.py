@@ -1,4 +1,5 @@
-"""``python -m scripts.train_text`` from a clone; installed, the same command is ``textenv-train-text`` (textenv.agents.cli.train_text)."""
+"""``python -m scripts.train_text`` from a clone; installed, the same command is
+``textenv-train-text`` (textenv.agents.cli.train_text)."""
 
 import sys
 

@@ -4,7 +4,8 @@
     import textenv  # registers textenv/<Task>-v0
 
     env = gym.make("textenv/Sentiment-v0", model="embedded")
-    envs = gym.make_vec("textenv/Toy-v0", num_envs=16, model="tiny")  # tensors on the model's device
+    # A vector env: its tensors are on the model's device.
+    envs = gym.make_vec("textenv/Toy-v0", num_envs=16, model="tiny")
     game = gym.make("textenv/GuessTheNumber-v0", model="embedded")  # multi-turn: textenv.multiturn
 
 Importing the package only registers the ids: transformers and the models load on first use
@@ -59,7 +60,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'textenv' has no attribute {name!r}")
 
 
-# Multi-turn tasks (textenv.multiturn); textenv/MultiTurn-v0 is FunctionTask: pass respond= and prompts=.
+# Multi-turn tasks (textenv.multiturn); textenv/MultiTurn-v0 is FunctionTask: pass respond= and
+# prompts=.
 MULTITURN_TASK_NAMES = (
     "Calculator",
     "GuessTheNumber",

@@ -17,7 +17,8 @@ def selected_rows(reset_mask: Any, num_envs: int) -> list[int]:
     mask = np.asarray(reset_mask)
     if mask.shape != (num_envs,) or mask.dtype != np.bool_:
         raise ValueError(
-            f"options['reset_mask'] must be {num_envs} booleans, got shape {mask.shape} of {mask.dtype}"
+            f"options['reset_mask'] must be {num_envs} booleans, "
+            f"got shape {mask.shape} of {mask.dtype}"
         )
     if not mask.any():
         raise ValueError("options['reset_mask'] selects no row to reset")
@@ -25,7 +26,8 @@ def selected_rows(reset_mask: Any, num_envs: int) -> list[int]:
 
 
 def as_arrays(x: Any, arrays: str) -> Any:
-    """``x`` as the caller asked for it: tensors as they are (``"torch"``), or numpy arrays (recursively)."""
+    """``x`` as the caller asked for it: tensors as they are (``"torch"``), or numpy arrays
+    (recursively)."""
     if arrays == "torch":
         return x
     if isinstance(x, torch.Tensor):

@@ -136,7 +136,8 @@ class TorchControlVectorEnv(gym.vector.VectorEnv):
             on_host = not isinstance(actions, torch.Tensor) or actions.device.type == "cpu"
             if on_host and bool(((a < 0) | (a >= self.single_action_space.n)).any()):
                 raise ValueError(
-                    f"actions must be in Discrete({self.single_action_space.n}), got {a.tolist()[:8]}"
+                    f"actions must be in Discrete({self.single_action_space.n}), "
+                    f"got {a.tolist()[:8]}"
                 )
             return a
         a = a.to(torch.float64).reshape(self.num_envs, -1)
@@ -248,7 +249,8 @@ class TorchPendulum(TorchControlVectorEnv):
 
     gym_id = "Pendulum-v1"
     max_episode_steps = 200
-    max_speed, max_torque, dt, g, m, l = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
+    # Gymnasium's names, but its pole length `l` is spelt out (ruff E741: l reads as 1).
+    max_speed, max_torque, dt, g, m, length = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
     single_observation_space = gym.spaces.Box(
         -np.array([1.0, 1.0, 8.0], dtype=np.float32),
         np.array([1.0, 1.0, 8.0], dtype=np.float32),
@@ -272,7 +274,8 @@ class TorchPendulum(TorchControlVectorEnv):
         costs = normalized**2 + 0.1 * thdot**2 + 0.001 * u**2
         thdot = (
             thdot
-            + (3 * self.g / (2 * self.l) * torch.sin(th) + 3.0 / (self.m * self.l**2) * u) * self.dt
+            + (3 * self.g / (2 * self.length) * torch.sin(th) + 3.0 / (self.m * self.length**2) * u)
+            * self.dt
         ).clamp(-self.max_speed, self.max_speed)
         th = th + thdot * self.dt
         return torch.stack([th, thdot], 1), -costs, torch.zeros_like(th, dtype=torch.bool)

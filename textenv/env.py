@@ -76,7 +76,8 @@ class _Generation:
         max_pos = getattr(model.config, "max_position_embeddings", None)
         if max_pos is not None and self.L > max_pos:
             raise ValueError(
-                f"max_prompt_tokens + max_new_tokens = {self.L} exceeds the model's context of {max_pos} tokens"
+                f"max_prompt_tokens + max_new_tokens = {self.L} exceeds the model's context of "
+                f"{max_pos} tokens"
             )
         self.kl_coef = float(task.kl_coef)
         self.ids = torch.full((batch_size, self.L), self.pad_id, dtype=torch.long, device=device)
@@ -96,7 +97,8 @@ class _Generation:
         self, prompts: list[str], chat: list[bool]
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-pad (and left-truncate, keeping the end) each prompt into ``P`` slots; also
-        returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat template."""
+        returns the longest prompt's length. ``chat[i]``: prompt ``i`` is a rendered chat
+        template."""
         ids = torch.full((len(prompts), self.P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), self.P), dtype=torch.long)
         width = 1
@@ -126,7 +128,8 @@ class _Generation:
             list(prompt), tokenize=False, add_generation_prompt=True
         )
 
-    @torch.no_grad()  # not inference_mode: returned tensors must work in a user's in-place ops and losses
+    # no_grad, not inference_mode: returned tensors must work in a user's in-place ops and losses.
+    @torch.no_grad()
     def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
         chat = [not isinstance(p, str) for p in prompts]
         prompts = [self.render(p) for p in prompts]
@@ -179,7 +182,7 @@ class _Generation:
         self.mask[idx, : self.P] = prompt_mask
         self.resp_len[idx] = 0
         self.done[idx] = False
-        for r, prompt in zip(rows, rendered):
+        for r, prompt in zip(rows, rendered, strict=True):
             self.prompts[r] = prompt
         self.all_done = False
         width = int(self.mask[:, : self.P].sum(1).max())
@@ -240,7 +243,7 @@ class _Generation:
             tokens = self.ids[rows, self.P :].tolist()
             texts = [
                 self.tokenizer.decode(t[:n], skip_special_tokens=True)
-                for t, n in zip(tokens, lengths)
+                for t, n in zip(tokens, lengths, strict=True)
             ]
             scores = score_batch(self.reward, [self.prompts[r] for r in rows], texts)
             score_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
@@ -438,7 +441,8 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
     """Generate a response token by token; see :mod:`textenv.tasks` for the tasks' docs.
 
     Args:
-        task: a task name (``"Sentiment"``, ``"RewardModel"``, ``"Arithmetic"``, ``"Toy"``) or a Task.
+        task: a task name (``"Sentiment"``, ``"RewardModel"``, ``"Arithmetic"``, ``"Toy"``) or a
+            Task.
         model: the reference model: ``"embedded"``, ``"tiny"``, an HF id or path, or a model object
             (then ``tokenizer`` too). The policy must use the same tokenizer (the action space).
         reward: overrides the task's reward: a registered name, ``"module:callable"`` or a callable.
@@ -616,7 +620,8 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
 
     def set_attr(self, name: str, values: Any) -> None:
-        """Gymnasium's vector API; ``kl_coef`` and ``temperature`` are one value for the whole batch."""
+        """Gymnasium's vector API; ``kl_coef`` and ``temperature`` are one value for the whole
+        batch."""
         if name not in ("kl_coef", "temperature"):
             raise AttributeError(f"{type(self).__name__} has no settable attribute {name!r}")
         values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
@@ -638,12 +643,13 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         group = int(options.get("group_size", 1))
         if group < 1 or self.num_envs % group:
             raise ValueError(
-                f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}"
+                "options['group_size'] must be >= 1 and divide "
+                f"num_envs={self.num_envs}, got {group}"
             )
         if group > 1 and ("prompts" in options or "prompt" in options or partial):
             raise ValueError(
-                "options['group_size'] groups the prompts of a full reset; it cannot be combined with "
-                "'prompts', 'prompt' or 'reset_mask'"
+                "options['group_size'] groups the prompts of a full reset; it cannot be combined "
+                "with 'prompts', 'prompt' or 'reset_mask'"
             )
         if "prompts" in options:
             prompts = list(options["prompts"])

@@ -126,7 +126,8 @@ def load_causal_lm(
         match = re.fullmatch(r"tiny(?::([0-9]+))?", name)
         if match is None:
             raise ValueError(
-                f"model {name!r}: the tiny model is named 'tiny' or 'tiny:<seed>' (a non-negative integer)"
+                f"model {name!r}: the tiny model is named 'tiny' or 'tiny:<seed>' "
+                "(a non-negative integer)"
             )
         seed = int(match[1] or 0)
         tokenizer = char_tokenizer()
@@ -145,7 +146,8 @@ def load_causal_lm(
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         except OSError as err:
             raise FileNotFoundError(
-                f"could not load model {name!r}: not a local model directory and not in the HF cache "
+                f"could not load model {name!r}: not a local model directory and not in the HF "
+                "cache "
                 f"({str(err).splitlines()[0]})"
             ) from None
         except ValueError as err:

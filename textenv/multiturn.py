@@ -89,7 +89,8 @@ class MultiTurnTask:
     reply_format: str = "\n{reply}\n"
     """how a reply is written when the conversation is plain text (no chat template)"""
     chat: bool = True
-    """render the conversation with the tokenizer's chat template when it has one (off: plain text)"""
+    """render the conversation with the tokenizer's chat template when it has one (off: plain
+    text)"""
     split: Literal["all", "train", "test"] = "all"
     """which episodes: all, the training ones, or the held-out ones (see each task)"""
 
@@ -119,7 +120,8 @@ class MultiTurnTask:
             )
         if "{reply}" not in self.reply_format:
             raise ValueError(
-                f"task {self.name}: reply_format must contain '{{reply}}', got {self.reply_format!r}"
+                f"task {self.name}: reply_format must contain '{{reply}}', "
+                f"got {self.reply_format!r}"
             )
 
 
@@ -141,7 +143,8 @@ def check_turn(result: Any, task: str, row: int) -> Turn:
         ) from None
     if reply is not None and not isinstance(reply, str):
         raise RewardError(
-            f"task {task}: the reply must be a string or None, got {type(reply).__name__} (row {row})"
+            f"task {task}: the reply must be a string or None, "
+            f"got {type(reply).__name__} (row {row})"
         )
     if isinstance(reward, (str, bytes, bool)):
         raise RewardError(f"task {task}: the reward must be a number, got {reward!r} (row {row})")
@@ -198,7 +201,7 @@ class _Conversation(_Generation):
     def begin(self, rows: list[int], episodes: list[Episode]) -> None:
         """Begin ``episodes`` in ``rows`` (every row on the first call)."""
         prompts = []
-        for r, ep in zip(rows, episodes):
+        for r, ep in zip(rows, episodes, strict=True):
             msgs = as_messages(ep.prompt)
             self.episodes[r], self.histories[r] = ep, msgs
             if self.use_chat:
@@ -384,8 +387,8 @@ def _build(
 ) -> _Conversation:
     if reference_pass not in (None, "at_end"):
         raise ValueError(
-            "multi-turn envs run the reference once per finished conversation: reference_pass must be "
-            f"'at_end', got {reference_pass!r}"
+            "multi-turn envs run the reference once per finished conversation: reference_pass "
+            f"must be 'at_end', got {reference_pass!r}"
         )
     device = resolve_device(device)
     task = make_multiturn_task(task, **task_kwargs)
@@ -577,12 +580,13 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
         group = int(options.get("group_size", 1))
         if group < 1 or self.num_envs % group:
             raise ValueError(
-                f"options['group_size'] must be >= 1 and divide num_envs={self.num_envs}, got {group}"
+                "options['group_size'] must be >= 1 and divide "
+                f"num_envs={self.num_envs}, got {group}"
             )
         if group > 1 and ("episodes" in options or len(rows) < self.num_envs):
             raise ValueError(
-                "options['group_size'] groups the episodes of a full reset; it cannot be combined with "
-                "'episodes' or 'reset_mask'"
+                "options['group_size'] groups the episodes of a full reset; it cannot be combined "
+                "with 'episodes' or 'reset_mask'"
             )
         if "episodes" in options:
             episodes = list(options["episodes"])
@@ -695,7 +699,9 @@ class FunctionTask(MultiTurnTask):
                 return None, 1.0, True
             return "Say the magic word.", 0.0, False
 
-        env = gym.make("textenv/MultiTurn-v0", model="tiny", respond=respond, prompts=["Ask me nicely."])
+        env = gym.make(
+            "textenv/MultiTurn-v0", model="tiny", respond=respond, prompts=["Ask me nicely."]
+        )
     """
 
     name: ClassVar[str] = "FunctionTask"
@@ -865,7 +871,8 @@ class _ArenaEpisode:
             return Turn(None, float((rewards or {}).get(0, 0.0)), True)
         _, obs = self.game.get_observation()
         new, self.seen = obs[self.seen :], len(obs)
-        # textarena echoes the agent's own move first: the agent's message is already in the context.
+        # textarena echoes the agent's own move first; the agent's message is already in the
+        # context, so keep only what follows it.
         cut = new.find("\n[GAME]")
         return Turn((new[cut:] if cut >= 0 else new).strip() or "(no message)", 0.0, False)
 
@@ -879,7 +886,8 @@ def random_legal_move(rng: np.random.Generator) -> Callable[[str], str]:
         moves = re.findall(r"\[[^\]]+\]", lines[-1]) if lines else []
         if not moves:
             raise ValueError(
-                "the opponent found no 'Available Moves' in its observation: pass opponent=<callable>"
+                "the opponent found no 'Available Moves' in its observation: "
+                "pass opponent=<callable>"
             )
         return moves[int(rng.integers(len(moves)))]
 
@@ -968,7 +976,8 @@ class _ToyTurnsEpisode:
 
 @dataclass
 class ToyTurns(MultiTurnTask):
-    __doc__ = """Say the letter ``a``, twice: a two-turn task a tiny random model learns on a CPU in a minute.
+    __doc__ = """Say the letter ``a``, twice: a two-turn task a tiny random model learns on a CPU
+    in a minute.
 
     ## Description
     The Toy task's prompts (``model="tiny"``'s character vocabulary); after the agent's first

@@ -38,7 +38,8 @@ _REGISTRY: dict[str, Callable[[], RewardFn] | RewardFn] = {}
 
 
 def register(name: str) -> Callable:
-    """Decorator: register a reward (a callable, or a zero-argument class/factory) under ``name``."""
+    """Decorator: register a reward (a callable, or a zero-argument class/factory) under
+    ``name``."""
 
     def wrap(obj):
         if name in _REGISTRY:
@@ -91,7 +92,8 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
             raise ValueError(f"cannot import reward {spec!r}: {err}") from None
         return obj() if isinstance(obj, type) else obj
     raise ValueError(
-        f"unknown reward {spec!r}: not registered ({', '.join(available())}) and not module:callable"
+        f"unknown reward {spec!r}: not registered ({', '.join(available())}) "
+        "and not module:callable"
     )
 
 
@@ -109,14 +111,14 @@ def score_batch(reward: RewardFn, prompts: list[str], responses: list[str]) -> l
     try:
         scores = list(scores)
         for i, s in enumerate(scores):
-            # float("1") and float(True) would succeed: a reward that returns text or flags has a bug.
+            # float("1") and float(True) would succeed: a reward returning text or flags has a bug.
             if isinstance(s, (str, bytes, bool)) or str(getattr(s, "dtype", "")) in (
                 "bool",
                 "torch.bool",
             ):
                 raise RewardError(
-                    f"reward {name!r} returned {type(s).__name__} {s!r} for item {i}; scores must be "
-                    f"numbers (use float(...) for a pass/fail score)"
+                    f"reward {name!r} returned {type(s).__name__} {s!r} for item {i}; "
+                    "scores must be numbers (use float(...) for a pass/fail score)"
                 )
         scores = [float(s) for s in scores]
     except (TypeError, ValueError) as err:
@@ -217,7 +219,11 @@ class ClassifierReward:
             self.device = self.model.device
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = [p + r for p, r in zip(prompts, responses)] if self.with_prompt else list(responses)
+        texts = (
+            [p + r for p, r in zip(prompts, responses, strict=True)]
+            if self.with_prompt
+            else list(responses)
+        )
         scores: list[float] = []
         with self._torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
@@ -253,7 +259,7 @@ class ExactMatch:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         out = []
-        for p, r in zip(prompts, responses):
+        for p, r in zip(prompts, responses, strict=True):
             if p not in self.answers:
                 raise KeyError(f"no known answer for prompt {p[:60]!r}")
             out.append(float(self._norm(r) == self._norm(self.answers[p])))
@@ -261,7 +267,8 @@ class ExactMatch:
 
 
 class AnswerRegex:
-    """1.0 when the first number (or ``pattern``'s first group) in the response equals the answer."""
+    """1.0 when the first number (or ``pattern``'s first group) in the response equals the
+    answer."""
 
     name = "answer_regex"
 
@@ -270,7 +277,7 @@ class AnswerRegex:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         out = []
-        for p, r in zip(prompts, responses):
+        for p, r in zip(prompts, responses, strict=True):
             if p not in self.answers:
                 raise KeyError(f"no known answer for prompt {p[:60]!r}")
             m = self.pattern.search(r)
@@ -286,7 +293,8 @@ class ReasoningGymReward:
     """A reasoning-gym dataset's own checker: the answer is extracted from the response as the
     dataset's prompts ask (between ``<answer>`` tags, ``answer_format="tag"``; the whole
     response stripped, ``"raw"``; or its first or last number, ``"number"`` or ``"last_number"``,
-    for numeric datasets and models too small to write tags) and scored with ``dataset.score_answer`` (0 when no answer).
+    for numeric datasets and models too small to write tags) and scored with
+    ``dataset.score_answer`` (0 when no answer).
 
     The env hands rewards the rendered prompt (chat template applied), so each prompt is
     matched to the entry whose question it contains (the longest one, should one question
@@ -315,7 +323,7 @@ class ReasoningGymReward:
         from reasoning_gym.utils import extract_answer
 
         out = []
-        for p, r in zip(prompts, responses):
+        for p, r in zip(prompts, responses, strict=True):
             if self.answer_format == "tag":
                 answer = extract_answer(r)
             elif self.answer_format in ("number", "last_number"):

@@ -31,7 +31,8 @@ def pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def with_resume(args_cls: type, default: Any, resume: str | None) -> Any:
-    """``default`` (a config) as an instance of ``args_cls``, its subclass with a ``resume`` field."""
+    """``default`` (a config) as an instance of ``args_cls``, its subclass with a ``resume``
+    field."""
     return args_cls(
         **{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, resume=resume
     )
@@ -109,7 +110,8 @@ def run_cli(body: Callable[[], int]) -> int:
             print(f"error: {_where()}{err}", file=sys.stderr, flush=True)
         else:
             print(
-                f"error: {_where()}{type(err).__name__}: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+                f"error: {_where()}{type(err).__name__}: {err} "
+                f"(set {TRACEBACK_ENV}=1 for the traceback)",
                 file=sys.stderr,
                 flush=True,
             )

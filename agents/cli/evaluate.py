@@ -1,4 +1,5 @@
-"""Evaluate a saved run: ``textenv-evaluate runs/<run>`` (``python -m scripts.evaluate`` from a clone).
+"""Evaluate a saved run: ``textenv-evaluate runs/<run>`` (``python -m scripts.evaluate`` from a
+clone).
 
 A classic run (``checkpoint.safetensors``) plays deterministic episodes and prints the mean
 return; a text run (``policy/``) samples responses on its task (its held-out prompts when it
@@ -28,15 +29,15 @@ class EvalConfig:
     seed: int = 12345
     """seed of the evaluation envs (and of the sampling, for text)"""
     video_dir: str | None = None
-    """classic: record the first episode with Gymnasium's RecordVideo into this directory (needs moviepy:
-    pip install "textenv-ppo[video]")"""
+    """classic: record the first episode with Gymnasium's RecordVideo into this directory
+    (needs moviepy: pip install "textenv-ppo[video]")"""
     device: str = "cpu"
     """auto, cpu or cuda"""
     top_k: int = 0
     """text: sample among the k most likely tokens (0: off)"""
     top_p: float = 1.0
-    """text: nucleus sampling (1: off); with either filter the KL printed is the filtered policy's to the whole
-    reference"""
+    """text: nucleus sampling (1: off); with either filter the KL printed is the filtered
+    policy's to the whole reference"""
 
 
 def main(argv: list[str] | None = None) -> int:

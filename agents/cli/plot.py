@@ -30,7 +30,7 @@ class PlotConfig:
     output: Annotated[str, tyro.conf.arg(aliases=("-o",))] = "curves.png"
     """PNG file to write"""
     metric: str | None = None
-    """metric of metrics.jsonl to plot (default: episodic_return for classic runs, score_mean for text runs)"""
+    """metric of metrics.jsonl to plot (default: episodic_return, or score_mean for text runs)"""
     title: str | None = None
     """figure title (default: the metric)"""
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         text = {is_text_run(run) for run in runs}
         if len(text) > 1:
             raise ValueError(
-                "mix of text and classic runs: their x-axes (iterations, steps) differ; plot them apart"
+                "mix of text and classic runs: their x-axes (iterations, steps) differ; "
+                "plot them apart"
             )
         text_runs = text == {True}
         metric = args.metric or ("score_mean" if text_runs else "episodic_return")

@@ -1,5 +1,5 @@
-"""Train PPO on a Gymnasium task: ``textenv-train --env-id HalfCheetah-v5`` (``python -m scripts.train``
-from a clone).
+"""Train PPO on a Gymnasium task: ``textenv-train --env-id HalfCheetah-v5``
+(``python -m scripts.train`` from a clone).
 
 Each env id in ``textenv.agents.classic.PRESETS`` starts from its tuned hyperparameters; any flag
 given on the command line overrides the preset. The last line printed is the run's summary
@@ -34,9 +34,9 @@ from textenv.agents.cli._common import (
 @dataclass
 class TrainArgs(TrainConfig):
     resume: str | None = None
-    """a run directory to continue from its last checkpoint; its config is the default, flags given override it"""
+    """a run directory to continue from its last checkpoint; flags given override its config"""
     preset: Literal["tuned", "cleanrl"] = "tuned"
-    """the settings flags start from: the env id's tuned preset, or CleanRL's defaults for its action type"""
+    """the defaults flags override: the env id's tuned preset, or CleanRL's for its action type"""
 
 
 def _flag_from_argv(argv: list[str], flag: str, default: str) -> str:

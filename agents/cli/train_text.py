@@ -25,7 +25,7 @@ from textenv.agents.text import TextTrainConfig, load_text_run_config, summary_l
 @dataclass
 class TextTrainArgs(TextTrainConfig):
     resume: str | None = None
-    """a run directory to continue from its last checkpoint; its config is the default, flags given override it"""
+    """a run directory to continue from its last checkpoint; flags given override its config"""
 
 
 def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
@@ -42,9 +42,9 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
     for flag in ("--top-k", "--top-p"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise ValueError(
-                f"{flag} is for sampling at evaluation (textenv-evaluate {flag}): training samples from "
-                "the whole tempered distribution, the only one whose PPO ratio and KL to the reference "
-                "compare like with like"
+                f"{flag} is for sampling at evaluation (textenv-evaluate {flag}): training samples "
+                "from the whole tempered distribution, the only one whose PPO ratio and KL to the "
+                "reference compare like with like"
             )
     default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
     args = tyro.cli(
@@ -60,10 +60,11 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
 def held_out_line(summary: dict) -> str:
     """The before/after evaluation on held-out prompts, for people."""
     return (
-        f"held-out prompts, {summary['eval_samples']} responses: mean score {summary['eval_score_before']:.3f} "
+        f"held-out prompts, {summary['eval_samples']} responses: "
+        f"mean score {summary['eval_score_before']:.3f} "
         f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
-        f"± {summary['eval_score_after_se']:.3f} after; KL to the reference {summary['eval_kl_after']:.2f} "
-        f"nats per response"
+        f"± {summary['eval_score_after_se']:.3f} after; "
+        f"KL to the reference {summary['eval_kl_after']:.2f} nats per response"
     )
 
 
