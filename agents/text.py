@@ -13,19 +13,15 @@ on the same update; with ``--group-size k`` each prompt is sampled k times in th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from textenv.agents.advantages import (
     ESTIMATORS,
@@ -33,12 +29,27 @@ from textenv.agents.advantages import (
     critic_free_advantages,
     needs_critic,
 )
-from textenv.agents.checkpoint import pack_training_state, unpack_training_state
 from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
-from textenv.agents.gae import gae
-from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
-from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update, validate_rates
+from textenv.agents.lm import LMActorCritic
+from textenv.agents.ppo import PPOConfig, normalize, ppo_update, validate_rates
+from textenv.agents.rollout_text import (
+    Rollout,
+    collect_rollout,
+    evaluate_held_out,
+    kl_k3,
+    recompute_logprobs,
+    rollout_stats,
+    samples_table,
+    shaped_rewards,
+    token_advantages,
+)
 from textenv.agents.runlog import check_writable_dir
+from textenv.agents.text_checkpoint import (
+    STATE_FILE,
+    load_training_state,
+    save_policy,
+    with_lora,
+)
 from textenv.agents.training import (
     LinearLR,
     TrainingRun,
@@ -48,28 +59,22 @@ from textenv.agents.training import (
 )
 from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
-from textenv.kl import kl_penalized_rewards
 from textenv.models import load_causal_lm
 from textenv.rewards import RewardError
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
 
 __all__ = [
     "AdaptiveKLController",
-    "Rollout",
     "TextTrainConfig",
-    "collect_rollout",
-    "evaluate_held_out",
     "evaluate_text_run",
     "load_text_run_config",
-    "shaped_rewards",
     "summary_line",
-    "token_advantages",
     "train_text",
 ]
 
 
 def _text_ppo() -> PPOConfig:
-    # TRL-like defaults: 4 epochs, clipped value loss with vf_coef 0.1, advantages whitened per batch.
+    # TRL-like: 4 epochs, clipped value loss with vf_coef 0.1, advantages whitened per batch.
     return PPOConfig(
         update_epochs=4,
         num_minibatches=4,
@@ -86,9 +91,9 @@ class TextTrainConfig:
     """PPO on a text-generation task: the policy LM writes responses, the env scores them."""
 
     task: str = "Sentiment"
-    """task name: Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym or a curated reasoning-gym task
-    (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward); multi-turn:
-    Calculator (a tool task), GuessTheNumber, TicTacToe, TextArena"""
+    """task name: Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym or a curated reasoning-gym
+    task (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward);
+    multi-turn: Calculator (a tool task), GuessTheNumber, TicTacToe, TextArena"""
     model: str = "embedded"
     """policy and reference model: embedded (SmolLM2-135M), tiny, an HF id or a path"""
     reward: str | None = None
@@ -96,11 +101,11 @@ class TextTrainConfig:
     reward_model: str | None = None
     """RewardModel task: AutoModelForSequenceClassification id or path"""
     prompts: str | None = None
-    """a prompts file instead of the task's: one prompt per line, or JSONL with a "prompt" string or chat
-    "messages" per line (rendered with the tokenizer's chat template)"""
+    """a prompts file instead of the task's: one prompt per line, or JSONL with a "prompt" string or
+    chat "messages" per line (rendered with the tokenizer's chat template)"""
     task_options: str | None = None
-    """task fields as a JSON object, e.g. '{"config": {"max_terms": 2}, "answer_format": "number"}' for a
-    reasoning-gym task or '{"max_turns": 4}' for a multi-turn one"""
+    """task fields as a JSON object, e.g. '{"config": {"max_terms": 2}, "answer_format": "number"}'
+    for a reasoning-gym task or '{"max_turns": 4}' for a multi-turn one"""
     iterations: int = 20
     """PPO iterations (rollout + update)"""
     target_score: float | None = None
@@ -112,21 +117,25 @@ class TextTrainConfig:
     max_new_tokens: int | None = None
     """response budget (default: the task's); for a multi-turn task, the agent's budget per turn"""
     kl_coef: float | None = None
-    """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when kl_target is set"""
+    """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when
+    kl_target is set"""
     kl_target: float | None = None
-    """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β fixed"""
+    """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β
+    fixed"""
     kl_horizon: int = 10_000
     """horizon of the adaptive KL controller, in episodes"""
     reference_pass: Literal["at_end", "per_step"] = "at_end"
-    """when the env's reference model runs: at_end (one forward per finished response) or
-    per_step (one KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
+    """when the env's reference model runs: at_end (one forward per finished response) or per_step
+    (one KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
     kl_in_loss: bool = False
-    """put β·KL (k3 estimator) in the loss instead of in the reward (the reward is then the score)"""
+    """put β·KL (k3 estimator) in the loss instead of in the reward (the reward is then the
+    score)"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of responses that hit the budget without EOS"""
     temperature: float = 1.0
-    """sampling temperature; the policy's and the reference's log-probs are both of the tempered distribution
-    (training samples from the whole tempered distribution: top-k/top-p are for textenv-evaluate)"""
+    """sampling temperature; the policy's and the reference's log-probs are both of the tempered
+    distribution (training samples from the whole tempered distribution: top-k/top-p are for
+    textenv-evaluate)"""
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     anneal_lr: bool = True
@@ -137,7 +146,8 @@ class TextTrainConfig:
     (return minus its group's mean, over the group's std), rloo (minus the mean of the rest of its
     group), reinforce_pp (REINFORCE++: KL-shaped return to go, whitened over the batch)"""
     group_size: int = 1
-    """responses sampled per prompt in each batch (consecutive rows share a prompt); grpo and rloo need >= 2"""
+    """responses sampled per prompt in each batch (consecutive rows share a prompt); grpo and rloo
+    need >= 2"""
     grpo_scale: bool = True
     """grpo: divide by the group's std (off: Dr. GRPO, the return minus the group mean only)"""
     gamma: float = 1.0
@@ -145,8 +155,8 @@ class TextTrainConfig:
     gae_lambda: float = 0.95
     """λ of GAE over tokens"""
     whiten_advantages: bool = True
-    """gae: whiten advantages over the whole batch's response tokens (reinforce_pp always does, grpo and
-    rloo never: their group baseline is the normalisation)"""
+    """gae: whiten advantages over the whole batch's response tokens (reinforce_pp always does, grpo
+    and rloo never: their group baseline is the normalisation)"""
     ppo: PPOConfig = dataclasses.field(default_factory=_text_ppo)
     """the PPO update's hyperparameters"""
     seed: int = 1
@@ -154,29 +164,32 @@ class TextTrainConfig:
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards under
-    bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
+    """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards
+    under bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
-    """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward), recompute
-    (one no-grad pass of the update's own forward before the epochs, so the first ratio is exactly 1);
-    auto: recompute under bf16, on CUDA or with --fsdp, where the two forwards differ by more than rounding"""
+    """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward),
+    recompute (one no-grad pass of the update's own forward before the epochs, so the first ratio is
+    exactly 1); auto: recompute under bf16, on CUDA or with --fsdp, where the two forwards differ by
+    more than rounding"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the update"""
     lora_r: int = 0
-    """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0: off)"""
+    """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0:
+    off)"""
     lora_alpha: int = 16
     """LoRA scaling α"""
     fsdp: bool = False
-    """shard the policy over the torchrun processes with FSDP2 (torch's fully_shard: nccl on GPUs, gloo on
-    CPUs), for models whose weights, gradients and optimizer state do not fit one device; checkpoints hold
-    the full weights but not the sharded optimizer state, so a sharded run cannot be resumed yet; not with
-    --lora-r"""
+    """shard the policy over the torchrun processes with FSDP2 (torch's fully_shard: nccl on GPUs,
+    gloo on CPUs), for models whose weights, gradients and optimizer state do not fit one device;
+    checkpoints hold the full weights but not the sharded optimizer state, so a sharded run cannot
+    be resumed yet; not with --lora-r"""
     torch_threads: int = 1
     """torch CPU threads of this process (1 never oversubscribes a machine others use; 0: torch's
     default, one per core, fastest only on an otherwise idle machine)"""
     eval_samples: int = 32
     """responses sampled on the held-out prompts (every 5th of the set, not trained on) before and
-    after training, their mean score and KL printed at the end (0: off, and every prompt is trained on)"""
+    after training, their mean score and KL printed at the end (0: off, and every prompt is trained
+    on)"""
     sample_every: int = 5
     """log a table of prompts and responses every this many iterations"""
     run_name: str | None = None
@@ -209,8 +222,8 @@ class TextTrainConfig:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.fsdp and self.lora_r:
             raise ValueError(
-                "--fsdp with --lora-r is not supported (LoRA's adapters are small: train them without "
-                "sharding)"
+                "--fsdp with --lora-r is not supported (LoRA's adapters are small: train them "
+                "without sharding)"
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -255,228 +268,6 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-@dataclass
-class Rollout:
-    """One batch of episodes, laid out ``[N, T]`` (rows: episodes, columns: response tokens)."""
-
-    input_ids: (
-        torch.Tensor
-    )  # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
-    attention_mask: torch.Tensor  # [N, prompt_len + T]
-    actions: torch.Tensor  # [N, T]
-    logprobs: torch.Tensor  # log π of the sampled token under the sampling distribution
-    values: torch.Tensor
-    env_rewards: (
-        torch.Tensor
-    )  # what the env paid: score·1[last] + β_env·log π_ref (per step or summed at the end)
-    ref_logprobs: torch.Tensor
-    entropy: torch.Tensor
-    mask: torch.Tensor  # 1 on response tokens (up to and including EOS)
-    scores: torch.Tensor  # [N]
-    truncated_response: torch.Tensor  # [N] hit the budget without EOS
-    prompts: list[str]
-    responses: list[str]
-    prompt_len: int
-    positions: torch.Tensor | None = (
-        None  # [N, T] column of each action in input_ids (multi-turn; else prompt_len + t)
-    )
-    step_scores: torch.Tensor | None = (
-        None  # [N, T] task reward per token (multi-turn turn rewards); else scores at the end
-    )
-
-
-def collect_rollout(
-    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int = 1
-) -> Rollout:
-    """Reset ``envs`` and sample one response per row (see :func:`_collect_rollout`)."""
-    # FSDP's all-gather buffers outlive the rollout: inference-mode tensors would refuse the
-    # update's in-place writes, so a sharded policy samples under no_grad.
-    if not _is_sharded(policy):
-        with torch.inference_mode():
-            return _collect_rollout(policy, envs, seed, generator, group_size)
-    with torch.no_grad():
-        rollout = _collect_rollout(policy, envs, seed, generator, group_size)
-    policy.reshard()  # the root stays gathered after a forward without backward; the optimizer holds the shards
-    return rollout
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-def _collect_rollout(
-    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int
-) -> Rollout:
-    """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
-    row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
-    rows shares a prompt.
-
-    Each step feeds the policy what each row gained: its action, and in a multi-turn env the
-    env's reply after a turn (right-padded to the widest row, masked), so the cache continues
-    across turns. Stored log-probs are of the distribution actually sampled from (temperature
-    applied); the env's reference must score at the same temperature, or the KL is not 0 at
-    the start.
-    """
-    if envs.temperature != policy.temperature:
-        raise ValueError(
-            f"the policy samples at temperature {policy.temperature} but the env's reference scores "
-            f"at {envs.temperature}; set envs.temperature = {policy.temperature}"
-        )
-    multi_turn = getattr(envs, "multi_turn", False)
-    was_training = policy.training
-    policy.eval()
-    obs, info = envs.reset(
-        seed=seed, options={"group_size": group_size} if group_size > 1 else None
-    )
-    P, B, N = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
-    device = obs["input_ids"].device
-    # Prompts are left-padded into P slots: columns that are padding in every row are left out
-    # of every forward here and in the update (less compute, same result).
-    start = int(obs["attention_mask"][:, :P].any(0).long().argmax())
-    cache_mask = obs["attention_mask"][:, start:P]  # the attention mask of the policy's cache
-    position_ids = (cache_mask.cumsum(-1) - 1).clamp_min(0)
-    logits, values, cache = policy._forward(
-        obs["input_ids"][:, start:P], cache_mask, position_ids, logits_to_keep=1, use_cache=True
-    )
-    logits, values = logits[:, -1], values[:, -1]
-    cols = {
-        k: []
-        for k in (
-            "actions",
-            "logprobs",
-            "values",
-            "env_rewards",
-            "ref_logprobs",
-            "entropy",
-            "mask",
-            "positions",
-            "step_scores",
-        )
-    }
-    ref_at_end = torch.zeros(
-        (N, B), device=device
-    )  # filled as rows end, with reference_pass="at_end"
-    active = torch.ones(N, dtype=torch.bool, device=device)
-    fed = torch.zeros(
-        N, dtype=torch.long, device=device
-    )  # tokens after the prompt the policy has read
-    scores = torch.zeros(N, device=device)
-    truncated = torch.zeros(N, dtype=torch.bool, device=device)
-    responses: list[str | None] = [None] * N
-    rows = torch.arange(N, device=device)
-    fed_host = np.zeros(N, dtype=np.int64)
-    for t in range(B):
-        logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
-        action = sample_categorical(logp_all.exp(), generator)
-        cols["actions"].append(action)
-        cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
-        cols["entropy"].append(entropy_of(logp_all))
-        cols["values"].append(values)
-        cols["mask"].append(active.float())
-        cols["positions"].append(P - start + fed)
-        obs, reward, terminated, _, step_info = envs.step(action)
-        cols["env_rewards"].append(reward)
-        if "ref_logprob" in step_info:
-            cols["ref_logprobs"].append(step_info["ref_logprob"])
-        if "turn_reward" in step_info:
-            cols["step_scores"].append(step_info["turn_reward"])
-        if "_ref_logprobs" in step_info:
-            ref_at_end = torch.where(
-                step_info["_ref_logprobs"].unsqueeze(1), step_info["ref_logprobs"], ref_at_end
-            )
-        if "_score" in step_info:
-            ended = step_info["_score"]
-            scores = torch.where(ended, step_info["score"], scores)
-            truncated |= step_info["truncated_response"]
-            for i in ended.nonzero().squeeze(1).tolist():
-                responses[i] = step_info["response_text"][i]
-        if (
-            multi_turn
-        ):  # the row's action and, after a turn, the env's reply; host-side counts, no sync
-            lengths = envs.conversation_lengths
-            new_host, fed_host = lengths - fed_host, lengths
-            width, new = int(new_host.max()), torch.as_tensor(new_host, device=device)
-        else:
-            width, new = 1, active.long()
-        active = active & ~terminated
-        if envs.all_done:  # the env's own per-step sync already knows; no second one here
-            break
-        offsets = torch.arange(width, device=device)
-        chunk_mask = (offsets < new.unsqueeze(1)).long()
-        if multi_turn:
-            chunk = obs["input_ids"].gather(
-                1, (P + fed.unsqueeze(1) + offsets).clamp_max(P + B - 1)
-            )
-        else:
-            chunk = action.unsqueeze(1)
-        # >= 0: every row's cache holds its prompt, which is never empty.
-        position_ids = cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
-        cache_mask = torch.cat([cache_mask, chunk_mask], dim=1)
-        logits, values, cache = policy._forward(
-            chunk,
-            cache_mask,
-            position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=width,
-        )
-        last = (new - 1).clamp_min(0)
-        logits, values = logits[rows, last], values[rows, last]
-        fed = fed + new
-    T = len(cols["actions"])
-    stacked = {k: torch.stack(v, dim=1) for k, v in cols.items() if v}
-    stacked.setdefault("ref_logprobs", ref_at_end[:, :T])
-    if not multi_turn:  # the actions are consecutive columns: evaluate_responses' fast path
-        stacked.pop("positions")
-        end = P + T
-    else:
-        end = P + int(envs.conversation_lengths.max())
-    policy.train(was_training)
-    return Rollout(
-        input_ids=obs["input_ids"][:, start:end],
-        attention_mask=obs["attention_mask"][:, start:end],
-        scores=scores,
-        truncated_response=truncated,
-        prompts=list(info["prompt"]),
-        responses=[r or "" for r in responses],
-        prompt_len=P - start,
-        **stacked,
-    )
-
-
-def recompute_logprobs(policy: LMActorCritic, rollout: Rollout, chunk: int) -> Rollout:
-    """``rollout`` with its log-probs, entropies and values from the update's own forward
-    (:meth:`LMActorCritic.evaluate_responses`, no gradient, ``chunk`` rows at a time), so that
-    PPO's first ratio is exactly 1 where the KV-cached sampling forward differs from it (bf16,
-    GPU kernels, sharding); 0 past each response's end."""
-    parts = []
-    with torch.no_grad():
-        for i in range(0, rollout.actions.shape[0], chunk):
-            rows = slice(i, i + chunk)
-            positions = None if rollout.positions is None else rollout.positions[rows]
-            parts.append(
-                policy.evaluate_responses(
-                    rollout.input_ids[rows],
-                    rollout.attention_mask[rows],
-                    rollout.actions[rows],
-                    rollout.prompt_len,
-                    entropy_grad=False,
-                    positions=positions,
-                )
-            )
-    if _is_sharded(policy):
-        policy.reshard()  # as after the rollout: the optimizer holds the shards
-    keep = rollout.mask > 0
-    logprobs, entropy, values = (torch.where(keep, torch.cat(x), 0.0) for x in zip(*parts))
-    if policy.value_head is None:
-        values = rollout.values
-    return dataclasses.replace(rollout, logprobs=logprobs, entropy=entropy, values=values)
-
-
 class AdaptiveKLController:
     """Ziegler et al. (2019): nudge β so that the KL per response tracks ``target``."""
 
@@ -487,53 +278,6 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
-
-
-def shaped_rewards(
-    rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None
-) -> torch.Tensor:
-    """Per-token reward ``score·1[last] − β·(log π − log π_ref)`` (:func:`textenv.kl.kl_penalized_rewards`)
-    from what the env reported and the log-probs stored at sampling: no second forward; in a
-    multi-turn episode each turn's reward at the token that ended the turn. With the KL in the
-    loss instead, it is the task reward alone; ``missing_eos_penalty`` is subtracted at the last
-    token of responses that hit the budget (of conversations that ran out of context)."""
-    beta = kl_coef if kl_in_reward else 0.0
-    penalty = None
-    if missing_eos_penalty is not None:
-        penalty = missing_eos_penalty * rollout.truncated_response.float()
-    if rollout.step_scores is None:
-        score = rollout.scores if penalty is None else rollout.scores - penalty
-        return kl_penalized_rewards(
-            score, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
-        )
-    rewards = kl_penalized_rewards(
-        rollout.step_scores, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
-    )
-    if penalty is not None:
-        last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
-        rewards[torch.arange(rewards.shape[0], device=rewards.device), last] -= penalty
-    return rewards
-
-
-def token_advantages(
-    rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over response tokens. The last token of a response is terminal (EOS or the task's
-    budget), so nothing is bootstrapped past it; tokens after it are masked."""
-    mask = rollout.mask
-    last = torch.zeros_like(mask)
-    lengths = mask.sum(1).long()
-    last[torch.arange(mask.shape[0]), (lengths - 1).clamp_min(0)] = 1.0
-    adv, ret = gae(
-        rewards.T,
-        rollout.values.T,
-        torch.zeros_like(rollout.values[:, 0]),
-        last.T,
-        last.T,
-        gamma,
-        lam,
-    )
-    return adv.T * mask, ret.T * mask
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, fused: bool = True) -> torch.optim.AdamW:
@@ -562,9 +306,9 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TextTrainConfig)})
     if unknown:
         raise ValueError(
-            f"{run_dir / 'config.json'} has settings this version does not have ({', '.join(unknown)}): "
-            "it was written by an older version (see CHANGELOG.md); start a new run from its weights "
-            f"with --model {run_dir / 'policy'}"
+            f"{run_dir / 'config.json'} has settings this version does not have "
+            f"({', '.join(unknown)}): it was written by an older version (see CHANGELOG.md); start "
+            f"a new run from its weights with --model {run_dir / 'policy'}"
         )
     return TextTrainConfig(**raw)
 
@@ -574,7 +318,8 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
 
     ``resume``: a run directory to continue from its last checkpoint (policy, value head,
     optimizer, β, learning-rate schedule, iteration and RNG states); metrics are appended.
-    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint
+    (:class:`TrainingInterrupted`).
 
     Under ``torchrun`` each of the N processes samples ``num_envs / N`` responses (its own
     prompts and sampling stream) and the update is the one-process update of the whole batch
@@ -590,6 +335,43 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
 def _train_text(
     config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device
 ) -> dict[str, Any]:
+    local_envs = check_run_layout(config, resume, dist)
+    set_torch_threads(config.torch_threads)
+    seed_everything(config.seed)
+    t = _TextTraining(config, resume, dist, device, local_envs)
+    t.evaluate_before()
+    from tqdm import tqdm
+
+    bar = tqdm(
+        range(t.first_iteration, config.iterations + 1),
+        disable=not (config.progress and dist.is_main),
+        unit="it",
+        dynamic_ncols=True,
+    )
+    try:
+        with t.run.loop(save_on_failure=config.save_checkpoint):
+            for iteration in bar:
+                beta, lr = t.envs.kl_coef, t.schedule.apply(t.optimizer, iteration)
+                rollout, timing = t.collect(iteration, bar)
+                rewards, advantages, returns = t.estimate_advantages(rollout, beta)
+                stats, timing["update_s"] = t.update(rollout, advantages, returns, beta, bar)
+                metrics = t.log(iteration, rollout, rewards, returns, stats, timing, beta, lr, bar)
+                if t.controller is not None:  # adaptive β: the env's kl_coef, its one owner
+                    t.envs.kl_coef = t.controller.update(metrics["kl_k1"], config.num_envs)
+                t.run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
+                if t.reached_target_score():
+                    break
+                if config.save_checkpoint and config.checkpoint_every:
+                    if iteration % config.checkpoint_every == 0:
+                        t.checkpoint(iteration)
+    finally:
+        bar.close()
+    return t.finish()
+
+
+def check_run_layout(config: TextTrainConfig, resume: str | Path | None, dist: Dist) -> int:
+    """Refuse, before any model loads, a run that cannot work with this many processes or
+    cannot continue ``resume``; return each process's number of responses."""
     local_envs = dist.check_divides("num_envs", config.num_envs)
     if local_envs % config.group_size:
         raise ValueError(
@@ -604,402 +386,395 @@ def _train_text(
         )
     if resume is None:
         check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
+        return local_envs
+    saved = load_text_run_config(resume)
+    if saved.fsdp or config.fsdp:
+        raise ValueError(
+            f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their "
+            "checkpoint holds the full weights but not the sharded optimizer state); start a new "
+            f"run from the weights with --model {Path(resume) / 'policy'}"
+        )
+    if (saved.task, saved.model) != (config.task, config.model):
+        raise ValueError(
+            f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
+            f"not {config.task} with {config.model}"
+        )
+    if needs_critic(saved.advantage) != needs_critic(config.advantage):
+        raise ValueError(
+            f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot "
+            f"continue as --advantage {config.advantage} (one trains a value head, the other "
+            "has none)"
+        )
+    return local_envs
 
-    def say(message: str) -> None:
-        if config.progress and dist.is_main:
+
+class _TextTraining:
+    """One text run's state (envs, policy, optimizer, schedule, counters); each method is one
+    named step of :func:`_train_text`'s loop."""
+
+    def __init__(
+        self,
+        config: TextTrainConfig,
+        resume: str | Path | None,
+        dist: Dist,
+        device: torch.device,
+        local_envs: int,
+    ) -> None:
+        self.config, self.resume, self.dist, self.device = config, resume, dist, device
+        self.local_envs = local_envs
+        # fp32 weights everywhere; bf16 is autocast, around the reference's forwards too, so a
+        # policy equal to the reference scores every token exactly as it does.
+        self.bf16 = config.bf16(device)
+        self.recompute = config.recompute_old_logprobs(device)
+        self.micro_batch = local_envs // config.ppo.num_minibatches // config.ppo.grad_accum_steps
+        self._load_envs()
+        self._load_policy()
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
+        self.first_iteration, self.total_tokens, previous_wall = 1, 0, 0.0
+        self.score_first: float | None = None
+        self.eval_before: dict[str, float] | None = None
+        self.run_dir = TrainingRun.directory(
+            config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume, dist
+        )
+        if resume is not None:
+            previous_wall = self._restore()
+        if dist.rank > 0:  # every rank samples its own responses; rank 0 keeps one-process's
+            rank_seed = config.seed + 1_000_003 * dist.rank + self.first_iteration - 1
+            seed_everything(rank_seed)
+            self.generator.manual_seed(rank_seed)
+        self.controller = None
+        if config.kl_target:
+            self.controller = AdaptiveKLController(
+                self.envs.kl_coef, config.kl_target, config.kl_horizon
+            )
+        self.start = time.perf_counter() - previous_wall
+        self.run = TrainingRun(
+            self.run_dir,
+            tensorboard=config.tensorboard,
+            checkpoint=self.checkpoint,
+            recoverable=(RewardError,),
+            dist=dist,
+        )
+        self.run.last_iteration = self.first_iteration - 1
+        self.history: list[dict[str, float]] = []
+        self.postfix = ""
+
+    def say(self, message: str) -> None:
+        if self.config.progress and self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
 
-    if resume is not None:
+    def _load_envs(self) -> None:
+        config, dist = self.config, self.dist
+        task_kwargs, held_out = task_settings(config)
+        if held_out:  # held-out prompts are never trained on when there is an evaluation on them
+            task_kwargs["split"] = "train"
+        self.say(f"loading the reference model ({config.model}) ...")
+        dtype = torch.float32
+        self.envs = make_text_envs(
+            config, self.local_envs, task_kwargs, self.device, dtype, config.reference_pass
+        )
+        self.eval_envs = None
+        # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or
+        # with a sharded policy every rank (its forward is a collective), on the same prompts.
+        if held_out and (dist.is_main or config.fsdp):
+            self.eval_envs = make_text_envs(
+                config,
+                config.eval_samples,
+                task_kwargs | {"split": "test"},
+                self.device,
+                dtype,
+                "at_end",
+                model=self.envs.reference_model,
+                tokenizer=self.envs.tokenizer,
+                reward=getattr(self.envs, "reward_fn", None),
+            )
+
+    def _load_policy(self) -> None:
+        config, resume = self.config, self.resume
+        self.say(f"loading the policy ({config.model if resume is None else resume}) ...")
+        # Resuming loads the trained policy with from_pretrained; the reference stays
+        # config.model. With LoRA the base stays config.model and a checkpoint restores the
+        # adapter.
+        trained = resume is not None and not config.lora_r
+        source = str(Path(resume) / "policy") if trained else config.model
+        lm, _ = load_causal_lm(
+            source, device=self.device, trust_remote_code=config.trust_remote_code
+        )
+        if config.lora_r:
+            adapter = Path(resume) / "policy" / "adapter" if resume is not None else None
+            lm = with_lora(lm, config.lora_r, config.lora_alpha, adapter)
+        if config.gradient_checkpointing:
+            # The new name from transformers 5.24 on (the old one warns there); the old one before.
+            enable = (
+                getattr(lm, "activation_checkpointing_enable", None)
+                or lm.gradient_checkpointing_enable
+            )
+            enable()
+            lm.config.use_cache = False
+        critic = needs_critic(config.advantage)
+        self.policy = LMActorCritic(lm, temperature=config.temperature, value_head=critic)
+        self.dist.broadcast_parameters(p for p in self.policy.parameters() if p.requires_grad)
+        if config.fsdp:
+            shard_policy(self.policy, lm)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = adamw(trainable, lr=config.learning_rate, fused=not config.fsdp)
+
+    def _restore(self) -> float:
+        """Load the checkpoint's state into this run; return the wall time it had run."""
+        config, resume = self.config, self.resume
         saved = load_text_run_config(resume)
-        if saved.fsdp or config.fsdp:
-            raise ValueError(
-                f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their checkpoint "
-                f"holds the full weights but not the sharded optimizer state); start a new run from the "
-                f"weights with --model {Path(resume) / 'policy'}"
-            )
-        if (saved.task, saved.model) != (config.task, config.model):
-            raise ValueError(
-                f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
-                f"not {config.task} with {config.model}"
-            )
-        if needs_critic(saved.advantage) != needs_critic(config.advantage):
-            raise ValueError(
-                f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot continue "
-                f"as --advantage {config.advantage} (one trains a value head, the other has none)"
-            )
-    set_torch_threads(config.torch_threads)
-    seed_everything(config.seed)
-    # fp32 weights everywhere; bf16 is autocast, around the reference's forwards too, so that a
-    # policy equal to the reference scores every token exactly as it does.
-    dtype, bf16 = torch.float32, config.bf16(device)
-    recompute = config.recompute_old_logprobs(device)
-    micro_batch = local_envs // config.ppo.num_minibatches // config.ppo.grad_accum_steps
-
-    task_kwargs, held_out = task_settings(config)
-    if held_out:  # held-out prompts are never trained on when there is an evaluation on them
-        task_kwargs["split"] = "train"
-    say(f"loading the reference model ({config.model}) ...")
-    envs = make_text_envs(config, local_envs, task_kwargs, device, dtype, config.reference_pass)
-    eval_envs = None
-    # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or with a
-    # sharded policy every rank (its forward is a collective), each on the same prompts.
-    if held_out and (dist.is_main or config.fsdp):
-        eval_envs = make_text_envs(
-            config,
-            config.eval_samples,
-            task_kwargs | {"split": "test"},
-            device,
-            dtype,
-            "at_end",
-            model=envs.reference_model,
-            tokenizer=envs.tokenizer,
-            reward=getattr(envs, "reward_fn", None),
+        state = load_training_state(
+            self.run_dir / "policy", self.policy, self.optimizer, self.generator
         )
-    say(f"loading the policy ({config.model if resume is None else resume}) ...")
-    # Resuming loads the trained policy with from_pretrained; the reference stays config.model.
-    # With LoRA the base stays config.model and the adapter is what a checkpoint restores.
-    policy_source = (
-        str(Path(resume) / "policy") if resume is not None and not config.lora_r else config.model
-    )
-    policy_lm, _ = load_causal_lm(
-        policy_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code
-    )
-    if config.lora_r:
-        policy_lm = with_lora(
-            policy_lm,
-            config.lora_r,
-            config.lora_alpha,
-            Path(resume) / "policy" / "adapter" if resume is not None else None,
-        )
-    if config.gradient_checkpointing:
-        # The new name from transformers 5.24 on (the old one warns there); the old one before.
-        enable = (
-            getattr(policy_lm, "activation_checkpointing_enable", None)
-            or policy_lm.gradient_checkpointing_enable
-        )
-        enable()
-        policy_lm.config.use_cache = False
-    policy = LMActorCritic(
-        policy_lm, temperature=config.temperature, value_head=needs_critic(config.advantage)
-    )
-    dist.broadcast_parameters(p for p in policy.parameters() if p.requires_grad)
-    if config.fsdp:
-        shard_policy(policy, policy_lm)
-    optimizer = adamw(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        fused=not config.fsdp,
-    )
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
-
-    first_iteration, total_tokens, previous_wall, score_first, eval_before = 1, 0, 0.0, None, None
-    run_dir = TrainingRun.directory(
-        config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume, dist
-    )
-    if resume is not None:
-        state = load_training_state(run_dir / "policy", policy, optimizer, generator)
-        first_iteration = state["iteration"] + 1
-        envs.kl_coef, total_tokens, previous_wall = (
-            state["kl_coef"],
-            state["total_tokens"],
-            state["wall_time_s"],
-        )
-        score_first, eval_before = state["score_mean_first"], state.get("eval_before")
-        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
+        self.first_iteration = state["iteration"] + 1
+        self.envs.kl_coef, self.total_tokens = state["kl_coef"], state["total_tokens"]
+        self.score_first, self.eval_before = state["score_mean_first"], state.get("eval_before")
+        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the
+        # run's first horizon.
         saved_schedule = state.get("lr_schedule") or {
             "learning_rate": saved.learning_rate,
             "horizon": saved.iterations,
             "enabled": saved.anneal_lr,
         }
-        schedule = LinearLR.resumed(
+        self.schedule = LinearLR.resumed(
             saved_schedule,
             state["iteration"],
             config.learning_rate,
             config.iterations,
             config.anneal_lr,
         )
-        if dist.is_main and (note := resumed_world_note(state.get("world_size", 1), dist)):
+        note = resumed_world_note(state.get("world_size", 1), self.dist)
+        if self.dist.is_main and note:
             print(note, file=sys.stderr, flush=True)
-    if dist.rank > 0:  # every rank samples its own responses; rank 0 keeps the one-process stream
-        rank_seed = config.seed + 1_000_003 * dist.rank + first_iteration - 1
-        seed_everything(rank_seed)
-        generator.manual_seed(rank_seed)
-    # β's one owner is the env; the controller moves it.
-    controller = (
-        AdaptiveKLController(envs.kl_coef, config.kl_target, config.kl_horizon)
-        if config.kl_target
-        else None
-    )
-    start = time.perf_counter() - previous_wall
+        return state["wall_time_s"]
 
-    def checkpoint(iteration: int) -> Path:
-        weights = full_state_dict(policy) if config.fsdp else None  # a collective: every rank
+    def evaluate_before(self) -> None:
+        if self.eval_envs is not None and self.eval_before is None:
+            n = self.config.eval_samples
+            self.say(f"sampling {n} responses on held-out prompts before training ...")
+            with autocast(self.device, self.bf16):
+                self.eval_before = evaluate_held_out(self.policy, self.eval_envs, self.config.seed)
+
+    def collect(self, iteration: int, bar) -> tuple[Rollout, dict[str, float]]:
+        """Sample one response per row; with ``recompute``, rescore it with the update's forward."""
+        bar.set_postfix_str(f"{self.postfix} sampling", refresh=True)
+        t0 = time.perf_counter()
+        # The env seeds row i with seed + i: each iteration's rows (and each rank's) take their
+        # own block of seeds, so no iteration replays another's prompts and global row j
+        # draws the same prompt with any number of processes.
+        seed = prompt_seeds(self.config.seed, iteration, self.config.num_envs)
+        seed += self.dist.rank * self.local_envs
+        with autocast(self.device, self.bf16):
+            rollout = collect_rollout(
+                self.policy,
+                self.envs,
+                seed=seed,
+                generator=self.generator,
+                group_size=self.config.group_size,
+            )
+        rollout_s = time.perf_counter() - t0
+        if self.recompute:
+            with autocast(self.device, self.bf16):
+                rollout = recompute_logprobs(self.policy, rollout, self.micro_batch)
+        recompute_s = time.perf_counter() - t0 - rollout_s
+        return rollout, {"rollout_s": rollout_s, "recompute_s": recompute_s}
+
+    def estimate_advantages(
+        self, rollout: Rollout, beta: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shaped per-token rewards, then advantages and returns: GAE with the critic (whitened
+        over the batch), or a critic-free estimator (returns 0, so the value loss is 0)."""
+        config = self.config
+        rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
+        if needs_critic(config.advantage):
+            advantages, returns = token_advantages(
+                rollout, rewards, config.gamma, config.gae_lambda
+            )
+            if config.whiten_advantages:
+                advantages = normalize(advantages, rollout.mask, dist=self.dist) * rollout.mask
+            return rewards, advantages, returns
+        advantages = critic_free_advantages(
+            config.advantage,
+            rewards,
+            rollout.mask,
+            config.group_size,
+            config.gamma,
+            config.grpo_scale,
+            dist=self.dist,
+        )
+        return rewards, advantages, torch.zeros_like(rewards)
+
+    def update(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        beta: float,
+        bar,
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """K epochs of minibatched PPO over whole sequences; the stats and the seconds taken."""
+        config, policy = self.config, self.policy
+        batch = {
+            "input_ids": rollout.input_ids,
+            "attention_mask": rollout.attention_mask,
+            "actions": rollout.actions,
+            "logprobs": rollout.logprobs,
+            "values": rollout.values,
+            "advantages": advantages,
+            "returns": returns,
+            "mask": rollout.mask,
+            "ref_logprobs": rollout.ref_logprobs,
+        }
+        if rollout.positions is not None:
+            batch["positions"] = rollout.positions
+
+        def evaluate(mb: dict[str, torch.Tensor]):
+            with autocast(self.device, self.bf16):
+                logprob, entropy, value = policy.evaluate_responses(
+                    mb["input_ids"],
+                    mb["attention_mask"],
+                    mb["actions"],
+                    rollout.prompt_len,
+                    entropy_grad=config.ppo.ent_coef != 0,
+                    positions=mb.get("positions"),
+                )
+            if not config.kl_in_loss:
+                return logprob, entropy, value
+            return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
+
+        bar.set_postfix_str(f"{self.postfix} updating", refresh=True)
+        t1 = time.perf_counter()
+        policy.train()
+        stats = ppo_update(
+            policy.parameters(),
+            self.optimizer,
+            batch,
+            evaluate,
+            config.ppo,
+            self.generator,
+            dist=self.dist,
+        )
+        return stats, time.perf_counter() - t1
+
+    def log(
+        self,
+        iteration: int,
+        rollout: Rollout,
+        rewards: torch.Tensor,
+        returns: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        timing: dict[str, float],
+        beta: float,
+        lr: float,
+        bar,
+    ) -> dict[str, float]:
+        """The iteration's metrics (one host sync for all of them), its sample table, the bar."""
+        with torch.no_grad():
+            stats |= rollout_stats(
+                rollout, rewards, returns, self.policy.value_head is not None, self.dist
+            )
+        keys = list(stats)
+        values = torch.stack([stats[k].float().cpu() for k in keys]).tolist()
+        metrics = dict(zip(keys, values, strict=True))
+        tokens = int(metrics.pop("tokens"))
+        self.total_tokens += tokens
+        if self.score_first is None:
+            self.score_first = metrics["score_mean"]
+        elapsed = time.perf_counter() - self.start
+        metrics |= {
+            "iteration": iteration,
+            "kl_coef": beta,
+            "learning_rate": lr,
+            "rollout_tokens_per_s": tokens / timing["rollout_s"],
+            "tokens_per_s": self.total_tokens / elapsed,
+            "rollout_s": timing["rollout_s"],
+            "recompute_s": timing["recompute_s"],
+            "update_s": timing["update_s"],
+            "wall_time_s": elapsed,
+        }
+        self.history.append(metrics)
+        every = self.config.sample_every
+        if self.dist.is_main and every and (iteration % every == 0 or iteration == 1):
+            self.run.logger.text("samples", samples_table(rollout), iteration)
+            self.run.logger.samples(
+                iteration, rollout.prompts, rollout.responses, rollout.scores.tolist()
+            )
+        self.postfix = f"score={metrics['score_mean']:.3f} kl={metrics['kl_k1']:.2f}"
+        bar.set_postfix_str(self.postfix, refresh=False)
+        return metrics
+
+    def reached_target_score(self) -> bool:
+        """The mean score of the last ``target_window`` iterations reached ``target_score``."""
+        target, n = self.config.target_score, self.config.target_window
+        window = [m["score_mean"] for m in self.history[-n:]]
+        return target is not None and len(window) == n and sum(window) / n >= target
+
+    def checkpoint(self, iteration: int) -> Path:
+        config, dist = self.config, self.dist
+        weights = full_state_dict(self.policy) if config.fsdp else None  # a collective
         if not dist.is_main:
-            return run_dir / "policy"
+            return self.run_dir / "policy"
         return save_policy(
-            run_dir / "policy",
-            policy,
-            envs.tokenizer,
-            optimizer=None if config.fsdp else optimizer,
-            generator=generator,
+            self.run_dir / "policy",
+            self.policy,
+            self.envs.tokenizer,
+            optimizer=None if config.fsdp else self.optimizer,
+            generator=self.generator,
             state_dict=weights,
             state={
                 "iteration": iteration,
-                "kl_coef": envs.kl_coef,
-                "total_tokens": total_tokens,
-                "wall_time_s": time.perf_counter() - start,
-                "score_mean_first": score_first,
-                "lr_schedule": schedule.state(),
-                "eval_before": eval_before,
+                "kl_coef": self.envs.kl_coef,
+                "total_tokens": self.total_tokens,
+                "wall_time_s": time.perf_counter() - self.start,
+                "score_mean_first": self.score_first,
+                "lr_schedule": self.schedule.state(),
+                "eval_before": self.eval_before,
                 "world_size": dist.world_size,
             },
         )
 
-    run = TrainingRun(
-        run_dir,
-        tensorboard=config.tensorboard,
-        checkpoint=checkpoint,
-        recoverable=(RewardError,),
-        dist=dist,
-    )
-    run.last_iteration = first_iteration - 1
-    history: list[dict[str, float]] = []
-    if eval_envs is not None and eval_before is None:
-        say(f"sampling {config.eval_samples} responses on held-out prompts before training ...")
-        with autocast(device, bf16):
-            eval_before = evaluate_held_out(policy, eval_envs, config.seed)
-    from tqdm import tqdm
-
-    bar = tqdm(
-        range(first_iteration, config.iterations + 1),
-        disable=not (config.progress and dist.is_main),
-        unit="it",
-        dynamic_ncols=True,
-    )
-    postfix = ""
-    try:
-        with run.loop(save_on_failure=config.save_checkpoint):
-            for iteration in bar:
-                beta = envs.kl_coef
-                lr = schedule.apply(optimizer, iteration)
-                bar.set_postfix_str(f"{postfix} sampling", refresh=True)
-                t0 = time.perf_counter()
-                # The env seeds row i with seed + i: each iteration's rows (and each rank's) take
-                # their own block of seeds, so no iteration replays another's prompts and global
-                # row j draws the same prompt with any number of processes.
-                prompt_seed = (
-                    prompt_seeds(config.seed, iteration, config.num_envs) + dist.rank * local_envs
-                )
-                with autocast(device, bf16):
-                    rollout = collect_rollout(
-                        policy,
-                        envs,
-                        seed=prompt_seed,
-                        generator=generator,
-                        group_size=config.group_size,
-                    )
-                rollout_s = time.perf_counter() - t0
-                if recompute:
-                    with autocast(device, bf16):
-                        rollout = recompute_logprobs(policy, rollout, micro_batch)
-                recompute_s = time.perf_counter() - t0 - rollout_s
-                rewards = shaped_rewards(
-                    rollout, beta, not config.kl_in_loss, config.missing_eos_penalty
-                )
-                if needs_critic(config.advantage):
-                    advantages, returns = token_advantages(
-                        rollout, rewards, config.gamma, config.gae_lambda
-                    )
-                    if config.whiten_advantages:
-                        advantages = normalize(advantages, rollout.mask, dist=dist) * rollout.mask
-                else:  # no critic: values and returns are 0, so the value loss is exactly 0
-                    advantages = critic_free_advantages(
-                        config.advantage,
-                        rewards,
-                        rollout.mask,
-                        config.group_size,
-                        config.gamma,
-                        config.grpo_scale,
-                        dist=dist,
-                    )
-                    returns = torch.zeros_like(rewards)
-                batch = {
-                    "input_ids": rollout.input_ids,
-                    "attention_mask": rollout.attention_mask,
-                    "actions": rollout.actions,
-                    "logprobs": rollout.logprobs,
-                    "values": rollout.values,
-                    "advantages": advantages,
-                    "returns": returns,
-                    "mask": rollout.mask,
-                    "ref_logprobs": rollout.ref_logprobs,
-                }
-                if rollout.positions is not None:
-                    batch["positions"] = rollout.positions
-
-                def evaluate(mb: dict[str, torch.Tensor]):
-                    with autocast(device, bf16):
-                        logprob, entropy, value = policy.evaluate_responses(
-                            mb["input_ids"],
-                            mb["attention_mask"],
-                            mb["actions"],
-                            rollout.prompt_len,
-                            entropy_grad=config.ppo.ent_coef != 0,
-                            positions=mb.get("positions"),
-                        )
-                    if not config.kl_in_loss:
-                        return logprob, entropy, value
-                    return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
-
-                bar.set_postfix_str(f"{postfix} updating", refresh=True)
-                t1 = time.perf_counter()
-                policy.train()
-                stats = ppo_update(
-                    policy.parameters(),
-                    optimizer,
-                    batch,
-                    evaluate,
-                    config.ppo,
-                    generator,
-                    dist=dist,
-                )
-                update_s = time.perf_counter() - t1
-                with torch.no_grad():
-                    stats |= rollout_stats(
-                        rollout, rewards, returns, policy.value_head is not None, dist
-                    )
-                keys = list(stats)
-                values = torch.stack(
-                    [stats[k].float().cpu() for k in keys]
-                ).tolist()  # the iteration's one sync
-                metrics = dict(zip(keys, values))
-                tokens = int(metrics.pop("tokens"))
-                total_tokens += tokens
-                if score_first is None:
-                    score_first = metrics["score_mean"]
-                elapsed = time.perf_counter() - start
-                metrics |= {
-                    "iteration": iteration,
-                    "kl_coef": beta,
-                    "learning_rate": lr,
-                    "rollout_tokens_per_s": tokens / rollout_s,
-                    "tokens_per_s": total_tokens / elapsed,
-                    "rollout_s": rollout_s,
-                    "recompute_s": recompute_s,
-                    "update_s": update_s,
-                    "wall_time_s": elapsed,
-                }
-                history.append(metrics)
-                if (
-                    dist.is_main
-                    and config.sample_every
-                    and (iteration % config.sample_every == 0 or iteration == 1)
-                ):
-                    run.logger.text("samples", _samples_table(rollout), iteration)
-                    run.logger.samples(
-                        iteration, rollout.prompts, rollout.responses, rollout.scores.tolist()
-                    )
-                postfix = f"score={metrics['score_mean']:.3f} kl={metrics['kl_k1']:.2f}"
-                bar.set_postfix_str(postfix, refresh=False)
-                if controller is not None:
-                    envs.kl_coef = controller.update(metrics["kl_k1"], config.num_envs)
-                run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
-                window = [m["score_mean"] for m in history[-config.target_window :]]
-                if (
-                    config.target_score is not None
-                    and len(window) == config.target_window
-                    and sum(window) / len(window) >= config.target_score
-                ):
-                    break
-                if (
-                    config.save_checkpoint
-                    and config.checkpoint_every
-                    and iteration % config.checkpoint_every == 0
-                ):
-                    checkpoint(iteration)
-    finally:
-        bar.close()
-    wall = time.perf_counter() - start
-    summary: dict[str, Any] = {
-        "task": config.task,
-        "model": config.model,
-        "iterations": run.last_iteration,
-        "wall_time_s": wall,
-        "tokens_per_s": total_tokens / wall,
-        "score_mean_first": score_first,
-        "score_mean_last": history[-1]["score_mean"] if history else None,
-        "kl_last": history[-1]["kl_k1"] if history else None,
-        "run_dir": str(run_dir),
-    }
-    if dist.world_size > 1:
-        summary["world_size"] = dist.world_size
-    if eval_envs is not None:
-        say(f"sampling {config.eval_samples} responses on held-out prompts after training ...")
-        with autocast(device, bf16):
-            after = evaluate_held_out(policy, eval_envs, config.seed)
-        summary |= {
-            "eval_samples": config.eval_samples,
-            "eval_score_before": eval_before["score"],
-            "eval_score_before_se": eval_before["score_se"],
-            "eval_score_after": after["score"],
-            "eval_score_after_se": after["score_se"],
-            "eval_kl_after": after["kl"],
+    def finish(self) -> dict[str, Any]:
+        """Evaluate after training, checkpoint, write ``summary.json``; return the summary."""
+        config, history = self.config, self.history
+        wall = time.perf_counter() - self.start
+        summary: dict[str, Any] = {
+            "task": config.task,
+            "model": config.model,
+            "iterations": self.run.last_iteration,
+            "wall_time_s": wall,
+            "tokens_per_s": self.total_tokens / wall,
+            "score_mean_first": self.score_first,
+            "score_mean_last": history[-1]["score_mean"] if history else None,
+            "kl_last": history[-1]["kl_k1"] if history else None,
+            "run_dir": str(self.run_dir),
         }
-        eval_envs.close()
-    if config.save_checkpoint:
-        summary["checkpoint"] = str(checkpoint(run.last_iteration))
-    return run.finish(summary)
+        if self.dist.world_size > 1:
+            summary["world_size"] = self.dist.world_size
+        if self.eval_envs is not None and self.eval_before is not None:
+            n = config.eval_samples
+            self.say(f"sampling {n} responses on held-out prompts after training ...")
+            with autocast(self.device, self.bf16):
+                after = evaluate_held_out(self.policy, self.eval_envs, config.seed)
+            before = self.eval_before
+            summary |= {
+                "eval_samples": n,
+                "eval_score_before": before["score"],
+                "eval_score_before_se": before["score_se"],
+                "eval_score_after": after["score"],
+                "eval_score_after_se": after["score_se"],
+                "eval_kl_after": after["kl"],
+            }
+            self.eval_envs.close()
+        if config.save_checkpoint:
+            summary["checkpoint"] = str(self.checkpoint(self.run.last_iteration))
+        return self.run.finish(summary)
 
 
 def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
     """The seed of row 0 of ``iteration``'s reset (row ``i`` gets this + ``i``): disjoint blocks
     of ``num_envs`` seeds per iteration, and per run seed for up to 100,003 iterations."""
     return (seed * 100_003 + iteration) * num_envs
-
-
-def rollout_stats(
-    rollout: Rollout,
-    rewards: torch.Tensor,
-    returns: torch.Tensor,
-    has_critic: bool,
-    dist: Dist | None = None,
-) -> dict[str, torch.Tensor]:
-    """The rollout's logged statistics (0-d tensors): means per response of the KL to the
-    reference (k1, k3), score, length and shaped return; entropy per token; the score's std,
-    the missing-EOS fraction, the critic's explained variance, the token count. With ``dist``,
-    over every rank's responses (one collective, plus two for the explained variance)."""
-    mask = rollout.mask
-    scores = rollout.scores.double()
-    per_response = {  # summed over every response here, divided by their count below
-        "kl_k1": (rollout.logprobs - rollout.ref_logprobs) * mask,
-        "kl_k3": kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask,
-        "score_mean": scores,
-        "response_length": mask,
-        "missing_eos_frac": rollout.truncated_response,
-        "reward_total": rewards,
-    }
-    sums = [v.double().sum() for v in per_response.values()]
-    extra = [
-        (scores * scores).sum(),
-        (rollout.entropy * mask).sum().double(),
-        mask.sum().double(),
-        torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
-    ]
-    if dist is not None and dist.active:
-        *sums, square, entropy, tokens, n = dist.sum(*sums, *extra)
-    else:
-        square, entropy, tokens, n = extra
-    stats = {k: (v / n).float() for k, v in zip(per_response, sums)}
-    mean = stats["score_mean"].double()
-    stats["score_std"] = (
-        ((square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt().float()
-    )
-    stats["rollout_entropy"] = (entropy / tokens).float()
-    if has_critic:
-        stats["explained_variance"] = explained_variance(rollout.values, returns, mask, dist)
-    stats["tokens"] = tokens.float()
-    return stats
 
 
 def is_multi_turn(task: str) -> bool:
@@ -1018,7 +793,8 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
         for name in ("reward", "reward_model", "prompts"):
             if getattr(config, name) is not None:
                 raise ValueError(
-                    f"--{name.replace('_', '-')} does not apply to the multi-turn task {config.task} "
+                    f"--{name.replace('_', '-')} does not apply to the multi-turn task "
+                    f"{config.task} "
                     "(its episodes write the prompts and reward the turns)"
                 )
         task_kwargs = {
@@ -1172,131 +948,3 @@ def evaluate_text_run(
         "score_se": result["score_se"],
         "kl_to_reference": result["kl"],
     }
-
-
-def evaluate_held_out(
-    policy: LMActorCritic, envs: TextGenerationVectorEnv, seed: int
-) -> dict[str, float]:
-    """Mean score (± its standard error) and mean KL to the reference (k1, nats per response) of
-    one response per row of ``envs``; the same ``seed`` draws the same prompts and sampling noise."""
-    generator = torch.Generator(device=envs.device).manual_seed(seed)
-    rollout = collect_rollout(policy, envs, seed=seed, generator=generator)
-    scores = rollout.scores.double().cpu()
-    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).double().cpu()
-    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
-    return {"score": float(scores.mean()), "score_se": se, "kl": float(kl.mean())}
-
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(π || π_ref), ``exp(r) − r − 1`` with ``r = log π_ref − log π``:
-    non-negative and unbiased for samples of π (Schulman, "Approximating KL divergence")."""
-    r = ref_logprobs - logprobs
-    return r.exp() - r - 1.0
-
-
-def _samples_table(rollout: Rollout, n: int = 8) -> str:
-    rows = ["| prompt | response | score |", "| --- | --- | --- |"]
-    for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:n]:
-        rows.append(f"| {_cell(p)} | {_cell(r)} | {s:.3f} |")
-    return "\n".join(rows)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-STATE_FILE = "trainer_state.safetensors"
-
-
-def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
-    """``model`` wrapped with trainable LoRA adapters on all linear layers (or the saved ones)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if adapter_dir is not None:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    return get_peft_model(
-        model,
-        LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
-
-
-def save_policy(
-    path: Path,
-    policy: LMActorCritic,
-    tokenizer,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    generator: torch.Generator | None = None,
-    state: dict[str, Any] | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """``save_pretrained`` of the policy (loads with plain transformers) plus ``value_head.safetensors``
-    and, for resuming, ``trainer_state.safetensors`` (optimizer, RNG, counters); written to a
-    temp directory and renamed, so a crash never leaves half a checkpoint. ``state_dict``: the
-    policy's full weights, for a sharded policy whose own tensors are shards; then there is no
-    optimizer state to save (``optimizer=None``), only the RNGs and counters."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is not None:
-        policy.lm.save_pretrained(
-            tmp, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
-        )
-        head = {
-            k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")
-        }
-    elif hasattr(
-        policy.lm, "merge_and_unload"
-    ):  # LoRA: the adapter (to resume) + merged weights (to use)
-        policy.lm.save_pretrained(tmp / "adapter")
-        copy.deepcopy(policy.lm).merge_and_unload().save_pretrained(tmp)
-    else:
-        policy.lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if policy.value_head is not None:
-        if state_dict is None:
-            head = policy.value_head.state_dict()
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in head.items()},
-            str(tmp / "value_head.safetensors"),
-        )
-    if optimizer is not None or state_dict is not None:
-        tensors, metadata = pack_training_state(optimizer, generator)
-        metadata["state"] = json.dumps(state or {})
-        save_file(tensors, str(tmp / STATE_FILE), metadata=metadata)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-    return path
-
-
-def load_training_state(
-    path: Path, policy: LMActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> dict[str, Any]:
-    """Value head, optimizer and RNG states from a checkpoint directory; returns its counters."""
-    from safetensors import safe_open
-
-    device = next(policy.parameters()).device
-    if policy.value_head is not None:
-        if not (path / "value_head.safetensors").is_file():
-            raise ValueError(
-                f"{path} has no value head (it was trained with a critic-free --advantage); "
-                "resume it with the same --advantage"
-            )
-        policy.value_head.load_state_dict(
-            load_file(str(path / "value_head.safetensors"), device=str(device))
-        )
-    with safe_open(str(path / STATE_FILE), framework="pt") as f:
-        metadata = f.metadata() or {}
-    unpack_training_state(load_file(str(path / STATE_FILE)), metadata, optimizer, generator, device)
-    return json.loads(metadata["state"])

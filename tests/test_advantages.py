@@ -17,7 +17,8 @@ from textenv.agents.advantages import (
 from textenv.agents.cli import train_text as train_text_cli
 from textenv.agents.lm import LMActorCritic
 from textenv.agents.ppo import PPOConfig, ppo_update
-from textenv.agents.text import TextTrainConfig, collect_rollout, train_text
+from textenv.agents.rollout_text import collect_rollout
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 
 

@@ -255,7 +255,7 @@ def test_a_reward_module_in_the_current_folder_imports_without_python_m(tmp_path
 def test_evaluate_and_plot_understand_text_runs(tmp_path, capsys):
     from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import evaluate_held_out
+    from textenv.agents.rollout_text import evaluate_held_out
     from textenv.models import load_causal_lm
 
     # A vanishing learning rate: the saved policy is the reference, so the KL is 0 and the score

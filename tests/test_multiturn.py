@@ -11,14 +11,8 @@ import torch
 import textenv  # noqa: F401  (registers the ids)
 from textenv import RewardError
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.text import (
-    Rollout,
-    TextTrainConfig,
-    collect_rollout,
-    shaped_rewards,
-    token_advantages,
-    train_text,
-)
+from textenv.agents.rollout_text import Rollout, collect_rollout, shaped_rewards, token_advantages
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import char_tokenizer, tiny_causal_lm
 from textenv.multiturn import (
     Calculator,

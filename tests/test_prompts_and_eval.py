@@ -7,7 +7,8 @@ import torch
 
 from textenv import TextGenerationVectorEnv
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.text import TextTrainConfig, evaluate_held_out, train_text
+from textenv.agents.rollout_text import evaluate_held_out
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts, split_prompts
 
@@ -256,7 +257,7 @@ def test_progress_says_what_start_up_is_doing(tmp_path, capsys):
 def test_held_out_kl_is_per_response_and_the_standard_error_is_std_over_root_n():
     # A policy that differs from the reference: the KL is the mean over responses of each
     # response's summed log-ratio, recomputed here from a rollout with the same seed.
-    from textenv.agents.text import collect_rollout
+    from textenv.agents.rollout_text import collect_rollout
 
     envs = TextGenerationVectorEnv(
         num_envs=6, task="Toy", model="tiny", max_new_tokens=4, split="test"

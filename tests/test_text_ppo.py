@@ -7,13 +7,8 @@ import torch
 from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, sample_categorical
-from textenv.agents.text import (
-    TextTrainConfig,
-    collect_rollout,
-    shaped_rewards,
-    token_advantages,
-    train_text,
-)
+from textenv.agents.rollout_text import collect_rollout, shaped_rewards, token_advantages
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
@@ -313,7 +308,8 @@ def test_lora_training_saves_a_merged_model_that_loads_with_plain_transformers(t
         )  # the adapter moved it
     assert (tmp_path / "l" / "policy" / "adapter" / "adapter_config.json").is_file()
     # Resuming restores the adapter exactly: the merged weights of a resumed run's policy match.
-    from textenv.agents.text import load_text_run_config, with_lora
+    from textenv.agents.text import load_text_run_config
+    from textenv.agents.text_checkpoint import with_lora
 
     resumed = with_lora(load_causal_lm("tiny")[0], 4, 16, tmp_path / "l" / "policy" / "adapter")
     with torch.no_grad():

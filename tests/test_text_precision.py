@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from textenv import TextGenerationVectorEnv
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.text import TextTrainConfig, collect_rollout, train_text
+from textenv.agents.rollout_text import collect_rollout
+from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)

@@ -6,7 +6,8 @@ import torch
 from textenv import TextGenerationVectorEnv
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.text import AdaptiveKLController, Rollout, collect_rollout, token_advantages
+from textenv.agents.rollout_text import Rollout, collect_rollout, token_advantages
+from textenv.agents.text import AdaptiveKLController
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
@@ -129,7 +130,7 @@ def test_token_advantages_stop_at_each_responses_last_token():
 
 
 def test_rollout_stats_are_means_per_response_and_a_constant_score_has_std_zero():
-    from textenv.agents.text import rollout_stats
+    from textenv.agents.rollout_text import rollout_stats
 
     mask = torch.tensor([[1.0, 1, 1], [1, 0, 0], [1, 1, 0]])
     ro = _rollout(mask, torch.zeros(3, 3))
@@ -161,7 +162,7 @@ def test_rollout_stats_are_means_per_response_and_a_constant_score_has_std_zero(
 
 def test_a_constant_score_over_many_responses_has_std_zero_not_nan():
     """Σs² − n·mean² rounds below 0 for 999 copies of this float32 score; the std clamps it."""
-    from textenv.agents.text import rollout_stats
+    from textenv.agents.rollout_text import rollout_stats
 
     ro = _rollout(torch.ones(999, 1), torch.zeros(999, 1))
     ro.scores = torch.full((999,), 0.30742281675338745)

@@ -324,7 +324,7 @@ def test_kl_penalized_rewards_on_hand_computed_values():
 def test_env_reward_plus_minus_beta_logpi_is_the_kl_penalized_reward_at_any_temperature():
     from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import collect_rollout
+    from textenv.agents.rollout_text import collect_rollout
     from textenv.kl import kl_penalized_rewards
     from textenv.models import load_causal_lm
 
@@ -477,7 +477,7 @@ def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(
     tmp_path, monkeypatch, whiten
 ):
     from textenv.agents.ppo import explained_variance
-    from textenv.agents.text import shaped_rewards, token_advantages
+    from textenv.agents.rollout_text import shaped_rewards, token_advantages
 
     seen = _spy_on_iteration(monkeypatch)
     cfg = _config(
@@ -545,7 +545,7 @@ def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
 def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():
     from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import collect_rollout
+    from textenv.agents.rollout_text import collect_rollout
     from textenv.models import load_causal_lm
 
     envs = TextGenerationVectorEnv(
@@ -800,7 +800,7 @@ def test_the_summary_reports_the_last_iteration_and_the_run_throughput(tmp_path)
 def test_the_held_out_standard_error_exists_from_two_responses():
     from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import evaluate_held_out
+    from textenv.agents.rollout_text import evaluate_held_out
     from textenv.models import load_causal_lm
 
     lm, _ = load_causal_lm("tiny:1")
@@ -810,7 +810,7 @@ def test_the_held_out_standard_error_exists_from_two_responses():
     )
     result = evaluate_held_out(policy, two, seed=0)
     generator = torch.Generator().manual_seed(0)
-    from textenv.agents.text import collect_rollout
+    from textenv.agents.rollout_text import collect_rollout
 
     scores = collect_rollout(policy, two, seed=0, generator=generator).scores.double()
     assert result["score_se"] == pytest.approx(float(scores.std() / 2**0.5))
@@ -846,7 +846,7 @@ def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_pr
     from textenv import TextGenerationVectorEnv
     from textenv.agents.distributed import shard_policy
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import _is_sharded, collect_rollout
+    from textenv.agents.rollout_text import collect_rollout, is_sharded
     from textenv.models import load_causal_lm
 
     envs = TextGenerationVectorEnv(num_envs=4, task="Toy", model="tiny", max_new_tokens=4)
@@ -862,7 +862,7 @@ def test_a_sharded_policy_samples_as_the_plain_one_and_is_resharded_after(one_pr
             collect_rollout(policy, envs, seed=5, generator=torch.Generator().manual_seed(1))
         )
     plain, sharded = rollouts
-    assert not _is_sharded(policies[0]) and _is_sharded(policies[1])
+    assert not is_sharded(policies[0]) and is_sharded(policies[1])
     assert all(isinstance(p, DTensor) for p in policies[1].parameters())
     from torch.distributed.fsdp import FSDPModule
 
@@ -898,7 +898,7 @@ def test_save_policy_writes_the_full_weights_it_is_given_as_a_sharded_run_does(t
     weights, not the policy's own tensors, and the trainer state has the RNGs and counters but
     no optimizer."""
     from textenv.agents.lm import LMActorCritic
-    from textenv.agents.text import STATE_FILE, save_policy
+    from textenv.agents.text_checkpoint import STATE_FILE, save_policy
     from textenv.models import load_causal_lm
 
     lm, tok = load_causal_lm("tiny")
@@ -933,7 +933,7 @@ def _rewrite_trainer_state(policy_dir, **changes):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from textenv.agents.text import STATE_FILE
+    from textenv.agents.text_checkpoint import STATE_FILE
 
     path = str(policy_dir / STATE_FILE)
     with safe_open(path, framework="pt") as f:

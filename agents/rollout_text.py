@@ -1,0 +1,403 @@
+"""Collecting experience from the text envs: one response (or conversation) per row, the
+per-token rewards, the advantages and the statistics a text trainer logs.
+
+The policy keeps its own KV cache beside the env's reference model; the env scores, the
+agent adds ``−β·log π`` (:func:`textenv.kl.kl_penalized_rewards`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from textenv.agents.distributed import Dist
+from textenv.agents.gae import gae
+from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
+from textenv.agents.ppo import explained_variance
+from textenv.kl import kl_penalized_rewards
+
+# Per-step columns of a rollout, stacked into [N, T] tensors at the end.
+_COLUMNS = (
+    "actions",
+    "logprobs",
+    "values",
+    "env_rewards",
+    "ref_logprobs",
+    "entropy",
+    "mask",
+    "positions",
+    "step_scores",
+)
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes, laid out ``[N, T]`` (rows: episodes, columns: response tokens)."""
+
+    # [N, prompt_len + T]: the final observation, all-padding prompt columns dropped
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    actions: torch.Tensor  # [N, T]
+    # log π of the sampled token under the sampling distribution
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    # what the env paid: score·1[last] + β_env·log π_ref (per step, or summed at the end)
+    env_rewards: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor  # 1 on response tokens (up to and including EOS)
+    scores: torch.Tensor  # [N]
+    truncated_response: torch.Tensor  # [N] hit the budget without EOS
+    prompts: list[str]
+    responses: list[str]
+    prompt_len: int
+    # [N, T] column of each action in input_ids (multi-turn; else prompt_len + t)
+    positions: torch.Tensor | None = None
+    # [N, T] task reward per token (multi-turn turn rewards); else the scores, at the end
+    step_scores: torch.Tensor | None = None
+
+
+def collect_rollout(
+    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int = 1
+) -> Rollout:
+    """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
+    row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
+    rows shares a prompt.
+
+    Each step feeds the policy what each row gained: its action, and in a multi-turn env the
+    env's reply after a turn (right-padded to the widest row, masked), so the cache continues
+    across turns. Stored log-probs are of the distribution actually sampled from (temperature,
+    and the policy's top-k/top-p); the env's reference must score at the same temperature, or
+    the KL is not 0 at the start.
+    """
+    if envs.temperature != policy.temperature:
+        raise ValueError(
+            f"the policy samples at temperature {policy.temperature} but the env's reference "
+            f"scores at {envs.temperature}; set envs.temperature = {policy.temperature}"
+        )
+    # FSDP's all-gather buffers outlive the rollout: inference-mode tensors would refuse the
+    # update's in-place writes, so a sharded policy samples under no_grad.
+    if not is_sharded(policy):
+        with torch.inference_mode():
+            return _sample(policy, envs, seed, generator, group_size)
+    with torch.no_grad():
+        rollout = _sample(policy, envs, seed, generator, group_size)
+    policy.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
+    return rollout
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP2."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _sample(
+    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int
+) -> Rollout:
+    was_training = policy.training
+    policy.eval()
+    obs, info = envs.reset(
+        seed=seed, options={"group_size": group_size} if group_size > 1 else None
+    )
+    reader = _PolicyReader(policy, obs, envs)
+    record = _Recorder(envs.num_envs, envs.max_new_tokens, reader.device)
+    logits, values = reader.prefill(obs)
+    for _ in range(envs.max_new_tokens):
+        logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
+        action = sample_categorical(logp_all.exp(), generator)
+        record.sample(action, logp_all, values, reader.active, reader.positions())
+        obs, reward, terminated, _, step_info = envs.step(action)
+        record.env_step(reward, step_info)
+        new, width = reader.gained(envs)
+        reader.active = reader.active & ~terminated
+        if envs.all_done:  # the env's own per-step sync already knows; no second one here
+            break
+        logits, values = reader.feed(obs, action, new, width)
+    policy.train(was_training)
+    return record.rollout(obs, info, reader, envs)
+
+
+class _PolicyReader:
+    """The policy's KV cache over each row's prompt and what came after it."""
+
+    def __init__(self, policy: LMActorCritic, obs: dict[str, torch.Tensor], envs) -> None:
+        self.policy = policy
+        self.P, self.B, n = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
+        self.multi_turn = getattr(envs, "multi_turn", False)
+        self.device = obs["input_ids"].device
+        # Prompts are left-padded into P slots: columns that are padding in every row are left
+        # out of every forward here and in the update (less compute, same result).
+        self.start = int(obs["attention_mask"][:, : self.P].any(0).long().argmax())
+        self.cache_mask = obs["attention_mask"][:, self.start : self.P]
+        self.cache = None
+        self.active = torch.ones(n, dtype=torch.bool, device=self.device)
+        self.fed = torch.zeros(n, dtype=torch.long, device=self.device)  # read after the prompt
+        self.fed_host = np.zeros(n, dtype=np.int64)
+        self.rows = torch.arange(n, device=self.device)
+
+    def prefill(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        position_ids = (self.cache_mask.cumsum(-1) - 1).clamp_min(0)
+        logits, values, self.cache = self.policy._forward(
+            obs["input_ids"][:, self.start : self.P],
+            self.cache_mask,
+            position_ids,
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        return logits[:, -1], values[:, -1]
+
+    def positions(self) -> torch.Tensor:
+        """The column, in the rollout's layout, of the action each row samples now."""
+        return self.P - self.start + self.fed
+
+    def gained(self, envs) -> tuple[torch.Tensor, int]:
+        """Tokens each row gained at this step (its action; in a multi-turn env after a turn,
+        the env's reply too, counted on the host without a sync) and the widest count."""
+        if not self.multi_turn:
+            return self.active.long(), 1
+        lengths = envs.conversation_lengths
+        new_host, self.fed_host = lengths - self.fed_host, lengths
+        return torch.as_tensor(new_host, device=self.device), int(new_host.max())
+
+    def feed(
+        self, obs: dict[str, torch.Tensor], action: torch.Tensor, new: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read what each row gained; the logits and values after each row's last new token."""
+        offsets = torch.arange(width, device=self.device)
+        chunk_mask = (offsets < new.unsqueeze(1)).long()
+        if self.multi_turn:
+            cols = (self.P + self.fed.unsqueeze(1) + offsets).clamp_max(self.P + self.B - 1)
+            chunk = obs["input_ids"].gather(1, cols)
+        else:
+            chunk = action.unsqueeze(1)
+        # >= 0: every row's cache holds its prompt, which is never empty.
+        position_ids = self.cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
+        self.cache_mask = torch.cat([self.cache_mask, chunk_mask], dim=1)
+        logits, values, self.cache = self.policy._forward(
+            chunk,
+            self.cache_mask,
+            position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=width,
+        )
+        last = (new - 1).clamp_min(0)
+        self.fed = self.fed + new
+        return logits[self.rows, last], values[self.rows, last]
+
+
+class _Recorder:
+    """The per-step columns of a rollout and what the env reported as rows ended."""
+
+    def __init__(self, n: int, budget: int, device: torch.device) -> None:
+        self.cols: dict[str, list[torch.Tensor]] = {k: [] for k in _COLUMNS}
+        self.ref_at_end = torch.zeros((n, budget), device=device)  # with reference_pass="at_end"
+        self.scores = torch.zeros(n, device=device)
+        self.truncated = torch.zeros(n, dtype=torch.bool, device=device)
+        self.responses: list[str | None] = [None] * n
+
+    def sample(
+        self,
+        action: torch.Tensor,
+        logp_all: torch.Tensor,
+        values: torch.Tensor,
+        active: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        self.cols["actions"].append(action)
+        self.cols["logprobs"].append(logp_all.gather(1, action.unsqueeze(1)).squeeze(1))
+        self.cols["entropy"].append(entropy_of(logp_all))
+        self.cols["values"].append(values)
+        self.cols["mask"].append(active.float())
+        self.cols["positions"].append(positions)
+
+    def env_step(self, reward: torch.Tensor, info: dict[str, Any]) -> None:
+        self.cols["env_rewards"].append(reward)
+        if "ref_logprob" in info:
+            self.cols["ref_logprobs"].append(info["ref_logprob"])
+        if "turn_reward" in info:
+            self.cols["step_scores"].append(info["turn_reward"])
+        if "_ref_logprobs" in info:
+            ended = info["_ref_logprobs"].unsqueeze(1)
+            self.ref_at_end = torch.where(ended, info["ref_logprobs"], self.ref_at_end)
+        if "_score" in info:
+            ended = info["_score"]
+            self.scores = torch.where(ended, info["score"], self.scores)
+            self.truncated |= info["truncated_response"]
+            for i in ended.nonzero().squeeze(1).tolist():
+                self.responses[i] = info["response_text"][i]
+
+    def rollout(self, obs: dict[str, torch.Tensor], info: dict, reader: _PolicyReader, envs):
+        T = len(self.cols["actions"])
+        stacked = {k: torch.stack(v, dim=1) for k, v in self.cols.items() if v}
+        stacked.setdefault("ref_logprobs", self.ref_at_end[:, :T])
+        if reader.multi_turn:
+            end = reader.P + int(envs.conversation_lengths.max())
+        else:  # the actions are consecutive columns: evaluate_responses' fast path
+            stacked.pop("positions")
+            end = reader.P + T
+        return Rollout(
+            input_ids=obs["input_ids"][:, reader.start : end],
+            attention_mask=obs["attention_mask"][:, reader.start : end],
+            scores=self.scores,
+            truncated_response=self.truncated,
+            prompts=list(info["prompt"]),
+            responses=[r or "" for r in self.responses],
+            prompt_len=reader.P - reader.start,
+            **stacked,
+        )
+
+
+def recompute_logprobs(policy: LMActorCritic, rollout: Rollout, chunk: int) -> Rollout:
+    """``rollout`` with its log-probs, entropies and values from the update's own forward
+    (:meth:`LMActorCritic.evaluate_responses`, no gradient, ``chunk`` rows at a time), so that
+    PPO's first ratio is exactly 1 where the KV-cached sampling forward differs from it (bf16,
+    GPU kernels, sharding); 0 past each response's end."""
+    parts = []
+    with torch.no_grad():
+        for i in range(0, rollout.actions.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            positions = None if rollout.positions is None else rollout.positions[rows]
+            parts.append(
+                policy.evaluate_responses(
+                    rollout.input_ids[rows],
+                    rollout.attention_mask[rows],
+                    rollout.actions[rows],
+                    rollout.prompt_len,
+                    entropy_grad=False,
+                    positions=positions,
+                )
+            )
+    if is_sharded(policy):
+        policy.reshard()  # as after the rollout: the optimizer holds the shards
+    keep = rollout.mask > 0
+    logprobs, entropy, values = (
+        torch.where(keep, torch.cat(x), 0.0) for x in zip(*parts, strict=True)
+    )
+    if policy.value_head is None:
+        values = rollout.values
+    return dataclasses.replace(rollout, logprobs=logprobs, entropy=entropy, values=values)
+
+
+def shaped_rewards(
+    rollout: Rollout, kl_coef: float, kl_in_reward: bool, missing_eos_penalty: float | None
+) -> torch.Tensor:
+    """Per-token reward ``score·1[last] − β·(log π − log π_ref)``
+    (:func:`textenv.kl.kl_penalized_rewards`) from what the env reported and the stored
+    log-probs: no second forward; in a multi-turn episode each turn's reward at the token that
+    ended the turn. With the KL in the loss instead, it is the task reward alone;
+    ``missing_eos_penalty`` is subtracted at the last token of responses that hit the budget
+    (of conversations that ran out of context)."""
+    beta = kl_coef if kl_in_reward else 0.0
+    penalty = None
+    if missing_eos_penalty is not None:
+        penalty = missing_eos_penalty * rollout.truncated_response.float()
+    if rollout.step_scores is None:
+        score = rollout.scores if penalty is None else rollout.scores - penalty
+        return kl_penalized_rewards(
+            score, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
+        )
+    rewards = kl_penalized_rewards(
+        rollout.step_scores, rollout.ref_logprobs, rollout.logprobs, rollout.mask, beta
+    )
+    if penalty is not None:
+        last = (rollout.mask.sum(1).long() - 1).clamp_min(0)
+        rewards[torch.arange(rewards.shape[0], device=rewards.device), last] -= penalty
+    return rewards
+
+
+def token_advantages(
+    rollout: Rollout, rewards: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over response tokens. The last token of a response is terminal (EOS or the task's
+    budget), so nothing is bootstrapped past it; tokens after it are masked."""
+    mask = rollout.mask
+    last = torch.zeros_like(mask)
+    lengths = mask.sum(1).long()
+    last[torch.arange(mask.shape[0]), (lengths - 1).clamp_min(0)] = 1.0
+    no_bootstrap = torch.zeros_like(rollout.values[:, 0])
+    adv, ret = gae(rewards.T, rollout.values.T, no_bootstrap, last.T, last.T, gamma, lam)
+    return adv.T * mask, ret.T * mask
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π || π_ref), ``exp(r) − r − 1`` with ``r = log π_ref − log π``:
+    non-negative and unbiased for samples of π (Schulman, "Approximating KL divergence")."""
+    r = ref_logprobs - logprobs
+    return r.exp() - r - 1.0
+
+
+def rollout_stats(
+    rollout: Rollout,
+    rewards: torch.Tensor,
+    returns: torch.Tensor,
+    has_critic: bool,
+    dist: Dist | None = None,
+) -> dict[str, torch.Tensor]:
+    """The rollout's logged statistics (0-d tensors): means per response of the KL to the
+    reference (k1, k3), score, length and shaped return; entropy per token; the score's std,
+    the missing-EOS fraction, the critic's explained variance, the token count. With ``dist``,
+    over every rank's responses (one collective, plus two for the explained variance)."""
+    mask = rollout.mask
+    scores = rollout.scores.double()
+    per_response = {  # summed over every response here, divided by their count below
+        "kl_k1": (rollout.logprobs - rollout.ref_logprobs) * mask,
+        "kl_k3": kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask,
+        "score_mean": scores,
+        "response_length": mask,
+        "missing_eos_frac": rollout.truncated_response,
+        "reward_total": rewards,
+    }
+    sums = [v.double().sum() for v in per_response.values()]
+    n = torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)
+    extra = [
+        (scores * scores).sum(),
+        (rollout.entropy * mask).sum().double(),
+        mask.sum().double(),
+        n,
+    ]
+    if dist is not None and dist.active:
+        *sums, square, entropy, tokens, n = dist.sum(*sums, *extra)
+    else:
+        square, entropy, tokens, n = extra
+    stats = {k: (v / n).float() for k, v in zip(per_response, sums, strict=True)}
+    mean = stats["score_mean"].double()
+    variance = (square - n * mean * mean).clamp_min(0.0) / (n - 1).clamp_min(1.0)
+    stats["score_std"] = variance.sqrt().float()
+    stats["rollout_entropy"] = (entropy / tokens).float()
+    if has_critic:
+        stats["explained_variance"] = explained_variance(rollout.values, returns, mask, dist)
+    stats["tokens"] = tokens.float()
+    return stats
+
+
+def evaluate_held_out(policy: LMActorCritic, envs, seed: int) -> dict[str, float]:
+    """Mean score (± its standard error) and mean KL to the reference (k1, nats per response)
+    of one response per row of ``envs``; the same ``seed`` draws the same prompts and noise."""
+    generator = torch.Generator(device=envs.device).manual_seed(seed)
+    rollout = collect_rollout(policy, envs, seed=seed, generator=generator)
+    scores = rollout.scores.double().cpu()
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).double().cpu()
+    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
+    return {"score": float(scores.mean()), "score_se": se, "kl": float(kl.mean())}
+
+
+def samples_table(rollout: Rollout, n: int = 8) -> str:
+    """The first ``n`` prompts, responses and scores as a markdown table."""
+    rows = ["| prompt | response | score |", "| --- | --- | --- |"]
+    scores = rollout.scores.tolist()
+    for p, r, s in list(zip(rollout.prompts, rollout.responses, scores, strict=True))[:n]:
+        rows.append(f"| {_cell(p)} | {_cell(r)} | {s:.3f} |")
+    return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
