@@ -52,7 +52,8 @@ class PPOConfig:
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     """for sequence samples (token losses with a mask): token_mean averages over every token of the
     minibatch (a long response weighs more), sequence_mean over each response's tokens first and
-    then over responses (each response weighs the same, as in the GRPO paper); equal for transitions"""
+    then over responses (each response weighs the same, as in the GRPO paper); equal for
+    transitions"""
 
     def validate(self, batch_size: int) -> None:
         """Raise ValueError naming the first setting that cannot work for ``batch_size`` samples."""
@@ -60,12 +61,14 @@ class PPOConfig:
             raise ValueError(f"update_epochs must be >= 1, got {self.update_epochs}")
         if self.num_minibatches < 1 or batch_size % self.num_minibatches:
             raise ValueError(
-                f"num_minibatches={self.num_minibatches} must be >= 1 and divide the batch size {batch_size}"
+                f"num_minibatches={self.num_minibatches} must be >= 1 and divide the batch size "
+                f"{batch_size}"
             )
         minibatch_size = batch_size // self.num_minibatches
         if self.grad_accum_steps < 1 or minibatch_size % self.grad_accum_steps:
             raise ValueError(
-                f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide the minibatch size {minibatch_size}"
+                f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide the minibatch "
+                f"size {minibatch_size}"
             )
         if self.clip_coef <= 0:
             raise ValueError(f"clip_coef must be > 0, got {self.clip_coef}")
@@ -77,7 +80,8 @@ class PPOConfig:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
         if self.loss_aggregation not in ("token_mean", "sequence_mean"):
             raise ValueError(
-                f"loss_aggregation must be token_mean or sequence_mean, got {self.loss_aggregation!r}"
+                "loss_aggregation must be token_mean or sequence_mean, got "
+                f"{self.loss_aggregation!r}"
             )
 
 
@@ -172,8 +176,9 @@ def ppo_update(
     whatever inputs ``evaluate`` reads. Per-token samples (shape ``[B, L]``) work unchanged:
     minibatches are drawn over rows and losses are means over masked entries.
 
-    The metrics stay on the batch's device as 0-d tensors (no host sync per minibatch); the
-    only sync is one ``.item()`` per epoch when ``target_kl`` is set.
+    The metrics stay on the batch's device as 0-d tensors (no host sync per minibatch, but for
+    the finite-gradient check); the only other sync is one ``.item()`` per epoch when
+    ``target_kl`` is set.
 
     ``dist`` (several processes, :mod:`textenv.agents.distributed`): ``batch`` is this rank's
     share, each minibatch is the union of every rank's minibatch, and the update is the
@@ -185,132 +190,212 @@ def ppo_update(
     params = [p for p in params if p.requires_grad]
     batch_size = batch["logprobs"].shape[0]
     config.validate(batch_size)
-    minibatch_size = batch_size // config.num_minibatches
-    micro_size = minibatch_size // config.grad_accum_steps
-    vf_clip = (config.vf_clip_coef or config.clip_coef) if config.clip_vloss else None
-    device = batch["logprobs"].device
-    mask_all = batch.get("mask")
-    if mask_all is not None:
-        # Entries that do not count are zeroed once: a NaN there would otherwise reach the
-        # gradient through the chain rule (0 · NaN) even though the loss masks it out.
-        keep = mask_all > 0
-        batch = dict(batch) | {
-            k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
-            for k in ("logprobs", "values", "advantages", "returns")
-        }
-    # sequence_mean: each row's tokens weigh 1/len(row), and a minibatch's loss divides by its rows.
-    row_weights = None
-    if config.loss_aggregation == "sequence_mean" and mask_all is not None and mask_all.dim() > 1:
-        lengths = mask_all.flatten(1).sum(1).clamp_min(1.0)
-        row_weights = (mask_all > 0).to(batch["logprobs"].dtype) / lengths.view(
-            -1, *[1] * (mask_all.dim() - 1)
-        )
-
-    zero = torch.zeros((), device=device)
-    loss_keys = ("policy_loss", "value_loss", "entropy", "extra_loss", "grad_norm")
-    sums = {k: zero.clone() for k in loss_keys}
-    # Per-minibatch diagnostics are computed after each epoch from the detached log-ratios,
-    # which keeps the hot loop to the ops the gradient needs.
-    kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
-    num_updates = skipped = 0
-    epochs_run = 0
+    layout = _Layout.of(batch, config)
+    totals = _Totals(batch["logprobs"].device)
     for _epoch in range(config.update_epochs):
-        epochs_run += 1
-        order = torch.randperm(batch_size, device=device, generator=generator)
-        logratios: list[torch.Tensor] = []
-        if (
-            dist is not None
-        ):  # every minibatch's global count and advantage statistics, one collective
+        totals.epochs += 1
+        order = torch.randperm(batch_size, device=totals.device, generator=generator)
+        global_stats = None
+        if dist is not None:  # every minibatch's count and advantage statistics, one collective
             global_stats = _global_minibatch_stats(
-                batch["advantages"], order, mask_all, minibatch_size, row_weights is not None, dist
+                layout.batch["advantages"],
+                order,
+                layout.mask,
+                layout.minibatch_size,
+                layout.row_weights is not None,
+                dist,
             )
-        for k_mb, start in enumerate(range(0, batch_size, minibatch_size)):
-            mb_inds = order[start : start + minibatch_size]
-            mb_mask = mask_all[mb_inds] if mask_all is not None else None
-            mb_count = (
-                mb_mask.sum().clamp_min(1.0)
-                if mb_mask is not None
-                else float(mb_inds.numel() * _per_row(batch))
-            )
-            if row_weights is not None:
-                mb_count = float(minibatch_size)
-            mb_adv = batch["advantages"][mb_inds]
-            if dist is not None:
-                count, adv_mean, adv_std = global_stats[:, k_mb]
-                mb_count = count.float()
-                if config.norm_adv:
-                    mb_adv = ((mb_adv - adv_mean) / (adv_std + 1e-8)).to(mb_adv.dtype)
-            elif config.norm_adv:
-                mb_adv = normalize(mb_adv, mb_mask)
+        logratios: list[torch.Tensor] = []
+        for k_mb, start in enumerate(range(0, batch_size, layout.minibatch_size)):
+            mb_inds = order[start : start + layout.minibatch_size]
+            stats_k = global_stats[:, k_mb] if global_stats is not None else None
+            count, mb_adv = layout.minibatch_targets(mb_inds, stats_k, config.norm_adv)
             optimizer.zero_grad(set_to_none=True)
-            mb_sums = {k: zero.clone() for k in loss_keys}
-            for micro_start in range(0, minibatch_size, micro_size):
-                local = slice(micro_start, micro_start + micro_size)
-                inds = mb_inds[local]
-                micro = {k: v[inds] for k, v in batch.items()}
-                mask = mb_mask[local] if mb_mask is not None else None
-                weights = row_weights[inds] if row_weights is not None else None
-
-                def aggregate(x: torch.Tensor) -> torch.Tensor:
-                    return masked_mean(x if weights is None else x * weights, mask, mb_count)
-
-                new_logprob, entropy, new_value, *extra = evaluate(micro)
-                logratio = new_logprob - micro["logprobs"]
-                ratio = logratio.exp()
-                pg = aggregate(clipped_surrogate(ratio, mb_adv[local], config.clip_coef))
-                vl = aggregate(value_loss(new_value, micro["values"], micro["returns"], vf_clip))
-                ent = aggregate(entropy)
-                loss = pg - config.ent_coef * ent + config.vf_coef * vl
-                if extra:
-                    extra_loss = aggregate(extra[0])
-                    loss = loss + extra_loss
-                    mb_sums["extra_loss"] += extra_loss.detach()
-                loss.backward()
-                logratios.append(
-                    torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-                )
-                mb_sums["policy_loss"] += pg.detach()
-                mb_sums["value_loss"] += vl.detach()
-                mb_sums["entropy"] += ent.detach()
-            if dist is not None:
-                dist.reduce_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if hasattr(
-                grad_norm, "full_tensor"
-            ):  # an FSDP-sharded model's norm is a (replicated) DTensor
-                grad_norm = grad_norm.full_tensor()
+            losses = _backward_minibatch(
+                layout, mb_inds, mb_adv, count, evaluate, config, logratios
+            )
+            grad_norm = _clipped_grad_norm(params, config.max_grad_norm, dist)
             # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
             # never applied; the update is skipped and counted.
             if not bool(torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
+                totals.skipped += 1
                 continue
             optimizer.step()
-            mb_sums["grad_norm"] += grad_norm.detach()
-            for k in loss_keys:
-                sums[k] += mb_sums[k]
-            num_updates += 1
-        with torch.no_grad():
-            # k3 estimator of KL(old || new): unbiased and non-negative (Schulman, "Approximating KL").
-            kl = _epoch_kl_stats(
-                torch.cat(logratios), order, mask_all, minibatch_size, config.clip_coef, dist
-            )
-            for k in kl_sums:
-                kl_sums[k] += kl[k].sum()
-            last_approx_kl = kl["approx_kl"][-1]
+            totals.add_update(losses, grad_norm.detach())
+        last_approx_kl = totals.add_epoch_kl(
+            torch.cat(logratios), order, layout, config.clip_coef, dist
+        )
         if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
             break
+    return totals.metrics(dist)
 
-    if dist is not None:  # each rank's losses are its share of the global means
-        shares = ("policy_loss", "value_loss", "entropy", "extra_loss")
-        for k, v in zip(shares, dist.sum(*(sums[k] for k in shares))):
-            sums[k] = v
-    metrics = {k: v / max(num_updates, 1) for k, v in sums.items()}
-    metrics |= {k: v / max(num_updates + skipped, 1) for k, v in kl_sums.items()}
-    metrics["epochs"] = torch.tensor(float(epochs_run), device=device)
-    metrics["skipped_updates"] = torch.tensor(float(skipped), device=device)
-    metrics["updates"] = torch.tensor(float(num_updates), device=device)
-    return metrics
+
+_LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "extra_loss")
+
+
+@dataclass
+class _Layout:
+    """How one rollout splits into minibatches and micro-batches, and the batch they read."""
+
+    batch: Batch  # entries outside the mask zeroed
+    mask: torch.Tensor | None
+    row_weights: torch.Tensor | None  # sequence_mean: each row's tokens weigh 1/len(row)
+    minibatch_size: int
+    micro_size: int
+    vf_clip: float | None
+
+    @classmethod
+    def of(cls, batch: Batch, config: PPOConfig) -> _Layout:
+        minibatch_size = batch["logprobs"].shape[0] // config.num_minibatches
+        vf_clip = (config.vf_clip_coef or config.clip_coef) if config.clip_vloss else None
+        mask = batch.get("mask")
+        row_weights = None
+        if mask is not None:
+            # Entries that do not count are zeroed once: a NaN there would otherwise reach the
+            # gradient through the chain rule (0 · NaN) even though the loss masks it out.
+            keep = mask > 0
+            batch = dict(batch) | {
+                k: torch.where(keep, batch[k], torch.zeros_like(batch[k]))
+                for k in ("logprobs", "values", "advantages", "returns")
+            }
+            if config.loss_aggregation == "sequence_mean" and mask.dim() > 1:
+                lengths = mask.flatten(1).sum(1).clamp_min(1.0)
+                shape = (-1, *[1] * (mask.dim() - 1))
+                row_weights = keep.to(batch["logprobs"].dtype) / lengths.view(shape)
+        micro_size = minibatch_size // config.grad_accum_steps
+        return cls(batch, mask, row_weights, minibatch_size, micro_size, vf_clip)
+
+    def minibatch_targets(
+        self, mb_inds: torch.Tensor, global_stats: torch.Tensor | None, norm_adv: bool
+    ) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """The loss denominator of a minibatch (its masked entries, its rows with
+        sequence_mean, or the global count over ranks) and its advantages, normalised within
+        the minibatch when ``norm_adv``."""
+        mb_mask = self.mask[mb_inds] if self.mask is not None else None
+        count: torch.Tensor | float
+        if self.row_weights is not None:
+            count = float(self.minibatch_size)
+        elif mb_mask is not None:
+            count = mb_mask.sum().clamp_min(1.0)
+        else:
+            count = float(mb_inds.numel() * self.batch["logprobs"][0].numel())
+        mb_adv = self.batch["advantages"][mb_inds]
+        if global_stats is not None:
+            total, adv_mean, adv_std = global_stats
+            if norm_adv:
+                mb_adv = ((mb_adv - adv_mean) / (adv_std + 1e-8)).to(mb_adv.dtype)
+            return total.float(), mb_adv
+        if norm_adv:
+            mb_adv = normalize(mb_adv, mb_mask)
+        return count, mb_adv
+
+
+def _backward_minibatch(
+    layout: _Layout,
+    mb_inds: torch.Tensor,
+    mb_adv: torch.Tensor,
+    count: torch.Tensor | float,
+    evaluate: EvaluateFn,
+    config: PPOConfig,
+    logratios: list[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Accumulate the minibatch's loss gradient over its micro-batches (each divides by the
+    whole minibatch's ``count``, so their sum is the minibatch's gradient); append the detached
+    log-ratios to ``logratios``; return the detached losses."""
+    device = mb_adv.device
+    sums = {k: torch.zeros((), device=device) for k in _LOSS_KEYS}
+    for micro_start in range(0, layout.minibatch_size, layout.micro_size):
+        local = slice(micro_start, micro_start + layout.micro_size)
+        inds = mb_inds[local]
+        micro = {k: v[inds] for k, v in layout.batch.items()}
+        mask = layout.mask[inds] if layout.mask is not None else None
+        weights = layout.row_weights[inds] if layout.row_weights is not None else None
+
+        def aggregate(x: torch.Tensor, weights=weights, mask=mask) -> torch.Tensor:
+            return masked_mean(x if weights is None else x * weights, mask, count)
+
+        new_logprob, entropy, new_value, *extra = evaluate(micro)
+        logratio = new_logprob - micro["logprobs"]
+        pg = aggregate(clipped_surrogate(logratio.exp(), mb_adv[local], config.clip_coef))
+        vl = aggregate(value_loss(new_value, micro["values"], micro["returns"], layout.vf_clip))
+        ent = aggregate(entropy)
+        loss = pg - config.ent_coef * ent + config.vf_coef * vl
+        if extra:
+            extra_loss = aggregate(extra[0])
+            loss = loss + extra_loss
+            sums["extra_loss"] += extra_loss.detach()
+        loss.backward()
+        logratios.append(torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0))
+        sums["policy_loss"] += pg.detach()
+        sums["value_loss"] += vl.detach()
+        sums["entropy"] += ent.detach()
+    return sums
+
+
+def _clipped_grad_norm(
+    params: list[torch.nn.Parameter], max_norm: float, dist: Dist | None
+) -> torch.Tensor:
+    """Sum the gradients over ranks, clip their global norm to ``max_norm``; the norm before."""
+    if dist is not None:
+        dist.reduce_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # an FSDP-sharded model's norm is a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+class _Totals:
+    """Sums of one update's losses and KL diagnostics, kept on the device until the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        zero = torch.zeros((), device=device)
+        self.sums = {k: zero.clone() for k in (*_LOSS_KEYS, "grad_norm")}
+        # Per-minibatch diagnostics are computed after each epoch from the detached
+        # log-ratios, which keeps the hot loop to the ops the gradient needs.
+        self.kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
+        self.updates = self.skipped = self.epochs = 0
+
+    def add_update(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        for k in _LOSS_KEYS:
+            self.sums[k] += losses[k]
+        self.sums["grad_norm"] += grad_norm
+        self.updates += 1
+
+    def add_epoch_kl(
+        self,
+        logratio: torch.Tensor,
+        order: torch.Tensor,
+        layout: _Layout,
+        clip_coef: float,
+        dist: Dist | None,
+    ) -> torch.Tensor:
+        """Add the epoch's per-minibatch KL diagnostics; return its last minibatch's approx KL."""
+        with torch.no_grad():
+            # k3 estimator of KL(old || new): unbiased and non-negative (Schulman,
+            # "Approximating KL divergence").
+            kl = _epoch_kl_stats(
+                logratio, order, layout.mask, layout.minibatch_size, clip_coef, dist
+            )
+            for k in self.kl_sums:
+                self.kl_sums[k] += kl[k].sum()
+            return kl["approx_kl"][-1]
+
+    def metrics(self, dist: Dist | None) -> dict[str, torch.Tensor]:
+        sums = dict(self.sums)
+        if dist is not None:  # each rank's losses are its share of the global means
+            reduced = dist.sum(*(sums[k] for k in _LOSS_KEYS))
+            sums |= dict(zip(_LOSS_KEYS, reduced, strict=True))
+        metrics = {k: v / max(self.updates, 1) for k, v in sums.items()}
+        metrics |= {k: v / max(self.updates + self.skipped, 1) for k, v in self.kl_sums.items()}
+        for name, value in (
+            ("epochs", self.epochs),
+            ("skipped_updates", self.skipped),
+            ("updates", self.updates),
+        ):
+            metrics[name] = torch.tensor(float(value), device=self.device)
+        return metrics
 
 
 class NonFiniteTraining(RuntimeError):
@@ -327,7 +412,8 @@ class NonFiniteGuard:
         self.streak = self.streak + 1 if metrics["updates"] == 0 else 0
         if self.streak >= self.patience:
             raise NonFiniteTraining(
-                f"non-finite loss or gradients in every update of {self.streak} iterations in a row {where}; "
+                f"non-finite loss or gradients in every update of {self.streak} iterations in a "
+                f"row {where}; "
                 "the parameters were left as they were (lower the learning rate, check rewards)"
             )
 
@@ -366,7 +452,7 @@ def _epoch_kl_stats(
     clip_coef: float,
     dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-minibatch approx KL (k1 and k3) and clip fraction of one epoch, shape ``[num_minibatches]``.
+    """Per-minibatch approx KL (k1 and k3) and clip fraction of one epoch, ``[num_minibatches]``.
 
     ``logratio`` holds the epoch's rows in the order they were visited (``order``); with
     ``dist``, minibatch ``i`` is the union of every rank's minibatch ``i``.
@@ -384,13 +470,8 @@ def _epoch_kl_stats(
     count = mask.sum(dim=(1, 2))
     if dist is not None:
         *reduced, count = dist.sum(*sums.values(), count)
-        sums = dict(zip(sums, reduced))
+        sums = dict(zip(sums, reduced, strict=True))
     return {k: v / count.clamp_min(1.0) for k, v in sums.items()}
-
-
-def _per_row(batch: Batch) -> int:
-    """Number of loss entries in one row of the batch (1 for transitions, L for token sequences)."""
-    return batch["logprobs"][0].numel()
 
 
 def explained_variance(
