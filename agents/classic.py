@@ -32,9 +32,9 @@ from textenv.agents.envs import (
     make_vector_env,
     normalization_state,
 )
-from textenv.agents.gae import gae
 from textenv.agents.policies import MLPActorCritic
 from textenv.agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from textenv.agents.rollout_classic import RolloutCollector
 from textenv.agents.runlog import check_writable_dir
 from textenv.agents.training import (
     LinearLR,
@@ -155,15 +155,9 @@ def _ppo(**kw: Any) -> PPOConfig:
     return PPOConfig(**kw)
 
 
-# Tuned presets. CartPole's is tuned for wall time to a solved policy on a small CPU, chosen by
-# benchmarks/preset_sweep.py (results/sweep_CartPole-v1.md): many envs per policy forward, few
-# steps per rollout, few large minibatches, and no value clipping (returns reach ~100, and
-# clipping V's change to ±0.2 per update slowed the critic; with it 2-4 of 10 seeds missed 500);
-# 6 epochs rather than 4 (4 solved 10 of seeds 1-10 but 11 of seeds 11-30; 6 solved 39 of 40).
-# Acrobot's comes from the same kind of sweep (results/sweep_Acrobot-v1.md). Pendulum's,
-# HalfCheetah's and Walker2d's are below; the other MuJoCo envs follow CleanRL's ppo_continuous_action.py
-# (1M steps), the budget its published results use. ``--preset cleanrl`` gives CleanRL's
-# settings for any env id.
+# Tuned presets: each tuned one was chosen by benchmarks/preset_sweep.py, and why is in its
+# result file (benchmarks/results/sweep_<env id>.md). The other MuJoCo envs follow CleanRL's
+# ppo_continuous_action.py (1M steps); ``--preset cleanrl`` gives CleanRL's settings for any env.
 _MUJOCO = dict(
     total_timesteps=1_000_000,
     num_envs=1,
@@ -194,9 +188,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         gae_lambda=0.9,
         ppo=_ppo(update_epochs=4, num_minibatches=4, ent_coef=0.0, clip_vloss=False),
     ),
-    # rl-baselines3-zoo's Pendulum config as it is, gSDE included: 4 envs x 1024 steps, 64-sample
-    # minibatches, constant lr 1e-3, γ 0.9, no normalisation, tanh 64x64, log-std 0; vf_coef 1.0 is
-    # SB3's 0.5 on a squared error without the ½. No seed of 16 fails (sweep_Pendulum-v1.md, rounds 7-8).
+    # rl-baselines3-zoo's Pendulum config, gSDE included; vf_coef 1.0 is SB3's 0.5 on a squared
+    # error without the ½ (sweep_Pendulum-v1.md).
     "Pendulum-v1": dict(
         total_timesteps=102_400,
         num_envs=4,
@@ -217,10 +210,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             clip_vloss=False,
         ),
     ),
-    # rl-baselines3-zoo's tuned HalfCheetah settings as they are: one env, 512 steps, 64-sample minibatches,
-    # 20 epochs, a constant lr of 2.06e-5, ReLU 256x256 with PyTorch's default init, log-std -2, γ 0.98,
-    # λ 0.92, clip 0.1 (sweep_HalfCheetah-v5.md, round 2; 16 envs x 128 with lr 1e-4 was 3.1x faster
-    # and about 1.2k lower).
+    # rl-baselines3-zoo's tuned HalfCheetah settings as they are (sweep_HalfCheetah-v5.md).
     "HalfCheetah-v5": dict(
         _MUJOCO,
         num_envs=1,
@@ -243,9 +233,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             clip_vloss=False,
         ),
     ),
-    # rl-baselines3-zoo's tuned Walker2d settings as they are: one env, 512 steps, 32-sample minibatches,
-    # 20 epochs, a constant lr of 5e-5, clip 0.1, the default tanh 64x64 network (sweep_Walker2d-v5.md,
-    # round 3; batched variants stalled on some seeds).
+    # rl-baselines3-zoo's tuned Walker2d settings as they are (sweep_Walker2d-v5.md).
     "Walker2d-v5": dict(
         _MUJOCO,
         num_envs=1,
@@ -361,7 +349,8 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = run_dir / "config.json"
     if not path.is_file() or not (run_dir / "checkpoint.safetensors").is_file():
         raise ValueError(
-            f"{str(run_dir)!r} is not a run directory with a checkpoint (config.json + checkpoint.safetensors)"
+            f"{str(run_dir)!r} is not a run directory with a checkpoint "
+            "(config.json + checkpoint.safetensors)"
         )
     return _config_from_dict(json.loads(path.read_text()))
 
@@ -374,12 +363,13 @@ def _config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train PPO as ``config`` says; write logs, checkpoint and ``summary.json``; return the summary.
+    """Train PPO as ``config`` says; write logs, checkpoint, ``summary.json``; return the summary.
 
     ``resume``: a run directory to continue from its checkpoint (policy, optimizer, step and
     LR schedule, normalisation statistics, RNG states); its metrics are appended. Episodes in
     progress when it stopped are not restored: the envs start new ones.
-    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint (:class:`TrainingInterrupted`).
+    SIGINT/SIGTERM stop at the end of the iteration with a checkpoint
+    (:class:`TrainingInterrupted`).
 
     Under ``torchrun`` each of the N processes steps ``num_envs / N`` of the envs (global env
     ``i`` is seeded ``seed + i`` as in one process) and the update is the one-process update
@@ -398,310 +388,278 @@ def _train(
     torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
     torch.backends.cudnn.deterministic = True
-
     if resume is not None:
         saved = load_run_config(resume)
         if saved.env_id != config.env_id:
             raise ValueError(f"--resume {resume} is a run of {saved.env_id}, not {config.env_id}")
-    if resume is None:
+    else:
         check_writable_dir(config.runs_dir, "--runs-dir")
-    on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
-    # Before the run directory: an env that cannot be built leaves none behind.
-    envs = make_train_envs(
-        dataclasses.replace(config, num_envs=local_envs), device if on_device else None
-    )
-    if config.use_sde and not isinstance(envs.single_action_space, gym.spaces.Box):
-        envs.close()
-        raise ValueError(
-            f"use_sde needs continuous (Box) actions; {config.env_id} has {envs.single_action_space}"
-        )
-    run_dir = TrainingRun.directory(
-        config.runs_dir, config.run_name, f"{config.env_id}__{config.seed}", config, resume, dist
-    )
-    policy = MLPActorCritic(
-        envs.single_observation_space,
-        envs.single_action_space,
-        config.hidden_sizes,
-        config.log_std_init,
-        config.activation,
-        config.ortho_init,
-        config.use_sde,
-    ).to(device)
-    dist.broadcast_parameters(policy.parameters())
-    optimizer = torch.optim.Adam(
-        policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True
-    )
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-
-    T, N = config.num_steps, local_envs
-    obs_shape = envs.single_observation_space.shape
-    act_shape = envs.single_action_space.shape
-    obs_buf = torch.zeros((T, N, *obs_shape), device=device)
-    act_buf = torch.zeros(
-        (T, N, *act_shape), device=device, dtype=torch.float32 if policy.continuous else torch.long
-    )
-    logp_buf = torch.zeros((T, N), device=device)
-    val_buf = torch.zeros((T, N), device=device)
-    rew_buf, term_buf, ended_buf, valid_buf = (torch.zeros((T, N), device=device) for _ in range(4))
-    # Finished episodes' returns and lengths, read on the host once per iteration.
-    ep_return = torch.zeros((T, N), dtype=torch.float64, device=device)
-    ep_length = torch.zeros((T, N), dtype=torch.long, device=device)
-    ep_done = torch.zeros((T, N), dtype=torch.bool, device=device)
-    finite = torch.ones((T, 2), dtype=torch.bool, device=device)  # reward, observation of each step
-
-    num_iterations = max(1, config.total_timesteps // config.batch_size)
-    schedule = LinearLR(config.learning_rate, num_iterations, enabled=config.anneal_lr)
-    global_step, first_iteration = 0, 1
-    recent_returns: deque[float] = deque(maxlen=100)
-    if resume is not None:
-        state = restore_training_state(
-            run_dir / "checkpoint.safetensors", policy, optimizer, generator, envs
-        )
-        global_step, first_iteration = state["global_step"], state["iteration"] + 1
-        recent_returns.extend(state["recent_returns"])
-        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the run's first horizon.
-        saved_schedule = state["lr_schedule"] or {
-            "learning_rate": saved.learning_rate,
-            "enabled": saved.anneal_lr,
-            "horizon": max(1, saved.total_timesteps // saved.batch_size),
-        }
-        schedule = LinearLR.resumed(
-            saved_schedule,
-            state["iteration"],
-            config.learning_rate,
-            num_iterations,
-            config.anneal_lr,
-        )
-        if dist.is_main and (note := resumed_world_note(state["world_size"], dist)):
-            print(note, file=sys.stderr, flush=True)
-    if dist.rank > 0:  # every rank samples its own actions; rank 0 keeps the one-process stream
-        seed_everything(config.seed + 1_000_003 * dist.rank + first_iteration - 1)
-    synced_norm = normalization_state(envs)  # the same on every rank: fresh or loaded
-    # Global env i is seeded seed + i, whichever rank steps it: the one-process run's episodes.
-    next_obs, _ = envs.reset(seed=config.seed + first_iteration - 1 + dist.rank * local_envs)
-    next_obs_t = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-    # With next-step autoreset the step after an episode's end only resets: its action is
-    # ignored and it pays nothing, so it is no transition of the MDP and is masked out.
-    prev_ended = torch.zeros(N, dtype=torch.bool, device=device)
-
-    def as_t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.as_tensor(x, dtype=dtype, device=device)
-
-    # One clock reading for the session's start and the run's: steps per second and wall time agree.
-    start_step, start_clock = global_step, time.perf_counter()
-    start = start_clock - (state["wall_time_s"] if resume is not None else 0.0)
-
-    def checkpoint(iteration: int) -> Path:
-        path = run_dir / "checkpoint.safetensors"
-        if dist.is_main:
-            save_checkpoint(
-                path,
-                policy,
-                normalization_state(envs),
-                config,
-                global_step,
-                optimizer=optimizer,
-                generator=generator,
-                iteration=iteration,
-                recent_returns=list(recent_returns),
-                wall_time_s=time.perf_counter() - start,
-                lr_schedule=schedule.state(),
-                world_size=dist.world_size,
-            )
-        return path
-
-    run = TrainingRun(run_dir, tensorboard=config.tensorboard, checkpoint=checkpoint, dist=dist)
-    run.last_iteration = first_iteration - 1
+    t = _ClassicTraining(config, resume, dist, device, local_envs)
     from tqdm import tqdm
 
     try:
         with (
-            run.loop(save_on_failure=config.save_checkpoint),
+            t.run.loop(save_on_failure=config.save_checkpoint),
             tqdm(
-                total=num_iterations * config.batch_size,
-                initial=global_step,
+                total=t.num_iterations * config.batch_size,
+                initial=t.global_step,
                 disable=not (config.progress and dist.is_main),
                 unit="step",
                 dynamic_ncols=True,
             ) as bar,
         ):
-            for iteration in range(first_iteration, num_iterations + 1):
-                lr = schedule.apply(optimizer, iteration)
-                ep_done.zero_()
-
-                policy.eval()
-                for t in range(T):
-                    if config.use_sde and (
-                        t == 0 or config.sde_sample_freq > 0 and t % config.sde_sample_freq == 0
-                    ):
-                        policy.reset_noise(N)
-                    obs_buf[t] = next_obs_t
-                    valid_buf[t] = ~prev_ended
-                    with torch.inference_mode():
-                        action, logprob, value = policy.act(next_obs_t)
-                    act_buf[t] = action
-                    logp_buf[t] = logprob
-                    val_buf[t] = value
-                    next_obs, reward, terminated, truncated, info = envs.step(
-                        action if on_device else action.cpu().numpy()
-                    )
-                    reward, next_obs_t = as_t(reward, torch.float32), as_t(next_obs, torch.float32)
-                    # Checked on the device and read once per iteration: no host sync per step.
-                    finite[t, 0], finite[t, 1] = (
-                        reward.isfinite().all(),
-                        next_obs_t.isfinite().all(),
-                    )
-                    if not on_device and not bool(
-                        finite[t].all()
-                    ):  # host envs: stop at the bad step
-                        check_finite(finite, config.env_id, global_step, N)
-                    rew_buf[t] = reward
-                    term_buf[t] = as_t(terminated)
-                    prev_ended = as_t(terminated, torch.bool) | as_t(truncated, torch.bool)
-                    ended_buf[t] = prev_ended
-                    if "_episode" in info:
-                        ep_done[t] = as_t(info["_episode"])
-                        ep_return[t] = as_t(info["episode"]["r"], torch.float64)
-                        ep_length[t] = as_t(info["episode"]["l"], torch.long)
-                check_finite(finite, config.env_id, global_step, N)
-                # Episodes in step order, rows in order within a step, as the envs report them
-                # (with several ranks: rank 0's, then rank 1's, ...).
-                iter_returns: list[float] = ep_return[ep_done].tolist()
-                iter_lengths: list[int] = ep_length[ep_done].tolist()
-                if dist.active:
-                    gathered = dist.gather((iter_returns, iter_lengths))
-                    iter_returns = [r for rank_returns, _ in gathered for r in rank_returns]
-                    iter_lengths = [n for _, rank_lengths in gathered for n in rank_lengths]
-                    synced_norm = sync_running_stats(normalization_state(envs), synced_norm, dist)
-                    load_normalization_state(envs, synced_norm)
-                global_step += config.batch_size
-
-                with torch.inference_mode():
-                    last_value = policy.value(next_obs_t)
-                advantages, returns = gae(
-                    rew_buf,
-                    val_buf,
-                    last_value,
-                    term_buf,
-                    ended_buf,
-                    config.gamma,
-                    config.gae_lambda,
+            for iteration in range(t.first_iteration, t.num_iterations + 1):
+                lr = t.schedule.apply(t.optimizer, iteration)
+                returns, lengths = t.collect()
+                batch = t.collector.batch(config.gamma, config.gae_lambda)
+                stats = t.update(batch)
+                metrics = t.log(iteration, lr, stats, returns, lengths, bar)
+                t.run.end_iteration(
+                    iteration, t.global_step, metrics, f"(up to step {t.global_step})"
                 )
-                batch = {
-                    "obs": obs_buf.reshape(-1, *obs_shape),
-                    "actions": act_buf.reshape(-1, *act_shape),
-                    "logprobs": logp_buf.reshape(-1),
-                    "values": val_buf.reshape(-1),
-                    "advantages": advantages.reshape(-1),
-                    "returns": returns.reshape(-1),
-                    "mask": valid_buf.reshape(-1),
-                }
-                policy.train()
-                stats = ppo_update(
-                    policy.parameters(),
-                    optimizer,
-                    batch,
-                    lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
-                    config.ppo,
-                    generator,
-                    dist=dist,
-                )
-                stats["explained_variance"] = explained_variance(
-                    batch["values"], batch["returns"], batch["mask"], dist
-                )
-                if policy.continuous:
-                    with torch.no_grad():
-                        stats["action_std"] = policy.action_std(batch["obs"])
-                # One host sync per iteration for every device-side metric.
-                keys = list(stats)
-                values = torch.stack([stats[k].float() for k in keys]).tolist()
-                metrics: dict[str, float] = dict(zip(keys, values))
-                recent_returns.extend(iter_returns)
-                now = time.perf_counter()
-                metrics |= {
-                    "iteration": iteration,
-                    "learning_rate": lr,
-                    "sps": (global_step - start_step) / (now - start_clock),
-                    "wall_time_s": now - start,
-                }
-                if iter_returns:
-                    metrics |= {
-                        "episodic_return": float(np.mean(iter_returns)),
-                        "episodic_length": float(np.mean(iter_lengths)),
-                        "episodes": len(iter_returns),
-                    }
-                bar.update(config.batch_size)
-                if recent_returns:
-                    bar.set_postfix(ret=f"{np.mean(recent_returns):.1f}", refresh=False)
-                run.end_iteration(iteration, global_step, metrics, f"(up to step {global_step})")
-                if (
-                    config.save_checkpoint
-                    and config.checkpoint_every
-                    and iteration % config.checkpoint_every == 0
-                ):
-                    checkpoint(iteration)
+                if config.save_checkpoint and config.checkpoint_every:
+                    if iteration % config.checkpoint_every == 0:
+                        t.checkpoint(iteration)
     finally:
-        end = time.perf_counter()
-        wall_time = end - start
-        norm_state = normalization_state(envs)
-        envs.close()
+        t.close()
+    return t.finish()
 
-    summary: dict[str, Any] = {
-        "env_id": config.env_id,
-        "seed": config.seed,
-        "global_step": global_step,
-        "wall_time_s": wall_time,
-        "sps": (global_step - start_step) / (end - start_clock),
-        "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-        "run_dir": str(run_dir),
-    }
-    if dist.world_size > 1:
-        summary["world_size"] = dist.world_size
-    if config.save_checkpoint:
-        if dist.is_main:
-            save_checkpoint(
-                run_dir / "checkpoint.safetensors",
-                policy,
-                norm_state,
-                config,
-                global_step,
-                optimizer=optimizer,
-                generator=generator,
-                iteration=num_iterations,
-                recent_returns=list(recent_returns),
-                wall_time_s=wall_time,
-                lr_schedule=schedule.state(),
-                world_size=dist.world_size,
-            )
-        summary["checkpoint"] = str(run_dir / "checkpoint.safetensors")
-    if config.eval_episodes > 0 and dist.is_main:  # one evaluation, by rank 0
-        eval_returns = evaluate_policy(
-            policy,
-            config.env_id,
-            config.eval_episodes,
-            seed=config.seed + 10_000,
-            norm_state=norm_state,
-            normalize_obs=config.normalize_obs,
-            clip_obs=config.clip_obs,
-            device=device,
+
+class _ClassicTraining:
+    """One classic run's state (envs, policy, optimizer, schedule, counters); each method is
+    one named step of :func:`_train`'s loop."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: str | Path | None,
+        dist: Dist,
+        device: torch.device,
+        local_envs: int,
+    ) -> None:
+        self.config, self.dist, self.device = config, dist, device
+        on_device = is_device_env(config.env_id)  # tensors in, tensors out, on the policy's device
+        # Before the run directory: an env that cannot be built leaves none behind.
+        self.envs = make_train_envs(
+            dataclasses.replace(config, num_envs=local_envs), device if on_device else None
         )
-        summary |= {
-            "eval_return_mean": float(np.mean(eval_returns)),
-            "eval_return_std": float(np.std(eval_returns)),
-            "eval_episodes": len(eval_returns),
+        if config.use_sde and not isinstance(self.envs.single_action_space, gym.spaces.Box):
+            self.envs.close()
+            raise ValueError(
+                f"use_sde needs continuous (Box) actions; {config.env_id} has "
+                f"{self.envs.single_action_space}"
+            )
+        self.run_dir = TrainingRun.directory(
+            config.runs_dir,
+            config.run_name,
+            f"{config.env_id}__{config.seed}",
+            config,
+            resume,
+            dist,
+        )
+        self.policy = MLPActorCritic(
+            self.envs.single_observation_space,
+            self.envs.single_action_space,
+            config.hidden_sizes,
+            config.log_std_init,
+            config.activation,
+            config.ortho_init,
+            config.use_sde,
+        ).to(device)
+        dist.broadcast_parameters(self.policy.parameters())
+        self.optimizer = torch.optim.Adam(
+            self.policy.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True
+        )
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.collector = RolloutCollector(
+            self.envs, self.policy, config.num_steps, device, on_device
+        )
+        self.num_iterations = max(1, config.total_timesteps // config.batch_size)
+        self.schedule = LinearLR(
+            config.learning_rate, self.num_iterations, enabled=config.anneal_lr
+        )
+        self.global_step, self.first_iteration, previous_wall = 0, 1, 0.0
+        self.recent_returns: deque[float] = deque(maxlen=100)
+        if resume is not None:
+            previous_wall = self._restore(load_run_config(resume))
+        if dist.rank > 0:  # every rank samples its own actions; rank 0 keeps one-process's
+            seed_everything(config.seed + 1_000_003 * dist.rank + self.first_iteration - 1)
+        self.synced_norm = normalization_state(self.envs)  # the same on every rank
+        # Global env i is seeded seed + i, whichever rank steps it: the one-process episodes.
+        self.collector.reset(config.seed + self.first_iteration - 1 + dist.rank * local_envs)
+        # One clock reading for the session's start and the run's: steps per second and wall
+        # time agree.
+        self.start_step, self.start_clock = self.global_step, time.perf_counter()
+        self.start = self.start_clock - previous_wall
+        self.run = TrainingRun(
+            self.run_dir, tensorboard=config.tensorboard, checkpoint=self.checkpoint, dist=dist
+        )
+        self.run.last_iteration = self.first_iteration - 1
+
+    def _restore(self, saved: TrainConfig) -> float:
+        """Load the checkpoint's state into this run; return the wall time it had run."""
+        config = self.config
+        state = restore_training_state(
+            self.run_dir / "checkpoint.safetensors",
+            self.policy,
+            self.optimizer,
+            self.generator,
+            self.envs,
+        )
+        self.global_step, self.first_iteration = state["global_step"], state["iteration"] + 1
+        self.recent_returns.extend(state["recent_returns"])
+        # Checkpoints from before the schedule was saved ran CleanRL's schedule over the
+        # run's first horizon.
+        saved_schedule = state["lr_schedule"] or {
+            "learning_rate": saved.learning_rate,
+            "enabled": saved.anneal_lr,
+            "horizon": max(1, saved.total_timesteps // saved.batch_size),
         }
-    return run.finish(summary)
+        self.schedule = LinearLR.resumed(
+            saved_schedule,
+            state["iteration"],
+            config.learning_rate,
+            self.num_iterations,
+            config.anneal_lr,
+        )
+        note = resumed_world_note(state["world_size"], self.dist)
+        if self.dist.is_main and note:
+            print(note, file=sys.stderr, flush=True)
+        return state["wall_time_s"]
 
+    def collect(self) -> tuple[list[float], list[int]]:
+        """One iteration of steps; the returns and lengths of the episodes that ended, over
+        every rank (rank 0's, then rank 1's, ...), with the normalisation statistics synced."""
+        config, dist = self.config, self.dist
+        sde_freq = config.sde_sample_freq if config.use_sde else None
+        returns, lengths = self.collector.collect(config.env_id, self.global_step, sde_freq)
+        if dist.active:
+            gathered = dist.gather((returns, lengths))
+            returns = [r for rank_returns, _ in gathered for r in rank_returns]
+            lengths = [n for _, rank_lengths in gathered for n in rank_lengths]
+            local = normalization_state(self.envs)
+            self.synced_norm = sync_running_stats(local, self.synced_norm, dist)
+            load_normalization_state(self.envs, self.synced_norm)
+        self.global_step += config.batch_size
+        return returns, lengths
 
-def check_finite(finite: torch.Tensor, env_id: str, global_step: int, num_envs: int) -> None:
-    """Raise naming the first step whose reward or observation was not finite (``finite``: ``[T, 2]``)."""
-    if bool(finite.all()):
-        return
-    t, what = (~finite).nonzero()[0].tolist()
-    raise ValueError(
-        f"{env_id} returned a non-finite {('reward', 'observation')[what]} at step "
-        f"{global_step + (t + 1) * num_envs}"
-    )
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """K epochs of minibatched PPO; the update's stats, the critic's explained variance and,
+        for continuous actions, the policy's action std."""
+        policy = self.policy
+        policy.train()
+        stats = ppo_update(
+            policy.parameters(),
+            self.optimizer,
+            batch,
+            lambda mb: policy.evaluate(mb["obs"], mb["actions"]),
+            self.config.ppo,
+            self.generator,
+            dist=self.dist,
+        )
+        stats["explained_variance"] = explained_variance(
+            batch["values"], batch["returns"], batch["mask"], self.dist
+        )
+        if policy.continuous:
+            with torch.no_grad():
+                stats["action_std"] = policy.action_std(batch["obs"])
+        return stats
+
+    def log(
+        self,
+        iteration: int,
+        lr: float,
+        stats: dict[str, torch.Tensor],
+        returns: list[float],
+        lengths: list[int],
+        bar,
+    ) -> dict[str, float]:
+        """The iteration's metrics (one host sync for every device-side one) and the bar."""
+        keys = list(stats)
+        values = torch.stack([stats[k].float() for k in keys]).tolist()
+        metrics: dict[str, float] = dict(zip(keys, values, strict=True))
+        self.recent_returns.extend(returns)
+        now = time.perf_counter()
+        metrics |= {
+            "iteration": iteration,
+            "learning_rate": lr,
+            "sps": (self.global_step - self.start_step) / (now - self.start_clock),
+            "wall_time_s": now - self.start,
+        }
+        if returns:
+            metrics |= {
+                "episodic_return": float(np.mean(returns)),
+                "episodic_length": float(np.mean(lengths)),
+                "episodes": len(returns),
+            }
+        bar.update(self.config.batch_size)
+        if self.recent_returns:
+            bar.set_postfix(ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
+        return metrics
+
+    def checkpoint(self, iteration: int, norm_state=None, wall_time_s: float | None = None) -> Path:
+        path = self.run_dir / "checkpoint.safetensors"
+        if self.dist.is_main:
+            save_checkpoint(
+                path,
+                self.policy,
+                normalization_state(self.envs) if norm_state is None else norm_state,
+                self.config,
+                self.global_step,
+                optimizer=self.optimizer,
+                generator=self.generator,
+                iteration=iteration,
+                recent_returns=list(self.recent_returns),
+                wall_time_s=time.perf_counter() - self.start
+                if wall_time_s is None
+                else wall_time_s,
+                lr_schedule=self.schedule.state(),
+                world_size=self.dist.world_size,
+            )
+        return path
+
+    def close(self) -> None:
+        """Stop the clock and close the envs, keeping their normalisation statistics."""
+        self.end = time.perf_counter()
+        self.norm_state = normalization_state(self.envs)
+        self.envs.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Checkpoint, evaluate (rank 0), write ``summary.json``; return the summary."""
+        config = self.config
+        wall_time = self.end - self.start
+        returns = self.recent_returns
+        summary: dict[str, Any] = {
+            "env_id": config.env_id,
+            "seed": config.seed,
+            "global_step": self.global_step,
+            "wall_time_s": wall_time,
+            "sps": (self.global_step - self.start_step) / (self.end - self.start_clock),
+            "train_return_last100": float(np.mean(returns)) if returns else None,
+            "run_dir": str(self.run_dir),
+        }
+        if self.dist.world_size > 1:
+            summary["world_size"] = self.dist.world_size
+        if config.save_checkpoint:
+            path = self.checkpoint(self.num_iterations, self.norm_state, wall_time)
+            summary["checkpoint"] = str(path)
+        if config.eval_episodes > 0 and self.dist.is_main:  # one evaluation, by rank 0
+            eval_returns = evaluate_policy(
+                self.policy,
+                config.env_id,
+                config.eval_episodes,
+                seed=config.seed + 10_000,
+                norm_state=self.norm_state,
+                normalize_obs=config.normalize_obs,
+                clip_obs=config.clip_obs,
+                device=self.device,
+            )
+            summary |= {
+                "eval_return_mean": float(np.mean(eval_returns)),
+                "eval_return_std": float(np.std(eval_returns)),
+                "eval_episodes": len(eval_returns),
+            }
+        return self.run.finish(summary)
 
 
 def evaluate_policy(
