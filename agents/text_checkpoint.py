@@ -20,7 +20,10 @@ STATE_FILE = "trainer_state.safetensors"
 
 def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
     """``model`` wrapped with trainable LoRA adapters on all linear layers (or the saved ones)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ImportError('--lora-r needs peft: pip install "textenv-ppo[lora]"') from None
 
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)

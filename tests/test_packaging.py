@@ -147,3 +147,20 @@ def test_the_package_exports_resolve_lazily_and_unknown_names_are_attribute_erro
     assert textenv.make_task is make_task
     with pytest.raises(AttributeError, match="^module 'textenv' has no attribute 'nothing_here'$"):
         textenv.nothing_here  # noqa: B018
+
+
+def test_the_top_level_agents_import_fails_with_one_line_pointing_to_textenv_agents():
+    # From the repository root, agents/ would otherwise import as a second copy of
+    # textenv.agents, whose classes are not textenv.agents' own.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import agents"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ImportError: import textenv.agents, not agents: the repository's agents/ is the package "
+        'textenv.agents (install the project first: pip install -e ".[dev]", or make)'
+    )
