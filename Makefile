@@ -64,8 +64,10 @@ mutation: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.mutmut_report
 
+# Build products and caches only: runs/ holds the user's training runs and is never removed.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache mutants
+	find . -name __pycache__ -not -path "./runs/*" -prune -exec rm -rf {} +
 
 bench-estimators: $(VENV)/.installed
 	$(PY) -m benchmarks.estimators --seeds 1 2 3 --jobs 2

@@ -33,7 +33,13 @@ from textenv.agents.envs import (
     normalization_state,
 )
 from textenv.agents.policies import MLPActorCritic
-from textenv.agents.ppo import PPOConfig, explained_variance, ppo_update, validate_rates
+from textenv.agents.ppo import (
+    PPOConfig,
+    check_finite_settings,
+    explained_variance,
+    ppo_update,
+    validate_rates,
+)
 from textenv.agents.rollout_classic import RolloutCollector
 from textenv.agents.runlog import check_writable_dir
 from textenv.agents.training import (
@@ -135,6 +141,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work, before any rollout."""
+        check_finite_settings(self)
         env_spec(self.env_id)
         for name in ("total_timesteps", "num_envs", "num_steps", "torch_threads"):
             if getattr(self, name) < 1:
@@ -425,6 +432,19 @@ def _train(
     return t.finish()
 
 
+def budget_note(config: TrainConfig) -> str | None:
+    """What is trained when ``total_timesteps`` is not a whole number of batches (None if it is):
+    whole iterations of ``num_envs × num_steps`` steps, at least one."""
+    iterations = max(1, config.total_timesteps // config.batch_size)
+    steps = iterations * config.batch_size
+    if steps == config.total_timesteps:
+        return None
+    return (
+        f"training {steps:,} steps, not {config.total_timesteps:,}: {iterations} iteration(s) of "
+        f"num_envs x num_steps = {config.num_envs} x {config.num_steps} = {config.batch_size:,}"
+    )
+
+
 class _ClassicTraining:
     """One classic run's state (envs, policy, optimizer, schedule, counters); each method is
     one named step of :func:`_train`'s loop."""
@@ -475,6 +495,8 @@ class _ClassicTraining:
             self.envs, self.policy, config.num_steps, device, on_device
         )
         self.num_iterations = max(1, config.total_timesteps // config.batch_size)
+        if dist.is_main and (note := budget_note(config)):
+            print(note, file=sys.stderr, flush=True)
         self.schedule = LinearLR(
             config.learning_rate, self.num_iterations, enabled=config.anneal_lr
         )
@@ -523,8 +545,15 @@ class _ClassicTraining:
             config.anneal_lr,
         )
         note = resumed_world_note(state["world_size"], self.dist)
-        if self.dist.is_main and note:
-            print(note, file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            print(
+                f"resuming {self.run_dir} at step {self.global_step:,} (iteration "
+                f"{self.first_iteration} of {self.num_iterations})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if note:
+                print(note, file=sys.stderr, flush=True)
         return state["wall_time_s"]
 
     def collect(self) -> tuple[list[float], list[int]]:

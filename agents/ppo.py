@@ -7,9 +7,11 @@ callable) and in the shape of one sample (a transition, or a sequence of tokens 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -92,6 +94,18 @@ def validate_rates(learning_rate: float, gamma: float, gae_lambda: float) -> Non
     for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_finite_settings(config: Any, prefix: str = "--") -> None:
+    """Raise a one-line ValueError naming the first float setting of the dataclass ``config``
+    (its sub-configs included) that is NaN or infinite, as its command-line flag."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_finite_settings(value, prefix)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
 
 
 def masked_mean(

@@ -13,10 +13,14 @@ on the same update; with ``--group-size k`` each prompt is sampled k times in th
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
+import math
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +35,13 @@ from textenv.agents.advantages import (
 )
 from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
 from textenv.agents.lm import LMActorCritic
-from textenv.agents.ppo import PPOConfig, normalize, ppo_update, validate_rates
+from textenv.agents.ppo import (
+    PPOConfig,
+    check_finite_settings,
+    normalize,
+    ppo_update,
+    validate_rates,
+)
 from textenv.agents.rollout_text import (
     Rollout,
     collect_rollout,
@@ -208,6 +218,7 @@ class TextTrainConfig:
     """allow model code from the model's repository (off: only transformers' own code runs)"""
 
     def validate(self) -> None:
+        check_finite_settings(self)
         for name in ("iterations", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -344,6 +355,8 @@ def _train_text(
 
     bar = tqdm(
         range(t.first_iteration, config.iterations + 1),
+        initial=t.first_iteration - 1,  # a resumed run's bar continues where it stopped
+        total=config.iterations,
         disable=not (config.progress and dist.is_main),
         unit="it",
         dynamic_ncols=True,
@@ -545,8 +558,14 @@ class _TextTraining:
             config.anneal_lr,
         )
         note = resumed_world_note(state.get("world_size", 1), self.dist)
-        if self.dist.is_main and note:
-            print(note, file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            print(
+                f"resuming {resume} at iteration {self.first_iteration} of {config.iterations}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if note:
+                print(note, file=sys.stderr, flush=True)
         return state["wall_time_s"]
 
     def evaluate_before(self) -> None:
@@ -842,6 +861,7 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
     else:
         from textenv.tasks import TASKS as tasks
     if config.task in tasks:
+        hints = typing.get_type_hints(tasks[config.task])
         known = {f.name for f in dataclasses.fields(tasks[config.task])}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -849,7 +869,47 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
                 f"--task-options: task {config.task} has no field {unknown[0]!r} "
                 f"(its fields: {', '.join(sorted(known))})"
             )
+        for name, value in options.items():
+            if not _json_matches(value, hints.get(name, Any)):
+                raise ValueError(
+                    f"--task-options: field {name!r} of task {config.task} must be "
+                    f"{_type_name(hints[name])}, got {json.dumps(value)}"
+                )
     return options
+
+
+def _json_matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type (types JSON cannot hold are not checked)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_json_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) and not isinstance(value, str):
+        inner = args[0] if args and (origin is not tuple or args[-1] is Ellipsis) else Any
+        return isinstance(value, list) and all(_json_matches(v, inner) for v in value)
+    if hint is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def make_text_envs(

@@ -164,3 +164,23 @@ def test_the_top_level_agents_import_fails_with_one_line_pointing_to_textenv_age
         "ImportError: import textenv.agents, not agents: the repository's agents/ is the package "
         'textenv.agents (install the project first: pip install -e ".[dev]", or make)'
     )
+
+
+def test_make_clean_removes_build_products_and_never_the_users_runs(tmp_path):
+    # A copy of the repository's Makefile in a scratch tree holding a run and build products.
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+    for path in (
+        "runs/mine/metrics.jsonl",
+        "runs/mine/__pycache__/x.pyc",
+        "build/lib/x.py",
+        "textenv/__pycache__/x.pyc",
+        ".pytest_cache/v",
+        "x.egg-info/PKG-INFO",
+    ):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "runs/mine/metrics.jsonl").is_file()
+    assert (tmp_path / "runs/mine/__pycache__/x.pyc").is_file()
+    for gone in ("build", "textenv/__pycache__", ".pytest_cache", "x.egg-info"):
+        assert not (tmp_path / gone).exists(), gone
