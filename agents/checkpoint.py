@@ -39,7 +39,9 @@ def pack_training_state(
         tensors["rng.generator"] = generator.get_state().cpu()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    # The global RandomState's bit generator is an MT19937: its legacy state is a tuple.
+    assert isinstance(np_state, tuple)
     tensors["rng.numpy.keys"] = torch.as_tensor(np_state[1].astype(np.int64))
     metadata["rng.numpy"] = json.dumps(
         [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -137,14 +137,17 @@ class Dist:
         for p in sharded:
             if p.grad is not None:
                 p.grad.mul_(self.world_size)
-        params = [p for p in params if not _is_dtensor(p)]
+        grads = []
         for p in params:
+            if _is_dtensor(p):
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        for bucket in _buckets(params):
-            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            grads.append(p.grad)
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
             self.all_reduce(flat)
-            _unflatten_into(flat, [p.grad for p in bucket])
+            _unflatten_into(flat, bucket)
 
     def check_local_batch(self, ppo_config: Any, local_batch: int) -> None:
         """``ppo_config.validate`` on one rank's share of the batch, its error naming the split."""
@@ -194,8 +197,9 @@ def shard_policy(policy: torch.nn.Module, lm: torch.nn.Module) -> None:
         )
     for block in blocks:
         fully_shard(block)
-    if getattr(policy, "value_head", None) is not None:
-        fully_shard(policy.value_head)
+    value_head = getattr(policy, "value_head", None)
+    if value_head is not None:
+        fully_shard(value_head)
     fully_shard(policy)
     for method in ("_forward", "evaluate_responses"):
         register_fsdp_forward_method(policy, method)
@@ -208,9 +212,11 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     (a collective: every rank calls it; the others get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(
+    state = get_model_state_dict(
         module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    # A model's state dict holds tensors only (torch types it as any state value).
+    return cast(dict[str, torch.Tensor], state)
 
 
 def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
@@ -266,7 +272,7 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         importlib.import_module("torch.distributed.nn.functional")
 
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         tdist.init_process_group(backend=backend, **kwargs)
     _OWNED = owned
     comm_device = device if tdist.get_backend() == "nccl" else torch.device("cpu")
@@ -353,7 +359,7 @@ def sync_running_stats(
             *(np.asarray(state[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")),
             *(np.asarray(synced[f"{name}.{s}"], np.float64) for s in ("mean", "var", "count")),
         )
-    merged = {}
+    merged: dict[str, np.ndarray] = {}
     gathered = dist.gather(increments)
     for name in increments:
         mean, var, count = (

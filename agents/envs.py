@@ -159,6 +159,12 @@ class TorchRunningMeanStd:
         self.count = torch.where(keep, self.count, total).reshape(())
 
 
+def _device(env: gym.vector.VectorEnv) -> torch.device:
+    """The device of a torch vector env (a TorchControlVectorEnv, or any env with ``device``)."""
+    device: torch.device = env.unwrapped.device  # type: ignore[attr-defined]  # duck-typed
+    return device
+
+
 class TorchRecordEpisodeStatistics(gym.vector.VectorWrapper):
     """Episode return and length in ``info["episode"]["r"/"l"]`` with ``info["_episode"]``
     marking the rows whose episode ended this step; present on every step (all false when none
@@ -166,7 +172,7 @@ class TorchRecordEpisodeStatistics(gym.vector.VectorWrapper):
 
     def __init__(self, env: gym.vector.VectorEnv) -> None:
         super().__init__(env)
-        device = env.unwrapped.device
+        device = _device(env)
         self.episode_returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
         self.episode_lengths = torch.zeros(self.num_envs, dtype=torch.long, device=device)
         self.prev_dones = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
@@ -197,8 +203,10 @@ class TorchClipAction(gym.vector.VectorWrapper):
 
     def __init__(self, env: gym.vector.VectorEnv) -> None:
         super().__init__(env)
-        device = env.unwrapped.device
+        device = _device(env)
         space = env.single_action_space
+        if not isinstance(space, gym.spaces.Box):
+            raise TypeError(f"TorchClipAction clips Box actions, got {space}")
         self.low = torch.as_tensor(space.low, dtype=torch.float32, device=device)
         self.high = torch.as_tensor(space.high, dtype=torch.float32, device=device)
         self.action_space = gym.spaces.Box(-np.inf, np.inf, env.action_space.shape, np.float32)
@@ -218,7 +226,10 @@ class TorchNormalizeObservation(gym.vector.VectorWrapper):
         self, env: gym.vector.VectorEnv, clip: float | None = None, epsilon: float = 1e-8
     ) -> None:
         super().__init__(env)
-        self.obs_rms = TorchRunningMeanStd(env.single_observation_space.shape, env.unwrapped.device)
+        shape = env.single_observation_space.shape
+        if shape is None:
+            raise TypeError(f"cannot normalise {env.single_observation_space}: it has no shape")
+        self.obs_rms = TorchRunningMeanStd(shape, _device(env))
         self.clip, self.epsilon, self.update_running_mean = clip, epsilon, True
         self.single_observation_space = gym.spaces.Box(
             -np.inf, np.inf, env.single_observation_space.shape, np.float32
@@ -254,7 +265,7 @@ class TorchNormalizeReward(gym.vector.VectorWrapper):
         epsilon: float = 1e-8,
     ) -> None:
         super().__init__(env)
-        device = env.unwrapped.device
+        device = _device(env)
         self.return_rms = TorchRunningMeanStd((), device)
         self.accumulated_reward = torch.zeros(self.num_envs, dtype=torch.float32, device=device)
         self.prev_dones = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
@@ -279,12 +290,19 @@ class TorchNormalizeReward(gym.vector.VectorWrapper):
         return obs, scaled, terminated, truncated, info
 
 
-def find_wrapper(env: gym.vector.VectorEnv, cls: type) -> gym.vector.VectorWrapper | None:
-    """The outermost wrapper of type ``cls`` in ``env``'s stack, or None."""
-    while env is not None:
-        if isinstance(env, cls):
-            return env
-        env = getattr(env, "env", None)
+_Wrapper = type[gym.vector.VectorWrapper]
+
+
+def find_wrapper(
+    env: gym.vector.VectorEnv, cls: _Wrapper | tuple[_Wrapper, ...]
+) -> gym.vector.VectorWrapper | None:
+    """The outermost wrapper of type ``cls`` (or of one of the types) in ``env``'s stack, or
+    None."""
+    layer: Any = env
+    while layer is not None:
+        if isinstance(layer, cls):
+            return layer
+        layer = getattr(layer, "env", None)
     return None
 
 
@@ -342,5 +360,5 @@ def load_normalization_state(
             _like(state[f"{key}.var"], rms.var),
         )
         rms.count = _like(state[f"{key}.count"], rms.count)
-        if freeze and key == "obs_rms":
+        if freeze and isinstance(wrapper, _OBS_NORM):
             wrapper.update_running_mean = False

@@ -67,7 +67,7 @@ class LMActorCritic(nn.Module):
             **cache,
         )
         logits = out.logits.float() / self.temperature
-        if critic:
+        if self.value_head is not None:
             hidden = out.hidden_states[-1]
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]

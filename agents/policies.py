@@ -90,7 +90,7 @@ class MLPActorCritic(nn.Module):
             )
         obs_dim = int(np.prod(observation_space.shape))
         self.continuous = isinstance(action_space, gym.spaces.Box)
-        if self.continuous:
+        if isinstance(action_space, gym.spaces.Box):
             act_dim = int(np.prod(action_space.shape))
         elif isinstance(action_space, gym.spaces.Discrete):
             act_dim = int(action_space.n)
@@ -132,6 +132,7 @@ class MLPActorCritic(nn.Module):
         """gSDE's ``(mean, std, features)``: the features are the actor's last hidden layer,
         detached, so exploration does not train them (SB3's ``learn_features=False``)."""
         *body, head = self.actor
+        assert isinstance(head, nn.Linear)  # mlp() ends in the output layer
         hidden = forward_mlp(body, obs)
         mean = F.linear(hidden, head.weight, head.bias)  # the mean trains the hidden layers
         features = hidden.detach()

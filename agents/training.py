@@ -63,6 +63,7 @@ class LinearLR:
         if not self.enabled:
             return self.learning_rate
         a = self.anchor_iteration
+        assert self.anchor_rate is not None  # __post_init__ set it
         return self.anchor_rate * (1.0 - (iteration - a) / (self.horizon + 1.0 - a))
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
@@ -138,7 +139,7 @@ class TrainingRun:
         )
         self.guard = NonFiniteGuard()
         self.checkpoint = checkpoint
-        self.recoverable = (NonFiniteTraining, *recoverable)
+        self.recoverable: tuple[type[BaseException], ...] = (NonFiniteTraining, *recoverable)
         self.last_iteration = 0  # the last iteration whose update completed
         self._stop: StopSignals | None = None
 

@@ -199,7 +199,8 @@ class TorchMountainCar(TorchControlVectorEnv):
         np.array([max_position, max_speed], dtype=np.float32),
         dtype=np.float32,
     )
-    single_action_space = gym.spaces.Discrete(3)
+    # gym.Space: TorchMountainCarContinuous keeps these dynamics with a Box of pushes.
+    single_action_space: gym.Space = gym.spaces.Discrete(3)
 
     def initial_numpy(self, rng):
         return np.array([rng.uniform(low=-0.6, high=-0.4), 0])
@@ -374,7 +375,7 @@ def torch_control_class(env_id: str) -> type[TorchControlVectorEnv] | None:
     """The :class:`TorchControlVectorEnv` subclass registered as ``env_id``'s vector entry point
     (``textenv/Torch*``, or a user's own subclass), or None for any other id."""
     spec = gym.envs.registration.registry.get(env_id)
-    entry = spec.vector_entry_point if spec is not None else None
+    entry: object = spec.vector_entry_point if spec is not None else None
     if isinstance(entry, str):
         if ":" not in entry:
             return None

@@ -12,7 +12,7 @@ tokens at the env's ``temperature``, which must be the one the policy samples wi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import gymnasium as gym
 import numpy as np
@@ -35,6 +35,21 @@ from textenv.rewards import RewardFn, get_reward, score_batch
 from textenv.tasks import Task, make_task
 
 
+class _GenerationTask(Protocol):
+    """What the generation core reads of its task: a :class:`textenv.tasks.Task` or a
+    :class:`textenv.multiturn.MultiTurnTask`."""
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def kl_coef(self) -> float: ...
+    @property
+    def chat_fallback(self) -> bool: ...
+    def validate(self) -> None: ...
+
+
 class _Generation:
     """The batched state and the reference model's KV-cached stepping, shared by both envs.
 
@@ -46,10 +61,10 @@ class _Generation:
 
     def __init__(
         self,
-        task: Task,
+        task: _GenerationTask,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        reward: RewardFn,
+        reward: RewardFn | None,  # None: the subclass scores (multi-turn turns)
         batch_size: int,
         device: torch.device,
         reference_pass: str,
@@ -124,17 +139,18 @@ class _Generation:
             raise ValueError(
                 "a chat prompt (a list of messages) needs a tokenizer with a chat template"
             )
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             list(prompt), tokenize=False, add_generation_prompt=True
         )
+        return cast(str, text)  # tokenize=False: the rendered text
 
     # no_grad, not inference_mode: returned tensors must work in a user's in-place ops and losses.
     @torch.no_grad()
     def reset(self, prompts: list[str | list[dict[str, str]]]) -> None:
         chat = [not isinstance(p, str) for p in prompts]
-        prompts = [self.render(p) for p in prompts]
-        prompt_ids, prompt_mask, width = self.tokenize_prompts(prompts, chat)
-        self.prompts = list(prompts)
+        rendered = [self.render(p) for p in prompts]
+        prompt_ids, prompt_mask, width = self.tokenize_prompts(rendered, chat)
+        self.prompts = list(rendered)
         self.ids.fill_(self.pad_id)
         self.mask.zero_()
         self.ids[:, : self.P] = prompt_ids
@@ -224,6 +240,7 @@ class _Generation:
         if self.at_end:
             ref_lp = torch.zeros(self.batch_size, device=self.device)
         else:
+            assert self.ref_logp_next is not None  # reset() set it: the reference ran per step
             ref_lp = self.ref_logp_next.gather(1, a.unsqueeze(1)).squeeze(1)
             ref_lp = torch.where(active, ref_lp, torch.zeros_like(ref_lp))
         slot = (self.P + self.resp_len).clamp_max(self.L - 1).unsqueeze(1)
@@ -241,10 +258,8 @@ class _Generation:
             rows = ended_now.nonzero().squeeze(1).tolist()
             lengths = self.resp_len[rows].tolist()
             tokens = self.ids[rows, self.P :].tolist()
-            texts = [
-                self.tokenizer.decode(t[:n], skip_special_tokens=True)
-                for t, n in zip(tokens, lengths, strict=True)
-            ]
+            texts = [self.decode(t[:n]) for t, n in zip(tokens, lengths, strict=True)]
+            assert self.reward is not None  # only _Conversation has none, and it scores its turns
             scores = score_batch(self.reward, [self.prompts[r] for r in rows], texts)
             score_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
             idx = torch.tensor(rows, device=self.device)
@@ -302,11 +317,14 @@ class _Generation:
     def observation(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids.clone(), "attention_mask": self.mask.clone()}
 
+    def decode(self, ids: list[int]) -> str:
+        """One sequence of token ids as text, special tokens dropped."""
+        # transformers types decode's result str | list[str] (a batch of sequences gives a list)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def text(self, row: int) -> str:
         n = int(self.resp_len[row])
-        return self.prompts[row] + self.tokenizer.decode(
-            self.ids[row, self.P : self.P + n].tolist(), skip_special_tokens=True
-        )
+        return self.prompts[row] + self.decode(self.ids[row, self.P : self.P + n].tolist())
 
 
 REFERENCE_PASSES = ("per_step", "at_end")
@@ -351,10 +369,9 @@ def _build(
     if reward is not None:
         task.reward = reward
     reward_fn = task.build_reward() if reward is None else get_reward(reward)
-    if callable(
-        getattr(reward_fn, "follow_env", None)
-    ):  # a model-based reward: beside the reference
-        reward_fn.follow_env(device, dtype)
+    follow_env = getattr(reward_fn, "follow_env", None)
+    if callable(follow_env):  # a model-based reward: beside the reference
+        follow_env(device, dtype)
     model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
     return _Generation(
         task, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature
@@ -371,17 +388,17 @@ def frozen_reference(
     """The reference model (loaded by name, or the object given with its tokenizer) on ``device``,
     in eval mode, without gradients or dropout."""
     if isinstance(model, str):
-        model, loaded_tok = load_causal_lm(
+        frozen, loaded_tok = load_causal_lm(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
         )
         tokenizer = tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("pass the tokenizer of the model object you give")
     else:
-        model = model.to(device)
-    model.eval().requires_grad_(False)
-    disable_dropout(model)  # frozen and in eval mode already; also right if someone calls train()
-    return model, tokenizer
+        frozen = model.to(device)  # type: ignore[arg-type]  # functools.wraps types .to unbound
+    frozen.eval().requires_grad_(False)
+    disable_dropout(frozen)  # frozen and in eval mode already; also right if someone calls train()
+    return frozen, tokenizer
 
 
 def _spaces(gen: _Generation) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
@@ -709,7 +726,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
     def _out(self, x: Any) -> Any:
         return as_arrays(x, self.arrays)
 
-    def render(self) -> list[str] | None:
+    def render(self) -> list[str] | None:  # type: ignore[override]  # ansi texts, not frames
         if self.render_mode == "ansi":
             return [self._gen.text(i) for i in range(self.num_envs)]
         return None

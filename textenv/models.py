@@ -19,6 +19,7 @@ import inspect
 import re
 import string
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -30,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+_Module = TypeVar("_Module", bound=torch.nn.Module)
 
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,7 +134,8 @@ def load_causal_lm(
             )
         seed = int(match[1] or 0)
         tokenizer = char_tokenizer()
-        model = tiny_causal_lm(tokenizer, seed=seed).to(dtype)
+        model = tiny_causal_lm(tokenizer, seed=seed)
+        model = model.to(dtype)  # type: ignore[arg-type]  # functools.wraps types .to unbound
     else:
         path = Path(name).expanduser()
         looks_local = name.startswith((".", "/", "~")) or path.exists()
@@ -147,8 +151,7 @@ def load_causal_lm(
         except OSError as err:
             raise FileNotFoundError(
                 f"could not load model {name!r}: not a local model directory and not in the HF "
-                "cache "
-                f"({str(err).splitlines()[0]})"
+                f"cache ({str(err).splitlines()[0]})"
             ) from None
         except ValueError as err:
             if "trust_remote_code" in str(err) and not trust_remote_code:
@@ -170,10 +173,11 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    return model.to(device).eval(), tokenizer
+    model = model.to(device)  # type: ignore[arg-type]  # functools.wraps types .to unbound
+    return model.eval(), tokenizer
 
 
-def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+def disable_dropout(model: _Module) -> _Module:
     """Turn every dropout of ``model`` off, in train mode too (as TRL does for every model it
     trains or scores with): a PPO ratio is only 1 at the first minibatch when the update's
     forward is the sampling forward. Covers ``nn.Dropout`` modules and the float attention
@@ -202,9 +206,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
 def cache_kwargs(model: PreTrainedModel, cache) -> dict:
     """The KV-cache argument of ``model.forward``: ``cache`` from transformers 5.24 on
     (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    base = (
-        model.get_base_model() if hasattr(model, "get_base_model") else model
-    )  # peft wraps forward
+    get_base_model = getattr(model, "get_base_model", None)  # peft wraps forward
+    base = get_base_model() if get_base_model is not None else model
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     return {name: cache}
 

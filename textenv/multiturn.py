@@ -32,7 +32,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, cast
 
 import gymnasium as gym
 import numpy as np
@@ -64,7 +64,8 @@ class Turn(NamedTuple):
 class Episode(Protocol):
     """One conversation: its opening prompt and the env's side of it."""
 
-    prompt: str | Messages
+    @property
+    def prompt(self) -> str | Messages: ...  # read-only: an episode may narrow it to str
 
     def respond(self, history: Messages) -> Turn | tuple[str | None, float, bool]: ...
 
@@ -84,6 +85,8 @@ class MultiTurnTask:
     stop: list[str] = field(default_factory=list)
     """strings that end the agent's turn (besides EOS), e.g. the end of a tool call"""
     kl_coef: float = 0.02
+    chat_fallback: ClassVar[bool] = False
+    """never needed: without a chat template the conversation is rendered as plain text"""
     reply_role: str = "user"
     """the chat role of the env's replies ("user", or "tool" for templates that have it)"""
     reply_format: str = "\n{reply}\n"
@@ -164,6 +167,8 @@ class _Conversation(_Generation):
     into ``[0, P)``, the conversation (agent and env tokens) from ``P``; ``agent`` marks the
     agent's tokens. Per-row bookkeeping is host-side: replies are Python anyway."""
 
+    task: MultiTurnTask
+
     def __init__(
         self,
         task: MultiTurnTask,
@@ -200,7 +205,7 @@ class _Conversation(_Generation):
 
     def begin(self, rows: list[int], episodes: list[Episode]) -> None:
         """Begin ``episodes`` in ``rows`` (every row on the first call)."""
-        prompts = []
+        prompts: list[str | Messages] = []
         for r, ep in zip(rows, episodes, strict=True):
             msgs = as_messages(ep.prompt)
             self.episodes[r], self.histories[r] = ep, msgs
@@ -227,11 +232,15 @@ class _Conversation(_Generation):
         assistant header; else ``reply_format``."""
         if self.use_chat:
             hist = self.histories[row]
-            prev = self.tokenizer.apply_chat_template(hist, tokenize=False)
-            full = self.tokenizer.apply_chat_template(
-                hist + [{"role": self.task.reply_role, "content": reply}],
-                tokenize=False,
-                add_generation_prompt=True,
+            # tokenize=False: both are the rendered text
+            prev = cast(str, self.tokenizer.apply_chat_template(hist, tokenize=False))
+            full = cast(
+                str,
+                self.tokenizer.apply_chat_template(
+                    hist + [{"role": self.task.reply_role, "content": reply}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                ),
             )
             cut = prev.rfind(
                 self.eos_text
@@ -362,9 +371,7 @@ class _Conversation(_Generation):
     def conversation_text(self, row: int) -> str:
         """The conversation after the prompt as text (special tokens dropped)."""
         n = int(self.length[row])
-        return self.tokenizer.decode(
-            self.ids[row, self.P : self.P + n].tolist(), skip_special_tokens=True
-        )
+        return self.decode(self.ids[row, self.P : self.P + n].tolist())
 
     def text(self, row: int) -> str:
         return self.prompts[row] + self.conversation_text(row)
@@ -594,7 +601,7 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
                 raise ValueError(
                     f"options['episodes'] needs {self.num_envs} episodes, got {len(episodes)}"
                 )
-            seeds_used = [None] * self.num_envs
+            seeds_used: list[int | None] = [None] * self.num_envs
             episodes = [episodes[i] for i in rows]
         else:  # only the rows being reset draw; a group's rows share its first row's seed
             drawn = {i: int(self._rngs[i].integers(2**31 - 1)) for i in rows[::group]}
@@ -661,7 +668,7 @@ class MultiTurnTextVectorEnv(_ConversationAccess, gym.vector.VectorEnv):
     def _out(self, x: Any) -> Any:
         return as_arrays(x, self.arrays)
 
-    def render(self) -> list[str] | None:
+    def render(self) -> list[str] | None:  # type: ignore[override]  # ansi texts, not frames
         return (
             [self._gen.text(i) for i in range(self.num_envs)]
             if self.render_mode == "ansi"
@@ -718,6 +725,7 @@ class FunctionTask(MultiTurnTask):
             raise ValueError(f"task {self.name}: prompts is empty")
 
     def new_episode(self, rng: np.random.Generator) -> Episode:
+        assert self.respond is not None  # validate() checked it
         return _FunctionEpisode(self.prompts[int(rng.integers(len(self.prompts)))], self.respond)
 
 
@@ -943,7 +951,7 @@ class TextArena(MultiTurnTask):
 
 @dataclass
 class GuessTheNumber(TextArena):
-    __doc__ = TextArena.__doc__.replace(
+    __doc__ = (TextArena.__doc__ or "").replace(
         "A textarena game (``game`` is its id)",
         "textarena's GuessTheNumber-v0 (1 to 20, higher/lower hints)",
     )
@@ -953,7 +961,7 @@ class GuessTheNumber(TextArena):
 
 @dataclass
 class TicTacToe(TextArena):
-    __doc__ = TextArena.__doc__.replace(
+    __doc__ = (TextArena.__doc__ or "").replace(
         "A textarena game (``game`` is its id)",
         "textarena's TicTacToe-v0 against a random legal opponent",
     )

@@ -34,11 +34,12 @@ class RewardError(RuntimeError):
     """A reward function failed or returned something that is not one finite float per item."""
 
 
-_REGISTRY: dict[str, Callable[[], RewardFn] | RewardFn] = {}
+# A class is instantiated (with no arguments) on each get_reward; anything else is the reward.
+_REGISTRY: dict[str, type[RewardFn] | RewardFn] = {}
 
 
 def register(name: str) -> Callable:
-    """Decorator: register a reward (a callable, or a zero-argument class/factory) under
+    """Decorator: register a reward (a callable, or a class constructed with no arguments) under
     ``name``."""
 
     def wrap(obj):
@@ -202,7 +203,7 @@ class ClassifierReward:
                 raise ValueError(
                     f"reward model {model!r} has no label {label!r} (labels: {sorted(by_name)})"
                 )
-            label = by_name[label]
+            label = int(by_name[label])
         if not 0 <= label < self.model.config.num_labels:
             raise ValueError(
                 f"label index {label} out of range for {self.model.config.num_labels} labels"

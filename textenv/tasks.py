@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 from textenv.rewards import (
     AnswerRegex,
@@ -22,9 +22,14 @@ from textenv.rewards import (
     get_reward,
 )
 
+Prompt = str | list[dict[str, str]]
+"""A prompt: a text, or chat messages (``[{"role": ..., "content": ...}, ...]``)."""
+
+_T = TypeVar("_T")
+
 
 def _lines(name: str) -> list[str]:
-    text = resources.files("textenv").joinpath("data", name).read_text(encoding="utf-8")
+    text = (resources.files("textenv") / "data" / name).read_text(encoding="utf-8")
     return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
 
 
@@ -36,7 +41,7 @@ HELD_OUT_EVERY = 5
 """Every 5th prompt of a task's set (indices 4, 9, ...) is held out: ``split="test"``."""
 
 
-def split_prompts(prompts: list[str], split: str) -> list[str]:
+def split_prompts(prompts: list[_T], split: str) -> list[_T]:
     """The ``"train"`` or ``"test"`` part of ``prompts`` (``"all"``: unchanged). The split is by
     position, so it is the same on every machine and independent of the seed."""
     if split == "all":
@@ -49,7 +54,7 @@ def split_prompts(prompts: list[str], split: str) -> list[str]:
     ]
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Prompts from a file: one per line (``.txt`` and anything else), or JSONL (``.jsonl``) with a
     ``"prompt"`` string or a chat ``"messages"`` list per line (messages are kept as the list;
     the env renders them with the tokenizer's chat template)."""
@@ -59,7 +64,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
-    prompts = []
+    prompts: list[Prompt] = []
     for n, line in enumerate(lines, 1):  # n: the file's line number, blank lines counted
         if not line.strip():
             continue
@@ -104,7 +109,7 @@ class Task:
     """Base of the tasks; subclasses set the defaults and document the task."""
 
     name: ClassVar[str] = "Task"
-    prompts: list[str | list[dict[str, str]]] = field(default_factory=list)
+    prompts: list[Prompt] = field(default_factory=list)
     """prompt texts or chat message lists, or a path to a prompts file (see read_prompts)"""
     reward: str | RewardFn | None = None
     max_new_tokens: int = 24
@@ -181,7 +186,7 @@ class Sentiment(Task):
     """
     )
     name: ClassVar[str] = "Sentiment"
-    prompts: list[str] = field(default_factory=lambda: _lines("sentiment_prompts.txt"))
+    prompts: list[Prompt] = field(default_factory=lambda: list(_lines("sentiment_prompts.txt")))
     classifier: str | None = None
     classifier_label: str | int = "POSITIVE"
     max_prompt_tokens: int = 32  # max_new_tokens 24 and kl_coef 0.05: the base's
@@ -216,7 +221,7 @@ class RewardModel(Task):
     """
     )
     name: ClassVar[str] = "RewardModel"
-    prompts: list[str] = field(default_factory=lambda: _lines("instruction_prompts.txt"))
+    prompts: list[Prompt] = field(default_factory=lambda: list(_lines("instruction_prompts.txt")))
     reward_model: str | None = None
     label: str | int = 0
     max_new_tokens: int = 48
@@ -289,7 +294,7 @@ class Toy(Task):
     """
     )
     name: ClassVar[str] = "Toy"
-    prompts: list[str] = field(default_factory=lambda: _lines("toy_prompts.txt"))
+    prompts: list[Prompt] = field(default_factory=lambda: list(_lines("toy_prompts.txt")))
     max_new_tokens: int = 8
     max_prompt_tokens: int = 16
     kl_coef: float = 0.0
@@ -397,22 +402,21 @@ CURATED_REASONING_GYM = {
 
 
 def _curated(task_name: str, dataset: str) -> type[ReasoningGym]:
-    cls = dataclass(
-        type(
-            task_name.replace("-", ""),
-            (ReasoningGym,),
-            {
-                "__annotations__": {"dataset": str},
-                "dataset": dataset,
-                "name": task_name,
-                "__doc__": ReasoningGym.__doc__.replace(
-                    "``size`` questions of the reasoning-gym dataset ``dataset``",
-                    f"``size`` questions of the reasoning-gym dataset ``{dataset}``",
-                ),
-            },
-        )
+    cls = type(
+        task_name.replace("-", ""),
+        (ReasoningGym,),
+        {
+            "__annotations__": {"dataset": str},
+            "dataset": dataset,
+            "name": task_name,
+            "__doc__": (ReasoningGym.__doc__ or "").replace(
+                "``size`` questions of the reasoning-gym dataset ``dataset``",
+                f"``size`` questions of the reasoning-gym dataset ``{dataset}``",
+            ),
+        },
     )
-    return cls
+    # Three-argument type() returns a plain `type` to mypy; this one subclasses ReasoningGym.
+    return dataclass(cast("type[ReasoningGym]", cls))
 
 
 TASKS: dict[str, type[Task]] = {
