@@ -75,8 +75,8 @@ class MLPActorCritic(nn.Module):
 
     def __init__(
         self,
-        observation_space: gym.spaces.Box,
-        action_space: gym.spaces.Discrete | gym.spaces.Box,
+        observation_space: gym.Space,  # a Box; checked below, as envs type their spaces Space
+        action_space: gym.Space,  # a Discrete or a Box
         hidden_sizes: tuple[int, ...] = (64, 64),
         log_std_init: float = 0.0,
         activation: str = "tanh",
