@@ -30,8 +30,8 @@ class RolloutCollector:
     ) -> None:
         self.envs, self.policy, self.device, self.on_device = envs, policy, device, on_device
         T, N = num_steps, envs.num_envs
-        self.obs_shape = envs.single_observation_space.shape
-        self.act_shape = envs.single_action_space.shape
+        self.obs_shape: tuple[int, ...] = envs.single_observation_space.shape or ()
+        self.act_shape: tuple[int, ...] = envs.single_action_space.shape or ()
         act_dtype = torch.float32 if policy.continuous else torch.long
         self.obs = torch.zeros((T, N, *self.obs_shape), device=device)
         self.actions = torch.zeros((T, N, *self.act_shape), device=device, dtype=act_dtype)

@@ -86,7 +86,8 @@ def collect_rollout(
             return _sample(policy, envs, seed, generator, group_size)
     with torch.no_grad():
         rollout = _sample(policy, envs, seed, generator, group_size)
-    policy.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
+    sharded: Any = policy
+    sharded.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
     return rollout
 
 
@@ -277,7 +278,8 @@ def recompute_logprobs(policy: LMActorCritic, rollout: Rollout, chunk: int) -> R
                 )
             )
     if is_sharded(policy):
-        policy.reshard()  # as after the rollout: the optimizer holds the shards
+        sharded: Any = policy
+        sharded.reshard()  # as after the rollout: the optimizer holds the shards
     keep = rollout.mask > 0
     logprobs, entropy, values = (
         torch.where(keep, torch.cat(x), 0.0) for x in zip(*parts, strict=True)

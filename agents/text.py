@@ -510,7 +510,7 @@ class _TextTraining:
         # config.model. With LoRA the base stays config.model and a checkpoint restores the
         # adapter.
         trained = resume is not None and not config.lora_r
-        source = str(Path(resume) / "policy") if trained else config.model
+        source = str(Path(resume) / "policy") if resume is not None and trained else config.model
         lm, _ = load_causal_lm(
             source, device=self.device, trust_remote_code=config.trust_remote_code
         )
@@ -536,6 +536,7 @@ class _TextTraining:
     def _restore(self) -> float:
         """Load the checkpoint's state into this run; return the wall time it had run."""
         config, resume = self.config, self.resume
+        assert resume is not None
         saved = load_text_run_config(resume)
         state = load_training_state(
             self.run_dir / "policy", self.policy, self.optimizer, self.generator
@@ -856,10 +857,10 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
         raise ValueError(
             f"--task-options must be a JSON object of task fields, got {config.task_options!r}"
         )
-    if is_multi_turn(config.task):
-        from textenv.multiturn import MULTITURN_TASKS as tasks
-    else:
-        from textenv.tasks import TASKS as tasks
+    from textenv.multiturn import MULTITURN_TASKS
+    from textenv.tasks import TASKS
+
+    tasks: dict[str, type] = dict(MULTITURN_TASKS if is_multi_turn(config.task) else TASKS)
     if config.task in tasks:
         hints = typing.get_type_hints(tasks[config.task])
         known = {f.name for f in dataclasses.fields(tasks[config.task])}
@@ -959,7 +960,7 @@ def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
 
     return dataclasses.replace(
         config,
-        model=absolute(config.model),
+        model=absolute(config.model) or config.model,
         reward_model=absolute(config.reward_model),
         prompts=absolute(config.prompts),
     )
@@ -982,18 +983,18 @@ def evaluate_text_run(
         raise ValueError(f"samples must be >= 1, got {samples}")
     run_dir = Path(run_dir)
     config = load_text_run_config(run_dir)
-    device = resolve_device(device)
+    on = resolve_device(device)
     task_kwargs, held_out = task_settings(config)
     envs = make_text_envs(
         config,
         samples,
         task_kwargs | {"split": "test" if held_out else "all"},
-        device,
+        on,
         torch.float32,
         "at_end",
     )
     lm, _ = load_causal_lm(
-        str(run_dir / "policy"), device=device, trust_remote_code=config.trust_remote_code
+        str(run_dir / "policy"), device=on, trust_remote_code=config.trust_remote_code
     )
     policy = LMActorCritic(
         lm, temperature=config.temperature, top_k=top_k, top_p=top_p, value_head=False

@@ -67,7 +67,8 @@ def save_policy(
     elif hasattr(policy.lm, "merge_and_unload"):
         # LoRA: the adapter (to resume) and the merged weights (to use)
         policy.lm.save_pretrained(tmp / "adapter")
-        copy.deepcopy(policy.lm).merge_and_unload().save_pretrained(tmp)
+        merged: Any = copy.deepcopy(policy.lm)
+        merged.merge_and_unload().save_pretrained(tmp)
     else:
         policy.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
