@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators mutation clean
+.PHONY: train train-classic test lint bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators mutation clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ train-classic: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
+
+# ruff (lint, format) and mypy over the tree, as CI runs them before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench-classic: $(VENV)/.installed
 	$(PY) -m benchmarks.classic --envs CartPole-v1 Acrobot-v1 Pendulum-v1 --seeds 1 2 3 --jobs 2
