@@ -163,13 +163,3 @@ def sample_categorical(
         * cdf[:, -1:]
     )
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
-
-
-def __getattr__(name: str):
-    # The rollout and the KL controller moved to the trainer (textenv.agents.text); old imports
-    # keep working.
-    if name in ("Rollout", "collect_rollout", "AdaptiveKLController"):
-        import textenv.agents.text
-
-        return getattr(textenv.agents.text, name)
-    raise AttributeError(f"module 'textenv.agents.lm' has no attribute {name!r}")

@@ -312,8 +312,6 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
         )
     raw = json.loads((run_dir / "config.json").read_text())
     raw["ppo"] = PPOConfig(**raw["ppo"])
-    if "kl_shaping" in raw:  # the field's name before it was reference_pass
-        raw["reference_pass"] = raw.pop("kl_shaping")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TextTrainConfig)})
     if unknown:
         raise ValueError(

@@ -5,7 +5,6 @@ on any leading shape and at its boundaries, inverse-CDF sampling at its edges.""
 import pytest
 import torch
 
-import textenv.agents.lm as lm_module
 from textenv.agents.lm import LMActorCritic, filter_logits, sample_categorical
 from textenv.models import load_causal_lm
 
@@ -105,12 +104,3 @@ def test_sampling_unnormalised_rows_matches_their_normalised_distribution():
     torch.testing.assert_close(
         freq, torch.tensor([0.25, 0.25, 0.5], dtype=torch.double), rtol=0, atol=0.02
     )
-
-
-def test_old_import_paths_of_the_rollout_still_work():
-    import textenv.agents.text as text
-
-    for name in ("Rollout", "collect_rollout", "AdaptiveKLController"):
-        assert getattr(lm_module, name) is getattr(text, name)
-    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
-        lm_module.nothing_here  # noqa: B018

@@ -349,14 +349,9 @@ def test_env_reward_plus_minus_beta_logpi_is_the_kl_penalized_reward_at_any_temp
     torch.testing.assert_close(ro.ref_logprobs[m], full[m], rtol=1e-5, atol=1e-5)
 
 
-def test_kl_shaping_is_still_accepted_as_the_old_name_of_reference_pass():
+def test_a_temperature_of_zero_is_refused():
     from textenv import TextGenerationEnv
 
-    with pytest.warns(DeprecationWarning, match="renamed reference_pass"):
-        env = TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end")
-    assert env.reference_pass == "at_end"
-    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
-        TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end", reference_pass="per_step")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         TextGenerationEnv(task="Toy", model="tiny", temperature=0.0)
 
@@ -528,18 +523,6 @@ def test_logged_diagnostics_and_the_update_batch_are_what_the_rollout_says(
         else:
             torch.testing.assert_close(batch["advantages"], adv)
     assert ro.truncated_response.any()  # the penalty was exercised
-
-
-def test_the_old_kl_shaping_flag_still_parses_as_reference_pass(capsys):
-    from textenv.agents.cli.train_text import parse
-
-    config, _ = parse(["--kl-shaping", "per_step", "--task", "Toy"])
-    assert (
-        config.reference_pass == "per_step"
-        and "renamed --reference-pass" in capsys.readouterr().err
-    )
-    config, _ = parse(["--kl-shaping=at_end"])
-    assert config.reference_pass == "at_end"
 
 
 def test_a_rollout_refuses_a_policy_and_reference_at_different_temperatures():

@@ -688,15 +688,6 @@ def test_a_reward_given_to_the_env_becomes_the_tasks_reward():
     assert env.render() == info["prompt"] + "a"
 
 
-def test_the_kl_shaping_warning_points_at_the_callers_line():
-    with pytest.warns(DeprecationWarning, match="kl_shaping is renamed reference_pass") as caught:
-        TextGenerationEnv(task="Toy", model="tiny", kl_shaping="at_end")
-    assert caught[0].filename == __file__
-
-
-# -- the env classes: construction, attributes, reset options, render ------------------------------
-
-
 def test_env_construction_errors_and_defaults():
     from gymnasium.vector import AutoresetMode
     from gymnasium.vector.utils import batch_space

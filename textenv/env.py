@@ -336,21 +336,6 @@ def check_temperature(value: float) -> float:
     return float(value)
 
 
-def _reference_pass(reference_pass: str | None, kl_shaping: str | None) -> str:
-    """``kl_shaping`` is the old name of ``reference_pass`` (it picks when the reference runs,
-    not how rewards are shaped); still accepted, with a warning."""
-    if kl_shaping is not None:
-        import warnings
-
-        warnings.warn("kl_shaping is renamed reference_pass", DeprecationWarning, stacklevel=3)
-        if reference_pass is not None and reference_pass != kl_shaping:
-            raise ValueError(
-                f"reference_pass={reference_pass!r} and kl_shaping={kl_shaping!r} disagree"
-            )
-        return kl_shaping
-    return reference_pass or "per_step"
-
-
 def _build(
     task: str | Task,
     model: str | PreTrainedModel,
@@ -468,7 +453,7 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         reference_pass: when the reference model runs. ``"per_step"``: one KV-cached step per
             token, paying ``kl_coef · log π_ref`` at each token; ``"at_end"``: one forward per
             finished response, paying their sum with the score and reporting them in
-            ``info["ref_logprobs"]`` (faster; the same return). ``kl_shaping`` is its old name.
+            ``info["ref_logprobs"]`` (faster; the same return).
         temperature: the policy's sampling temperature; the reference's log-probs are those of
             its logits divided by it, so the KL is between distributions of the same family.
         torch_threads: torch's CPU threads for this process (``None``: leave them as they are);
@@ -491,7 +476,6 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
         trust_remote_code: bool = False,
         reference_pass: str | None = None,
         temperature: float = 1.0,
-        kl_shaping: str | None = None,
         torch_threads: int | None = None,
         **task_kwargs: Any,
     ) -> None:
@@ -509,7 +493,7 @@ class TextGenerationEnv(_GenerationAccess, gym.Env):
             dtype,
             trust_remote_code,
             1,
-            _reference_pass(reference_pass, kl_shaping),
+            reference_pass or "per_step",
             temperature,
             task_kwargs,
         )
@@ -601,7 +585,6 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
         trust_remote_code: bool = False,
         reference_pass: str | None = None,
         temperature: float = 1.0,
-        kl_shaping: str | None = None,
         torch_threads: int | None = None,
         arrays: str = "torch",
         **task_kwargs: Any,
@@ -625,7 +608,7 @@ class TextGenerationVectorEnv(_GenerationAccess, gym.vector.VectorEnv):
             dtype,
             trust_remote_code,
             num_envs,
-            _reference_pass(reference_pass, kl_shaping),
+            reference_pass or "per_step",
             temperature,
             task_kwargs,
         )

@@ -33,12 +33,6 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
     (so ``--iterations`` can extend it)."""
     argv = sys.argv[1:] if argv is None else argv
     resume, argv = pop_resume(argv)
-    if any(a == "--kl-shaping" or a.startswith("--kl-shaping=") for a in argv):
-        print("warning: --kl-shaping is renamed --reference-pass", file=sys.stderr)
-        argv = [
-            a.replace("--kl-shaping", "--reference-pass", 1) if a.startswith("--kl-shaping") else a
-            for a in argv
-        ]
     for flag in ("--top-k", "--top-p"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise ValueError(
