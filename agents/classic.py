@@ -513,8 +513,13 @@ class _ClassicTraining:
         # time agree.
         self.start_step, self.start_clock = self.global_step, time.perf_counter()
         self.start = self.start_clock - previous_wall
+        resumed_at = (self.first_iteration - 1, self.global_step) if resume is not None else None
         self.run = TrainingRun(
-            self.run_dir, tensorboard=config.tensorboard, checkpoint=self.checkpoint, dist=dist
+            self.run_dir,
+            tensorboard=config.tensorboard,
+            checkpoint=self.checkpoint,
+            dist=dist,
+            resumed_at=resumed_at,
         )
         self.run.last_iteration = self.first_iteration - 1
 

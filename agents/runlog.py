@@ -61,7 +61,9 @@ def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path
     root = Path(root)
     if name is not None:
         run_dir = root / name
-        if (run_dir / "metrics.jsonl").exists():
+        # A run that failed before its first iteration left only its config: the name is free.
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size > 0:
             raise ValueError(
                 f"run directory {str(run_dir)!r} already holds a run; choose another --run-name"
             )
@@ -80,22 +82,52 @@ def make_run_dir(root: str | os.PathLike, name: str | None, prefix: str) -> Path
     raise RuntimeError(f"could not create a run directory under {root}")
 
 
+def rewind_jsonl(path: Path, last_iteration: int) -> None:
+    """Keep the rows of ``path`` up to ``last_iteration`` (their ``"iteration"``), before the
+    first row that does not parse (a write cut short by a kill); rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n") or row.get("iteration", 0) > last_iteration:
+            break
+        kept.append(line)
+    atomic_write_text(path, "".join(kept))
+
+
 class RunLogger:
     """One line of JSON per iteration in ``metrics.jsonl`` plus TensorBoard scalars.
 
     The JSONL file is appended and flushed each call, so a killed run keeps every line it
     logged; TensorBoard is optional because importing it costs about a second.
+
+    ``resumed_at=(iteration, step)``: the checkpoint a resumed run starts from. What was logged
+    after it (by a run killed before its next checkpoint) is dropped from the JSONL files and
+    purged from TensorBoard, so the resumed run logs those iterations once.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        tensorboard: bool = True,
+        resumed_at: tuple[int, int] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                rewind_jsonl(self.run_dir / name, resumed_at[0])
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir))
+            purge = resumed_at[1] + 1 if resumed_at is not None else None
+            self._writer = SummaryWriter(str(self.run_dir), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._jsonl.write(json.dumps({"global_step": step, **metrics}) + "\n")

@@ -57,6 +57,7 @@ from textenv.agents.runlog import check_writable_dir
 from textenv.agents.text_checkpoint import (
     STATE_FILE,
     load_training_state,
+    recover_checkpoint,
     save_policy,
     with_lora,
 )
@@ -305,6 +306,7 @@ def adamw(params: list[torch.nn.Parameter], lr: float, fused: bool = True) -> to
 def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
     """The :class:`TextTrainConfig` a run directory was started with."""
     run_dir = Path(run_dir)
+    recover_checkpoint(run_dir / "policy")
     if not (run_dir / "config.json").is_file() or not (run_dir / "policy" / STATE_FILE).is_file():
         raise ValueError(
             f"{str(run_dir)!r} is not a text run directory with a checkpoint "
@@ -460,12 +462,14 @@ class _TextTraining:
                 self.envs.kl_coef, config.kl_target, config.kl_horizon
             )
         self.start = time.perf_counter() - previous_wall
+        done = self.first_iteration - 1  # the checkpoint's iteration (its step too)
         self.run = TrainingRun(
             self.run_dir,
             tensorboard=config.tensorboard,
             checkpoint=self.checkpoint,
             recoverable=(RewardError,),
             dist=dist,
+            resumed_at=(done, done) if resume is not None else None,
         )
         self.run.last_iteration = self.first_iteration - 1
         self.history: list[dict[str, float]] = []
@@ -796,9 +800,9 @@ def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
 
 
 def is_multi_turn(task: str) -> bool:
-    from textenv.multiturn import MULTITURN_TASKS
+    from textenv.tasks import TASKS, MultiTurnTask
 
-    return task in MULTITURN_TASKS
+    return task in TASKS and issubclass(TASKS[task], MultiTurnTask)
 
 
 def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
@@ -806,7 +810,7 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
     (``eval_samples > 0`` and a held-out part: every 5th prompt, or a multi-turn task's held-out
     episodes). For a multi-turn task, ``max_new_tokens`` is the agent's budget per turn."""
     if is_multi_turn(config.task):
-        from textenv.multiturn import make_multiturn_task
+        from textenv.tasks import MultiTurnTask
 
         for name in ("reward", "reward_model", "prompts"):
             if getattr(config, name) is not None:
@@ -823,8 +827,8 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
             }.items()
             if v is not None
         } | task_options(config)
-        return task_kwargs, config.eval_samples > 0 and make_multiturn_task(
-            config.task, **task_kwargs
+        return task_kwargs, config.eval_samples > 0 and typing.cast(
+            MultiTurnTask, make_task(config.task, **task_kwargs)
         ).has_held_out
     task_kwargs = {
         "max_new_tokens": config.max_new_tokens,
@@ -855,13 +859,11 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
         raise ValueError(
             f"--task-options must be a JSON object of task fields, got {config.task_options!r}"
         )
-    from textenv.multiturn import MULTITURN_TASKS
     from textenv.tasks import TASKS
 
-    tasks: dict[str, type] = dict(MULTITURN_TASKS if is_multi_turn(config.task) else TASKS)
-    if config.task in tasks:
-        hints = typing.get_type_hints(tasks[config.task])
-        known = {f.name for f in dataclasses.fields(tasks[config.task])}
+    if config.task in TASKS:
+        hints = typing.get_type_hints(TASKS[config.task])
+        known = {f.name for f in dataclasses.fields(TASKS[config.task])}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(

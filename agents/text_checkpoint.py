@@ -94,6 +94,15 @@ def save_policy(
     return path
 
 
+def recover_checkpoint(path: Path) -> None:
+    """Finish a checkpoint swap that a kill interrupted: :func:`save_policy` moves the old
+    checkpoint aside before renaming the new one into place, so ``path`` can be missing while
+    the complete old one waits beside it."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        old.rename(path)
+
+
 def load_training_state(
     path: Path, policy: LMActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator
 ) -> dict[str, Any]:

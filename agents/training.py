@@ -130,12 +130,15 @@ class TrainingRun:
         checkpoint: Callable[[int], Path],
         recoverable: tuple[type[BaseException], ...] = (),
         dist: Dist | None = None,
+        resumed_at: tuple[int, int] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.dist = dist or Dist()
         # Rank 0 alone writes; the other ranks of a distributed run log nothing.
-        self.logger = (
-            RunLogger(self.run_dir, tensorboard=tensorboard) if self.dist.is_main else _NullLogger()
+        self.logger: RunLogger | _NullLogger = (
+            RunLogger(self.run_dir, tensorboard=tensorboard, resumed_at=resumed_at)
+            if self.dist.is_main
+            else _NullLogger()
         )
         self.guard = NonFiniteGuard()
         self.checkpoint = checkpoint

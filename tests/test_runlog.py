@@ -118,3 +118,44 @@ def test_run_logger_without_tensorboard_writes_no_events(tmp_path):
     logger.log(1, {"x": 1.0})
     logger.close()
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_a_named_run_directory_whose_run_failed_before_logging_can_be_used_again(tmp_path):
+    run_dir = runlog.make_run_dir(tmp_path, "r", "x")
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("")  # failed after start-up: nothing logged
+    assert runlog.make_run_dir(tmp_path, "r", "x") == run_dir
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    with pytest.raises(ValueError, match="already holds a run"):
+        runlog.make_run_dir(tmp_path, "r", "x")
+
+
+def test_a_resumed_logger_drops_what_was_logged_after_the_checkpoint_and_a_torn_line(tmp_path):
+    rows = [json.dumps({"global_step": 10 * i, "iteration": i}) + "\n" for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"global_step": 60, "itera')
+    samples = [json.dumps({"iteration": i, "prompt": "p"}) + "\n" for i in (1, 3, 4)]
+    (tmp_path / "samples.jsonl").write_text("".join(samples))
+    logger = RunLogger(tmp_path, tensorboard=True, resumed_at=(3, 30))
+    logger.log(40, {"iteration": 4})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "samples.jsonl").read_text() == "".join(samples[:2])
+
+
+def test_a_torn_line_in_the_middle_ends_what_is_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1}\n{"iteration": 2, "x\n{"iteration": 3}\n')
+    runlog.rewind_jsonl(path, 10)
+    assert path.read_text() == '{"iteration": 1}\n'
+
+
+def test_a_checkpoint_swap_cut_by_a_kill_is_finished_on_resume(tmp_path):
+    from textenv.agents.text_checkpoint import recover_checkpoint
+
+    (tmp_path / ".policy.old").mkdir()
+    (tmp_path / ".policy.old" / "model.safetensors").write_text("old")
+    recover_checkpoint(tmp_path / "policy")  # killed between moving the old aside and the new in
+    assert (tmp_path / "policy" / "model.safetensors").read_text() == "old"
+    recover_checkpoint(tmp_path / "policy")  # nothing to do
+    assert not (tmp_path / ".policy.old").exists()
