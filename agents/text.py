@@ -72,7 +72,7 @@ from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
 from textenv.models import load_causal_lm
 from textenv.rewards import RewardError
-from textenv.tasks import HELD_OUT_EVERY, make_task, read_prompts
+from textenv.tasks import HELD_OUT_EVERY, Task, make_task, read_prompts
 
 __all__ = [
     "AdaptiveKLController",
@@ -840,7 +840,7 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
         task_kwargs["prompts"] = read_prompts(config.prompts)
     held_out = (
         config.eval_samples > 0
-        and len(make_task(config.task, **task_kwargs).prompts) >= HELD_OUT_EVERY
+        and len(typing.cast(Task, make_task(config.task, **task_kwargs)).prompts) >= HELD_OUT_EVERY
     )
     return task_kwargs, held_out
 

@@ -140,7 +140,7 @@ def _timed(fn, parts: list[dict], key: str, device: torch.device):
 def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
     import textenv.agents.text
     from textenv.agents.text import TextTrainConfig, train_text
-    from textenv.env import _Generation
+    from textenv.reference import AtEndReference
     from textenv.rewards import ClassifierReward, register
 
     # Rollout breakdown: the reference's and the reward model's forward passes (work bare
@@ -153,8 +153,8 @@ def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
         return collect(*a, **kw)
 
     textenv.agents.text.collect_rollout = collect_rollout
-    _Generation._response_ref_logprobs = _timed(
-        _Generation._response_ref_logprobs, parts, "reference_s", device
+    AtEndReference.sequence_logprobs = _timed(  # type: ignore[method-assign]
+        AtEndReference.sequence_logprobs, parts, "reference_s", device
     )
     reward = ClassifierReward(args.reward_model_dir, device=str(device))
     register("bench-reward-model")(_timed(reward, parts, "reward_s", device))

@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = envs.single_action_space.n
         gen = torch.Generator(device=device).manual_seed(0)
         envs.reset(seed=0)
-        prompt_ids = envs._gen.ids[:, : envs._gen.P].clone()
-        prompt_mask = envs._gen.mask[:, : envs._gen.P].clone()
+        prompt_ids = envs._gen.ids[:, : envs._gen.prompt_slots].clone()
+        prompt_mask = envs._gen.mask[:, : envs._gen.prompt_slots].clone()
         sides = ("env", "bare", "generate") if args.hf_generate else ("env", "bare")
         times = {side: [] for side in sides}
         for rep in range(args.repeats + 1):

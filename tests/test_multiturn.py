@@ -14,14 +14,8 @@ from textenv.agents.lm import LMActorCritic
 from textenv.agents.rollout_text import Rollout, collect_rollout, shaped_rewards, token_advantages
 from textenv.agents.text import TextTrainConfig, train_text
 from textenv.models import char_tokenizer, tiny_causal_lm
-from textenv.multiturn import (
-    Calculator,
-    FunctionTask,
-    MultiTurnTextEnv,
-    MultiTurnTextVectorEnv,
-    Turn,
-    safe_arithmetic,
-)
+from textenv.multiturn import MultiTurnTextEnv, MultiTurnTextVectorEnv
+from textenv.tasks import Calculator, FunctionTask, Turn, safe_arithmetic
 
 A, B_, EOS = 3, 4, 1  # the tiny vocabulary: 'a', 'b', <eos>
 
@@ -381,7 +375,7 @@ def test_calculator_held_out_questions_are_every_fifth():
 
 def test_textarena_guess_the_number_plays_through_the_adapter():
     pytest.importorskip("textarena")
-    from textenv.multiturn import GuessTheNumber
+    from textenv.tasks import GuessTheNumber
 
     episode = GuessTheNumber().new_episode(np.random.default_rng(0))
     assert "Guess The Number" in episode.prompt
@@ -403,7 +397,7 @@ def test_textarena_guess_the_number_plays_through_the_adapter():
 
 def test_textarena_two_player_game_against_the_fixed_opponent():
     pytest.importorskip("textarena")
-    from textenv.multiturn import TicTacToe
+    from textenv.tasks import TicTacToe
 
     episode = TicTacToe().new_episode(np.random.default_rng(0))
     history = [{"role": "user", "content": episode.prompt}, {"role": "assistant", "content": "[4]"}]
@@ -572,7 +566,7 @@ def test_task_options_reach_the_task(tmp_path):
 
 def test_textarena_adapter_plays_any_offline_game_by_id():
     pytest.importorskip("textarena")
-    from textenv.multiturn import TextArena
+    from textenv.tasks import TextArena
 
     episode = TextArena(game="TowerOfHanoi-v0").new_episode(np.random.default_rng(0))
     assert "Tower" in episode.prompt
@@ -588,7 +582,7 @@ def test_textarena_adapter_plays_any_offline_game_by_id():
 
 def test_held_out_games_use_seeds_four_mod_five():
     pytest.importorskip("textarena")
-    from textenv.multiturn import GuessTheNumber
+    from textenv.tasks import GuessTheNumber
 
     rng = np.random.default_rng(0)
     for split, allowed in (("test", {4}), ("train", {0, 1, 2, 3})):
@@ -674,7 +668,7 @@ def test_a_reward_error_from_respond_passes_through_unchanged():
 
 def test_turn_defaults_and_task_defaults():
     assert Turn("x") == ("x", 0.0, False)
-    from textenv.multiturn import MultiTurnTask
+    from textenv.tasks import MultiTurnTask
 
     assert _task().has_held_out is False and Calculator().has_held_out is True
     with pytest.raises(NotImplementedError):
@@ -926,7 +920,7 @@ def test_rows_ending_together_with_different_lengths_on_an_absolute_position_mod
 
 
 def test_bad_construction_arguments_fail_clearly():
-    from textenv.multiturn import make_multiturn_task
+    from textenv.tasks import make_task
 
     with pytest.raises(ValueError, match=r"render_mode must be one of \['ansi'\], got 'human'"):
         MultiTurnTextEnv(task=_task(), model="tiny", render_mode="human")
@@ -945,11 +939,16 @@ def test_bad_construction_arguments_fail_clearly():
     with pytest.raises(
         ValueError, match="pass overrides to the MultiTurnTask you construct, not beside it"
     ):
-        make_multiturn_task(_task(), max_turns=2)
+        make_task(_task(), max_turns=2)
     with pytest.raises(
-        ValueError, match="unknown multi-turn task 'Chess'; known: FunctionTask, Calculator"
+        ValueError,
+        match="unknown task 'Chess'; known tasks: Sentiment, .*, FunctionTask, Calculator",
     ):
-        make_multiturn_task("Chess")
+        make_task("Chess")
+    with pytest.raises(
+        ValueError, match="task Toy is a single-turn task: use textenv.env.TextGenerationEnv"
+    ):
+        MultiTurnTextEnv(task="Toy", model="tiny")
 
 
 def test_a_one_row_vector_env_its_spaces_metadata_and_render():
@@ -1090,9 +1089,9 @@ def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monk
 )
 def test_each_task_is_registered_under_its_name_with_its_documented_budgets(name, defaults):
     """A task's budgets are part of its definition: results are comparable only while they hold."""
-    from textenv.multiturn import make_multiturn_task
+    from textenv.tasks import make_task
 
-    task = make_multiturn_task(name)
+    task = make_task(name)
     assert type(task).__name__ == name == task.name and task.has_held_out is True
     assert {k: getattr(task, k) for k in defaults} == defaults
 
@@ -1141,7 +1140,7 @@ def test_safe_arithmetic_limits_are_inclusive():
 
 
 def test_toy_turns_pays_the_share_of_as_and_ends_after_the_second_turn():
-    from textenv.multiturn import ToyTurns
+    from textenv.tasks import ToyTurns
 
     episode = ToyTurns().new_episode(np.random.default_rng(0))
     first = [{"role": "user", "content": episode.prompt}]
@@ -1169,7 +1168,7 @@ def test_toy_turns_pays_the_share_of_as_and_ends_after_the_second_turn():
 
 
 def test_the_random_opponent_plays_from_the_last_list_of_moves():
-    from textenv.multiturn import random_legal_move
+    from textenv.tasks import random_legal_move
 
     play = random_legal_move(np.random.default_rng(0))
     board = "Available Moves: '[0]'\nAvailable Moves: '[0]', '[1]'\nPlayer 0 moved\nAvailable Moves: '[5]'\nyour turn"
@@ -1194,7 +1193,7 @@ class _FinishedGame:
 
 
 def test_the_arena_adapter_pays_player_zeros_reward_and_zero_when_the_game_gives_none():
-    from textenv.multiturn import _ArenaEpisode
+    from textenv.tasks.games import _ArenaEpisode
 
     move = [{"role": "assistant", "content": "[1]"}]
     for rewards, expected in (({0: -1.0, 1: 1.0}, -1.0), ({1: 1.0}, 0.0), (None, 0.0)):
@@ -1209,7 +1208,7 @@ def test_arena_episodes_are_fixed_for_a_seed_with_a_seeded_opponent(monkeypatch)
     pytest.importorskip("textarena")
     import sys
 
-    from textenv.multiturn import TextArena, TicTacToe
+    from textenv.tasks import TextArena, TicTacToe
 
     assert TextArena().new_episode(np.random.default_rng(0)).seed == 1826701614
     assert (

@@ -171,7 +171,9 @@ def test_the_toy_reward_is_the_share_of_as_and_a_given_reward_wins():
 
 def test_classifier_tasks_build_their_classifier_as_documented(monkeypatch):
     made = []
-    monkeypatch.setattr(tasks, "ClassifierReward", lambda *a, **kw: made.append((a, kw)) or "clf")
+    monkeypatch.setattr(
+        tasks.text, "ClassifierReward", lambda *a, **kw: made.append((a, kw)) or "clf"
+    )
     assert make_task("Sentiment", classifier="some/model").build_reward() == "clf"
     assert make_task("Sentiment", classifier="m", classifier_label=1).build_reward() == "clf"
     assert make_task("RewardModel", reward_model="rm").build_reward() == "clf"
@@ -232,3 +234,20 @@ def test_tasks_that_build_their_own_prompts_still_split_them_and_take_a_given_re
     assert make_task("RG-ChainSum", size=2, reward="length").build_reward()(
         ["p"], ["abcd"]
     ) == get_reward("length")(["p"], ["abcd"])
+
+
+def test_one_registry_holds_every_task_and_each_has_its_gym_id_and_env():
+    import gymnasium as gym
+
+    import textenv
+    from textenv.tasks import MultiTurnTask
+
+    ids = {"FunctionTask" if n == "MultiTurn" else n for n in textenv.MULTITURN_TASK_NAMES}
+    assert set(TASKS) == set(textenv.TASK_NAMES) | ids
+    for name, cls in TASKS.items():
+        spec = gym.spec(f"textenv/{'MultiTurn' if name == 'FunctionTask' else name}-v0")
+        multi = issubclass(cls, MultiTurnTask)
+        assert spec.entry_point == (
+            "textenv.multiturn:MultiTurnTextEnv" if multi else "textenv.env:TextGenerationEnv"
+        )
+        assert isinstance(make_task(name) if name != "FunctionTask" else cls(), cls)

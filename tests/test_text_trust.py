@@ -438,8 +438,10 @@ def test_registered_ids_are_the_tasks():
 
     import textenv
 
-    assert set(textenv.TASK_NAMES) == set(textenv.TASKS)
-    assert all(f"textenv/{name}-v0" in gym.registry for name in textenv.TASKS)
+    multi_turn = {"FunctionTask" if n == "MultiTurn" else n for n in textenv.MULTITURN_TASK_NAMES}
+    assert set(textenv.TASK_NAMES) | multi_turn == set(textenv.TASKS)
+    ids = {"MultiTurn" if name == "FunctionTask" else name for name in textenv.TASKS}
+    assert all(f"textenv/{name}-v0" in gym.registry for name in ids)
 
 
 # -- every logged diagnostic and the batch the update sees, recomputed from the rollout ------

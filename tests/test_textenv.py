@@ -220,6 +220,10 @@ def test_bad_input_errors():
         TextGenerationEnv(task="Toy", model="./no/such/model")
     with pytest.raises(ValueError, match="unknown task"):
         TextGenerationEnv(task="Nope", model="tiny")
+    with pytest.raises(
+        ValueError, match="task Calculator is a multi-turn task: use textenv.multiturn"
+    ):
+        TextGenerationEnv(task="Calculator", model="tiny")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             TextGenerationEnv(device="cuda", **TINY)
@@ -227,9 +231,28 @@ def test_bad_input_errors():
 
 def test_long_prompts_are_left_truncated():
     env = TextGenerationEnv(**TINY)
-    obs, _ = env.reset(options={"prompt": "abcdefghijklmnop"})
+    with pytest.warns(UserWarning, match="1 of 1 prompts is longer than max_prompt_tokens=8"):
+        obs, _ = env.reset(options={"prompt": "abcdefghijklmnop"})
     kept = env.tokenizer.decode(obs["input_ids"][:8][obs["attention_mask"][:8] == 1])
     assert kept == "ijklmnop"
+
+
+def test_cut_prompts_are_counted_in_one_warning_per_reset_and_prompts_that_fit_warn_nothing():
+    import warnings
+
+    envs = TextGenerationVectorEnv(num_envs=4, **TINY)
+    prompts = ["ab" * 6, "ab", "ab" * 6 + "a", "abab"]  # 12, 2, 13 and 4 tokens in 8 slots
+    with pytest.warns(UserWarning) as record:
+        obs, _ = envs.reset(options={"prompts": prompts})
+    assert [str(w.message) for w in record] == [
+        "2 of 4 prompts are longer than max_prompt_tokens=8 (longest 13 tokens): "
+        "their first tokens were cut"
+    ]
+    kept = obs["input_ids"][2, :8][obs["attention_mask"][2, :8] == 1].tolist()
+    assert envs.tokenizer.decode(kept) == "babababa"  # the last 8 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        envs.reset(options={"prompts": ["ab", "abababab", "a", "b"]})  # 8 tokens fit 8 slots
 
 
 def test_tokenizer_without_pad_token_pads_with_eos():
@@ -566,7 +589,7 @@ def test_a_partial_reset_restarts_only_its_rows_and_their_episodes_equal_fresh_o
         options={"reset_mask": np.array([False, True, False]), "prompts": [None, "say a", None]}
     )
     assert list(info["prompt"]) == ["abc", "say a", "hello"]
-    assert envs._gen.resp_len.tolist() == [2, 0, 2]
+    assert envs._gen.response_length.tolist() == [2, 0, 2]
     P = envs.max_prompt_tokens
     assert obs["attention_mask"][:, P:].sum(1).tolist() == [
         2,
@@ -1055,7 +1078,7 @@ def test_close_releases_the_reference_cache():
     envs = TextGenerationVectorEnv(num_envs=2, **TINY)
     envs.reset(seed=0)
     envs.step(torch.tensor([3, 3]))
-    cache = weakref.ref(envs.unwrapped._gen.cache)
+    cache = weakref.ref(envs.unwrapped._gen.reference.cache)
     envs.close()
     gc.collect()
     assert cache() is None

@@ -33,11 +33,14 @@ _EXPORTS = {
     "make_task": "textenv.tasks",
     "MultiTurnTextEnv": "textenv.multiturn",
     "MultiTurnTextVectorEnv": "textenv.multiturn",
-    "MultiTurnTask": "textenv.multiturn",
-    "FunctionTask": "textenv.multiturn",
-    "Turn": "textenv.multiturn",
+    "MultiTurnTask": "textenv.tasks",
+    "FunctionTask": "textenv.tasks",
+    "Turn": "textenv.tasks",
 }
 __all__ = sorted(_EXPORTS)
+
+# The ids of textenv.tasks.TASKS (named here so that registering them imports nothing heavy):
+# single-turn tasks run in textenv.env, multi-turn ones in textenv.multiturn.
 TASK_NAMES = (
     "Sentiment",
     "RewardModel",
@@ -51,17 +54,7 @@ TASK_NAMES = (
     "RG-SpellBackward",
 )
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'textenv' has no attribute {name!r}")
-
-
-# Multi-turn tasks (textenv.multiturn); textenv/MultiTurn-v0 is FunctionTask: pass respond= and
-# prompts=.
+# textenv/MultiTurn-v0 is FunctionTask: pass respond= and prompts=.
 MULTITURN_TASK_NAMES = (
     "Calculator",
     "GuessTheNumber",
@@ -71,15 +64,14 @@ MULTITURN_TASK_NAMES = (
     "MultiTurn",
 )
 
-for _name in MULTITURN_TASK_NAMES:
-    _id = f"textenv/{_name}-v0"
-    if _id not in gym.registry:
-        gym.register(
-            id=_id,
-            entry_point="textenv.multiturn:MultiTurnTextEnv",
-            vector_entry_point="textenv.multiturn:MultiTurnTextVectorEnv",
-            kwargs={"task": "FunctionTask" if _name == "MultiTurn" else _name},
-        )
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'textenv' has no attribute {name!r}")
+
 
 # Classic control as torch vector envs on the policy's device (textenv.control).
 for _name, _cls in (
@@ -92,12 +84,17 @@ for _name, _cls in (
     if f"textenv/{_name}" not in gym.registry:
         gym.register(id=f"textenv/{_name}", vector_entry_point=f"textenv.control:{_cls}")
 
-for _name in TASK_NAMES:
+for _name in TASK_NAMES + MULTITURN_TASK_NAMES:
     _id = f"textenv/{_name}-v0"
+    _module, _env = (
+        ("textenv.multiturn", "MultiTurnText")
+        if _name in MULTITURN_TASK_NAMES
+        else ("textenv.env", "TextGeneration")
+    )
     if _id not in gym.registry:
         gym.register(
             id=_id,
-            entry_point="textenv.env:TextGenerationEnv",
-            vector_entry_point="textenv.env:TextGenerationVectorEnv",
-            kwargs={"task": _name},
+            entry_point=f"{_module}:{_env}Env",
+            vector_entry_point=f"{_module}:{_env}VectorEnv",
+            kwargs={"task": "FunctionTask" if _name == "MultiTurn" else _name},
         )

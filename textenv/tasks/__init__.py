@@ -1,0 +1,87 @@
+"""The tasks, single- and multi-turn, and their one registry.
+
+A single-turn task (:class:`Task`) is a prompt set, a default reward, a response budget and a KL
+coefficient; a multi-turn task (:class:`MultiTurnTask`) starts episodes that reply to the agent's
+turns. Each registered task is a Gymnasium id ``textenv/<Name>-v0`` (see ``textenv/__init__.py``)
+and documents itself in Gymnasium's env format. One module per family:
+
+    base          the single-turn base, prompt files and the held-out split
+    text          Sentiment, RewardModel, Toy
+    verifiable    Arithmetic, ReasoningGym and its curated generators (RG-<Name>)
+    conversation  the multi-turn base and protocol (Turn, Episode), FunctionTask, ToyTurns
+    tools         Calculator
+    games         TextArena, GuessTheNumber, TicTacToe
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textenv.tasks.base import HELD_OUT_EVERY, Prompt, Task, read_prompts, split_prompts
+from textenv.tasks.conversation import (
+    Episode,
+    FunctionTask,
+    Messages,
+    MultiTurnTask,
+    ToyTurns,
+    Turn,
+)
+from textenv.tasks.games import GuessTheNumber, TextArena, TicTacToe, random_legal_move
+from textenv.tasks.text import RewardModel, Sentiment, Toy
+from textenv.tasks.tools import Calculator, safe_arithmetic
+from textenv.tasks.verifiable import CURATED_REASONING_GYM, Arithmetic, ReasoningGym, curated
+
+__all__ = [
+    "CURATED_REASONING_GYM",
+    "HELD_OUT_EVERY",
+    "TASKS",
+    "AnyTask",
+    "Arithmetic",
+    "Calculator",
+    "Episode",
+    "FunctionTask",
+    "GuessTheNumber",
+    "Messages",
+    "MultiTurnTask",
+    "Prompt",
+    "ReasoningGym",
+    "RewardModel",
+    "Sentiment",
+    "Task",
+    "TextArena",
+    "TicTacToe",
+    "Toy",
+    "ToyTurns",
+    "Turn",
+    "make_task",
+    "random_legal_move",
+    "read_prompts",
+    "safe_arithmetic",
+    "split_prompts",
+]
+
+AnyTask = Task | MultiTurnTask
+"""A single-turn or a multi-turn task."""
+
+TASKS: dict[str, type[Task] | type[MultiTurnTask]] = {
+    cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym)
+}
+TASKS |= {name: curated(name, dataset) for name, dataset in CURATED_REASONING_GYM.items()}
+TASKS |= {
+    cls.name: cls
+    for cls in (FunctionTask, Calculator, TextArena, GuessTheNumber, TicTacToe, ToyTurns)
+}
+
+
+def make_task(task: str | AnyTask, **overrides: Any) -> AnyTask:
+    """A task by name (``"Sentiment"``, ``"Calculator"``) or instance, with field overrides
+    (``max_new_tokens=...``); overrides that are None keep the task's defaults."""
+    if isinstance(task, (Task, MultiTurnTask)):
+        if overrides:
+            base = "MultiTurnTask" if isinstance(task, MultiTurnTask) else "Task"
+            raise ValueError(f"pass overrides to the {base} you construct, not beside it")
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return TASKS[task](**overrides)
