@@ -453,8 +453,19 @@ def test_global_row_j_draws_the_same_prompt_with_one_or_two_processes(tmp_path):
 # ---------------------------------------------------------------- the end of a run
 
 
+def _wait_for(path: Path, seconds: float = 120.0) -> None:
+    """Poll for ``path``; the deadline only ends a hang (a barrier that never releases)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _timed_run(rank: int, port: int, out: str, rank_one_fails: bool) -> None:
-    """One rank of a torchrun-like run: rank 0's body takes two seconds longer than rank 1's."""
+    """One rank of a torchrun-like run: rank 0's body ends after rank 1's (as rank 0 alone
+    evaluates at the end of a run), ordered by files rather than by a margin of time; with
+    ``rank_one_fails``, rank 0's body ends only once rank 1 has left the run."""
     import time
 
     from textenv.agents.distributed import PeerFailed, distributed_run
@@ -471,12 +482,15 @@ def _timed_run(rank: int, port: int, out: str, rank_one_fails: bool) -> None:
         with distributed_run(torch.device("cpu")) as (dist, _):
             assert dist.active and dist.world_size == WORLD
             if rank == 0:
-                time.sleep(
-                    2.0
-                )  # as rank 0 alone evaluates at the end of a run (a margin a loaded machine keeps)
+                # Rank 1's file says its body ended (it then waits at the end-of-run barrier)
+                # or, when it failed, that it has left the run.
+                _wait_for(Path(out) / ("rank1.pt" if rank_one_fails else "rank1.body"))
+                time.sleep(0.2)  # without a barrier, rank 1 would have left by now
             elif rank_one_fails:
                 raise ValueError("rank 1 failed")
             times["body_end"] = time.monotonic()
+            if rank == 1:
+                (Path(out) / "rank1.body").touch()
     except (ValueError, PeerFailed) as err:
         times["error"] = type(err).__name__
     times["left"] = time.monotonic()
