@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is installed first and explicitly: it is the CPU build pip finds locally.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: train train-classic test lint bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators mutation clean
+.PHONY: train train-classic test lint bench-classic bench-cartpole-solve bench-textenv bench-gpu bench-gpu-checks bench-busy-cpu bench-quickstart bench-text-ppo bench-sentiment bench-estimators mutation clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,13 @@ bench-classic: $(VENV)/.installed
 bench-cartpole-solve: $(VENV)/.installed
 	$(PY) -m benchmarks.cartpole_solve --seeds 1 2 3 4 5
 
-# Every CUDA check in one run (tests, on-device envs, classic and text PPO throughput); on a
-# machine without CUDA it runs its CPU fallback and says so in the result file.
+# Language-model throughput (rollout, PPO iteration, HF generate; 135M and 360M shapes at batch
+# 64, 256, 1024 x 128 tokens) into gpu.md and gpu.json. Without CUDA it says so in the file.
 bench-gpu: $(VENV)/.installed
+	$(PY) -m benchmarks.lm_throughput
+
+# Every CUDA check (tests, device envs, classic and text PPO, torchrun) into gpu_checks.md.
+bench-gpu-checks: $(VENV)/.installed
 	$(PY) -m benchmarks.gpu
 
 bench-textenv: $(VENV)/.installed

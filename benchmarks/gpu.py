@@ -1,7 +1,7 @@
 """Every check that needs CUDA, in one go, into one result file.
 
-    python -m benchmarks.gpu                      # writes benchmarks/results/gpu.md (+ gpu.json)
-    make bench-gpu
+    python -m benchmarks.gpu                      # writes benchmarks/results/gpu_checks.md (+ .json)
+    make bench-gpu-checks
 
 Sections (``--sections``), each timed and isolated: one that fails is reported in one line and
 the others still run.
@@ -55,7 +55,7 @@ class GpuBenchConfig:
 
     sections: tuple[str, ...] = SECTIONS
     """which sections to run"""
-    out: str = "benchmarks/results/gpu.md"
+    out: str = "benchmarks/results/gpu_checks.md"
     """markdown result (a .json beside it holds the raw numbers)"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
