@@ -14,14 +14,16 @@ agents/ at textenv/agents/, beside tests/ and pyproject.toml. Its ``mutants/`` (
 is kept between runs: mutmut re-tests only the functions whose source changed; remove
 build/mutation/ for a run from scratch. ``cd build/mutation && mutmut browse`` shows the mutants.
 
-The kill rate is mutmut's own score: (killed + timeout) / (mutants - skipped). A module mutmut
-has not checked yet is listed as "not run yet".
+The kill rate is mutmut's own score, (killed + timeout) / (mutants - skipped), over the mutants
+checked so far (an interrupted run keeps its results). A module with none checked is listed as
+"not run yet".
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,7 +50,7 @@ class MutationConfig:
     report_only: bool = False
     """skip running; rebuild the report from build/mutation/mutants/"""
     note: str = ""
-    """a paragraph printed under the command (e.g. how long the runs took)"""
+    """a paragraph printed under the list of runs"""
     out: str = "benchmarks/results/mutation.md"
     """markdown report to write"""
 
@@ -58,6 +60,11 @@ def stage(ref: str) -> str:
     return the commit. mutmut's results (``*.meta``, ``*.json``) stay; every copied file in
     ``mutants/`` goes, so none outlives its source (mutmut copies over only what is missing)."""
     commit = git("rev-parse", "--verify", f"{ref}^{{commit}}").strip()
+    last = STAGE / "COMMIT"
+    if not last.exists() or last.read_text().strip() != commit:
+        # mutmut maps tests to functions once and then only adds new tests: a function added
+        # since would have "no tests". A new commit gets a new map.
+        (STAGE / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     for path in (STAGE / "textenv", STAGE / "tests", STAGE / "agents"):
         shutil.rmtree(path, ignore_errors=True)
     for path in (STAGE / "mutants").rglob("*"):
@@ -127,49 +134,55 @@ def survivors() -> list[tuple[str, list[str]]]:
     return rows
 
 
-def all_modules() -> list[str]:
-    files = sorted((ROOT / "agents").rglob("*.py")) + sorted((ROOT / "textenv").rglob("*.py"))
-    return [p.relative_to(ROOT).as_posix() for p in files if "__pycache__" not in p.parts]
+def all_modules(commit: str) -> list[str]:
+    files = git("ls-tree", "-r", "--name-only", commit, "agents", "textenv").split()
+    return [f for f in files if f.endswith(".py")]
 
 
-def report(args: MutationConfig, command: str) -> str:
+def report(args: MutationConfig) -> str:
     from importlib.metadata import version
 
     counts = results()
     commit = (STAGE / "COMMIT").read_text().strip()
+    runs = (STAGE / "runs.md").read_text().splitlines() if (STAGE / "runs.md").exists() else []
     lines = [
         "# Mutation testing (mutmut)",
         "",
-        f"Command: `{command}` (mutmut {version('mutmut')}; modules and test files in "
-        f"`[tool.mutmut]` of pyproject.toml), on commit {commit[:12]}.",
+        f"mutmut {version('mutmut')}, last run on commit {commit[:12]}; the modules and test "
+        "files are those of `[tool.mutmut]` in pyproject.toml. `make mutation` runs every "
+        "configured module; the runs behind these numbers (mutmut keeps a mutant's result "
+        "until its function changes):",
+        "",
+        *runs,
         "",
     ]
     if args.note:
         lines += [args.note, ""]
     lines += [
-        "Kill rate: (killed + timeout) / (mutants - skipped), mutmut's own score. "
-        '"no tests": no selected test calls the mutated function.',
+        "Kill rate: (killed + timeout) / (checked - skipped), mutmut's own score over the mutants "
+        'checked so far. "no tests": no selected test calls the mutated function.',
         "",
-        "| module | mutants | killed | survived | timeout | no tests | other | kill rate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | mutants | checked | killed | survived | timeout | no tests | other | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     not_run = []
-    for module in all_modules():
+    for module in all_modules(commit):
         c = counts.get(module, Counter())
         checked = sum(c.values()) - c["not checked"]
         if checked == 0:
             not_run.append(module)
             continue
-        other = sum(v for k, v in c.items() if k not in COLUMNS)
-        tested = sum(c.values()) - c["skipped"]
+        other = checked - sum(c[k] for k in COLUMNS)
+        tested = checked - c["skipped"]
         rate = 100 * (c["killed"] + c["timeout"]) / tested if tested else 0.0
         cells = [str(c[k]) for k in COLUMNS]
         lines.append(
-            f"| `{module}` | {sum(c.values())} | {' | '.join(cells)} | {other} | {rate:.1f}% |"
+            f"| `{module}` | {sum(c.values())} | {checked} | {' | '.join(cells)} | {other} "
+            f"| {rate:.1f}% |"
         )
-    others = sorted({k for c in counts.values() for k in c if k not in COLUMNS})
+    others = sorted({k for c in counts.values() for k in c if k not in (*COLUMNS, "not checked")})
     if others:
-        lines += ["", f'"other" counts: {", ".join(others)}.']
+        lines += ["", f'"other": {", ".join(others)}.']
     lines += ["", "Not run yet: " + ", ".join(f"`{m}`" for m in not_run) + ".", ""]
     rows = survivors()
     if rows:
@@ -185,17 +198,30 @@ def main(argv: list[str] | None = None) -> None:
     from textenv.agents.runlog import atomic_write_text
 
     args = tyro.cli(MutationConfig, args=argv)
-    command = "python -m benchmarks.mutmut_report " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = shlex.join(["python", "-m", "benchmarks.mutmut_report", *(argv or sys.argv[1:])])
     STAGE.mkdir(parents=True, exist_ok=True)
+    failure: BaseException | None = None
     if not args.report_only:
-        (STAGE / "COMMIT").write_text(stage(args.ref) + "\n")
+        commit = stage(args.ref)
+        (STAGE / "COMMIT").write_text(commit + "\n")
         start = time.perf_counter()
-        mutmut("run", "--max-children", str(args.max_children), *args.mutants)
-        print(f"mutmut run: {time.perf_counter() - start:.0f} s")
-    atomic_write_text(ROOT / args.out, report(args, command.strip()))
+        try:
+            mutmut("run", "--max-children", str(args.max_children), *args.mutants)
+        except (subprocess.CalledProcessError, KeyboardInterrupt) as error:
+            failure = error  # the results so far are kept; report them, then fail
+        seconds = time.perf_counter() - start
+        # mutmut exits 0 when interrupted (Ctrl-C): what is left unchecked says how far it got.
+        left = sum(c["not checked"] for c in results().values())
+        code = getattr(failure, "returncode", "interrupted")
+        stopped = f", failed (exit {code})" if failure else ""
+        stopped += f", {left} configured mutants not checked yet" if left else ""
+        with open(STAGE / "runs.md", "a") as log:
+            day = time.strftime("%Y-%m-%d")
+            log.write(f"- `{command}` on {commit[:12]}: {seconds:.0f} s{stopped} ({day})\n")
+    atomic_write_text(ROOT / args.out, report(args))
     print(f"wrote {args.out}")
+    if failure:
+        raise failure
 
 
 if __name__ == "__main__":
