@@ -54,8 +54,11 @@ class LMActorCritic(nn.Module):
         past_key_values=None,
         logits_to_keep: int = 0,
         use_cache: bool = False,
+        cache_position: torch.Tensor | None = None,
     ):
         cache = cache_kwargs(self.lm, past_key_values) if past_key_values is not None else {}
+        if cache_position is not None:  # a static cache: the slots this chunk writes
+            cache["cache_position"] = cache_position
         critic = self.value_head is not None
         out = self.lm(
             input_ids=input_ids,

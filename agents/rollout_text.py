@@ -62,7 +62,12 @@ class Rollout:
 
 
 def collect_rollout(
-    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int = 1
+    policy: LMActorCritic,
+    envs,
+    seed: int | None,
+    generator: torch.Generator,
+    group_size: int = 1,
+    static_cache: bool = False,
 ) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
@@ -73,6 +78,10 @@ def collect_rollout(
     across turns. Stored log-probs are of the distribution actually sampled from (temperature,
     and the policy's top-k/top-p); the env's reference must score at the same temperature, or
     the KL is not 0 at the start.
+
+    ``static_cache``: the policy's KV cache is allocated once at its final length
+    (transformers' ``StaticCache``), so every decode step has the same shapes: the form that
+    ``torch.compile`` and CUDA graphs need. It samples the same tokens as the dynamic cache.
     """
     if envs.temperature != policy.temperature:
         raise ValueError(
@@ -83,9 +92,9 @@ def collect_rollout(
     # update's in-place writes, so a sharded policy samples under no_grad.
     if not is_sharded(policy):
         with torch.inference_mode():
-            return _sample(policy, envs, seed, generator, group_size)
+            return _sample(policy, envs, seed, generator, group_size, static_cache)
     with torch.no_grad():
-        rollout = _sample(policy, envs, seed, generator, group_size)
+        rollout = _sample(policy, envs, seed, generator, group_size, static_cache)
     sharded: Any = policy
     sharded.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
     return rollout
@@ -101,14 +110,19 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def _sample(
-    policy: LMActorCritic, envs, seed: int | None, generator: torch.Generator, group_size: int
+    policy: LMActorCritic,
+    envs,
+    seed: int | None,
+    generator: torch.Generator,
+    group_size: int,
+    static_cache: bool,
 ) -> Rollout:
     was_training = policy.training
     policy.eval()
     obs, info = envs.reset(
         seed=seed, options={"group_size": group_size} if group_size > 1 else None
     )
-    reader = _PolicyReader(policy, obs, envs)
+    reader = _PolicyReader(policy, obs, envs, static_cache)
     record = _Recorder(envs.num_envs, envs.max_new_tokens, reader.device)
     logits, values = reader.prefill(obs)
     for _ in range(envs.max_new_tokens):
@@ -129,8 +143,10 @@ def _sample(
 class _PolicyReader:
     """The policy's KV cache over each row's prompt and what came after it."""
 
-    def __init__(self, policy: LMActorCritic, obs: dict[str, torch.Tensor], envs) -> None:
-        self.policy = policy
+    def __init__(
+        self, policy: LMActorCritic, obs: dict[str, torch.Tensor], envs, static_cache: bool
+    ) -> None:
+        self.policy, self.static = policy, static_cache
         self.P, self.B, n = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
         self.multi_turn = getattr(envs, "multi_turn", False)
         self.device = obs["input_ids"].device
@@ -138,7 +154,15 @@ class _PolicyReader:
         # out of every forward here and in the update (less compute, same result).
         self.start = int(obs["attention_mask"][:, : self.P].any(0).long().argmax())
         self.cache_mask = obs["attention_mask"][:, self.start : self.P]
-        self.cache = None
+        self.cache: Any = None
+        # One column per step after the prompt's: the cache's final length. A conversation's
+        # chunks are as wide as the widest row's gain, so its cache has no such bound.
+        self.max_len = self.P - self.start + self.B
+        if static_cache and self.multi_turn:
+            raise ValueError(
+                "a static KV cache is for single-turn envs (a conversation's length "
+                "in cache columns is not known in advance)"
+            )
         self.active = torch.ones(n, dtype=torch.bool, device=self.device)
         self.fed = torch.zeros(n, dtype=torch.long, device=self.device)  # read after the prompt
         self.fed_host = np.zeros(n, dtype=np.int64)
@@ -146,14 +170,29 @@ class _PolicyReader:
 
     def prefill(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         position_ids = (self.cache_mask.cumsum(-1) - 1).clamp_min(0)
+        static = {}
+        if self.static:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=self.policy.lm.config, max_cache_len=self.max_len)
+            static = {"cache_position": torch.arange(self.cache_mask.shape[1], device=self.device)}
         logits, values, self.cache = self.policy._forward(
             obs["input_ids"][:, self.start : self.P],
-            self.cache_mask,
+            self._attention(self.cache_mask),
             position_ids,
+            past_key_values=self.cache,
             logits_to_keep=1,
             use_cache=True,
+            **static,
         )
         return logits[:, -1], values[:, -1]
+
+    def _attention(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask a forward reads: a static cache's covers all its slots, those not
+        yet written masked."""
+        if not self.static:
+            return mask
+        return torch.nn.functional.pad(mask, (0, self.max_len - mask.shape[1]))
 
     def positions(self) -> torch.Tensor:
         """The column, in the rollout's layout, of the action each row samples now."""
@@ -181,14 +220,19 @@ class _PolicyReader:
             chunk = action.unsqueeze(1)
         # >= 0: every row's cache holds its prompt, which is never empty.
         position_ids = self.cache_mask.sum(-1, keepdim=True) + chunk_mask.cumsum(-1) - 1
+        written = self.cache_mask.shape[1]
         self.cache_mask = torch.cat([self.cache_mask, chunk_mask], dim=1)
+        static = {}
+        if self.static:
+            static = {"cache_position": torch.arange(written, written + width, device=self.device)}
         logits, values, self.cache = self.policy._forward(
             chunk,
-            self.cache_mask,
+            self._attention(self.cache_mask),
             position_ids,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=width,
+            **static,
         )
         last = (new - 1).clamp_min(0)
         self.fed = self.fed + new

@@ -177,6 +177,9 @@ class TextTrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards
     under bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
+    static_cache: bool = False
+    """allocate the policy's KV cache once at its final length (transformers' StaticCache): every
+    decode step has the same shapes, as torch.compile and CUDA graphs need (single-turn tasks)"""
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
     """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward),
     recompute (one no-grad pass of the update's own forward before the epochs, so the first ratio is
@@ -594,6 +597,7 @@ class _TextTraining:
                 seed=seed,
                 generator=self.generator,
                 group_size=self.config.group_size,
+                static_cache=self.config.static_cache,
             )
         rollout_s = time.perf_counter() - t0
         if self.recompute:

@@ -147,7 +147,9 @@ def time_generate(model_dir: Path, prompts: list[str], args: Args, device: torch
     return len(prompts) * args.new_tokens / (time.perf_counter() - start)
 
 
-def time_rollout(model_dir: Path, batch: int, args: Args, device: torch.device) -> float:
+def time_rollout(
+    model_dir: Path, batch: int, args: Args, device: torch.device, static_cache: bool = False
+) -> float:
     from textenv import TextGenerationVectorEnv
     from textenv.agents.lm import LMActorCritic
     from textenv.agents.rollout_text import collect_rollout
@@ -167,10 +169,12 @@ def time_rollout(model_dir: Path, batch: int, args: Args, device: torch.device) 
     generator = torch.Generator(device=device).manual_seed(0)
     bf16 = device.type == "cuda"
     with autocast(device, bf16):
-        collect_rollout(policy, envs, seed=0, generator=generator)  # warm-up
-        sync(device)
+        collect_rollout(policy, envs, seed=0, generator=generator, static_cache=static_cache)
+        sync(device)  # the first rollout warmed up kernels and the allocator
         start = time.perf_counter()
-        rollout = collect_rollout(policy, envs, seed=1, generator=generator)
+        rollout = collect_rollout(
+            policy, envs, seed=1, generator=generator, static_cache=static_cache
+        )
         sync(device)
     seconds = time.perf_counter() - start
     tokens = float(rollout.mask.sum())
@@ -230,6 +234,9 @@ def measure(args: Args, device: torch.device) -> list[dict[str, Any]]:
                 }
                 row["generate_tokens_per_s"] = time_generate(model_dir, batch_prompts, args, device)
                 row["rollout_tokens_per_s"] = time_rollout(model_dir, batch, args, device)
+                row["rollout_static_cache_tokens_per_s"] = time_rollout(
+                    model_dir, batch, args, device, static_cache=True
+                )
                 if args.ppo:
                     tps, peak = time_ppo_iteration(
                         model_dir, batch, args, device, Path(tmp) / "runs"
@@ -251,14 +258,15 @@ def report(rows: list[dict[str, Any]], args: Args, device: torch.device, seconds
         "" if device.type == "cuda" else "\n**No CUDA here: CPU numbers, not the GPU result.**",
         "",
         "| shape | batch | tokens | generate tok/s | rollout tok/s | rollout / generate "
-        "| PPO iteration tok/s | peak GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rollout, static cache | PPO iteration tok/s | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = r["rollout_tokens_per_s"] / r["generate_tokens_per_s"]
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {r['generate_tokens_per_s']:,.0f}"
             f" | {r['rollout_tokens_per_s']:,.0f} | {ratio:.2f} | "
+            f"{r['rollout_static_cache_tokens_per_s']:,.0f} | "
             f"{r.get('text_ppo_tokens_per_s', float('nan')):,.0f} | {_gib(r.get('peak_gib'))} |"
         )
     return "\n".join(lines) + "\n"

@@ -172,3 +172,41 @@ def test_old_logprobs_are_recomputed_with_the_updates_forward_when_asked(tmp_pat
     assert abs(rows[0]["old_approx_kl"]) < 1e-9 and rows[0]["approx_kl"] < 1e-9, rows[
         0
     ]  # rollout: 2.6e-8
+
+
+@pytest.mark.parametrize("reference_pass", ["at_end", "per_step"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_static_cache_rollout_samples_what_the_dynamic_one_does(reference_pass, temperature):
+    # Left-padded prompts of different lengths and responses ending at different steps: the
+    # static cache's masked slots must read like the dynamic cache's growing one.
+    rollouts = []
+    for static in (False, True):
+        envs = TextGenerationVectorEnv(
+            num_envs=16, reference_pass=reference_pass, temperature=temperature, **ENV
+        )
+        lm, _ = load_causal_lm("tiny:1")
+        policy = LMActorCritic(lm, temperature=temperature)
+        torch.nn.init.normal_(
+            policy.value_head.weight, std=0.1, generator=torch.Generator().manual_seed(1)
+        )
+        generator = torch.Generator().manual_seed(0)
+        rollouts.append(
+            collect_rollout(policy, envs, seed=0, generator=generator, static_cache=static)
+        )
+    dynamic, static = rollouts
+    assert (~dynamic.mask.bool()).any() and dynamic.mask.bool().any(1).all()  # ragged ends
+    assert torch.equal(dynamic.actions, static.actions) and torch.equal(dynamic.mask, static.mask)
+    assert dynamic.responses == static.responses
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(static.values, dynamic.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(static.ref_logprobs, dynamic.ref_logprobs, rtol=0, atol=0)
+    assert torch.equal(static.scores, dynamic.scores)
+
+
+def test_a_static_cache_is_refused_for_a_conversation():
+    from textenv.multiturn import MultiTurnTextVectorEnv
+
+    envs = MultiTurnTextVectorEnv(num_envs=2, task="ToyTurns", model="tiny")
+    policy = LMActorCritic(load_causal_lm("tiny:1")[0])
+    with pytest.raises(ValueError, match="static KV cache is for single-turn envs"):
+        collect_rollout(policy, envs, seed=0, generator=torch.Generator(), static_cache=True)
