@@ -3,7 +3,7 @@
 
 import sys
 
-from textenv.agents.cli.evaluate import main
+from textenv.agents.cli.launch import evaluate as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from textenv.agents.cli.plot import main
+from textenv.agents.cli.launch import plot as main
 
 if __name__ == "__main__":
     sys.exit(main())

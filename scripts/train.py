@@ -3,7 +3,7 @@
 
 import sys
 
-from textenv.agents.cli.train import main
+from textenv.agents.cli.launch import train as main
 
 if __name__ == "__main__":
     sys.exit(main())

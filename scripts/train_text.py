@@ -3,7 +3,7 @@
 
 import sys
 
-from textenv.agents.cli.train_text import main
+from textenv.agents.cli.launch import train_text as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 one exit path (a line on stderr; 2 for a failure, 128 + the signal for a stop)."""
 
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -109,3 +111,15 @@ def test_ctrl_c_becomes_keyboard_interrupt_in_the_main_thread_and_other_threads_
         assert codes == [0] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_importing_the_programs_installs_no_signal_handler():
+    # Only calling an entry point sets the quiet Ctrl-C of start-up; an import, as a library
+    # user's or under a program's name, leaves the interpreter's handler alone.
+    code = (
+        "import signal, sys; sys.argv[0] = 'textenv-train-text'; "
+        "import textenv.agents.cli, textenv.agents.cli.launch, textenv.agents.cli.train_text; "
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr

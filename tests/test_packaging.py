@@ -52,10 +52,10 @@ def test_the_console_scripts_point_into_textenv_agents_cli(wheel):
         parser.read_string(archive.read(entry_points).decode())
     scripts = dict(parser["console_scripts"])
     assert scripts == {
-        "textenv-train": "textenv.agents.cli.train:main",
-        "textenv-train-text": "textenv.agents.cli.train_text:main",
-        "textenv-evaluate": "textenv.agents.cli.evaluate:main",
-        "textenv-plot": "textenv.agents.cli.plot:main",
+        "textenv-train": "textenv.agents.cli.launch:train",
+        "textenv-train-text": "textenv.agents.cli.launch:train_text",
+        "textenv-evaluate": "textenv.agents.cli.launch:evaluate",
+        "textenv-plot": "textenv.agents.cli.launch:plot",
     }
 
 

@@ -785,7 +785,6 @@ def test_periodic_checkpoints_fall_on_multiples_of_checkpoint_every(tmp_path, mo
 
 
 def test_the_summary_reports_the_last_iteration_and_the_run_throughput(tmp_path):
-    import time
 
     start = time.perf_counter()
     summary = train_text(_config(tmp_path, "s", iterations=3, kl_coef=0.1, learning_rate=1e-2))
