@@ -98,6 +98,114 @@ def _text_ppo() -> PPOConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    temperature: float = 1.0
+    """sampling temperature; the policy's and the reference's log-probs are both of the tempered
+    distribution (training samples from the whole tempered distribution: top-k/top-p are for
+    textenv-evaluate)"""
+    group_size: int = 1
+    """responses sampled per prompt in each batch (consecutive rows share a prompt); grpo and rloo
+    need >= 2"""
+    static_cache: bool = False
+    """allocate the policy's KV cache once at its final length (transformers' StaticCache): every
+    decode step has the same shapes, as torch.compile and CUDA graphs need (single-turn tasks)"""
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty to the reference and its coefficient β."""
+
+    kl_coef: float | None = None
+    """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when
+    kl_target is set"""
+    kl_target: float | None = None
+    """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β
+    fixed"""
+    kl_horizon: int = 10_000
+    """horizon of the adaptive KL controller, in episodes"""
+    reference_pass: Literal["at_end", "per_step"] = "at_end"
+    """when the env's reference model runs: at_end (one forward per finished response) or per_step
+    (one KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
+    kl_in_loss: bool = False
+    """put β·KL (k3 estimator) in the loss instead of in the reward (the reward is then the
+    score)"""
+
+
+@dataclass
+class EstimatorConfig:
+    """How advantages are estimated from the shaped rewards."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """advantage estimator: gae (value head, GAE over tokens); critic-free, with no value head: grpo
+    (return minus its group's mean, over the group's std), rloo (minus the mean of the rest of its
+    group), reinforce_pp (REINFORCE++: KL-shaped return to go, whitened over the batch)"""
+    grpo_scale: bool = True
+    """grpo: divide by the group's std (off: Dr. GRPO, the return minus the group mean only)"""
+    gamma: float = 1.0
+    """discount over tokens (gae, reinforce_pp)"""
+    gae_lambda: float = 0.95
+    """λ of GAE over tokens"""
+    whiten_advantages: bool = True
+    """gae: whiten advantages over the whole batch's response tokens (reinforce_pp always does, grpo
+    and rloo never: their group baseline is the normalisation)"""
+
+
+@dataclass
+class LMConfig:
+    """Where and how the policy model is held and run: device, precision, LoRA, sharding."""
+
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards
+    under bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
+    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
+    """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward),
+    recompute (one no-grad pass of the update's own forward before the epochs, so the first ratio is
+    exactly 1); auto: recompute under bf16, on CUDA or with --fsdp, where the two forwards differ by
+    more than rounding"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the update"""
+    lora_r: int = 0
+    """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0:
+    off)"""
+    lora_alpha: int = 16
+    """LoRA scaling α"""
+    fsdp: bool = False
+    """shard the policy over the torchrun processes with FSDP2 (torch's fully_shard: nccl on GPUs,
+    gloo on CPUs), for models whose weights, gradients and optimizer state do not fit one device;
+    checkpoints hold the full weights but not the sharded optimizer state, so a sharded run cannot
+    be resumed yet; not with --lora-r"""
+    torch_threads: int = 1
+    """torch CPU threads of this process (1 never oversubscribes a machine others use; 0: torch's
+    default, one per core, fastest only on an otherwise idle machine)"""
+    trust_remote_code: bool = False
+    """allow model code from the model's repository (off: only transformers' own code runs)"""
+
+
+@dataclass
+class LoggingConfig:
+    """The run directory, its logs and checkpoints."""
+
+    sample_every: int = 5
+    """log a table of prompts and responses every this many iterations"""
+    run_name: str | None = None
+    """run directory name (default: <task>__<seed>__<date-time>)"""
+    runs_dir: str = "runs"
+    """parent of run directories"""
+    tensorboard: bool = True
+    """write TensorBoard events beside metrics.jsonl"""
+    progress: bool = True
+    """show a progress bar"""
+    save_checkpoint: bool = True
+    """save the policy with save_pretrained (plus value head and training state) at the end"""
+    checkpoint_every: int = 10
+    """also checkpoint every this many iterations (0: only at the end or on interruption)"""
+
+
+@dataclass
 class TextTrainConfig:
     """PPO on a text-generation task: the policy LM writes responses, the env scores them."""
 
@@ -127,154 +235,122 @@ class TextTrainConfig:
     """episodes (responses) per iteration"""
     max_new_tokens: int | None = None
     """response budget (default: the task's); for a multi-turn task, the agent's budget per turn"""
-    kl_coef: float | None = None
-    """β of the KL penalty, the env's kl_coef (default: the task's); the initial value when
-    kl_target is set"""
-    kl_target: float | None = None
-    """adaptive β (Ziegler et al.): the KL to the reference per response to aim for; None keeps β
-    fixed"""
-    kl_horizon: int = 10_000
-    """horizon of the adaptive KL controller, in episodes"""
-    reference_pass: Literal["at_end", "per_step"] = "at_end"
-    """when the env's reference model runs: at_end (one forward per finished response) or per_step
-    (one KV-cached step per token); the shaped per-token rewards are the same, at_end is faster"""
-    kl_in_loss: bool = False
-    """put β·KL (k3 estimator) in the loss instead of in the reward (the reward is then the
-    score)"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of responses that hit the budget without EOS"""
-    temperature: float = 1.0
-    """sampling temperature; the policy's and the reference's log-probs are both of the tempered
-    distribution (training samples from the whole tempered distribution: top-k/top-p are for
-    textenv-evaluate)"""
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over ``iterations`` (TRL's and CleanRL's default); on
     --resume with more iterations the decay continues from the rate reached, without a jump"""
-    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
-    """advantage estimator: gae (value head, GAE over tokens); critic-free, with no value head: grpo
-    (return minus its group's mean, over the group's std), rloo (minus the mean of the rest of its
-    group), reinforce_pp (REINFORCE++: KL-shaped return to go, whitened over the batch)"""
-    group_size: int = 1
-    """responses sampled per prompt in each batch (consecutive rows share a prompt); grpo and rloo
-    need >= 2"""
-    grpo_scale: bool = True
-    """grpo: divide by the group's std (off: Dr. GRPO, the return minus the group mean only)"""
-    gamma: float = 1.0
-    """discount over tokens (gae, reinforce_pp)"""
-    gae_lambda: float = 0.95
-    """λ of GAE over tokens"""
-    whiten_advantages: bool = True
-    """gae: whiten advantages over the whole batch's response tokens (reinforce_pp always does, grpo
-    and rloo never: their group baseline is the normalisation)"""
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    """how responses are sampled"""
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)
+    """the KL penalty to the reference and its coefficient β"""
+    estimator: EstimatorConfig = dataclasses.field(default_factory=EstimatorConfig)
+    """how advantages are estimated from the shaped rewards"""
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
+    """where and how the policy model is held and run: device, precision, LoRA, sharding"""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """the run directory, its logs and checkpoints"""
     ppo: PPOConfig = dataclasses.field(default_factory=_text_ppo)
     """the PPO update's hyperparameters"""
     seed: int = 1
     """seed of prompts, sampling and minibatches"""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """bf16: mixed precision (fp32 weights, optimizer state and checkpoints; forwards and backwards
-    under bf16 autocast, the reference's too); fp32; auto: bf16 on CUDA, fp32 on a CPU"""
-    static_cache: bool = False
-    """allocate the policy's KV cache once at its final length (transformers' StaticCache): every
-    decode step has the same shapes, as torch.compile and CUDA graphs need (single-turn tasks)"""
-    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
-    """where PPO's old log-probs and values come from: rollout (the KV-cached sampling forward),
-    recompute (one no-grad pass of the update's own forward before the epochs, so the first ratio is
-    exactly 1); auto: recompute under bf16, on CUDA or with --fsdp, where the two forwards differ by
-    more than rounding"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the update"""
-    lora_r: int = 0
-    """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0:
-    off)"""
-    lora_alpha: int = 16
-    """LoRA scaling α"""
-    fsdp: bool = False
-    """shard the policy over the torchrun processes with FSDP2 (torch's fully_shard: nccl on GPUs,
-    gloo on CPUs), for models whose weights, gradients and optimizer state do not fit one device;
-    checkpoints hold the full weights but not the sharded optimizer state, so a sharded run cannot
-    be resumed yet; not with --lora-r"""
-    torch_threads: int = 1
-    """torch CPU threads of this process (1 never oversubscribes a machine others use; 0: torch's
-    default, one per core, fastest only on an otherwise idle machine)"""
     eval_samples: int = 32
     """responses sampled on the held-out prompts (every 5th of the set, not trained on) before and
     after training, their mean score and KL printed at the end (0: off, and every prompt is trained
     on)"""
-    sample_every: int = 5
-    """log a table of prompts and responses every this many iterations"""
-    run_name: str | None = None
-    """run directory name (default: <task>__<seed>__<date-time>)"""
-    runs_dir: str = "runs"
-    """parent of run directories"""
-    tensorboard: bool = True
-    """write TensorBoard events beside metrics.jsonl"""
-    progress: bool = True
-    """show a progress bar"""
-    save_checkpoint: bool = True
-    """save the policy with save_pretrained (plus value head and training state) at the end"""
-    checkpoint_every: int = 10
-    """also checkpoint every this many iterations (0: only at the end or on interruption)"""
-    trust_remote_code: bool = False
-    """allow model code from the model's repository (off: only transformers' own code runs)"""
 
     def validate(self) -> None:
         check_finite_settings(self)
         for name in ("iterations", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        validate_rates(self.learning_rate, self.gamma, self.gae_lambda)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+        validate_rates(self.learning_rate, self.estimator.gamma, self.estimator.gae_lambda)
+        if self.sampling.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.sampling.temperature}")
+        if self.kl.kl_target is not None and self.kl.kl_target <= 0:
+            raise ValueError(f"kl_target must be > 0, got {self.kl.kl_target}")
         if self.target_window < 1:
             raise ValueError(f"target_window must be >= 1, got {self.target_window}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
-        if self.fsdp and self.lora_r:
+        if self.lm.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lm.lora_r}")
+        if self.lm.fsdp and self.lm.lora_r:
             raise ValueError(
                 "--fsdp with --lora-r is not supported (LoRA's adapters are small: train them "
                 "without sharding)"
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        for name in ("eval_samples", "torch_threads", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.advantage not in ESTIMATORS:
+        for name, value in (
+            ("eval_samples", self.eval_samples),
+            ("torch_threads", self.lm.torch_threads),
+            ("seed", self.seed),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.estimator.advantage not in ESTIMATORS:
             raise ValueError(
-                f"advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}"
+                f"advantage must be one of {', '.join(ESTIMATORS)}, got "
+                f"{self.estimator.advantage!r}"
             )
-        if self.group_size < 1 or self.num_envs % self.group_size:
+        if self.sampling.group_size < 1 or self.num_envs % self.sampling.group_size:
             raise ValueError(
-                f"group_size={self.group_size} must be >= 1 and divide num_envs={self.num_envs}"
+                f"group_size={self.sampling.group_size} must be >= 1 and divide "
+                f"num_envs={self.num_envs}"
             )
-        if self.advantage in GROUP_ESTIMATORS and self.group_size < 2:
+        if self.estimator.advantage in GROUP_ESTIMATORS and self.sampling.group_size < 2:
             raise ValueError(
-                f"--advantage {self.advantage} needs --group-size >= 2 (its baseline is the other "
-                f"responses to the same prompt), got {self.group_size}"
+                f"--advantage {self.estimator.advantage} needs --group-size >= 2 (its baseline is "
+                "the other "
+                f"responses to the same prompt), got {self.sampling.group_size}"
             )
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.old_logprobs not in ("auto", "rollout", "recompute"):
+        if self.lm.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.lm.precision!r}")
+        if self.lm.old_logprobs not in ("auto", "rollout", "recompute"):
             raise ValueError(
-                f"old_logprobs must be auto, rollout or recompute, got {self.old_logprobs!r}"
+                f"old_logprobs must be auto, rollout or recompute, got {self.lm.old_logprobs!r}"
             )
         self.ppo.validate(self.num_envs)
 
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TextTrainConfig:
+        """A config from settings named as their command-line flags, whichever sub-config holds
+        them: ``TextTrainConfig.from_flat(task="Toy", kl_coef=0.1, device="cpu")``."""
+        groups: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for name, value in settings.items():
+            owner = next((g for g, c in _SUB_CONFIGS.items() if name in _field_names(c)), None)
+            if owner is None:
+                top[name] = value
+            else:
+                groups.setdefault(owner, {})[name] = value
+        return cls(**top, **{g: _SUB_CONFIGS[g](**kw) for g, kw in groups.items()})
+
     def bf16(self, device: torch.device) -> bool:
         """Whether the run computes in bf16 on ``device``."""
-        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        return self.lm.precision == "bf16" or (
+            self.lm.precision == "auto" and device.type == "cuda"
+        )
 
     def recompute_old_logprobs(self, device: torch.device) -> bool:
         """Whether old log-probs come from the update's forward (see ``old_logprobs``)."""
-        if self.old_logprobs != "auto":
-            return self.old_logprobs == "recompute"
-        return self.bf16(device) or device.type == "cuda" or self.fsdp
+        if self.lm.old_logprobs != "auto":
+            return self.lm.old_logprobs == "recompute"
+        return self.bf16(device) or device.type == "cuda" or self.lm.fsdp
+
+
+_SUB_CONFIGS: dict[str, type] = {
+    "sampling": SamplingConfig,
+    "kl": KLConfig,
+    "estimator": EstimatorConfig,
+    "lm": LMConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -316,15 +392,29 @@ def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
             f"(config.json + policy/{STATE_FILE})"
         )
     raw = json.loads((run_dir / "config.json").read_text())
-    raw["ppo"] = PPOConfig(**raw["ppo"])
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TextTrainConfig)})
-    if unknown:
+    try:
+        return _config_from_dict(TextTrainConfig, raw)
+    except KeyError as err:
         raise ValueError(
-            f"{run_dir / 'config.json'} has settings this version does not have "
-            f"({', '.join(unknown)}): it was written by an older version (see CHANGELOG.md); start "
-            f"a new run from its weights with --model {run_dir / 'policy'}"
-        )
-    return TextTrainConfig(**raw)
+            f"{run_dir / 'config.json'} has settings this version does not have ({err.args[0]}): "
+            "it was written by an older version (see CHANGELOG.md); start a new run from its "
+            f"weights with --model {run_dir / 'policy'}"
+        ) from None
+
+
+def _config_from_dict(cls: Any, raw: dict[str, Any]) -> Any:
+    """``cls`` (a config dataclass) from its ``dataclasses.asdict`` form, sub-configs included;
+    KeyError naming the settings ``cls`` does not have."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise KeyError(", ".join(unknown))
+    return cls(
+        **{
+            k: _config_from_dict(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v
+            for k, v in raw.items()
+        }
+    )
 
 
 def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
@@ -342,7 +432,7 @@ def train_text(config: TextTrainConfig, resume: str | Path | None = None) -> dic
     """
     config.validate()
     config = with_absolute_paths(config)
-    with distributed_run(resolve_device(config.device)) as (dist, device):
+    with distributed_run(resolve_device(config.lm.device)) as (dist, device):
         return _train_text(config, resume, dist, device)
 
 
@@ -350,7 +440,7 @@ def _train_text(
     config: TextTrainConfig, resume: str | Path | None, dist: Dist, device: torch.device
 ) -> dict[str, Any]:
     local_envs = check_run_layout(config, resume, dist)
-    set_torch_threads(config.torch_threads)
+    set_torch_threads(config.lm.torch_threads)
     seed_everything(config.seed)
     t = _TextTraining(config, resume, dist, device, local_envs)
     t.evaluate_before()
@@ -360,12 +450,12 @@ def _train_text(
         range(t.first_iteration, config.iterations + 1),
         initial=t.first_iteration - 1,  # a resumed run's bar continues where it stopped
         total=config.iterations,
-        disable=not (config.progress and dist.is_main),
+        disable=not (config.logging.progress and dist.is_main),
         unit="it",
         dynamic_ncols=True,
     )
     try:
-        with t.run.loop(save_on_failure=config.save_checkpoint):
+        with t.run.loop(save_on_failure=config.logging.save_checkpoint):
             for iteration in bar:
                 beta, lr = t.envs.kl_coef, t.schedule.apply(t.optimizer, iteration)
                 rollout, timing = t.collect(iteration, bar)
@@ -377,8 +467,8 @@ def _train_text(
                 t.run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
                 if t.reached_target_score():
                     break
-                if config.save_checkpoint and config.checkpoint_every:
-                    if iteration % config.checkpoint_every == 0:
+                if config.logging.save_checkpoint and config.logging.checkpoint_every:
+                    if iteration % config.logging.checkpoint_every == 0:
                         t.checkpoint(iteration)
     finally:
         bar.close()
@@ -389,22 +479,23 @@ def check_run_layout(config: TextTrainConfig, resume: str | Path | None, dist: D
     """Refuse, before any model loads, a run that cannot work with this many processes or
     cannot continue ``resume``; return each process's number of responses."""
     local_envs = dist.check_divides("num_envs", config.num_envs)
-    if local_envs % config.group_size:
+    if local_envs % config.sampling.group_size:
         raise ValueError(
-            f"group_size={config.group_size} must divide each process's {local_envs} responses "
+            f"group_size={config.sampling.group_size} must divide each process's {local_envs} "
+            "responses "
             f"(num_envs={config.num_envs} over {dist.world_size} processes)"
         )
     dist.check_local_batch(config.ppo, local_envs)
-    if config.fsdp and not dist.active:
+    if config.lm.fsdp and not dist.active:
         raise ValueError(
             "--fsdp shards the policy over torchrun's processes: launch the run with "
             "torchrun --nproc-per-node N (one process per GPU)"
         )
     if resume is None:
-        check_writable_dir(config.runs_dir, "--runs-dir")  # before minutes of model loading
+        check_writable_dir(config.logging.runs_dir, "--runs-dir")  # before minutes of model loading
         return local_envs
     saved = load_text_run_config(resume)
-    if saved.fsdp or config.fsdp:
+    if saved.lm.fsdp or config.lm.fsdp:
         raise ValueError(
             f"--resume {resume}: runs sharded with --fsdp cannot be resumed yet (their "
             "checkpoint holds the full weights but not the sharded optimizer state); start a new "
@@ -415,10 +506,11 @@ def check_run_layout(config: TextTrainConfig, resume: str | Path | None, dist: D
             f"--resume {resume} is a run of task {saved.task} with model {saved.model}, "
             f"not {config.task} with {config.model}"
         )
-    if needs_critic(saved.advantage) != needs_critic(config.advantage):
+    if needs_critic(saved.estimator.advantage) != needs_critic(config.estimator.advantage):
         raise ValueError(
-            f"--resume {resume} was trained with --advantage {saved.advantage}, which cannot "
-            f"continue as --advantage {config.advantage} (one trains a value head, the other "
+            f"--resume {resume} was trained with --advantage {saved.estimator.advantage}, which "
+            f"cannot continue as --advantage {config.estimator.advantage} (one trains a value "
+            "head, the other "
             "has none)"
         )
     return local_envs
@@ -451,7 +543,12 @@ class _TextTraining:
         self.score_first: float | None = None
         self.eval_before: dict[str, float] | None = None
         self.run_dir = TrainingRun.directory(
-            config.runs_dir, config.run_name, f"{config.task}__{config.seed}", config, resume, dist
+            config.logging.runs_dir,
+            config.logging.run_name,
+            f"{config.task}__{config.seed}",
+            config,
+            resume,
+            dist,
         )
         if resume is not None:
             previous_wall = self._restore()
@@ -460,15 +557,15 @@ class _TextTraining:
             seed_everything(rank_seed)
             self.generator.manual_seed(rank_seed)
         self.controller = None
-        if config.kl_target:
+        if config.kl.kl_target:
             self.controller = AdaptiveKLController(
-                self.envs.kl_coef, config.kl_target, config.kl_horizon
+                self.envs.kl_coef, config.kl.kl_target, config.kl.kl_horizon
             )
         self.start = time.perf_counter() - previous_wall
         done = self.first_iteration - 1  # the checkpoint's iteration (its step too)
         self.run = TrainingRun(
             self.run_dir,
-            tensorboard=config.tensorboard,
+            tensorboard=config.logging.tensorboard,
             checkpoint=self.checkpoint,
             recoverable=(RewardError,),
             dist=dist,
@@ -479,7 +576,7 @@ class _TextTraining:
         self.postfix = ""
 
     def say(self, message: str) -> None:
-        if self.config.progress and self.dist.is_main:
+        if self.config.logging.progress and self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
 
     def _load_envs(self) -> None:
@@ -490,12 +587,12 @@ class _TextTraining:
         self.say(f"loading the reference model ({config.model}) ...")
         dtype = torch.float32
         self.envs = make_text_envs(
-            config, self.local_envs, task_kwargs, self.device, dtype, config.reference_pass
+            config, self.local_envs, task_kwargs, self.device, dtype, config.kl.reference_pass
         )
         self.eval_envs = None
         # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or
         # with a sharded policy every rank (its forward is a collective), on the same prompts.
-        if held_out and (dist.is_main or config.fsdp):
+        if held_out and (dist.is_main or config.lm.fsdp):
             self.eval_envs = make_text_envs(
                 config,
                 config.eval_samples,
@@ -514,15 +611,15 @@ class _TextTraining:
         # Resuming loads the trained policy with from_pretrained; the reference stays
         # config.model. With LoRA the base stays config.model and a checkpoint restores the
         # adapter.
-        trained = resume is not None and not config.lora_r
+        trained = resume is not None and not config.lm.lora_r
         source = str(Path(resume) / "policy") if resume is not None and trained else config.model
         lm, _ = load_causal_lm(
-            source, device=self.device, trust_remote_code=config.trust_remote_code
+            source, device=self.device, trust_remote_code=config.lm.trust_remote_code
         )
-        if config.lora_r:
+        if config.lm.lora_r:
             adapter = Path(resume) / "policy" / "adapter" if resume is not None else None
-            lm = with_lora(lm, config.lora_r, config.lora_alpha, adapter)
-        if config.gradient_checkpointing:
+            lm = with_lora(lm, config.lm.lora_r, config.lm.lora_alpha, adapter)
+        if config.lm.gradient_checkpointing:
             # The new name from transformers 5.24 on (the old one warns there); the old one before.
             enable = (
                 getattr(lm, "activation_checkpointing_enable", None)
@@ -530,13 +627,13 @@ class _TextTraining:
             )
             enable()
             lm.config.use_cache = False
-        critic = needs_critic(config.advantage)
-        self.policy = LMActorCritic(lm, temperature=config.temperature, value_head=critic)
+        critic = needs_critic(config.estimator.advantage)
+        self.policy = LMActorCritic(lm, temperature=config.sampling.temperature, value_head=critic)
         self.dist.broadcast_parameters(p for p in self.policy.parameters() if p.requires_grad)
-        if config.fsdp:
+        if config.lm.fsdp:
             shard_policy(self.policy, lm)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = adamw(trainable, lr=config.learning_rate, fused=not config.fsdp)
+        self.optimizer = adamw(trainable, lr=config.learning_rate, fused=not config.lm.fsdp)
 
     def _restore(self) -> float:
         """Load the checkpoint's state into this run; return the wall time it had run."""
@@ -596,8 +693,8 @@ class _TextTraining:
                 self.envs,
                 seed=seed,
                 generator=self.generator,
-                group_size=self.config.group_size,
-                static_cache=self.config.static_cache,
+                group_size=self.config.sampling.group_size,
+                static_cache=self.config.sampling.static_cache,
             )
         rollout_s = time.perf_counter() - t0
         if self.recompute:
@@ -612,21 +709,23 @@ class _TextTraining:
         """Shaped per-token rewards, then advantages and returns: GAE with the critic (whitened
         over the batch), or a critic-free estimator (returns 0, so the value loss is 0)."""
         config = self.config
-        rewards = shaped_rewards(rollout, beta, not config.kl_in_loss, config.missing_eos_penalty)
-        if needs_critic(config.advantage):
+        rewards = shaped_rewards(
+            rollout, beta, not config.kl.kl_in_loss, config.missing_eos_penalty
+        )
+        if needs_critic(config.estimator.advantage):
             advantages, returns = token_advantages(
-                rollout, rewards, config.gamma, config.gae_lambda
+                rollout, rewards, config.estimator.gamma, config.estimator.gae_lambda
             )
-            if config.whiten_advantages:
+            if config.estimator.whiten_advantages:
                 advantages = normalize(advantages, rollout.mask, dist=self.dist) * rollout.mask
             return rewards, advantages, returns
         advantages = critic_free_advantages(
-            config.advantage,
+            config.estimator.advantage,
             rewards,
             rollout.mask,
-            config.group_size,
-            config.gamma,
-            config.grpo_scale,
+            config.sampling.group_size,
+            config.estimator.gamma,
+            config.estimator.grpo_scale,
             dist=self.dist,
         )
         return rewards, advantages, torch.zeros_like(rewards)
@@ -665,7 +764,7 @@ class _TextTraining:
                     entropy_grad=config.ppo.ent_coef != 0,
                     positions=mb.get("positions"),
                 )
-            if not config.kl_in_loss:
+            if not config.kl.kl_in_loss:
                 return logprob, entropy, value
             return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
 
@@ -720,7 +819,7 @@ class _TextTraining:
             "wall_time_s": elapsed,
         }
         self.history.append(metrics)
-        every = self.config.sample_every
+        every = self.config.logging.sample_every
         if self.dist.is_main and every and (iteration % every == 0 or iteration == 1):
             self.run.logger.text("samples", samples_table(rollout), iteration)
             self.run.logger.samples(
@@ -738,14 +837,14 @@ class _TextTraining:
 
     def checkpoint(self, iteration: int) -> Path:
         config, dist = self.config, self.dist
-        weights = full_state_dict(self.policy) if config.fsdp else None  # a collective
+        weights = full_state_dict(self.policy) if config.lm.fsdp else None  # a collective
         if not dist.is_main:
             return self.run_dir / "policy"
         return save_policy(
             self.run_dir / "policy",
             self.policy,
             self.envs.tokenizer,
-            optimizer=None if config.fsdp else self.optimizer,
+            optimizer=None if config.lm.fsdp else self.optimizer,
             generator=self.generator,
             state_dict=weights,
             state={
@@ -792,7 +891,7 @@ class _TextTraining:
                 "eval_kl_after": after["kl"],
             }
             self.eval_envs.close()
-        if config.save_checkpoint:
+        if config.logging.save_checkpoint:
             summary["checkpoint"] = str(self.checkpoint(self.run.last_iteration))
         return self.run.finish(summary)
 
@@ -827,7 +926,7 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
             k: v
             for k, v in {
                 "max_turn_tokens": config.max_new_tokens,
-                "kl_coef": config.kl_coef,
+                "kl_coef": config.kl.kl_coef,
             }.items()
             if v is not None
         } | task_options(config)
@@ -836,7 +935,7 @@ def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
         ).has_held_out
     task_kwargs = {
         "max_new_tokens": config.max_new_tokens,
-        "kl_coef": config.kl_coef,
+        "kl_coef": config.kl.kl_coef,
         "reward_model": config.reward_model,
     }
     task_kwargs = {k: v for k, v in task_kwargs.items() if v is not None} | task_options(config)
@@ -938,9 +1037,9 @@ def make_text_envs(
         "tokenizer": tokenizer,
         "device": device,
         "dtype": dtype,
-        "trust_remote_code": config.trust_remote_code,
+        "trust_remote_code": config.lm.trust_remote_code,
         "reference_pass": reference_pass,
-        "temperature": config.temperature,
+        "temperature": config.sampling.temperature,
     }
     if is_multi_turn(config.task):
         from textenv.multiturn import MultiTurnTextVectorEnv
@@ -998,10 +1097,10 @@ def evaluate_text_run(
         "at_end",
     )
     lm, _ = load_causal_lm(
-        str(run_dir / "policy"), device=on, trust_remote_code=config.trust_remote_code
+        str(run_dir / "policy"), device=on, trust_remote_code=config.lm.trust_remote_code
     )
     policy = LMActorCritic(
-        lm, temperature=config.temperature, top_k=top_k, top_p=top_p, value_head=False
+        lm, temperature=config.sampling.temperature, top_k=top_k, top_p=top_p, value_head=False
     )  # sampling only
     result = evaluate_held_out(policy, envs, seed)
     envs.close()

@@ -73,7 +73,7 @@ def run_workload(name: str, threads: int) -> dict[str, float]:
             torch_threads=threads,
         )
         if name == "toy-train":
-            config = TextTrainConfig(
+            config = TextTrainConfig.from_flat(
                 task="Toy",
                 model="tiny",
                 iterations=3,
@@ -86,7 +86,7 @@ def run_workload(name: str, threads: int) -> dict[str, float]:
             train_text(config)
             return {"seconds": time.perf_counter() - start, "threads_used": torch.get_num_threads()}
         if name == "sentiment-train":
-            config = TextTrainConfig(
+            config = TextTrainConfig.from_flat(
                 task="Sentiment",
                 model="embedded",
                 iterations=2,

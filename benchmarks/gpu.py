@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from textenv.agents.text import LMConfig, LoggingConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("tests", "control", "classic", "text", "torchrun", "trl")
 
@@ -303,13 +305,15 @@ def section_text(args: GpuBenchConfig, device: torch.device, raw: dict) -> list[
             iterations=iters,
             num_envs=n_envs,
             max_new_tokens=tokens,
-            device=str(device),
-            runs_dir=tmp,
-            tensorboard=False,
-            progress=False,
-            save_checkpoint=False,
             eval_samples=0,
-            run_name="ppo",
+            lm=LMConfig(device=str(device)),
+            logging=LoggingConfig(
+                runs_dir=tmp,
+                tensorboard=False,
+                progress=False,
+                save_checkpoint=False,
+                run_name="ppo",
+            ),
         )
         summary = train_text(config)
         peak = (

@@ -37,6 +37,7 @@ import torch
 import tyro
 
 from textenv.agents.runlog import atomic_write_text
+from textenv.agents.text import LMConfig, LoggingConfig
 
 SHAPES: dict[str, dict[str, Any]] = {
     "135m": dict(
@@ -197,14 +198,16 @@ def time_ppo_iteration(
         iterations=2,
         num_envs=batch,
         max_new_tokens=args.new_tokens,
-        device=str(device),
         eval_samples=0,
-        sample_every=0,
-        save_checkpoint=False,
-        tensorboard=False,
-        progress=False,
-        runs_dir=str(runs),
         ppo=dataclasses.replace(ppo, grad_accum_steps=accum),
+        lm=LMConfig(device=str(device)),
+        logging=LoggingConfig(
+            sample_every=0,
+            save_checkpoint=False,
+            tensorboard=False,
+            progress=False,
+            runs_dir=str(runs),
+        ),
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

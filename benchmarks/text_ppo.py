@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from textenv.agents.text import KLConfig, LMConfig, LoggingConfig
+
 SIDES = ("textenv", "trl", "generate")
 
 
@@ -166,16 +168,17 @@ def run_textenv(args: TextPPOBenchConfig, device: torch.device) -> dict:
             iterations=args.warmup + args.iterations,
             num_envs=args.num_envs,
             max_new_tokens=args.max_new_tokens,
-            kl_coef=args.kl_coef,
             learning_rate=args.learning_rate,
-            device=str(device),
-            runs_dir=runs_dir,
-            run_name="run",
-            tensorboard=False,
-            progress=False,
-            save_checkpoint=False,
-            sample_every=0,
-            torch_threads=args.threads,
+            kl=KLConfig(kl_coef=args.kl_coef),
+            lm=LMConfig(device=str(device), torch_threads=args.threads),
+            logging=LoggingConfig(
+                runs_dir=runs_dir,
+                run_name="run",
+                tensorboard=False,
+                progress=False,
+                save_checkpoint=False,
+                sample_every=0,
+            ),
         )
         config.ppo = dataclasses.replace(
             config.ppo, update_epochs=args.update_epochs, num_minibatches=args.num_minibatches

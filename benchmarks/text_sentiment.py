@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from textenv.agents.text import KLConfig, LMConfig, LoggingConfig
+
 
 @dataclass
 class SentimentBenchConfig:
@@ -110,19 +112,19 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             iterations=args.iterations,
             target_score=args.target_score,
-            reference_pass=args.reference_pass,
             num_envs=args.num_envs,
             max_new_tokens=args.max_new_tokens,
             learning_rate=args.learning_rate,
             anneal_lr=args.anneal_lr,
-            kl_coef=args.kl_coef,
-            kl_target=args.kl_target,
-            kl_horizon=args.kl_horizon,
             seed=args.seed,
-            device=device,
-            runs_dir=runs_dir,
-            run_name="run",
-            tensorboard=False,
+            kl=KLConfig(
+                reference_pass=args.reference_pass,
+                kl_coef=args.kl_coef,
+                kl_target=args.kl_target,
+                kl_horizon=args.kl_horizon,
+            ),
+            lm=LMConfig(device=device),
+            logging=LoggingConfig(runs_dir=runs_dir, run_name="run", tensorboard=False),
         )
         config.ppo = dataclasses.replace(
             config.ppo, num_minibatches=args.num_minibatches, update_epochs=args.update_epochs

@@ -18,7 +18,7 @@ from textenv.agents.cli import train_text as train_text_cli
 from textenv.agents.lm import LMActorCritic
 from textenv.agents.ppo import PPOConfig, ppo_update
 from textenv.agents.rollout_text import collect_rollout
-from textenv.agents.text import TextTrainConfig, train_text
+from textenv.agents.text import EstimatorConfig, SamplingConfig, TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 
 
@@ -186,11 +186,15 @@ def test_rloo_with_groups_of_one_is_refused_with_one_line(capsys):
     with pytest.raises(
         ValueError, match="advantage must be one of gae, grpo, rloo, reinforce_pp, got 'ppo'"
     ):
-        TextTrainConfig(advantage="ppo").validate()
+        TextTrainConfig(estimator=EstimatorConfig(advantage="ppo")).validate()
     with pytest.raises(ValueError, match="--advantage rloo needs --group-size >= 2"):
-        TextTrainConfig(advantage="rloo", group_size=1).validate()
+        TextTrainConfig(
+            estimator=EstimatorConfig(advantage="rloo"), sampling=SamplingConfig(group_size=1)
+        ).validate()
     with pytest.raises(ValueError, match="group_size=3 must be >= 1 and divide num_envs=16"):
-        TextTrainConfig(advantage="grpo", group_size=3).validate()
+        TextTrainConfig(
+            estimator=EstimatorConfig(advantage="grpo"), sampling=SamplingConfig(group_size=3)
+        ).validate()
     assert (
         train_text_cli.main(
             ["--task", "Toy", "--model", "tiny", "--advantage", "rloo", "--no-progress"]
@@ -218,7 +222,7 @@ def _toy(tmp_path, name, **kw):
         run_name=name,
         eval_samples=0,
     )
-    return TextTrainConfig(**(base | kw))
+    return TextTrainConfig.from_flat(**(base | kw))
 
 
 @pytest.mark.parametrize("advantage, group_size", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1)])

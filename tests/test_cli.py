@@ -390,7 +390,7 @@ def test_train_text_cli_parses_flags_and_reads_sys_argv(capsys, monkeypatch):
     capsys.readouterr()
     config, _ = train_text_cli.parse(["--reference-pass", "per_step", "--iterations", "3"])
     assert (
-        config.reference_pass == "per_step"
+        config.kl.reference_pass == "per_step"
         and config.iterations == 3
         and capsys.readouterr().err == ""
     )

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from textenv.agents.distributed import Dist, sync_running_stats
 from textenv.agents.ppo import PPOConfig, explained_variance, normalize, ppo_update
+from textenv.agents.text import LMConfig, LoggingConfig
 
 WORLD = 2
 
@@ -427,12 +428,11 @@ def _text_run_prompts(dist: Dist | None, runs_dir: str) -> list[list[str]]:
                 max_new_tokens=2,
                 iterations=3,
                 eval_samples=0,
-                device="cpu",
-                runs_dir=runs_dir,
-                progress=False,
-                tensorboard=False,
-                save_checkpoint=False,
                 ppo=PPOConfig(update_epochs=1, num_minibatches=2),
+                lm=LMConfig(device="cpu"),
+                logging=LoggingConfig(
+                    runs_dir=runs_dir, progress=False, tensorboard=False, save_checkpoint=False
+                ),
             )
         )
     finally:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import textenv  # noqa: F401  (registers the ids)
+from textenv.agents.text import KLConfig, LMConfig, LoggingConfig
 from textenv.control import TORCH_CONTROL
 
 pytestmark = [
@@ -110,15 +111,16 @@ def test_the_text_trainer_learns_the_toy_task_on_the_gpu(tmp_path, precision):
         iterations=15,
         num_envs=32,
         learning_rate=3e-3,
-        kl_coef=0.0,
         seed=1,
-        device="cuda",
-        precision=precision,
-        runs_dir=str(tmp_path),
-        tensorboard=False,
-        progress=False,
-        save_checkpoint=False,
-        run_name="toy",
+        kl=KLConfig(kl_coef=0.0),
+        lm=LMConfig(device="cuda", precision=precision),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            run_name="toy",
+        ),
     )
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.1 and summary["score_mean_last"] > 0.5, summary

@@ -12,7 +12,13 @@ import textenv  # noqa: F401  (registers the ids)
 from textenv import RewardError
 from textenv.agents.lm import LMActorCritic
 from textenv.agents.rollout_text import Rollout, collect_rollout, shaped_rewards, token_advantages
-from textenv.agents.text import TextTrainConfig, train_text
+from textenv.agents.text import (
+    EstimatorConfig,
+    LoggingConfig,
+    SamplingConfig,
+    TextTrainConfig,
+    train_text,
+)
 from textenv.models import char_tokenizer, tiny_causal_lm
 from textenv.multiturn import MultiTurnTextEnv, MultiTurnTextVectorEnv
 from textenv.tasks import Calculator, FunctionTask, Turn, safe_arithmetic
@@ -508,11 +514,13 @@ def test_ppo_learns_the_two_turn_toy_task(tmp_path):
         num_envs=16,
         learning_rate=3e-3,
         eval_samples=16,
-        runs_dir=str(tmp_path),
-        progress=False,
-        tensorboard=False,
-        save_checkpoint=False,
-        sample_every=0,
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            progress=False,
+            tensorboard=False,
+            save_checkpoint=False,
+            sample_every=0,
+        ),
     )
     config.ppo.num_minibatches = 2
     summary = train_text(config)
@@ -530,14 +538,16 @@ def test_critic_free_estimators_learn_across_turns(tmp_path, estimator):
         iterations=35,
         num_envs=16,
         learning_rate=3e-3,
-        advantage=estimator,
-        group_size=4 if estimator == "grpo" else 1,
         eval_samples=0,
-        runs_dir=str(tmp_path),
-        progress=False,
-        tensorboard=False,
-        save_checkpoint=False,
-        sample_every=0,
+        estimator=EstimatorConfig(advantage=estimator),
+        sampling=SamplingConfig(group_size=4 if estimator == "grpo" else 1),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            progress=False,
+            tensorboard=False,
+            save_checkpoint=False,
+            sample_every=0,
+        ),
     )
     config.ppo.num_minibatches = 2
     summary = train_text(config)
@@ -545,7 +555,9 @@ def test_critic_free_estimators_learn_across_turns(tmp_path, estimator):
 
 
 def test_trainer_refuses_prompt_and_reward_flags_on_multi_turn_tasks(tmp_path):
-    config = TextTrainConfig(task="ToyTurns", model="tiny", reward="vader", runs_dir=str(tmp_path))
+    config = TextTrainConfig(
+        task="ToyTurns", model="tiny", reward="vader", logging=LoggingConfig(runs_dir=str(tmp_path))
+    )
     with pytest.raises(ValueError, match="--reward does not apply to the multi-turn task ToyTurns"):
         train_text(config)
 
@@ -600,11 +612,9 @@ def test_a_multi_turn_run_evaluates_from_its_directory(tmp_path):
         iterations=1,
         num_envs=4,
         eval_samples=4,
-        runs_dir=str(tmp_path),
-        run_name="r",
-        progress=False,
-        tensorboard=False,
-        sample_every=0,
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path), run_name="r", progress=False, tensorboard=False, sample_every=0
+        ),
     )
     config.ppo.num_minibatches = 2
     summary = train_text(config)

@@ -100,7 +100,7 @@ def _config(tmp_path, **kw):
         eval_samples=6,
         sample_every=1,
     )
-    return TextTrainConfig(**(base | kw))
+    return TextTrainConfig.from_flat(**(base | kw))
 
 
 def test_training_never_sees_held_out_prompts_and_the_before_score_is_the_initial_policys(tmp_path):
@@ -176,7 +176,7 @@ def test_thread_flag_sets_torchs_threads_for_the_trainer_and_the_env(tmp_path):
         assert torch.get_num_threads() == 1
         TextGenerationVectorEnv(num_envs=1, task="Toy", model="tiny")  # None: left as it is
         assert torch.get_num_threads() == 1
-        assert TextTrainConfig().torch_threads == 1
+        assert TextTrainConfig().lm.torch_threads == 1
         with pytest.raises(ValueError, match="torch_threads must be >= 0"):
             _config(tmp_path, torch_threads=-1).validate()
     finally:

@@ -9,15 +9,15 @@ import pytest
 
 from textenv.agents.classic import TrainConfig, budget_note, preset_config
 from textenv.agents.classic import train as train_classic
-from textenv.agents.text import TextTrainConfig, task_options, train_text
+from textenv.agents.text import KLConfig, SamplingConfig, TextTrainConfig, task_options, train_text
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize(
     "make, flag",
     [
-        (lambda v: TextTrainConfig(kl_coef=v), "--kl-coef"),
-        (lambda v: TextTrainConfig(temperature=v), "--temperature"),
+        (lambda v: TextTrainConfig(kl=KLConfig(kl_coef=v)), "--kl-coef"),
+        (lambda v: TextTrainConfig(sampling=SamplingConfig(temperature=v)), "--temperature"),
         (
             lambda v: TextTrainConfig(ppo=dataclasses.replace(TextTrainConfig().ppo, vf_coef=v)),
             "--vf-coef",
@@ -114,7 +114,7 @@ def test_a_resumed_text_run_says_where_it_starts(tmp_path, capsys):
         sample_every=0,
         ppo=dataclasses.replace(TextTrainConfig().ppo, num_minibatches=2, update_epochs=1),
     )
-    train_text(TextTrainConfig(iterations=2, **kw))
+    train_text(TextTrainConfig.from_flat(iterations=2, **kw))
     capsys.readouterr()
-    train_text(TextTrainConfig(iterations=3, **kw), resume=tmp_path / "r")
+    train_text(TextTrainConfig.from_flat(iterations=3, **kw), resume=tmp_path / "r")
     assert f"resuming {tmp_path / 'r'} at iteration 3 of 3" in capsys.readouterr().err

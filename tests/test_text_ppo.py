@@ -8,7 +8,7 @@ from textenv import TextGenerationEnv, TextGenerationVectorEnv
 from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, sample_categorical
 from textenv.agents.rollout_text import collect_rollout, shaped_rewards, token_advantages
-from textenv.agents.text import TextTrainConfig, train_text
+from textenv.agents.text import KLConfig, LMConfig, LoggingConfig, TextTrainConfig, train_text
 from textenv.models import load_causal_lm
 
 ENV = dict(task="Toy", model="tiny", max_new_tokens=6, max_prompt_tokens=8, kl_coef=0.1)
@@ -120,14 +120,16 @@ def test_toy_task_score_rises(tmp_path):
         iterations=15,
         num_envs=32,
         learning_rate=3e-3,
-        kl_coef=0.0,
         seed=1,
-        device="cpu",
-        runs_dir=str(tmp_path),
-        tensorboard=False,
-        progress=False,
-        save_checkpoint=True,
-        run_name="toy",
+        kl=KLConfig(kl_coef=0.0),
+        lm=LMConfig(device="cpu"),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=True,
+            run_name="toy",
+        ),
     )
     summary = train_text(config)
     assert summary["score_mean_first"] < 0.1
@@ -148,15 +150,15 @@ def test_kl_in_loss_and_adaptive_kl_run(tmp_path):
         iterations=3,
         num_envs=8,
         learning_rate=1e-3,
-        kl_coef=0.1,
-        kl_target=1.0,
-        kl_in_loss=True,
-        device="cpu",
-        runs_dir=str(tmp_path),
-        tensorboard=False,
-        progress=False,
-        save_checkpoint=False,
-        run_name="kl",
+        kl=KLConfig(kl_coef=0.1, kl_target=1.0, kl_in_loss=True),
+        lm=LMConfig(device="cpu"),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            tensorboard=False,
+            progress=False,
+            save_checkpoint=False,
+            run_name="kl",
+        ),
     )
     summary = train_text(config)
     import json
@@ -291,12 +293,10 @@ def test_lora_training_saves_a_merged_model_that_loads_with_plain_transformers(t
         iterations=2,
         num_envs=8,
         learning_rate=1e-2,
-        lora_r=4,
-        device="cpu",
-        runs_dir=str(tmp_path),
-        tensorboard=False,
-        progress=False,
-        run_name="l",
+        lm=LMConfig(lora_r=4, device="cpu"),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path), tensorboard=False, progress=False, run_name="l"
+        ),
     )
     train_text(config)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "l" / "policy")
@@ -316,7 +316,7 @@ def test_lora_training_saves_a_merged_model_that_loads_with_plain_transformers(t
         torch.testing.assert_close(
             resumed(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5
         )
-    assert load_text_run_config(tmp_path / "l").lora_r == 4
+    assert load_text_run_config(tmp_path / "l").lm.lora_r == 4
 
 
 def test_gradient_checkpointing_gives_the_same_first_update(tmp_path):
@@ -330,13 +330,14 @@ def test_gradient_checkpointing_gives_the_same_first_update(tmp_path):
             iterations=1,
             num_envs=8,
             learning_rate=1e-3,
-            gradient_checkpointing=gc,
-            device="cpu",
-            runs_dir=str(tmp_path),
-            tensorboard=False,
-            progress=False,
-            save_checkpoint=False,
-            run_name=f"gc{gc}",
+            lm=LMConfig(gradient_checkpointing=gc, device="cpu"),
+            logging=LoggingConfig(
+                runs_dir=str(tmp_path),
+                tensorboard=False,
+                progress=False,
+                save_checkpoint=False,
+                run_name=f"gc{gc}",
+            ),
         )
         train_text(config)
         row = json.loads((tmp_path / f"gc{gc}" / "metrics.jsonl").read_text().splitlines()[0])
@@ -424,12 +425,14 @@ def test_nan_reward_mid_run_stops_with_the_last_good_state_saved_and_resumes(tmp
         num_envs=4,
         max_new_tokens=6,
         learning_rate=1e-3,
-        device="cpu",
-        runs_dir=str(tmp_path),
-        run_name="r",
-        progress=False,
-        tensorboard=False,
-        checkpoint_every=0,
+        lm=LMConfig(device="cpu"),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path),
+            run_name="r",
+            progress=False,
+            tensorboard=False,
+            checkpoint_every=0,
+        ),
     )
     with pytest.raises(
         RewardError, match=r"returned nan .*last good state \(iteration \d+\) is saved in"
@@ -459,13 +462,12 @@ def test_training_stops_once_the_score_window_reaches_the_target(tmp_path):
         iterations=10,
         num_envs=4,
         max_new_tokens=4,
-        device="cpu",
         target_score=-1.0,
         target_window=3,
-        runs_dir=str(tmp_path),
-        run_name="r",
-        progress=False,
-        tensorboard=False,
+        lm=LMConfig(device="cpu"),
+        logging=LoggingConfig(
+            runs_dir=str(tmp_path), run_name="r", progress=False, tensorboard=False
+        ),
     )
     summary = train_text(config)  # every score is >= 0 > -1: stop as soon as 3 iterations exist
     metrics = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()

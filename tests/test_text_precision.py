@@ -34,7 +34,7 @@ def _train(tmp_path, name, **kw):
     )
     if "ppo" in kw:
         kw["ppo"] = dataclasses.replace(TextTrainConfig().ppo, **kw["ppo"])
-    summary = train_text(TextTrainConfig(**(base | kw)))
+    summary = train_text(TextTrainConfig.from_flat(**(base | kw)))
     rows = [
         json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     ]

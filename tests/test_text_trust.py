@@ -32,7 +32,7 @@ def _config(tmp_path, name, **kw):
         save_checkpoint=False,
         eval_samples=0,
     )
-    return TextTrainConfig(**(base | kw))
+    return TextTrainConfig.from_flat(**(base | kw))
 
 
 def _metrics(tmp_path, name):

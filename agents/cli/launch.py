@@ -17,23 +17,23 @@ def _quiet_exit(_signum, _frame) -> None:
     os._exit(130)
 
 
-def _run(module: str) -> int:
+def _run(module: str, argv: list[str] | None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _quiet_exit)
-    return importlib.import_module(module).main()
+    return importlib.import_module(module).main(argv)
 
 
-def train() -> int:
-    return _run("textenv.agents.cli.train")
+def train(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.train", argv)
 
 
-def train_text() -> int:
-    return _run("textenv.agents.cli.train_text")
+def train_text(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.train_text", argv)
 
 
-def evaluate() -> int:
-    return _run("textenv.agents.cli.evaluate")
+def evaluate(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.evaluate", argv)
 
 
-def plot() -> int:
-    return _run("textenv.agents.cli.plot")
+def plot(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.plot", argv)
