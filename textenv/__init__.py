@@ -47,6 +47,7 @@ TASK_NAMES = (
     "Arithmetic",
     "Toy",
     "ReasoningGym",
+    "Instructions",
     "RG-BasicArithmetic",
     "RG-ChainSum",
     "RG-LegCounting",

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from textenv.constraints import Constraint
+
 
 @runtime_checkable
 class RewardFn(Protocol):
@@ -341,6 +343,49 @@ class ReasoningGymReward:
                 if answer is None
                 else float(self.dataset.score_answer(answer=answer, entry=self.entry(p)))
             )
+        return out
+
+
+class ConstraintReward:
+    """The fraction of the prompt's constraints the response satisfies (partial credit), or,
+    with ``all_or_nothing=True``, 1.0 when it satisfies all of them, else 0.0. The checks are
+    :mod:`textenv.constraints`'.
+
+    ``constraints`` maps each prompt's text to its constraints. The env hands rewards the
+    rendered prompt (a chat template around it), so a prompt is matched to the longest known
+    prompt text it contains."""
+
+    name = "constraints"
+
+    def __init__(
+        self, constraints: dict[str, Sequence[Constraint]], all_or_nothing: bool = False
+    ) -> None:
+        if any(not cs for cs in constraints.values()):
+            raise ValueError("every prompt needs at least one constraint")
+        self.constraints, self.all_or_nothing = constraints, all_or_nothing
+        self._texts = sorted(constraints, key=len, reverse=True)
+        self._by_prompt: dict[str, Sequence[Constraint]] = {}
+
+    def of(self, prompt: str) -> Sequence[Constraint]:
+        """The constraints of ``prompt`` (a known prompt text, or a rendering that holds one)."""
+        if prompt in self.constraints:
+            return self.constraints[prompt]
+        if prompt not in self._by_prompt:
+            text = next((t for t in self._texts if t in prompt), None)
+            if text is None:
+                raise KeyError(f"no known constraints for prompt {prompt[:60]!r}")
+            self._by_prompt[prompt] = self.constraints[text]
+        return self._by_prompt[prompt]
+
+    def checks(self, prompt: str, response: str) -> list[bool]:
+        """Whether ``response`` satisfies each of ``prompt``'s constraints, in order."""
+        return [c(response) for c in self.of(prompt)]
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            passed = self.checks(p, r)
+            out.append(float(all(passed)) if self.all_or_nothing else sum(passed) / len(passed))
         return out
 
 

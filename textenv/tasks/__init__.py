@@ -8,6 +8,7 @@ and documents itself in Gymnasium's env format. One module per family:
     base          the single-turn base, prompt files and the held-out split
     text          Sentiment, RewardModel, Toy
     verifiable    Arithmetic, ReasoningGym and its curated generators (RG-<Name>)
+    instructions  Instructions: an instruction under checkable constraints (IFEval-style)
     conversation  the multi-turn base and protocol (Turn, Episode), FunctionTask, ToyTurns
     tools         Calculator
     games         TextArena, GuessTheNumber, TicTacToe
@@ -27,6 +28,7 @@ from textenv.tasks.conversation import (
     Turn,
 )
 from textenv.tasks.games import GuessTheNumber, TextArena, TicTacToe, random_legal_move
+from textenv.tasks.instructions import Instructions
 from textenv.tasks.text import RewardModel, Sentiment, Toy
 from textenv.tasks.tools import Calculator, safe_arithmetic
 from textenv.tasks.verifiable import CURATED_REASONING_GYM, Arithmetic, ReasoningGym, curated
@@ -41,6 +43,7 @@ __all__ = [
     "Episode",
     "FunctionTask",
     "GuessTheNumber",
+    "Instructions",
     "Messages",
     "MultiTurnTask",
     "Prompt",
@@ -64,7 +67,7 @@ AnyTask = Task | MultiTurnTask
 """A single-turn or a multi-turn task."""
 
 TASKS: dict[str, type[Task] | type[MultiTurnTask]] = {
-    cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym)
+    cls.name: cls for cls in (Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym, Instructions)
 }
 TASKS |= {name: curated(name, dataset) for name, dataset in CURATED_REASONING_GYM.items()}
 TASKS |= {
