@@ -15,9 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from the tracked files alone: a build/ folder left in the clone by an earlier build
+    # would otherwise put stale modules in the wheel and hide a package missing from the list.
+    source = tmp_path_factory.mktemp("source")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file() and not (ROOT / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         text=True,
@@ -38,6 +48,9 @@ def test_the_wheel_installs_only_the_textenv_import_name(wheel):
         "textenv/agents/cli/train_text.py",
         "textenv/data/sentiment_prompts.txt",
         "textenv/data/arithmetic.jsonl",
+        "textenv/tasks/__init__.py",
+        "textenv/tasks/instructions.py",
+        "textenv/constraints.py",
     ):
         assert module in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
@@ -81,7 +94,8 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
     # Outside the clone, with the unpacked wheel first on the path: nothing may come from the repository.
     code = (
         "import textenv, textenv.agents.cli.train as t, textenv.tasks as k; "
-        "print(textenv.__file__); print(t.__file__); print(len(k.make_task('Sentiment').prompts))"
+        "print(textenv.__file__); print(t.__file__); print(k.__file__); "
+        "print(len(k.make_task('Sentiment').prompts))"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run(
@@ -93,8 +107,9 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    textenv_file, train_file, prompts = result.stdout.split()
-    assert Path(textenv_file).is_relative_to(target) and Path(train_file).is_relative_to(target)
+    textenv_file, train_file, tasks_file, prompts = result.stdout.split()
+    for file in (textenv_file, train_file, tasks_file):
+        assert Path(file).is_relative_to(target), file
     assert int(prompts) > 0
 
 
