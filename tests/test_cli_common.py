@@ -57,11 +57,6 @@ def _raise(err):
         ),
         (KeyboardInterrupt(), 130, "interrupted"),
         (ValueError("num_envs must be >= 1, got 0"), 2, "error: num_envs must be >= 1, got 0"),
-        (
-            RuntimeError("boom"),
-            2,
-            f"error: RuntimeError: boom (set {TRACEBACK_ENV}=1 for the traceback)",
-        ),
     ],
 )
 def test_run_cli_turns_each_ending_into_one_line_and_an_exit_code(
@@ -71,6 +66,15 @@ def test_run_cli_turns_each_ending_into_one_line_and_an_exit_code(
     monkeypatch.delenv("RANK", raising=False)
     assert run_cli(_raise(err)) == code
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_bug_prints_its_traceback_and_then_one_line(capsys, monkeypatch):
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert run_cli(_raise(RuntimeError("boom"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in body" in err
+    assert err.endswith("error: RuntimeError: boom (a bug: the traceback is above)\n")
 
 
 def test_a_torchrun_workers_errors_name_its_rank_and_only_rank_0_reports_a_stop(

@@ -118,3 +118,41 @@ def test_a_resumed_text_run_says_where_it_starts(tmp_path, capsys):
     capsys.readouterr()
     train_text(TextTrainConfig.from_flat(iterations=3, **kw), resume=tmp_path / "r")
     assert f"resuming {tmp_path / 'r'} at iteration 3 of 3" in capsys.readouterr().err
+
+
+def test_a_resume_shows_progress_unless_no_progress_is_given_again(tmp_path):
+    from textenv.agents.cli import train as train_cli
+    from textenv.agents.cli import train_text as train_text_cli
+
+    kw = dict(
+        task="Toy",
+        model="tiny",
+        num_envs=4,
+        max_new_tokens=3,
+        runs_dir=str(tmp_path),
+        run_name="t",
+        progress=False,
+        tensorboard=False,
+        eval_samples=0,
+        sample_every=0,
+        iterations=1,
+        ppo=dataclasses.replace(TextTrainConfig().ppo, num_minibatches=2, update_epochs=1),
+    )
+    train_text(TextTrainConfig.from_flat(**kw))
+    assert train_text_cli.parse(["--resume", str(tmp_path / "t")])[0].logging.progress
+    config, _ = train_text_cli.parse(["--resume", str(tmp_path / "t"), "--no-progress"])
+    assert not config.logging.progress
+    classic = TrainConfig(
+        total_timesteps=64,
+        num_envs=4,
+        num_steps=16,
+        runs_dir=str(tmp_path),
+        run_name="c",
+        progress=False,
+        tensorboard=False,
+        eval_episodes=0,
+        ppo=dataclasses.replace(TrainConfig().ppo, num_minibatches=2, update_epochs=1),
+    )
+    train_classic(classic)
+    assert train_cli.parse(["--resume", str(tmp_path / "c")])[0].progress
+    assert not train_cli.parse(["--resume", str(tmp_path / "c"), "--no-progress"])[0].progress

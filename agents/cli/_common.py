@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -79,8 +80,9 @@ def _where() -> str:
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """Run ``body``; a failure prints one line (no traceback) and returns 2, a stop by signal
-    returns 128 + its number. ``TEXTENV_TRACEBACK=1`` re-raises, for bug reports."""
+    """Run ``body``; a failure of the user's input or environment prints one line (no
+    traceback) and returns 2, any other exception (a bug) its traceback and then that line;
+    a stop by signal returns 128 + its number. ``TEXTENV_TRACEBACK=1`` re-raises."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(
             signal.SIGINT, signal.default_int_handler
@@ -108,10 +110,10 @@ def run_cli(body: Callable[[], int]) -> int:
             raise
         if isinstance(err, expected_errors()):
             print(f"error: {_where()}{err}", file=sys.stderr, flush=True)
-        else:
+        else:  # a bug: where it came from is what a report needs
+            traceback.print_exc(file=sys.stderr)
             print(
-                f"error: {_where()}{type(err).__name__}: {err} "
-                f"(set {TRACEBACK_ENV}=1 for the traceback)",
+                f"error: {_where()}{type(err).__name__}: {err} (a bug: the traceback is above)",
                 file=sys.stderr,
                 flush=True,
             )

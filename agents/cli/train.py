@@ -59,6 +59,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     resume, argv = pop_resume(argv)
     if resume is not None:
         default = load_run_config(resume)
+        default.progress = TrainConfig().progress  # the session's display, not the run's setting
         given = (
             _env_id_from_argv(argv)
             if any(a.startswith("--env-id") for a in argv)

@@ -41,6 +41,9 @@ def parse(argv: list[str] | None = None) -> tuple[TextTrainConfig, str | None]:
                 "reference compare like with like"
             )
     default = load_text_run_config(resume) if resume is not None else TextTrainConfig()
+    # The progress bar is this session's display, not a setting of the run: a resume shows it
+    # unless --no-progress is given again.
+    default.logging.progress = TextTrainConfig().logging.progress
     args = tyro.cli(
         TextTrainArgs,
         default=with_resume(TextTrainArgs, default, resume),
