@@ -18,8 +18,11 @@ from textenv.agents.lm import LMActorCritic
 STATE_FILE = "trainer_state.safetensors"
 
 
-def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
-    """``model`` wrapped with trainable LoRA adapters on all linear layers (or the saved ones)."""
+def with_lora(
+    model, r: int, alpha: int, adapter_dir: Path | None = None, task_type: str = "CAUSAL_LM"
+):
+    """``model`` wrapped with trainable LoRA adapters on all linear layers (or the saved ones).
+    ``task_type="SEQ_CLS"`` (a reward model) also trains its ``score`` head in full."""
     try:
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
@@ -34,7 +37,7 @@ def with_lora(model, r: int, alpha: int, adapter_dir: Path | None = None):
             lora_alpha=alpha,
             lora_dropout=0.0,
             target_modules="all-linear",
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         ),
     )
 

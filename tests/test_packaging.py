@@ -46,6 +46,8 @@ def test_the_wheel_installs_only_the_textenv_import_name(wheel):
     for module in (
         "textenv/agents/ppo.py",
         "textenv/agents/cli/train_text.py",
+        "textenv/agents/reward_model.py",
+        "textenv/agents/cli/train_rm.py",
         "textenv/data/sentiment_prompts.txt",
         "textenv/data/arithmetic.jsonl",
         "textenv/tasks/__init__.py",
@@ -69,6 +71,8 @@ def test_the_console_scripts_point_into_textenv_agents_cli(wheel):
         "textenv-train-text": "textenv.agents.cli.launch:train_text",
         "textenv-evaluate": "textenv.agents.cli.launch:evaluate",
         "textenv-plot": "textenv.agents.cli.launch:plot",
+        "textenv-train-rm": "textenv.agents.cli.launch:train_rm",
+        "textenv-make-pairs": "textenv.agents.cli.launch:make_pairs",
     }
 
 

@@ -37,3 +37,11 @@ def evaluate(argv: list[str] | None = None) -> int:
 
 def plot(argv: list[str] | None = None) -> int:
     return _run("textenv.agents.cli.plot", argv)
+
+
+def train_rm(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.train_rm", argv)
+
+
+def make_pairs(argv: list[str] | None = None) -> int:
+    return _run("textenv.agents.cli.make_pairs", argv)
