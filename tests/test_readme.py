@@ -56,10 +56,15 @@ def test_python_block_runs(doc, index, code, tmp_path, monkeypatch):
 
 
 def _parse(module: str, args: list[str]) -> None:
-    if module in ("scripts.train", "scripts.train_text"):
-        from textenv.agents.cli import train, train_text
+    if module in ("scripts.train", "scripts.train_text", "scripts.train_rm", "scripts.make_pairs"):
+        from textenv.agents.cli import make_pairs, train, train_rm, train_text
 
-        parse = {"scripts.train": train.parse, "scripts.train_text": train_text.parse}[module]
+        parse = {
+            "scripts.train": train.parse,
+            "scripts.train_text": train_text.parse,
+            "scripts.train_rm": train_rm.parse,
+            "scripts.make_pairs": make_pairs.parse,
+        }[module]
         if "--resume" in " ".join(args):
             return
         try:
