@@ -817,10 +817,8 @@ def make_pairs(config: PairsConfig, gold: RewardFn | None = None) -> dict[str, A
                 )
             while len(queue) < config.batch_size:
                 queue += order_rng.permutation(len(prompts)).tolist()
-            batch, queue = (
-                [rendered[i] for i in queue[: config.batch_size]],
-                queue[config.batch_size :],
-            )
+            batch = [rendered[i] for i in queue[: config.batch_size]]
+            del queue[: config.batch_size]
             responses = sample_two(lm, tokenizer, batch, max_new_tokens, config.temperature)
             texts = [text for text, _ in batch for _ in range(2)]
             scores = score_batch(reward, texts, responses)
@@ -828,26 +826,23 @@ def make_pairs(config: PairsConfig, gold: RewardFn | None = None) -> dict[str, A
             for i, (prompt, _) in enumerate(batch):
                 if len(rows) == config.num_pairs:
                     break
-                (a, sa), (b, sb) = (
-                    (responses[2 * i], scores[2 * i]),
-                    (responses[2 * i + 1], scores[2 * i + 1]),
-                )
-                if sa == sb:
+                first = (responses[2 * i], scores[2 * i])
+                second = (responses[2 * i + 1], scores[2 * i + 1])
+                if first[1] == second[1]:
                     ties += 1
                     continue
-                if sa < sb:
-                    (a, sa), (b, sb) = (b, sb), (a, sa)
+                chosen, rejected = (first, second) if first[1] > second[1] else (second, first)
                 flip = bool(noise_rng.random() < config.label_noise)
                 if flip:
-                    (a, sa), (b, sb) = (b, sb), (a, sa)
+                    chosen, rejected = rejected, chosen
                 flipped += flip
                 rows.append(
                     {
                         "prompt": prompt,
-                        "chosen": a,
-                        "rejected": b,
-                        "gold_chosen": sa,
-                        "gold_rejected": sb,
+                        "chosen": chosen[0],
+                        "rejected": rejected[0],
+                        "gold_chosen": chosen[1],
+                        "gold_rejected": rejected[1],
                         "flipped": flip,
                     }
                 )

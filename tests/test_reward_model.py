@@ -168,7 +168,7 @@ def test_the_text_trainer_trains_on_the_saved_reward_model(trained, tmp_path, ca
             "--task",
             "RewardModel",
             "--task-options",
-            json.dumps({"reward_model": str(folder)}),
+            json.dumps({"reward_model": str(folder), "max_prompt_tokens": 64}),
             "--model",
             "tiny",
             "--iterations",
