@@ -68,6 +68,7 @@ def collect_rollout(
     generator: torch.Generator,
     group_size: int = 1,
     static_cache: bool = False,
+    block: int = 1,
 ) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
@@ -82,7 +83,18 @@ def collect_rollout(
     ``static_cache``: the policy's KV cache is allocated once at its final length
     (transformers' ``StaticCache``), so every decode step has the same shapes: the form that
     ``torch.compile`` and CUDA graphs need. It samples the same tokens as the dynamic cache.
+
+    ``block=k`` (single-turn envs): the policy samples ``k`` tokens before the env answers them
+    all at once (:meth:`TextGenerationVectorEnv.step_block`): one host sync per block instead of
+    one per token, and one reference forward for the rows that ended in it. The tokens, the
+    random stream and the rollout are those of ``block=1`` (tested).
     """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if block > 1 and getattr(envs, "multi_turn", False):
+        raise ValueError(
+            "block > 1 is for single-turn envs (a conversation's env replies in turns)"
+        )
     if envs.temperature != policy.temperature:
         raise ValueError(
             f"the policy samples at temperature {policy.temperature} but the env's reference "
@@ -92,9 +104,9 @@ def collect_rollout(
     # update's in-place writes, so a sharded policy samples under no_grad.
     if not is_sharded(policy):
         with torch.inference_mode():
-            return _sample(policy, envs, seed, generator, group_size, static_cache)
+            return _sample(policy, envs, seed, generator, group_size, static_cache, block)
     with torch.no_grad():
-        rollout = _sample(policy, envs, seed, generator, group_size, static_cache)
+        rollout = _sample(policy, envs, seed, generator, group_size, static_cache, block)
     sharded: Any = policy
     sharded.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
     return rollout
@@ -116,6 +128,7 @@ def _sample(
     generator: torch.Generator,
     group_size: int,
     static_cache: bool,
+    block: int,
 ) -> Rollout:
     was_training = policy.training
     policy.eval()
@@ -125,6 +138,10 @@ def _sample(
     reader = _PolicyReader(policy, obs, envs, static_cache)
     record = _Recorder(envs.num_envs, envs.max_new_tokens, reader.device)
     logits, values = reader.prefill(obs)
+    if block > 1:
+        obs = _sample_blocks(policy, envs, generator, block, reader, record, obs, logits, values)
+        policy.train(was_training)
+        return record.rollout(obs, info, reader, envs)
     for _ in range(envs.max_new_tokens):
         logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
         action = sample_categorical(logp_all.exp(), generator)
@@ -138,6 +155,44 @@ def _sample(
         logits, values = reader.feed(obs, action, new, width)
     policy.train(was_training)
     return record.rollout(obs, info, reader, envs)
+
+
+def _sample_blocks(
+    policy: LMActorCritic,
+    envs,
+    generator: torch.Generator,
+    block: int,
+    reader: _PolicyReader,
+    record: _Recorder,
+    obs: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    values: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Single-turn sampling ``block`` tokens at a time (see :func:`collect_rollout`). Every row
+    feeds the policy each token it sampled: a row that has ended in the block reads tokens its
+    rollout masks out, which changes no other row. The generator is put back to where
+    ``block=1`` would leave it when the env ends the batch inside a block."""
+    every = torch.ones(envs.num_envs, dtype=torch.long, device=reader.device)
+    taken = 0
+    while taken < envs.max_new_tokens:
+        k = min(block, envs.max_new_tokens - taken)
+        actions, states = [], []
+        for j in range(k):
+            logp_all = torch.log_softmax(filter_logits(logits, policy.top_k, policy.top_p), dim=-1)
+            actions.append(sample_categorical(logp_all.exp(), generator))
+            states.append(generator.get_state())
+            record.sample(actions[-1], logp_all, values, reader.active, reader.positions())
+            if j < k - 1:
+                logits, values = reader.feed(obs, actions[-1], every, 1)
+        obs, reward, _, _, step_info = envs.step_block(torch.stack(actions, 1))
+        steps = reward.shape[1]
+        record.env_block(reward, step_info, k)
+        taken += steps
+        if envs.all_done:
+            generator.set_state(states[steps - 1])
+            break
+        logits, values = reader.feed(obs, actions[-1], every, 1)
+    return obs
 
 
 class _PolicyReader:
@@ -270,6 +325,22 @@ class _Recorder:
             self.cols["ref_logprobs"].append(info["ref_logprob"])
         if "turn_reward" in info:
             self.cols["step_scores"].append(info["turn_reward"])
+        self._ends(info)
+
+    def env_block(self, reward: torch.Tensor, info: dict[str, Any], sampled: int) -> None:
+        """The env's answer to the last ``sampled`` columns (``step_block``): the columns it
+        took, each row's mask from which of them it took; the columns after the batch ended are
+        dropped."""
+        steps = reward.shape[1]
+        for name in ("actions", "logprobs", "entropy", "values", "mask", "positions"):
+            del self.cols[name][len(self.cols[name]) - sampled + steps :]
+        self.cols["mask"][-steps:] = list(info["active"].float().unbind(1))
+        self.cols["env_rewards"] += list(reward.unbind(1))
+        if "ref_logprob" in info:
+            self.cols["ref_logprobs"] += list(info["ref_logprob"].unbind(1))
+        self._ends(info)
+
+    def _ends(self, info: dict[str, Any]) -> None:
         if "_ref_logprobs" in info:
             ended = info["_ref_logprobs"].unsqueeze(1)
             self.ref_at_end = torch.where(ended, info["ref_logprobs"], self.ref_at_end)

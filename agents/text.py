@@ -17,6 +17,7 @@ import collections.abc
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -34,7 +35,7 @@ from textenv.agents.advantages import (
     needs_critic,
 )
 from textenv.agents.distributed import Dist, distributed_run, full_state_dict, shard_policy
-from textenv.agents.lm import LMActorCritic
+from textenv.agents.lm import LMActorCritic, response_packing
 from textenv.agents.ppo import (
     PPOConfig,
     check_finite_settings,
@@ -71,7 +72,7 @@ from textenv.agents.training import (
 from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
 from textenv.models import load_causal_lm
-from textenv.rewards import RewardError
+from textenv.rewards import RewardError, importing_from
 from textenv.tasks import HELD_OUT_EVERY, Task, make_task, read_prompts
 
 __all__ = [
@@ -111,6 +112,10 @@ class SamplingConfig:
     static_cache: bool = False
     """allocate the policy's KV cache once at its final length (transformers' StaticCache): every
     decode step has the same shapes, as torch.compile and CUDA graphs need (single-turn tasks)"""
+    rollout_block: int = 0
+    """tokens the policy samples before the env answers them in one call (one host sync and one
+    reference forward per block instead of per token; the same tokens and rollout as 1); 0:
+    16 on CUDA, else 1 (single-turn tasks)"""
 
 
 @dataclass
@@ -168,6 +173,10 @@ class LMConfig:
     more than rounding"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the update"""
+    pack_micro_batches: bool = True
+    """forward each micro-batch of the update at its own rows' width, rows of similar length
+    together, instead of at the batch's longest response (the same gradient up to rounding, fewer
+    padded tokens; off: the same shapes in every forward)"""
     lora_r: int = 0
     """train LoRA adapters of this rank (peft, all linear layers) instead of every weight (0:
     off)"""
@@ -210,9 +219,11 @@ class TextTrainConfig:
     """PPO on a text-generation task: the policy LM writes responses, the env scores them."""
 
     task: str = "Sentiment"
-    """task name: Sentiment, RewardModel, Arithmetic, Toy, ReasoningGym or a curated reasoning-gym
-    task (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting, RG-SpellBackward);
-    multi-turn: Calculator (a tool task), GuessTheNumber, TicTacToe, TextArena"""
+    """task name: Sentiment, RewardModel, Arithmetic, Toy, Instructions, ReasoningGym or a curated
+    reasoning-gym task (RG-BasicArithmetic, RG-ChainSum, RG-LegCounting, RG-LetterCounting,
+    RG-SpellBackward); multi-turn: Calculator (a tool task), GuessTheNumber, TicTacToe, TextArena,
+    ToyTurns, MultiTurn (your respond function: --task-options '{"respond": "module:callable",
+    "prompts": [...]}'); or module:Class, your Task or MultiTurnTask subclass"""
     model: str = "embedded"
     """policy and reference model: embedded (SmolLM2-135M), tiny, an HF id or a path"""
     reward: str | None = None
@@ -225,6 +236,10 @@ class TextTrainConfig:
     task_options: str | None = None
     """task fields as a JSON object, e.g. '{"config": {"max_terms": 2}, "answer_format": "number"}'
     for a reasoning-gym task or '{"max_turns": 4}' for a multi-turn one"""
+    import_dir: str | None = None
+    """the folder module:callable and module:Class names (--reward, --task, respond) are imported
+    from, before the working directory (default: the working directory); the run records it, so
+    --resume and textenv-evaluate work from any folder"""
     iterations: int = 20
     """PPO iterations (rollout + update)"""
     target_score: float | None = None
@@ -305,6 +320,20 @@ class TextTrainConfig:
                 "the other "
                 f"responses to the same prompt), got {self.sampling.group_size}"
             )
+        if self.sampling.rollout_block < 0:
+            raise ValueError(f"rollout_block must be >= 0, got {self.sampling.rollout_block}")
+        if (self.sampling.static_cache or self.sampling.rollout_block > 1) and is_multi_turn(
+            self.task
+        ):
+            for name, on in (
+                ("--static-cache", self.sampling.static_cache),
+                ("--rollout-block > 1", self.sampling.rollout_block > 1),
+            ):
+                if on:
+                    raise ValueError(
+                        f"{name} is for single-turn tasks; {self.task} is a multi-turn task "
+                        "(a conversation's length is not known in advance)"
+                    )
         if self.lm.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.lm.precision!r}")
         if self.lm.old_logprobs not in ("auto", "rollout", "recompute"):
@@ -332,6 +361,14 @@ class TextTrainConfig:
         return self.lm.precision == "bf16" or (
             self.lm.precision == "auto" and device.type == "cuda"
         )
+
+    def rollout_block(self, device: torch.device) -> int:
+        """Tokens sampled per env call (see ``SamplingConfig.rollout_block``)."""
+        if self.sampling.rollout_block:
+            return self.sampling.rollout_block
+        if device.type != "cuda":
+            return 1
+        return 1 if is_multi_turn(self.task) else 16
 
     def recompute_old_logprobs(self, device: torch.device) -> bool:
         """Whether old log-probs come from the update's forward (see ``old_logprobs``)."""
@@ -372,14 +409,37 @@ class AdaptiveKLController:
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW, fused where torch has a fused kernel for the parameters (5× faster steps on CPU
-    for a 135M model than the for-each one)."""
-    if fused:
-        try:
-            return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
-        except RuntimeError:
-            pass
-    return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
+    """AdamW with the kernel :func:`adamw_kernel` chooses (``fused=False``: never fused)."""
+    kernel = adamw_kernel(params) if fused else {}
+    return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, **kernel)
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a plain floating tensor on CUDA or the CPU,
+    where torch has a fused AdamW (5× faster steps on CPU for a 135M model than the for-each one;
+    one kernel per step on a GPU; and PPO skips a non-finite step without a host sync); else
+    ``{}``, torch's own choice (for-each where it can), e.g. for FSDP's sharded parameters."""
+    fused = bool(params) and all(
+        type(p) in (torch.Tensor, torch.nn.Parameter)
+        and p.device.type in ("cuda", "cpu")
+        and torch.is_floating_point(p)
+        for p in params
+    )
+    return {"fused": True} if fused else {}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The process's peak memory in GiB: on CUDA the allocator's since its last reset
+    (``torch.cuda.reset_peak_memory_stats``), on a CPU the peak resident set size of the
+    process's life (the OS keeps no other); NaN where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
 def load_text_run_config(run_dir: str | Path) -> TextTrainConfig:
@@ -545,7 +605,7 @@ class _TextTraining:
         self.run_dir = TrainingRun.directory(
             config.logging.runs_dir,
             config.logging.run_name,
-            f"{config.task}__{config.seed}",
+            f"{config.task.rpartition(':')[2]}__{config.seed}",  # module:Class: the class
             config,
             resume,
             dist,
@@ -681,6 +741,8 @@ class _TextTraining:
     def collect(self, iteration: int, bar) -> tuple[Rollout, dict[str, float]]:
         """Sample one response per row; with ``recompute``, rescore it with the update's forward."""
         bar.set_postfix_str(f"{self.postfix} sampling", refresh=True)
+        if self.device.type == "cuda":  # peak_memory_gib is each iteration's
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         # The env seeds row i with seed + i: each iteration's rows (and each rank's) take their
         # own block of seeds, so no iteration replays another's prompts and global row j
@@ -695,6 +757,7 @@ class _TextTraining:
                 generator=self.generator,
                 group_size=self.config.sampling.group_size,
                 static_cache=self.config.sampling.static_cache,
+                block=self.config.rollout_block(self.device),
             )
         rollout_s = time.perf_counter() - t0
         if self.recompute:
@@ -753,8 +816,13 @@ class _TextTraining:
         }
         if rollout.positions is not None:
             batch["positions"] = rollout.positions
+        packing = None
+        if config.lm.pack_micro_batches:
+            packing = response_packing(
+                rollout.attention_mask, rollout.mask, rollout.prompt_len, rollout.positions
+            )
 
-        def evaluate(mb: dict[str, torch.Tensor]):
+        def evaluate(mb: dict[str, torch.Tensor], columns: tuple[int, int, int] | None = None):
             with autocast(self.device, self.bf16):
                 logprob, entropy, value = policy.evaluate_responses(
                     mb["input_ids"],
@@ -763,10 +831,12 @@ class _TextTraining:
                     rollout.prompt_len,
                     entropy_grad=config.ppo.ent_coef != 0,
                     positions=mb.get("positions"),
+                    columns=columns,
                 )
             if not config.kl.kl_in_loss:
                 return logprob, entropy, value
-            return logprob, entropy, value, beta * kl_k3(logprob, mb["ref_logprobs"])
+            ref_logprobs = mb["ref_logprobs"][:, : logprob.shape[1]]
+            return logprob, entropy, value, beta * kl_k3(logprob, ref_logprobs)
 
         bar.set_postfix_str(f"{self.postfix} updating", refresh=True)
         t1 = time.perf_counter()
@@ -779,6 +849,7 @@ class _TextTraining:
             config.ppo,
             self.generator,
             dist=self.dist,
+            packing=packing,
         )
         return stats, time.perf_counter() - t1
 
@@ -817,6 +888,7 @@ class _TextTraining:
             "recompute_s": timing["recompute_s"],
             "update_s": timing["update_s"],
             "wall_time_s": elapsed,
+            "peak_memory_gib": peak_memory_gib(self.device),
         }
         self.history.append(metrics)
         every = self.config.logging.sample_every
@@ -903,15 +975,20 @@ def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
 
 
 def is_multi_turn(task: str) -> bool:
-    from textenv.tasks import TASKS, MultiTurnTask
+    from textenv.tasks import MultiTurnTask, task_class
 
-    return task in TASKS and issubclass(TASKS[task], MultiTurnTask)
+    return issubclass(task_class(task), MultiTurnTask)
 
 
 def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
     """The env's task overrides from ``config``, and whether it evaluates on held-out prompts
     (``eval_samples > 0`` and a held-out part: every 5th prompt, or a multi-turn task's held-out
     episodes). For a multi-turn task, ``max_new_tokens`` is the agent's budget per turn."""
+    with importing_from(config.import_dir):
+        return _task_settings(config)
+
+
+def _task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:
     if is_multi_turn(config.task):
         from textenv.tasks import MultiTurnTask
 
@@ -962,11 +1039,13 @@ def task_options(config: TextTrainConfig) -> dict[str, Any]:
         raise ValueError(
             f"--task-options must be a JSON object of task fields, got {config.task_options!r}"
         )
-    from textenv.tasks import TASKS
+    from textenv.tasks import task_class
 
-    if config.task in TASKS:
-        hints = typing.get_type_hints(TASKS[config.task])
-        known = {f.name for f in dataclasses.fields(TASKS[config.task])}
+    with importing_from(config.import_dir):
+        cls = task_class(config.task)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
@@ -1030,6 +1109,23 @@ def make_text_envs(
     """The vector env of ``config``'s task: a :class:`TextGenerationVectorEnv`, or a
     :class:`textenv.multiturn.MultiTurnTextVectorEnv` for a multi-turn task. ``model`` (with its
     ``tokenizer``) reuses a loaded reference; ``reward`` a built reward."""
+    with importing_from(config.import_dir):
+        return _make_text_envs(
+            config, num_envs, task_kwargs, device, dtype, reference_pass, model, tokenizer, reward
+        )
+
+
+def _make_text_envs(
+    config: TextTrainConfig,
+    num_envs: int,
+    task_kwargs: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    reference_pass: str,
+    model=None,
+    tokenizer=None,
+    reward=None,
+):
     common = {
         "num_envs": num_envs,
         "task": config.task,
@@ -1051,8 +1147,9 @@ def make_text_envs(
 
 
 def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
-    """``config`` with local model, reward-model and prompt paths made absolute, so the saved
-    config resumes from any directory."""
+    """``config`` with local model, reward-model and prompt paths made absolute, and the folder
+    its code is imported from recorded (see ``import_dir``), so the saved config resumes from any
+    directory."""
     from textenv.models import EMBEDDED_NAMES
 
     def absolute(value: str | None) -> str | None:
@@ -1066,6 +1163,7 @@ def with_absolute_paths(config: TextTrainConfig) -> TextTrainConfig:
         model=absolute(config.model) or config.model,
         reward_model=absolute(config.reward_model),
         prompts=absolute(config.prompts),
+        import_dir=str(Path(config.import_dir or os.getcwd()).resolve()),
     )
 
 

@@ -100,6 +100,64 @@ class _Generation(TokenBatch):
             self.reference.advance(a, active, self.pad_id, attention)
         return reward, ended_now.clone(), ended_now, ref_lp, end_info
 
+    @torch.no_grad()
+    def step_block(self, actions: torch.Tensor) -> dict[str, Any]:
+        """``k`` steps at once, ``actions`` ``[N, k]``: the same state, rewards and scores as
+        ``k`` calls of :meth:`step`, with one host sync for the block instead of one per step.
+        Columns after a row ends are ignored; the at-end reference reads every row that ended in
+        the block in one forward. Returns ``reward``, ``active`` (the row took that column's
+        action), ``ended`` (it ended there), ``ref_logprob`` (``[N, k]`` each), ``end`` (as
+        :meth:`step`'s) and ``steps`` (columns taken before every row had ended)."""
+        if not self.started:
+            raise RuntimeError("step_block() called before reset()")
+        if actions.dim() != 2 or actions.shape[0] != self.batch_size:
+            raise ValueError(
+                f"expected actions of shape ({self.batch_size}, k), got {tuple(actions.shape)}"
+            )
+        k = actions.shape[1]
+        a = actions.clamp(0, self.vocab_size - 1)
+        # Which column each row ends at, from the same rule as step(), before any state changes.
+        offsets = torch.arange(1, k + 1, device=self.device)
+        ends = (a == self.eos_id) | (self.response_length.unsqueeze(1) + offsets >= self.budget)
+        before = (ends.long().cumsum(1) - ends.long()) > 0  # ended at an earlier column
+        active = ~self.done.unsqueeze(1) & ~before
+        ended = active & ends
+        bad = ((actions < 0) | (actions >= self.vocab_size)) & active
+        all_done = (self.done.unsqueeze(1) | ended.cumsum(1).bool()).all(0)  # [k]
+        flags = torch.cat([bad.any().view(1), ended.any().view(1), all_done]).tolist()
+        if flags[0]:
+            row, col = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"action {int(actions[row, col])} (row {row}, column {col}) is outside "
+                f"Discrete({self.vocab_size})"
+            )
+        any_ended, done_after = flags[1], flags[2:]
+        steps = next((t + 1 for t, d in enumerate(done_after) if d), k)
+        ref_lp = torch.zeros(a.shape, device=self.device)
+        for t in range(steps):
+            ref_lp[:, t] = self.reference.token_logprobs(a[:, t], active[:, t])
+            self._append(a[:, t], active[:, t])
+            self.steps += 1
+            if not done_after[t]:
+                attention = self.mask[:, self.first_column : self.prompt_slots + self.steps]
+                self.reference.advance(a[:, t], active[:, t], self.pad_id, attention)
+        ended_row = ended.any(1)
+        self.done |= ended_row
+        self.all_done = bool(done_after[steps - 1])
+        reward = self.kl_coef * ref_lp
+        end: dict[str, Any] = {}
+        if any_ended:
+            at_end, end = self._finish(ended_row, torch.zeros_like(self.response_length).float())
+            reward = reward + ended * at_end.unsqueeze(1)  # paid at the column each row ended
+        return {
+            "reward": reward[:, :steps],
+            "active": active[:, :steps],
+            "ended": ended[:, :steps],
+            "ref_logprob": ref_lp[:, :steps],
+            "end": end,
+            "steps": steps,
+        }
+
     def _sync_flags(
         self, actions: torch.Tensor, active: torch.Tensor, ended_now: torch.Tensor
     ) -> tuple[bool, bool]:
@@ -387,6 +445,39 @@ class TextGenerationVectorEnv(VectorTextEnv):
             info |= self._end_info(end, ended_now, actions)
         truncated = torch.zeros_like(terminated)
         return self._out((gen.observation(), reward, terminated, truncated, info))
+
+    def step_block(self, actions):
+        """Up to ``k`` steps in one call, ``actions`` ``[num_envs, k]`` (column ``t`` is what
+        :meth:`step` would get at the ``t``-th call): the same final observation, rewards and
+        end infos as those calls, with one host sync instead of one per token. A batched fast
+        path for agents that sample a block of tokens before the env must answer (the policy's
+        own KV cache does not need the env's observation in between).
+
+        Returns ``(obs, reward, terminated, truncated, info)`` with ``[num_envs, s]`` rewards
+        and flags for the ``s <= k`` columns taken before every row had ended (the rest are
+        ignored); ``info["active"]`` ``[num_envs, s]`` marks the columns each row took, and
+        ``ref_logprob`` is ``[num_envs, s]`` (per-step reference). End infos are those of every
+        row that ended in the block, ``info["_score"]`` etc. marking them."""
+        self._check_running()
+        gen = self._gen
+        actions = torch.as_tensor(actions, device=gen.device).long()
+        out = gen.step_block(actions)
+        ended_row = out["ended"].any(1)
+        info: dict[str, Any] = {"active": out["active"]}
+        end = out["end"]
+        if gen.reference.name == "at_end":
+            if end:
+                ref_lps = torch.zeros((self.num_envs, gen.budget), device=gen.device)
+                ref_lps[end["rows"], : end["ref_logprobs"].shape[1]] = end["ref_logprobs"]
+                info |= {"ref_logprobs": ref_lps, "_ref_logprobs": ended_row}
+        else:
+            info["ref_logprob"] = out["ref_logprob"]
+        if end:
+            last = (actions[:, : out["steps"]] * out["ended"]).sum(1)  # each row's final action
+            info |= self._end_info(end, ended_row, last)
+        terminated = out["ended"]
+        truncated = torch.zeros_like(terminated)
+        return self._out((gen.observation(), out["reward"], terminated, truncated, info))
 
     def _end_info(
         self, end: dict[str, Any], ended_now: torch.Tensor, actions: torch.Tensor
