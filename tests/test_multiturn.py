@@ -1074,7 +1074,7 @@ def test_both_envs_set_torch_threads_and_never_trust_remote_code_by_default(monk
             "TextArena",
             dict(
                 game="GuessTheNumber-v0",
-                num_players=1,
+                num_players=None,  # the game's own count
                 max_prompt_tokens=256,
                 max_context_tokens=128,
                 max_turn_tokens=16,

@@ -107,9 +107,14 @@ class TokenBatch:
         self.columns = self.prompt_slots + self.budget
         max_pos = getattr(model.config, "max_position_embeddings", None)
         if max_pos is not None and self.columns > max_pos:
+            # A multi-turn task's budget after the prompt is its max_context_tokens field.
+            after = (
+                "max_context_tokens" if hasattr(task, "max_context_tokens") else "max_new_tokens"
+            )
             raise ValueError(
-                f"max_prompt_tokens + max_new_tokens = {self.columns} exceeds the model's "
-                f"context of {max_pos} tokens"
+                f"task {task.name}: max_prompt_tokens + {after} = {self.prompt_slots} + "
+                f"{self.budget} = {self.columns} exceeds the model's context of {max_pos} tokens: "
+                f"lower max_prompt_tokens or {after}"
             )
         self.kl_coef = float(task.kl_coef)
         shape = (batch_size, self.columns)

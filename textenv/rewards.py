@@ -16,12 +16,15 @@ Nothing is silently zeroed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from textenv.constraints import Constraint
@@ -63,17 +66,56 @@ def reward_name(reward: RewardFn) -> str:
     )
 
 
-def _import_from_cwd(module_name: str):
-    """Import ``module_name`` with the current directory on the import path, as ``python -m``
-    has it, so ``--reward myrewards:fn`` works from an installed console script too."""
+# Set by importing_from: the folder a run's code is imported from, before the working directory.
+_IMPORT_DIR: ContextVar[str | None] = ContextVar("textenv_import_dir", default=None)
+
+
+@contextlib.contextmanager
+def importing_from(directory: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, ``"module:name"`` specs (rewards, a ``respond`` function, a task class)
+    are imported from ``directory`` first, then from the working directory (None: the working
+    directory only). A text run records the folder it started in, so that ``--resume`` and
+    ``textenv-evaluate`` import the same code from any folder."""
+    token = _IMPORT_DIR.set(None if directory is None else str(Path(directory).resolve()))
+    try:
+        yield
+    finally:
+        _IMPORT_DIR.reset(token)
+
+
+def _import_module(module_name: str):
+    """Import ``module_name`` with the import folder and the working directory on the path, as
+    ``python -m`` has the latter, so ``--reward myrewards:fn`` works from an installed console
+    script too."""
     cwd = os.getcwd()
-    if cwd in sys.path or "" in sys.path:
-        return importlib.import_module(module_name)
-    sys.path.insert(0, cwd)
+    added = [
+        d
+        for d in dict.fromkeys((_IMPORT_DIR.get(), cwd))
+        # "" on the path is the working directory where the user put it: their order is kept
+        if d is not None and d not in sys.path and not (d == cwd and "" in sys.path)
+    ]
+    sys.path[:0] = added
     try:
         return importlib.import_module(module_name)
     finally:
-        sys.path.remove(cwd)
+        for d in added:
+            sys.path.remove(d)
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object ``"module:name"`` names (``what`` says what it is, for errors), imported as
+    :func:`importing_from` says."""
+    module_name, _, attr = spec.partition(":")
+    folder = _IMPORT_DIR.get()
+    where = "" if folder in (None, os.getcwd()) else f" (from {folder}, then the working directory)"
+    try:
+        return getattr(_import_module(module_name), attr)
+    except SyntaxError as err:
+        raise ValueError(
+            f"cannot import {what} {spec!r}: {err.msg} ({err.filename}, line {err.lineno})"
+        ) from None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {what} {spec!r}{where}: {err}") from None
 
 
 def get_reward(spec: str | RewardFn) -> RewardFn:
@@ -84,15 +126,7 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         obj = _REGISTRY[spec]
         return obj() if isinstance(obj, type) else obj
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            obj = getattr(_import_from_cwd(module_name), attr)
-        except SyntaxError as err:
-            raise ValueError(
-                f"cannot import reward {spec!r}: {err.msg} ({err.filename}, line {err.lineno})"
-            ) from None
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import reward {spec!r}: {err}") from None
+        obj = import_object(spec, "reward")
         return obj() if isinstance(obj, type) else obj
     raise ValueError(
         f"unknown reward {spec!r}: not registered ({', '.join(available())}) "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from textenv.rewards import import_object
 from textenv.tasks.base import HELD_OUT_EVERY, Prompt, Task, read_prompts, split_prompts
 from textenv.tasks.conversation import (
     Episode,
@@ -37,6 +38,7 @@ __all__ = [
     "CURATED_REASONING_GYM",
     "HELD_OUT_EVERY",
     "TASKS",
+    "TASK_ALIASES",
     "AnyTask",
     "Arithmetic",
     "Calculator",
@@ -61,6 +63,7 @@ __all__ = [
     "read_prompts",
     "safe_arithmetic",
     "split_prompts",
+    "task_class",
 ]
 
 AnyTask = Task | MultiTurnTask
@@ -76,15 +79,38 @@ TASKS |= {
 }
 
 
+TASK_ALIASES = {"MultiTurn": "FunctionTask"}
+"""Other names of registered tasks: ``MultiTurn`` is FunctionTask's, as in textenv/MultiTurn-v0."""
+
+
+def task_class(name: str) -> type[Task] | type[MultiTurnTask]:
+    """The task class a name stands for: a registered name, an alias (``"MultiTurn"``), or
+    ``"module:Class"``, your subclass of :class:`Task` or :class:`MultiTurnTask` (imported from
+    the working directory, as rewards are; see :func:`textenv.rewards.importing_from`)."""
+    name = TASK_ALIASES.get(name, name)
+    if name in TASKS:
+        return TASKS[name]
+    if ":" not in name:
+        known = ", ".join([*TASKS, *TASK_ALIASES])
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {known}, or module:Class (your Task or "
+            "MultiTurnTask subclass)"
+        )
+    cls = import_object(name, "task")
+    if not (isinstance(cls, type) and issubclass(cls, (Task, MultiTurnTask))):
+        raise ValueError(f"task {name} is not a Task or MultiTurnTask subclass")
+    return cls
+
+
 def make_task(task: str | AnyTask, **overrides: Any) -> AnyTask:
-    """A task by name (``"Sentiment"``, ``"Calculator"``) or instance, with field overrides
-    (``max_new_tokens=...``); overrides that are None keep the task's defaults."""
+    """A task by name (``"Sentiment"``, ``"Calculator"``, ``"mymodule:MyTask"``: see
+    :func:`task_class`) or instance, with field overrides (``max_new_tokens=...``); overrides
+    that are None keep the task's defaults."""
     if isinstance(task, (Task, MultiTurnTask)):
         if overrides:
             base = "MultiTurnTask" if isinstance(task, MultiTurnTask) else "Task"
             raise ValueError(f"pass overrides to the {base} you construct, not beside it")
         return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    cls = task_class(task)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return TASKS[task](**overrides)
+    return cls(**overrides)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from textenv.rewards import RewardError
+from textenv.rewards import RewardError, import_object
 from textenv.tasks.base import package_lines, split_prompts
 
 Messages = list[dict[str, str]]
@@ -146,7 +146,10 @@ class FunctionTask(MultiTurnTask):
     """Your own turn-based env in a few lines: ``respond(history) -> (reply, reward, done)``.
 
     ``history`` is the conversation as chat messages, the agent's last turn last; each
-    episode opens with a prompt drawn from ``prompts``. For episodes with their own state (a
+    episode opens with a prompt drawn from ``prompts``. ``respond`` may also be named as
+    ``"module:callable"``, imported as a reward is (a class is constructed with no arguments);
+    the trainer takes it so: ``--task MultiTurn --task-options '{"respond": "mymodule:respond",
+    "prompts": [...]}'``. For episodes with their own state (a
     game), subclass :class:`MultiTurnTask` and return an :class:`Episode` from ``new_episode``.
 
         def respond(history):
@@ -161,8 +164,13 @@ class FunctionTask(MultiTurnTask):
     """
 
     name: ClassVar[str] = "FunctionTask"
-    respond: Callable[[Messages], Any] | None = None
+    respond: Callable[[Messages], Any] | str | None = None
     prompts: list[str | Messages] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.respond, str):
+            found = import_object(self.respond, "respond")
+            self.respond = found() if isinstance(found, type) else found
 
     def validate(self) -> None:
         super().validate()
@@ -174,7 +182,7 @@ class FunctionTask(MultiTurnTask):
             raise ValueError(f"task {self.name}: prompts is empty")
 
     def new_episode(self, rng: np.random.Generator) -> Episode:
-        assert self.respond is not None  # validate() checked it
+        assert callable(self.respond)  # validate() checked it
         return _FunctionEpisode(self.prompts[int(rng.integers(len(self.prompts)))], self.respond)
 
 
