@@ -323,7 +323,7 @@ class TextTrainConfig:
         if self.sampling.rollout_block < 0:
             raise ValueError(f"rollout_block must be >= 0, got {self.sampling.rollout_block}")
         if (self.sampling.static_cache or self.sampling.rollout_block > 1) and is_multi_turn(
-            self.task
+            self.task, self.import_dir
         ):
             for name, on in (
                 ("--static-cache", self.sampling.static_cache),
@@ -368,7 +368,7 @@ class TextTrainConfig:
             return self.sampling.rollout_block
         if device.type != "cuda":
             return 1
-        return 1 if is_multi_turn(self.task) else 16
+        return 1 if is_multi_turn(self.task, self.import_dir) else 16
 
     def recompute_old_logprobs(self, device: torch.device) -> bool:
         """Whether old log-probs come from the update's forward (see ``old_logprobs``)."""
@@ -974,10 +974,13 @@ def prompt_seeds(seed: int, iteration: int, num_envs: int) -> int:
     return (seed * 100_003 + iteration) * num_envs
 
 
-def is_multi_turn(task: str) -> bool:
+def is_multi_turn(task: str, import_dir: str | None = None) -> bool:
+    """Whether ``task`` (a name or ``module:Class``, imported from ``import_dir`` first) is a
+    multi-turn task."""
     from textenv.tasks import MultiTurnTask, task_class
 
-    return issubclass(task_class(task), MultiTurnTask)
+    with importing_from(import_dir):
+        return issubclass(task_class(task), MultiTurnTask)
 
 
 def task_settings(config: TextTrainConfig) -> tuple[dict[str, Any], bool]:

@@ -115,11 +115,28 @@ def test_a_run_folder_is_imported_from_before_the_working_directory(tmp_path, mo
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.delitem(sys.modules, "user_turns_order", raising=False)
     path = list(sys.path)
-    with importing_from(tmp_path / "run"):
+    with importing_from(tmp_path / "run"), importing_from(None):  # None keeps the folder
         assert get_reward("user_turns_order:fn")([""], ["x"]) == [1.0]
         with pytest.raises(ValueError, match=r"cannot import reward 'nowhere_x:fn' \(from .*run, "):
             get_reward("nowhere_x:fn")
     assert sys.path == path  # left as it was
+
+
+def test_settings_checks_read_your_task_from_the_runs_folder(tmp_path, monkeypatch):
+    from textenv.agents.text import SamplingConfig, TextTrainConfig
+
+    (tmp_path / "code").mkdir(), (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "code" / "user_turns_check.py").write_text(textwrap.dedent(_USER_CODE))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != ""])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.delitem(sys.modules, "user_turns_check", raising=False)
+    config = TextTrainConfig(
+        task="user_turns_check:SayA",
+        import_dir=str(tmp_path / "code"),
+        sampling=SamplingConfig(static_cache=True),
+    )
+    with pytest.raises(ValueError, match="--static-cache is for single-turn tasks"):
+        config.validate()
 
 
 def test_multi_turn_is_the_name_of_your_respond_function_task(tmp_path):

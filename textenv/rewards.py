@@ -73,10 +73,11 @@ _IMPORT_DIR: ContextVar[str | None] = ContextVar("textenv_import_dir", default=N
 @contextlib.contextmanager
 def importing_from(directory: str | os.PathLike | None) -> Iterator[None]:
     """Within the block, ``"module:name"`` specs (rewards, a ``respond`` function, a task class)
-    are imported from ``directory`` first, then from the working directory (None: the working
-    directory only). A text run records the folder it started in, so that ``--resume`` and
-    ``textenv-evaluate`` import the same code from any folder."""
-    token = _IMPORT_DIR.set(None if directory is None else str(Path(directory).resolve()))
+    are imported from ``directory`` first, then from the working directory (None: an enclosing
+    block's folder, else the working directory only). A text run records the folder it started
+    in, so that ``--resume`` and ``textenv-evaluate`` import the same code from any folder."""
+    folder = _IMPORT_DIR.get() if directory is None else str(Path(directory).resolve())
+    token = _IMPORT_DIR.set(folder)
     try:
         yield
     finally:
