@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from textenv.agents.ppo import Columns, Packing
 from textenv.models import cache_kwargs, disable_dropout, output_cache
 
 
@@ -87,6 +88,7 @@ class LMActorCritic(nn.Module):
         prompt_len: int,
         entropy_grad: bool = True,
         positions: torch.Tensor | None = None,
+        columns: Columns | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log π(a_t|s_t), entropy_t, V(s_t))`` for the ``T`` actions, one full forward.
 
@@ -98,7 +100,17 @@ class LMActorCritic(nn.Module):
         backward through the full-vocabulary softmax when the loss has no entropy bonus).
         Log-probs are of the tempered distribution after this policy's top-k/top-p filter: the
         distribution :func:`textenv.agents.text.collect_rollout` samples from.
+
+        ``columns`` ``(start, end, length)``, a packed micro-batch's (:func:`response_packing`):
+        only input columns ``[start, end)`` are forwarded and the first ``length`` actions scored,
+        the columns outside being padding in every row.
         """
+        if columns is not None:
+            start, end, length = columns
+            input_ids, attention_mask = input_ids[:, start:end], attention_mask[:, start:end]
+            actions, prompt_len = actions[:, :length], prompt_len - start
+            if positions is not None:
+                positions = positions[:, :length] - start
         T = actions.shape[1]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         if positions is None:
@@ -122,6 +134,27 @@ class LMActorCritic(nn.Module):
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_of(logp_all)
         return logprob, entropy, values
+
+
+def response_packing(
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    prompt_len: int,
+    positions: torch.Tensor | None = None,
+) -> Packing:
+    """Where each row of a rollout lies, for :func:`textenv.agents.ppo.ppo_update` to pack its
+    micro-batches by length: its first attended column (prompts are left-padded), one past its
+    last action's column and its response up to its last counted token (``mask``). In the
+    layout of :meth:`LMActorCritic.evaluate_responses`; no host sync."""
+    T = mask.shape[1]
+    columns = torch.arange(1, T + 1, device=mask.device)
+    lengths = torch.where(mask > 0, columns, 0).amax(1).clamp_min(1)
+    starts = (attention_mask > 0).long().argmax(1)
+    if positions is None:  # the actions are the columns after the prompt
+        ends = prompt_len + lengths
+    else:
+        ends = positions.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) + 1
+    return Packing(starts=starts, ends=ends, lengths=lengths)
 
 
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:

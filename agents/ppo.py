@@ -21,8 +21,29 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 # evaluate(minibatch) -> (new log-probs, entropy, new values[, extra per-sample loss]), each shaped
 # like batch["logprobs"]; the optional fourth term (e.g. β·KL to a reference policy) is added
-# to the loss as a masked mean.
-EvaluateFn = Callable[[Batch], tuple[torch.Tensor, ...]]
+# to the loss as a masked mean. With packing, evaluate(micro_batch, columns) (see Packing).
+EvaluateFn = Callable[..., tuple[torch.Tensor, ...]]
+# A packed micro-batch's columns: (first input column, one past the last, per-token columns).
+Columns = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each row of a batch of token sequences (per-token entries ``[B, T]``) lies, so that
+    :func:`ppo_update` can pack micro-batches by length; ``[B]`` integer tensors on the batch's
+    device.
+
+    ``starts``: the row's first input column (its left padding ends there); ``ends``: one past
+    its last input column; ``lengths``: its per-token columns up to its last counted token
+    (every masked-in entry lies before it). Each minibatch's rows are visited longest first,
+    so a micro-batch holds rows of similar length, and ``evaluate(micro, columns)`` is called
+    with the micro-batch's ``(min start, max end, max length)``: it forwards input columns
+    ``[start, end)`` only and returns per-token tensors of ``length`` columns.
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    lengths: torch.Tensor
 
 
 @dataclass
@@ -181,6 +202,7 @@ def ppo_update(
     config: PPOConfig,
     generator: torch.Generator | None = None,
     dist: Dist | None = None,
+    packing: Packing | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run K epochs of minibatch PPO updates over one rollout and return its metrics.
 
@@ -190,9 +212,14 @@ def ppo_update(
     whatever inputs ``evaluate`` reads. Per-token samples (shape ``[B, L]``) work unchanged:
     minibatches are drawn over rows and losses are means over masked entries.
 
-    The metrics stay on the batch's device as 0-d tensors (no host sync per minibatch, but for
-    the finite-gradient check); the only other sync is one ``.item()`` per epoch when
-    ``target_kl`` is set.
+    ``packing`` (:class:`Packing`): micro-batches of rows of similar length, each forwarded at
+    its own width instead of the batch's. Every micro-batch's loss divides by the whole
+    minibatch's count, so the gradient is the unpacked one up to float rounding.
+
+    The metrics stay on the batch's device as 0-d tensors. Host syncs: one per epoch when
+    ``target_kl`` is set (CleanRL's check, on the epoch's last minibatch), one per epoch with
+    ``packing`` (the micro-batches' widths), and one per minibatch only for an optimizer that
+    cannot skip a non-finite step on the device (see :func:`_step_if_finite`).
 
     ``dist`` (several processes, :mod:`textenv.agents.distributed`): ``batch`` is this rank's
     share, each minibatch is the union of every rank's minibatch, and the update is the
@@ -204,11 +231,13 @@ def ppo_update(
     params = [p for p in params if p.requires_grad]
     batch_size = batch["logprobs"].shape[0]
     config.validate(batch_size)
-    layout = _Layout.of(batch, config)
+    layout = _Layout.of(batch, config, packing)
     totals = _Totals(batch["logprobs"].device)
+    on_device = _skips_on_device(optimizer)
     for _epoch in range(config.update_epochs):
         totals.epochs += 1
         order = torch.randperm(batch_size, device=totals.device, generator=generator)
+        order, columns = layout.visit(order)
         global_stats = None
         if dist is not None:  # every minibatch's count and advantage statistics, one collective
             global_stats = _global_minibatch_stats(
@@ -220,29 +249,57 @@ def ppo_update(
                 dist,
             )
         logratios: list[torch.Tensor] = []
+        micro_per_mb = layout.minibatch_size // layout.micro_size
         for k_mb, start in enumerate(range(0, batch_size, layout.minibatch_size)):
             mb_inds = order[start : start + layout.minibatch_size]
             stats_k = global_stats[:, k_mb] if global_stats is not None else None
             count, mb_adv = layout.minibatch_targets(mb_inds, stats_k, config.norm_adv)
+            mb_columns = None
+            if columns is not None:
+                mb_columns = columns[k_mb * micro_per_mb : (k_mb + 1) * micro_per_mb]
             optimizer.zero_grad(set_to_none=True)
             losses = _backward_minibatch(
-                layout, mb_inds, mb_adv, count, evaluate, config, logratios
+                layout, mb_inds, mb_adv, count, evaluate, config, logratios, mb_columns
             )
             grad_norm = _clipped_grad_norm(params, config.max_grad_norm, dist)
-            # One host sync per minibatch buys this guarantee: a non-finite loss or gradient is
-            # never applied; the update is skipped and counted.
-            if not bool(torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                totals.skipped += 1
-                continue
-            optimizer.step()
-            totals.add_update(losses, grad_norm.detach())
+            # A non-finite loss or gradient is never applied: the step is skipped and counted.
+            stepped = _step_if_finite(optimizer, grad_norm, on_device)
+            totals.add_update(losses, grad_norm.detach(), stepped)
         last_approx_kl = totals.add_epoch_kl(
             torch.cat(logratios), order, layout, config.clip_coef, dist
         )
         if config.target_kl is not None and last_approx_kl.item() > config.target_kl:
             break
+    # Not kept past the update: a skipped step's are not finite, and they would hold memory
+    # through the next rollout.
+    for p in params:
+        p.grad = None
     return totals.metrics(dist)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: torch's fused optimizers read a
+    ``found_inf`` flag, as torch's GradScaler sets it, and leave parameters and state as they
+    were when it is 1."""
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    return fused and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def _step_if_finite(
+    optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, on_device: bool
+) -> torch.Tensor:
+    """Step unless ``grad_norm`` is non-finite; whether it stepped, a 0-d bool tensor. A fused
+    optimizer decides on the device; any other needs the norm on the host (one sync)."""
+    finite = torch.isfinite(grad_norm)
+    if on_device:
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif bool(finite):
+        optimizer.step()
+    return finite
 
 
 _LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "extra_loss")
@@ -258,9 +315,10 @@ class _Layout:
     minibatch_size: int
     micro_size: int
     vf_clip: float | None
+    packing: Packing | None
 
     @classmethod
-    def of(cls, batch: Batch, config: PPOConfig) -> _Layout:
+    def of(cls, batch: Batch, config: PPOConfig, packing: Packing | None = None) -> _Layout:
         minibatch_size = batch["logprobs"].shape[0] // config.num_minibatches
         vf_clip = (config.vf_clip_coef or config.clip_coef) if config.clip_vloss else None
         mask = batch.get("mask")
@@ -278,7 +336,27 @@ class _Layout:
                 shape = (-1, *[1] * (mask.dim() - 1))
                 row_weights = keep.to(batch["logprobs"].dtype) / lengths.view(shape)
         micro_size = minibatch_size // config.grad_accum_steps
-        return cls(batch, mask, row_weights, minibatch_size, micro_size, vf_clip)
+        if packing is not None and batch["logprobs"].dim() != 2:
+            raise ValueError("packing is for batches of token sequences ([B, T] per-token entries)")
+        return cls(batch, mask, row_weights, minibatch_size, micro_size, vf_clip, packing)
+
+    def visit(self, order: torch.Tensor) -> tuple[torch.Tensor, list[Columns] | None]:
+        """The epoch's rows in the order they are visited and, when packed, each micro-batch's
+        columns (one host sync). Packing reorders rows within their minibatch only."""
+        if self.packing is None:
+            return order, None
+        p = self.packing
+        rows = order.view(-1, self.minibatch_size)
+        # Longest responses first (ties: the widest inputs): a micro-batch's neighbours are of
+        # its length, and the largest micro-batch is allocated first.
+        for key in (p.ends - p.starts, p.lengths):
+            rank = torch.argsort(key[rows], dim=1, descending=True, stable=True)
+            rows = rows.gather(1, rank)
+        micro = rows.reshape(-1, self.micro_size)
+        bounds = torch.stack(
+            [p.starts[micro].amin(1), p.ends[micro].amax(1), p.lengths[micro].amax(1)], dim=1
+        )
+        return rows.reshape(-1), [(a, b, c) for a, b, c in bounds.tolist()]
 
     def minibatch_targets(
         self, mb_inds: torch.Tensor, global_stats: torch.Tensor | None, norm_adv: bool
@@ -313,26 +391,38 @@ def _backward_minibatch(
     evaluate: EvaluateFn,
     config: PPOConfig,
     logratios: list[torch.Tensor],
+    columns: list[Columns] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate the minibatch's loss gradient over its micro-batches (each divides by the
-    whole minibatch's ``count``, so their sum is the minibatch's gradient); append the detached
-    log-ratios to ``logratios``; return the detached losses."""
+    whole minibatch's ``count``, so their sum is the minibatch's gradient, however the rows are
+    grouped or cut); append the detached log-ratios to ``logratios``; return the detached
+    losses. With ``columns`` (packed), micro-batch ``i`` is cut to ``columns[i]``."""
     device = mb_adv.device
     sums = {k: torch.zeros((), device=device) for k in _LOSS_KEYS}
-    for micro_start in range(0, layout.minibatch_size, layout.micro_size):
+    width = layout.batch["logprobs"].shape[1] if columns is not None else 0
+    for i, micro_start in enumerate(range(0, layout.minibatch_size, layout.micro_size)):
         local = slice(micro_start, micro_start + layout.micro_size)
         inds = mb_inds[local]
         micro = {k: v[inds] for k, v in layout.batch.items()}
         mask = layout.mask[inds] if layout.mask is not None else None
         weights = layout.row_weights[inds] if layout.row_weights is not None else None
+        old = [micro["logprobs"], micro["values"], micro["returns"], mb_adv[local]]
+        if columns is None:
+            new_logprob, entropy, new_value, *extra = evaluate(micro)
+        else:  # only the per-token columns its rows count: the rest is masked out anyway
+            length = columns[i][2]
+            old = [x[:, :length] for x in old]
+            mask = mask[:, :length] if mask is not None else None
+            weights = weights[:, :length] if weights is not None else None
+            new_logprob, entropy, new_value, *extra = evaluate(micro, columns[i])
+        old_logprob, old_value, returns, advantages = old
 
         def aggregate(x: torch.Tensor, weights=weights, mask=mask) -> torch.Tensor:
             return masked_mean(x if weights is None else x * weights, mask, count)
 
-        new_logprob, entropy, new_value, *extra = evaluate(micro)
-        logratio = new_logprob - micro["logprobs"]
-        pg = aggregate(clipped_surrogate(logratio.exp(), mb_adv[local], config.clip_coef))
-        vl = aggregate(value_loss(new_value, micro["values"], micro["returns"], layout.vf_clip))
+        logratio = new_logprob - old_logprob
+        pg = aggregate(clipped_surrogate(logratio.exp(), advantages, config.clip_coef))
+        vl = aggregate(value_loss(new_value, old_value, returns, layout.vf_clip))
         ent = aggregate(entropy)
         loss = pg - config.ent_coef * ent + config.vf_coef * vl
         if extra:
@@ -340,7 +430,10 @@ def _backward_minibatch(
             loss = loss + extra_loss
             sums["extra_loss"] += extra_loss.detach()
         loss.backward()
-        logratios.append(torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0))
+        logratio = torch.nan_to_num(logratio.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        if columns is not None:  # the cut columns are masked out: 0 in the KL statistics
+            logratio = torch.nn.functional.pad(logratio, (0, width - logratio.shape[1]))
+        logratios.append(logratio)
         sums["policy_loss"] += pg.detach()
         sums["value_loss"] += vl.detach()
         sums["entropy"] += ent.detach()
@@ -369,13 +462,18 @@ class _Totals:
         # Per-minibatch diagnostics are computed after each epoch from the detached
         # log-ratios, which keeps the hot loop to the ops the gradient needs.
         self.kl_sums = {k: zero.clone() for k in ("old_approx_kl", "approx_kl", "clipfrac")}
-        self.updates = self.skipped = self.epochs = 0
+        self.updates = zero.clone()  # steps applied, counted on the device
+        self.minibatches = self.epochs = 0
 
-    def add_update(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+    def add_update(
+        self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, stepped: torch.Tensor
+    ) -> None:
+        """Count a minibatch; its losses and norm only if its step was applied."""
         for k in _LOSS_KEYS:
-            self.sums[k] += losses[k]
-        self.sums["grad_norm"] += grad_norm
-        self.updates += 1
+            self.sums[k] += torch.where(stepped, losses[k], 0.0)
+        self.sums["grad_norm"] += torch.where(stepped, grad_norm, 0.0)
+        self.updates += stepped
+        self.minibatches += 1
 
     def add_epoch_kl(
         self,
@@ -401,14 +499,11 @@ class _Totals:
         if dist is not None:  # each rank's losses are its share of the global means
             reduced = dist.sum(*(sums[k] for k in _LOSS_KEYS))
             sums |= dict(zip(_LOSS_KEYS, reduced, strict=True))
-        metrics = {k: v / max(self.updates, 1) for k, v in sums.items()}
-        metrics |= {k: v / max(self.updates + self.skipped, 1) for k, v in self.kl_sums.items()}
-        for name, value in (
-            ("epochs", self.epochs),
-            ("skipped_updates", self.skipped),
-            ("updates", self.updates),
-        ):
-            metrics[name] = torch.tensor(float(value), device=self.device)
+        metrics = {k: v / self.updates.clamp_min(1.0) for k, v in sums.items()}
+        metrics |= {k: v / max(self.minibatches, 1) for k, v in self.kl_sums.items()}
+        metrics["epochs"] = torch.tensor(float(self.epochs), device=self.device)
+        metrics["skipped_updates"] = self.minibatches - self.updates
+        metrics["updates"] = self.updates.clone()
         return metrics
 
 
