@@ -8,6 +8,7 @@ agent adds ``−β·log π`` (:func:`textenv.kl.kl_penalized_rewards`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
 from textenv.agents.ppo import explained_variance
 from textenv.kl import kl_penalized_rewards
+
+BUCKET = 16  # a static cache's prompt columns are a multiple of this (or all of them)
 
 # Per-step columns of a rollout, stacked into [N, T] tensors at the end.
 _COLUMNS = (
@@ -69,6 +72,7 @@ def collect_rollout(
     group_size: int = 1,
     static_cache: bool = False,
     block: int = 1,
+    decode: Callable[..., Any] | None = None,
 ) -> Rollout:
     """Reset ``envs`` and sample one response (or, in a multi-turn env, one conversation) per
     row, the policy keeping its own KV cache; with ``group_size=k``, each run of k consecutive
@@ -88,7 +92,14 @@ def collect_rollout(
     all at once (:meth:`TextGenerationVectorEnv.step_block`): one host sync per block instead of
     one per token, and one reference forward for the rows that ended in it. The tokens, the
     random stream and the rollout are those of ``block=1`` (tested).
+
+    ``decode``: the forward the policy samples with, in place of ``policy._forward`` (its
+    signature): a ``torch.compile``-d one (see :func:`compiled_decode`). It needs
+    ``static_cache``, whose length is bucketed (the kept prompt columns rounded up to a multiple
+    of 16) so that batches of nearby prompt lengths reuse one compiled graph.
     """
+    if decode is not None and not static_cache:
+        raise ValueError("a compiled decode needs static_cache=True (fixed shapes)")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     if block > 1 and getattr(envs, "multi_turn", False):
@@ -104,12 +115,20 @@ def collect_rollout(
     # update's in-place writes, so a sharded policy samples under no_grad.
     if not is_sharded(policy):
         with torch.inference_mode():
-            return _sample(policy, envs, seed, generator, group_size, static_cache, block)
+            return _sample(policy, envs, seed, generator, group_size, static_cache, block, decode)
     with torch.no_grad():
-        rollout = _sample(policy, envs, seed, generator, group_size, static_cache, block)
+        rollout = _sample(policy, envs, seed, generator, group_size, static_cache, block, decode)
     sharded: Any = policy
     sharded.reshard()  # the root stays gathered after a no-grad forward; the optimizer holds shards
     return rollout
+
+
+def compiled_decode(policy: LMActorCritic, device: torch.device) -> Callable[..., Any]:
+    """``policy._forward`` under ``torch.compile`` for the rollout's static-cache steps: CUDA
+    graphs (``mode="reduce-overhead"``) on CUDA, inductor's default elsewhere; fixed shapes
+    (``dynamic=False``), one graph per bucketed length. The update keeps the eager forward."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(policy._forward, mode=mode, dynamic=False)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -129,13 +148,14 @@ def _sample(
     group_size: int,
     static_cache: bool,
     block: int,
+    decode: Callable[..., Any] | None,
 ) -> Rollout:
     was_training = policy.training
     policy.eval()
     obs, info = envs.reset(
         seed=seed, options={"group_size": group_size} if group_size > 1 else None
     )
-    reader = _PolicyReader(policy, obs, envs, static_cache)
+    reader = _PolicyReader(policy, obs, envs, static_cache, decode)
     record = _Recorder(envs.num_envs, envs.max_new_tokens, reader.device)
     logits, values = reader.prefill(obs)
     if block > 1:
@@ -199,15 +219,23 @@ class _PolicyReader:
     """The policy's KV cache over each row's prompt and what came after it."""
 
     def __init__(
-        self, policy: LMActorCritic, obs: dict[str, torch.Tensor], envs, static_cache: bool
+        self,
+        policy: LMActorCritic,
+        obs: dict[str, torch.Tensor],
+        envs,
+        static_cache: bool,
+        decode: Callable[..., Any] | None = None,
     ) -> None:
         self.policy, self.static = policy, static_cache
+        self.forward = decode or policy._forward
         self.P, self.B, n = envs.max_prompt_tokens, envs.max_new_tokens, envs.num_envs
         self.multi_turn = getattr(envs, "multi_turn", False)
         self.device = obs["input_ids"].device
         # Prompts are left-padded into P slots: columns that are padding in every row are left
         # out of every forward here and in the update (less compute, same result).
         self.start = int(obs["attention_mask"][:, : self.P].any(0).long().argmax())
+        if static_cache:  # bucketed: batches of nearby prompt lengths share one shape
+            self.start = max(0, self.P - -(-(self.P - self.start) // BUCKET) * BUCKET)
         self.cache_mask = obs["attention_mask"][:, self.start : self.P]
         self.cache: Any = None
         # One column per step after the prompt's: the cache's final length. A conversation's
@@ -231,7 +259,7 @@ class _PolicyReader:
 
             self.cache = StaticCache(config=self.policy.lm.config, max_cache_len=self.max_len)
             static = {"cache_position": torch.arange(self.cache_mask.shape[1], device=self.device)}
-        logits, values, self.cache = self.policy._forward(
+        logits, values, self.cache = self.forward(
             obs["input_ids"][:, self.start : self.P],
             self._attention(self.cache_mask),
             position_ids,
@@ -280,7 +308,7 @@ class _PolicyReader:
         static = {}
         if self.static:
             static = {"cache_position": torch.arange(written, written + width, device=self.device)}
-        logits, values, self.cache = self.policy._forward(
+        logits, values, self.cache = self.forward(
             chunk,
             self._attention(self.cache_mask),
             position_ids,

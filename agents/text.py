@@ -46,6 +46,7 @@ from textenv.agents.ppo import (
 from textenv.agents.rollout_text import (
     Rollout,
     collect_rollout,
+    compiled_decode,
     evaluate_held_out,
     kl_k3,
     recompute_logprobs,
@@ -116,6 +117,10 @@ class SamplingConfig:
     """tokens the policy samples before the env answers them in one call (one host sync and one
     reference forward per block instead of per token; the same tokens and rollout as 1); 0:
     16 on CUDA, else 1 (single-turn tasks)"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the rollout's decode step (CUDA graphs on CUDA) over a static KV cache, whose
+    length is bucketed so graphs are reused; the same tokens as eager. auto: on with CUDA (not
+    with --fsdp or a multi-turn task), off on the CPU, where compiling is not won back"""
 
 
 @dataclass
@@ -322,11 +327,15 @@ class TextTrainConfig:
             )
         if self.sampling.rollout_block < 0:
             raise ValueError(f"rollout_block must be >= 0, got {self.sampling.rollout_block}")
-        if (self.sampling.static_cache or self.sampling.rollout_block > 1) and is_multi_turn(
-            self.task, self.import_dir
-        ):
+        if self.sampling.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.sampling.compile!r}")
+        if self.sampling.compile == "on" and self.lm.fsdp:
+            raise ValueError("--compile on with --fsdp is not supported (sharded forwards)")
+        fixed = self.sampling.static_cache or self.sampling.compile == "on"
+        if (fixed or self.sampling.rollout_block > 1) and is_multi_turn(self.task, self.import_dir):
             for name, on in (
                 ("--static-cache", self.sampling.static_cache),
+                ("--compile on", self.sampling.compile == "on"),
                 ("--rollout-block > 1", self.sampling.rollout_block > 1),
             ):
                 if on:
@@ -361,6 +370,14 @@ class TextTrainConfig:
         return self.lm.precision == "bf16" or (
             self.lm.precision == "auto" and device.type == "cuda"
         )
+
+    def compile_rollout(self, device: torch.device) -> bool:
+        """Whether the rollout's decode step is compiled (see ``SamplingConfig.compile``)."""
+        if self.sampling.compile != "auto":
+            return self.sampling.compile == "on"
+        if device.type != "cuda" or self.lm.fsdp:
+            return False
+        return not is_multi_turn(self.task, self.import_dir)
 
     def rollout_block(self, device: torch.device) -> int:
         """Tokens sampled per env call (see ``SamplingConfig.rollout_block``)."""
@@ -694,6 +711,11 @@ class _TextTraining:
         self.dist.broadcast_parameters(p for p in self.policy.parameters() if p.requires_grad)
         if config.lm.fsdp:
             shard_policy(self.policy, lm)
+        self.decode = (
+            compiled_decode(self.policy, self.device)
+            if config.compile_rollout(self.device)
+            else None
+        )
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = adamw(trainable, lr=config.learning_rate, fused=not config.lm.fsdp)
 
@@ -758,8 +780,9 @@ class _TextTraining:
                 seed=seed,
                 generator=self.generator,
                 group_size=self.config.sampling.group_size,
-                static_cache=self.config.sampling.static_cache,
+                static_cache=self.config.sampling.static_cache or self.decode is not None,
                 block=self.config.rollout_block(self.device),
+                decode=self.decode,
             )
         rollout_s = time.perf_counter() - t0
         if self.recompute:

@@ -259,3 +259,52 @@ def test_a_text_run_with_a_rollout_block_trains_like_one_stepping_every_token(
         blocks.append(set(calls))
     assert blocks[0] == set() and blocks[1] == {3}
     assert scores[0] == scores[1]  # iteration 2 samples from the updated policy: the same too
+
+
+def test_a_compiled_decode_samples_what_the_eager_one_does():
+    # backend "eager": dynamo's graph capture (where a compiled forward can part from eager)
+    # without inductor's code generation, which takes minutes on a small CPU.
+    from textenv.agents.lm import LMActorCritic
+    from textenv.agents.rollout_text import collect_rollout
+    from textenv.models import load_causal_lm
+
+    rollouts = []
+    for compiled in (False, True):
+        envs = TextGenerationVectorEnv(
+            num_envs=8, task="Toy", model="tiny", max_new_tokens=8, max_prompt_tokens=12
+        )
+        policy = LMActorCritic(load_causal_lm("tiny:1")[0])
+        decode = (
+            torch.compile(policy._forward, backend="eager", dynamic=False) if compiled else None
+        )
+        generator = torch.Generator().manual_seed(0)
+        rollouts.append(
+            collect_rollout(
+                policy, envs, seed=0, generator=generator, static_cache=True, decode=decode
+            )
+        )
+    eager, compiled_ = rollouts
+    assert torch.equal(eager.actions, compiled_.actions) and torch.equal(eager.mask, compiled_.mask)
+    torch.testing.assert_close(compiled_.logprobs, eager.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled_.values, eager.values, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="compiled decode needs static_cache=True"):
+        collect_rollout(policy, envs, seed=0, generator=generator, decode=policy._forward)
+
+
+def test_compile_settings():
+    from textenv.agents.text import TextTrainConfig
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    config = TextTrainConfig.from_flat(task="Toy", model="tiny")
+    assert not config.compile_rollout(cpu) and config.compile_rollout(cuda)
+    assert not TextTrainConfig.from_flat(task="Toy", fsdp=True).compile_rollout(cuda)
+    assert not TextTrainConfig.from_flat(task="ToyTurns").compile_rollout(cuda)
+    assert TextTrainConfig.from_flat(task="Toy", compile="on").compile_rollout(cpu)
+    assert not TextTrainConfig.from_flat(task="Toy", compile="off").compile_rollout(cuda)
+    for flags, match in (
+        ({"task": "ToyTurns", "compile": "on"}, "--compile on is for single-turn tasks"),
+        ({"task": "Toy", "compile": "on", "fsdp": True}, "--compile on with --fsdp"),
+        ({"task": "Toy", "compile": "yes"}, "compile must be auto, on or off, got 'yes'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TextTrainConfig.from_flat(model="tiny", **flags).validate()
