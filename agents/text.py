@@ -665,8 +665,18 @@ class _TextTraining:
             task_kwargs["split"] = "train"
         self.say(f"loading the reference model ({config.model}) ...")
         dtype = torch.float32
+        # The per-step reference keeps fixed shapes too where the policy's rollout does.
+        static = config.kl.reference_pass == "per_step" and (
+            config.sampling.static_cache or config.compile_rollout(self.device)
+        )
         self.envs = make_text_envs(
-            config, self.local_envs, task_kwargs, self.device, dtype, config.kl.reference_pass
+            config,
+            self.local_envs,
+            task_kwargs,
+            self.device,
+            dtype,
+            config.kl.reference_pass,
+            static_cache=static,
         )
         self.eval_envs = None
         # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or
@@ -1133,13 +1143,23 @@ def make_text_envs(
     model=None,
     tokenizer=None,
     reward=None,
+    static_cache: bool = False,
 ):
     """The vector env of ``config``'s task: a :class:`TextGenerationVectorEnv`, or a
     :class:`textenv.multiturn.MultiTurnTextVectorEnv` for a multi-turn task. ``model`` (with its
     ``tokenizer``) reuses a loaded reference; ``reward`` a built reward."""
     with importing_from(config.import_dir):
         return _make_text_envs(
-            config, num_envs, task_kwargs, device, dtype, reference_pass, model, tokenizer, reward
+            config,
+            num_envs,
+            task_kwargs,
+            device,
+            dtype,
+            reference_pass,
+            model,
+            tokenizer,
+            reward,
+            static_cache,
         )
 
 
@@ -1153,6 +1173,7 @@ def _make_text_envs(
     model=None,
     tokenizer=None,
     reward=None,
+    static_cache: bool = False,
 ):
     common = {
         "num_envs": num_envs,
@@ -1170,7 +1191,10 @@ def _make_text_envs(
 
         return MultiTurnTextVectorEnv(**common, **task_kwargs)
     return TextGenerationVectorEnv(
-        **common, reward=reward if reward is not None else config.reward, **task_kwargs
+        **common,
+        reward=reward if reward is not None else config.reward,
+        static_cache=static_cache,  # single-turn only (validated)
+        **task_kwargs,
     )
 
 

@@ -20,6 +20,7 @@ come from ``results/raw/verifiable.<task>-<estimator>-<seed>.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -84,6 +85,11 @@ class VerifiableConfig:
     """runs at once (each uses one torch thread)"""
     render_only: bool = False
     """re-render the report from the JSON and raw files without training"""
+    adopt: tuple[str, ...] = ()
+    """finished run directories of this benchmark's exact command (started by hand, e.g. as a
+    pilot) to record instead of running them again: their config must equal the preset's"""
+    adopt_commit: str = ""
+    """the commit the adopted runs ran (default: HEAD)"""
     json_out: str = "benchmarks/results/verifiable.json"
     out: str = "benchmarks/results/verifiable.md"
     """markdown to write (the plot goes beside it as .png)"""
@@ -120,7 +126,45 @@ def run(task: str, estimator: str, seed: int, runs_dir: str) -> dict:
     return {"task": task, "estimator": estimator, "seed": seed, **result}
 
 
-def record(r: dict, commit: str) -> dict:
+def adopt(run_dir: Path) -> dict:
+    """A finished run directory as :func:`run` returns it, after checking that its settings are
+    the preset's (settings the run's version did not have yet are left out of the check)."""
+    from textenv.agents.cli.train_text import parse
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    task, estimator, seed = saved["task"], saved["estimator"]["advantage"], saved["seed"]
+    config, _ = parse([*flags(task, estimator), *COMMON, "--seed", str(seed)])
+    expected = dataclasses.asdict(config)
+
+    def differences(a: dict, b: dict, at: str = "") -> list[str]:
+        out = []
+        for key, value in a.items():
+            if key in ("logging", "import_dir") or key not in b:
+                continue  # where it was written; settings newer than the run
+            if isinstance(value, dict):
+                out += differences(value, b[key], f"{at}{key}.")
+            elif value != b[key]:
+                out.append(f"{at}{key}: {value!r} != the preset's {b[key]!r}")
+        return out
+
+    wrong = differences(saved, expected)
+    if wrong:
+        raise SystemExit(f"error: {run_dir} is not this benchmark's run: {wrong[0]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    read = lambda name: [json.loads(x) for x in (run_dir / name).read_text().splitlines()]  # noqa: E731
+    summary.pop("run_dir", None)
+    return {
+        "task": task,
+        "estimator": estimator,
+        "seed": seed,
+        "summary": summary,
+        "metrics": read("metrics.jsonl"),
+        "samples": read("samples.jsonl"),
+        "adopted": str(run_dir),
+    }
+
+
+def record(r: dict, commit: str, command: str) -> dict:
     """The JSON record of a finished run."""
     s = r["summary"]
     return {
@@ -135,6 +179,7 @@ def record(r: dict, commit: str) -> dict:
         "training_s": s["wall_time_s"],
         "flags": flags(r["task"], r["estimator"]),
         "commit": commit,
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
 
@@ -204,12 +249,14 @@ def plot(records: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def render(records: list[dict], command: str, out: Path) -> str:
+def render(records: list[dict], out: Path) -> str:
     lines = [
         "# Learning on verifiable rewards (embedded SmolLM2-135M-Instruct)",
         "",
-        f"Command: `{command}` (results accumulate in `{out.with_suffix('.json').name}`; each "
-        "record keeps the flags and commit it ran with)",
+        f"Results accumulate in `{out.with_suffix('.json').name}`; each record keeps the command, "
+        "flags and commit it ran with. Commands:",
+        "",
+        *[f"- `{c}`" for c in dict.fromkeys(x["command"] for x in records)],
         "",
         f"Each run: `python -m scripts.train_text <preset> --advantage E --group-size G "
         f"{' '.join(COMMON)} --seed S` in its own process; G = {GROUP} for grpo (the same "
@@ -288,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
         jobs = [(t, e, s) for s in args.seeds for t in args.tasks for e in args.estimators]
+        if args.adopt:
+            jobs = []
+            adopted = [adopt(Path(d)) for d in args.adopt]
+            (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
+            for r in adopted:
+                atomic_write_text(
+                    raw_path(r["task"], r["estimator"], r["seed"]), json.dumps(r) + "\n"
+                )
+                new = record(r, args.adopt_commit or commit, command)
+                atomic_write_text(json_path, json.dumps(merge(json_path, [new]), indent=1) + "\n")
         (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as runs_dir, ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run, t, e, s, runs_dir) for t, e, s in jobs]:
@@ -295,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(
                     raw_path(r["task"], r["estimator"], r["seed"]), json.dumps(r) + "\n"
                 )
-                new = record(r, commit)
+                new = record(r, commit, command)
                 # Written after every run: a session that stops keeps what finished.
                 atomic_write_text(json_path, json.dumps(merge(json_path, [new]), indent=1) + "\n")
                 print(
@@ -308,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no results yet in {json_path}")
     records = json.loads(json_path.read_text())
     plot(records, out.with_suffix(".png"))
-    text = render(records, command, out)
+    text = render(records, out)
     atomic_write_text(out, text)
     print(text)
     return 0

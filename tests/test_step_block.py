@@ -223,17 +223,25 @@ def test_a_text_run_with_a_rollout_block_trains_like_one_stepping_every_token(
     import json
 
     from textenv.agents.text import TextTrainConfig, train_text
+    from textenv.reference import PerStepReference
 
-    calls = []
+    calls, budgets = [], []
     step_block = TextGenerationVectorEnv.step_block
+    start = PerStepReference.start
+    monkeypatch.setattr(
+        PerStepReference,
+        "start",
+        lambda self, *a: budgets.append(self.static_budget) or start(self, *a),
+    )
     monkeypatch.setattr(
         TextGenerationVectorEnv,
         "step_block",
         lambda self, actions: calls.append(actions.shape[1]) or step_block(self, actions),
     )
-    scores, blocks = [], []
-    for block in (1, 3):
+    scores, blocks, static_budgets = [], [], []
+    for block, static in ((1, False), (3, False), (1, True)):
         calls.clear()
+        budgets.clear()
         train_text(
             TextTrainConfig.from_flat(
                 task="Toy",
@@ -244,7 +252,7 @@ def test_a_text_run_with_a_rollout_block_trains_like_one_stepping_every_token(
                 max_new_tokens=6,
                 device="cpu",
                 runs_dir=str(tmp_path),
-                run_name=f"block{block}",
+                run_name=f"block{block}{static}",
                 tensorboard=False,
                 progress=False,
                 eval_samples=0,
@@ -252,13 +260,18 @@ def test_a_text_run_with_a_rollout_block_trains_like_one_stepping_every_token(
                 save_checkpoint=False,
                 reference_pass="per_step",
                 rollout_block=block,
+                static_cache=static,
             )
         )
-        rows = (tmp_path / f"block{block}" / "metrics.jsonl").read_text().splitlines()
+        rows = (tmp_path / f"block{block}{static}" / "metrics.jsonl").read_text().splitlines()
         scores.append([(r["score_mean"], r["response_length"]) for r in map(json.loads, rows)])
         blocks.append(set(calls))
-    assert blocks[0] == set() and blocks[1] == {3}
-    assert scores[0] == scores[1]  # iteration 2 samples from the updated policy: the same too
+        static_budgets.append(set(budgets))
+    assert blocks == [set(), {3}, set()]
+    assert static_budgets == [{None}, {None}, {6}]  # the reference's static cache: 6 steps
+    assert scores[0] == scores[1]  # the same forwards: the same rewards, updates and samples
+    # A static cache's reference log-probs agree to float rounding: the first batch is the same.
+    assert scores[2][0] == scores[0][0]  # iteration 2 samples from the updated policy: the same too
 
 
 def test_a_compiled_decode_samples_what_the_eager_one_does():
@@ -308,3 +321,34 @@ def test_compile_settings():
     ):
         with pytest.raises(ValueError, match=match):
             TextTrainConfig.from_flat(model="tiny", **flags).validate()
+
+
+def test_the_per_step_reference_with_a_static_cache_scores_as_the_dynamic_one():
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    actions = _actions(tokenizer.eos_token_id)
+    runs = []
+    for static in (False, True):
+        envs = TextGenerationVectorEnv(
+            num_envs=N,
+            task="Toy",
+            model=model,
+            tokenizer=tokenizer,
+            max_new_tokens=BUDGET,
+            max_prompt_tokens=24,
+            kl_coef=0.1,
+            reference_pass="per_step",
+            static_cache=static,
+        )
+        envs.reset(seed=5)
+        assert (type(envs._gen.reference.cache).__name__ == "StaticCache") == static
+        runs.append(_stepped(envs, actions))
+    (obs_a, rew_a, term_a, ref_a, ends_a), (obs_b, rew_b, term_b, ref_b, ends_b) = runs
+    assert torch.equal(obs_a["input_ids"], obs_b["input_ids"]) and torch.equal(term_a, term_b)
+    torch.testing.assert_close(ref_b, ref_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rew_b, rew_a, rtol=1e-5, atol=1e-6)
+    assert [e[:4] for e in ends_b.values()] == [e[:4] for e in ends_a.values()]
+    with pytest.raises(ValueError, match="static_cache is for reference_pass='per_step'"):
+        _envs_static_at_end = TextGenerationVectorEnv(
+            num_envs=2, task="Toy", model="tiny", reference_pass="at_end", static_cache=True
+        )

@@ -90,9 +90,15 @@ class TokenBatch:
         device: torch.device,
         reference_pass: str,
         temperature: float,
+        static_cache: bool = False,
     ) -> None:
         task.validate()
-        self.reference: ReferenceScoring = reference_scoring(reference_pass, model, temperature)
+        if static_cache and reference_pass != "per_step":
+            raise ValueError("static_cache is for reference_pass='per_step' (a KV cache per step)")
+        self.static_cache = static_cache
+        self.reference: ReferenceScoring = reference_scoring(
+            reference_pass, model, temperature, task.max_new_tokens if static_cache else None
+        )
         self.task, self.model, self.tokenizer = task, model, tokenizer
         self.device, self.batch_size = device, batch_size
         self.pad_id = ensure_pad_token(tokenizer)
@@ -208,7 +214,10 @@ class TokenBatch:
         self.clear_rows(None)
         self.started = True
         self.all_done = False
-        # Columns that are padding in every row are left out of the reference's reads.
+        # Columns that are padding in every row are left out of the reference's reads; with a
+        # static cache, in multiples of 16 so batches of nearby prompt lengths share its shapes.
+        if self.static_cache:
+            width = min(self.prompt_slots, -(-width // 16) * 16)
         self.first_column = self.prompt_slots - width
         self.reference.start(
             prompt_ids[:, self.first_column :], prompt_mask[:, self.first_column :]

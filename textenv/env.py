@@ -51,8 +51,11 @@ class _Generation(TokenBatch):
         device: torch.device,
         reference_pass: str,
         temperature: float,
+        static_cache: bool = False,
     ) -> None:
-        super().__init__(task, model, tokenizer, batch_size, device, reference_pass, temperature)
+        super().__init__(
+            task, model, tokenizer, batch_size, device, reference_pass, temperature, static_cache
+        )
         self.reward = reward
         self.response_length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.done = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -218,6 +221,7 @@ def _build(
     reference_pass: str,
     temperature: float,
     task_kwargs: dict[str, Any],
+    static_cache: bool = False,
 ) -> _Generation:
     device = resolve_device(device)
     made = make_task(task, **task_kwargs)
@@ -234,7 +238,15 @@ def _build(
         follow_env(device, dtype)
     model, tokenizer = frozen_reference(model, tokenizer, device, dtype, trust_remote_code)
     return _Generation(
-        made, model, tokenizer, reward_fn, batch_size, device, reference_pass, temperature
+        made,
+        model,
+        tokenizer,
+        reward_fn,
+        batch_size,
+        device,
+        reference_pass,
+        temperature,
+        static_cache,
     )
 
 
@@ -257,6 +269,9 @@ class TextGenerationEnv(SingleTextEnv):
             its logits divided by it, so the KL is between distributions of the same family.
         torch_threads: torch's CPU threads for this process (``None``: leave them as they are);
             1 never oversubscribes a machine other processes use.
+        static_cache: the per-step reference keeps a static KV cache (transformers'
+            ``StaticCache``, fixed shapes for ``torch.compile``/CUDA graphs; prompt columns
+            bucketed to multiples of 16); it scores as the dynamic cache does.
         **task_kwargs: task fields: ``max_new_tokens``, ``max_prompt_tokens``, ``kl_coef``,
             ``prompts``, and task-specific ones (``reward_model``, ``label``).
     """
@@ -279,6 +294,7 @@ class TextGenerationEnv(SingleTextEnv):
         reference_pass: str | None = None,
         temperature: float = 1.0,
         torch_threads: int | None = None,
+        static_cache: bool = False,
         **task_kwargs: Any,
     ) -> None:
         check_env_arguments(render_mode, torch_threads)
@@ -294,6 +310,7 @@ class TextGenerationEnv(SingleTextEnv):
             reference_pass or "per_step",
             temperature,
             task_kwargs,
+            static_cache,
         )
         self._attach(core, render_mode)
 
@@ -376,6 +393,7 @@ class TextGenerationVectorEnv(VectorTextEnv):
         reference_pass: str | None = None,
         temperature: float = 1.0,
         torch_threads: int | None = None,
+        static_cache: bool = False,
         arrays: str = "torch",
         **task_kwargs: Any,
     ) -> None:
@@ -392,6 +410,7 @@ class TextGenerationVectorEnv(VectorTextEnv):
             reference_pass or "per_step",
             temperature,
             task_kwargs,
+            static_cache,
         )
         self._attach(core, render_mode, arrays)
 

@@ -66,23 +66,53 @@ class ReferenceScoring:
 
 
 class PerStepReference(ReferenceScoring):
-    """One KV-cached reference step per env step: ``log π_ref`` of each action, paid at once."""
+    """One KV-cached reference step per env step: ``log π_ref`` of each action, paid at once.
+
+    ``static_budget=B``: the cache is transformers' ``StaticCache``, allocated at the reset for
+    the prompt columns plus ``B`` steps, so every step has the same shapes (for
+    ``torch.compile``/CUDA graphs); it scores as the dynamic cache does (tested)."""
 
     name = "per_step"
 
-    def __init__(self, model: PreTrainedModel, temperature: float) -> None:
+    def __init__(
+        self, model: PreTrainedModel, temperature: float, static_budget: int | None = None
+    ) -> None:
         super().__init__(model, temperature)
         self.cache = None
         self.next_logprobs: torch.Tensor | None = None  # [N, vocab] for the next token
+        self.static_budget = static_budget
+        self.max_len = 0  # a static cache's length
+
+    def _static(self, attention: torch.Tensor, width: int) -> dict:
+        """A static cache's forward arguments: the mask over all its slots and the slots the
+        ``width`` new columns write."""
+        if self.static_budget is None:
+            return {"attention_mask": attention}
+        written = attention.shape[1] - width
+        return {
+            "attention_mask": torch.nn.functional.pad(
+                attention, (0, self.max_len - attention.shape[1])
+            ),
+            "cache_position": torch.arange(written, written + width, device=attention.device),
+        }
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        cache = {}
+        if self.static_budget is not None:
+            from transformers import StaticCache
+
+            self.max_len = prompt_ids.shape[1] + self.static_budget
+            cache = cache_kwargs(
+                self.model, StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            )
         out = self.model(
             input_ids=prompt_ids,
-            attention_mask=prompt_mask,
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
+            **self._static(prompt_mask, prompt_ids.shape[1]),
+            **cache,
         )
         self.cache = output_cache(out)
         self.next_logprobs = self.logprobs(out.logits[:, -1])
@@ -102,9 +132,9 @@ class PerStepReference(ReferenceScoring):
         position_ids = attention.sum(-1, keepdim=True) - 1
         out = self.model(
             input_ids=tokens.unsqueeze(1),
-            attention_mask=attention,
             position_ids=position_ids,
             use_cache=True,
+            **self._static(attention, 1),
             **cache_kwargs(self.model, self.cache),
         )
         self.cache = output_cache(out)
@@ -132,12 +162,17 @@ class AtEndReference(ReferenceScoring):
 
 
 def reference_scoring(
-    reference_pass: str, model: PreTrainedModel, temperature: float
+    reference_pass: str,
+    model: PreTrainedModel,
+    temperature: float,
+    static_budget: int | None = None,
 ) -> ReferenceScoring:
-    """The strategy named ``reference_pass`` (``"per_step"`` or ``"at_end"``)."""
+    """The strategy named ``reference_pass`` (``"per_step"`` or ``"at_end"``); ``static_budget``
+    gives the per-step one a static KV cache for that many steps after the prompt."""
     if reference_pass not in REFERENCE_PASSES:
         raise ValueError(
             f"reference_pass must be one of {REFERENCE_PASSES}, got {reference_pass!r}"
         )
-    cls = PerStepReference if reference_pass == "per_step" else AtEndReference
-    return cls(model, temperature)
+    if reference_pass == "per_step":
+        return PerStepReference(model, temperature, static_budget)
+    return AtEndReference(model, temperature)
