@@ -72,7 +72,7 @@ from textenv.agents.training import (
 )
 from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
-from textenv.models import load_causal_lm
+from textenv.models import AdaptersDisabled, load_causal_lm
 from textenv.rewards import RewardError, importing_from
 from textenv.tasks import HELD_OUT_EVERY, Task, make_task, read_prompts
 
@@ -614,8 +614,12 @@ class _TextTraining:
         self.bf16 = config.bf16(device)
         self.recompute = config.recompute_old_logprobs(device)
         self.micro_batch = local_envs // config.ppo.num_minibatches // config.ppo.grad_accum_steps
-        self._load_envs()
-        self._load_policy()
+        if config.lm.lora_r:  # the reference is the policy's base: the policy comes first
+            self._load_policy()
+            self._load_envs()
+        else:
+            self._load_envs()
+            self._load_policy()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.schedule = LinearLR(config.learning_rate, config.iterations, enabled=config.anneal_lr)
         self.first_iteration, self.total_tokens, previous_wall = 1, 0, 0.0
@@ -663,8 +667,13 @@ class _TextTraining:
         task_kwargs, held_out = task_settings(config)
         if held_out:  # held-out prompts are never trained on when there is an evaluation on them
             task_kwargs["split"] = "train"
-        self.say(f"loading the reference model ({config.model}) ...")
         dtype = torch.float32
+        shared: dict[str, Any] = {}
+        if config.lm.lora_r:
+            # LoRA: the reference is the policy's base model with the adapters off, no copy.
+            shared = {"model": AdaptersDisabled(self.policy.lm), "tokenizer": self.tokenizer}
+        else:
+            self.say(f"loading the reference model ({config.model}) ...")
         # The per-step reference keeps fixed shapes too where the policy's rollout does.
         static = config.kl.reference_pass == "per_step" and (
             config.sampling.static_cache or config.compile_rollout(self.device)
@@ -677,6 +686,7 @@ class _TextTraining:
             dtype,
             config.kl.reference_pass,
             static_cache=static,
+            **shared,
         )
         self.eval_envs = None
         # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or
@@ -702,7 +712,7 @@ class _TextTraining:
         # adapter.
         trained = resume is not None and not config.lm.lora_r
         source = str(Path(resume) / "policy") if resume is not None and trained else config.model
-        lm, _ = load_causal_lm(
+        lm, self.tokenizer = load_causal_lm(
             source, device=self.device, trust_remote_code=config.lm.trust_remote_code
         )
         if config.lm.lora_r:

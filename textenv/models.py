@@ -18,8 +18,9 @@ import importlib.util
 import inspect
 import re
 import string
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -189,6 +190,45 @@ def disable_dropout(model: _Module) -> _Module:
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
     return model
+
+
+class AdaptersDisabled:
+    """A PEFT model (LoRA) read with its adapters off, as a frozen reference: the base model's
+    scores from the policy's own weights, without a second copy. It trains nothing and moves
+    nothing: ``eval``, ``requires_grad_`` and ``to`` leave the policy's weights as they are."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.peft_model = peft_model
+
+    @property
+    def config(self) -> Any:
+        return self.peft_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft_model.parameters()).device
+
+    def get_output_embeddings(self) -> Any:
+        return self.peft_model.get_output_embeddings()
+
+    def get_base_model(self) -> Any:
+        return self.peft_model.get_base_model()  # what cache_kwargs inspects
+
+    def __call__(self, **kwargs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+    def eval(self) -> AdaptersDisabled:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdaptersDisabled:
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> AdaptersDisabled:
+        return self
+
+    def modules(self) -> Iterator[torch.nn.Module]:
+        return iter(())  # the policy's dropout is the policy's to set
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
