@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"{label}: {r['mean']:.3f} ± {r['se']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    command = "python -m benchmarks.base_rates " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(
+        ["python -m benchmarks.base_rates", *(sys.argv[1:] if argv is None else argv)]
+    )
     lines = [
         "# Base rates of the embedded model (SmolLM2-135M-Instruct, untrained)",
         "",

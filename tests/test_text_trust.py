@@ -87,9 +87,10 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, monkeypa
     real_update = textenv.agents.text.ppo_update
 
     def spy(params, optimizer, batch, evaluate, config, generator=None, **kw):
-        def recording(mb):
-            out = evaluate(mb)
-            seen.append((out[0].detach() - mb["logprobs"]) * mb["mask"])
+        def recording(mb, *columns):  # columns: a packed micro-batch's cut, when packing
+            out = evaluate(mb, *columns)
+            width = out[0].shape[1]
+            seen.append((out[0].detach() - mb["logprobs"][:, :width]) * mb["mask"][:, :width])
             return out
 
         return real_update(params, optimizer, batch, recording, config, generator, **kw)
@@ -288,9 +289,9 @@ def test_kl_in_loss_pays_the_score_alone_and_beta_times_k3_in_the_loss(tmp_path,
     real_update = textenv.agents.text.ppo_update
 
     def spy(params, optimizer, batch, evaluate, config, generator=None, **kw):
-        def recording(mb):
-            logprob, entropy, value, kl_term = evaluate(mb)
-            r = mb["ref_logprobs"] - logprob.detach()
+        def recording(mb, *columns):  # columns: a packed micro-batch's cut, when packing
+            logprob, entropy, value, kl_term = evaluate(mb, *columns)
+            r = mb["ref_logprobs"][:, : logprob.shape[1]] - logprob.detach()
             extra.append((kl_term.detach(), 0.2 * (r.exp() - r - 1.0)))
             return logprob, entropy, value, kl_term
 
