@@ -294,6 +294,7 @@ def render(records: list[dict], out: Path) -> str:
     lines += ["", "Presets:", ""]
     for task in sorted({x["task"] for x in records}):
         preset = next(x["flags"] for x in records if x["task"] == task)
+        preset = preset[: preset.index("--advantage")]  # the estimator's flags are above
         lines.append(f"- {task}: `{' '.join(preset)}`")
     png = out.with_suffix(".png")
     if png.is_file():
