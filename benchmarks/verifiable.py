@@ -48,6 +48,21 @@ COMMON = [
     "--no-progress",
     "--no-save-checkpoint",
 ]
+# reasoning-gym's basic_arithmetic at the configuration whose base rate is 0.121 (base_rates.md).
+BASIC_ARITHMETIC = {
+    "dataset": "basic_arithmetic",
+    "config": {
+        "min_terms": 2,
+        "max_terms": 2,
+        "min_digits": 1,
+        "max_digits": 1,
+        "operators": ["+", "-"],
+        "allow_parentheses": False,
+        "allow_negation": False,
+    },
+    "answer_format": "last_number",
+    "system_prompt": "Answer with a single number.",
+}
 PRESETS: dict[str, list[str]] = {
     "Instructions": [
         "--task",
@@ -68,6 +83,47 @@ PRESETS: dict[str, list[str]] = {
         "128",
         "--sample-every",
         "10",
+    ],
+    "RG-BasicArithmetic": [
+        "--task",
+        "ReasoningGym",
+        "--task-options",
+        json.dumps(BASIC_ARITHMETIC),
+        "--iterations",
+        "20",
+        "--num-envs",
+        "32",
+        "--max-new-tokens",
+        "8",
+        "--learning-rate",
+        "5e-5",
+        "--kl-coef",
+        "0.03",
+        "--update-epochs",
+        "1",
+        "--eval-samples",
+        "128",
+        "--sample-every",
+        "10",
+    ],
+    # benchmarks.suite's preset (a smaller step: 2e-4 with 4 epochs collapsed it).
+    "GuessTheNumber": [
+        "--task",
+        "GuessTheNumber",
+        "--iterations",
+        "16",
+        "--num-envs",
+        "16",
+        "--learning-rate",
+        "5e-5",
+        "--kl-coef",
+        "0.03",
+        "--update-epochs",
+        "1",
+        "--eval-samples",
+        "32",
+        "--sample-every",
+        "16",
     ],
 }
 
