@@ -32,6 +32,18 @@ def _actions(eos: int) -> torch.Tensor:
     return actions
 
 
+def _record_ends(info: dict, ends: dict) -> None:
+    """Each ended row's score, text, truncation, length and at-end reference log-probs."""
+    for i in info["_score"].nonzero().squeeze(1).tolist() if "_score" in info else []:
+        ends[i] = (
+            float(info["score"][i]),
+            info["response_text"][i],
+            bool(info["truncated_response"][i]),
+            int(info["response_length"][i]),
+            info["ref_logprobs"][i] if "ref_logprobs" in info else None,
+        )
+
+
 def _stepped(envs, actions):
     """Column by column with step(): per-column rewards, flags and ref log-probs, end infos."""
     rewards, terminated, ref_lp, ends = [], [], [], {}
@@ -41,15 +53,7 @@ def _stepped(envs, actions):
         terminated.append(term)
         if "ref_logprob" in info:
             ref_lp.append(info["ref_logprob"])
-        if "_score" in info:
-            for i in info["_score"].nonzero().squeeze(1).tolist():
-                ends[i] = (
-                    float(info["score"][i]),
-                    info["response_text"][i],
-                    bool(info["truncated_response"][i]),
-                    int(info["response_length"][i]),
-                    info["ref_logprobs"][i] if "ref_logprobs" in info else None,
-                )
+        _record_ends(info, ends)
         if envs.all_done:
             break
     stack = lambda xs: torch.stack(xs, 1) if xs else None  # noqa: E731
@@ -65,15 +69,7 @@ def _blocked(envs, actions, k):
         active.append(info["active"])
         if "ref_logprob" in info:
             ref_lp.append(info["ref_logprob"])
-        if "_score" in info:
-            for i in info["_score"].nonzero().squeeze(1).tolist():
-                ends[i] = (
-                    float(info["score"][i]),
-                    info["response_text"][i],
-                    bool(info["truncated_response"][i]),
-                    int(info["response_length"][i]),
-                    info["ref_logprobs"][i] if "ref_logprobs" in info else None,
-                )
+        _record_ends(info, ends)
         if envs.all_done:
             break
     cat = lambda xs: torch.cat(xs, 1) if xs else None  # noqa: E731
