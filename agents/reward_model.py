@@ -478,22 +478,18 @@ def _load_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer) -> dic
     return json.loads(metadata["state"])
 
 
-def train_reward_model(
-    config: RewardModelConfig, resume: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """Train as ``config`` says into ``config.output`` (``resume``: continue the run in that
-    folder from its checkpoint); return the summary, also written to ``summary.json``.
-
-    Each step scores a batch of pairs (chosen and rejected texts in one forward) and takes an
-    AdamW step on their Bradley–Terry loss. The held-out pairs are scored before training and
-    after each epoch. SIGINT/SIGTERM stop after the step with a checkpoint.
-    """
+def _prepare(
+    config: RewardModelConfig, resume: str | os.PathLike | None
+) -> tuple[RewardModelConfig, Path, str, tuple[list, list, list[int]]]:
+    """Check the settings and the pairs (before any model loads), claim the output folder and
+    write the config: the config with absolute paths, the folder, the pair file's digest, and
+    the training pairs, the held-out pairs and the lines left out."""
     config.validate()
     out = Path(resume if resume is not None else config.output).expanduser().resolve()
     config = dataclasses.replace(
         config, pairs=_absolute(config.pairs), model=_absolute(config.model), output=str(out)
     )
-    pairs, same = read_pairs(config.pairs)  # bad input fails before any model loads
+    pairs, same = read_pairs(config.pairs)
     train, held = split_pairs(pairs, config.eval_fraction, config.seed)
     digest = _file_digest(config.pairs)
     if resume is not None:
@@ -508,6 +504,53 @@ def train_reward_model(
             file=sys.stderr,
             flush=True,
         )
+    return config, out, digest, (train, held, same)
+
+
+def _step(
+    model,
+    tokenizer,
+    optimizer,
+    trainable: list,
+    batch: list,
+    config: RewardModelConfig,
+    device,
+    bf16: bool,
+) -> list[float]:
+    """One AdamW step on a batch's Bradley–Terry loss (skipped when it is not finite): loss,
+    accuracy, margin, gradient norm and 1.0 if it stepped, read with one host sync."""
+    with autocast(device, bf16):
+        chosen, rejected = pair_rewards(model, tokenizer, batch, config.max_length)
+    loss = bradley_terry_loss(chosen, rejected)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    values = torch.stack(
+        [
+            loss.detach(),
+            (chosen > rejected).float().mean(),
+            (chosen - rejected).mean().detach(),
+            grad_norm,
+            finite.float(),
+        ]
+    ).tolist()
+    if values[4]:
+        optimizer.step()  # a non-finite step leaves the weights as they were
+    return values
+
+
+def train_reward_model(
+    config: RewardModelConfig, resume: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Train as ``config`` says into ``config.output`` (``resume``: continue the run in that
+    folder from its checkpoint); return the summary, also written to ``summary.json``.
+
+    Each step scores a batch of pairs (chosen and rejected texts in one forward) and takes an
+    AdamW step on their Bradley–Terry loss. The held-out pairs are scored before training and
+    after each epoch. SIGINT/SIGTERM stop after the step with a checkpoint.
+    """
+    config, out, digest, (train, held, same) = _prepare(config, resume)
     set_torch_threads(config.torch_threads)
     device = resolve_device(config.device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -575,26 +618,7 @@ def train_reward_model(
                 order = _epoch_order(config.seed, epoch, len(train))
                 batch = [train[i] for i in order[index * config.batch_size :][: config.batch_size]]
                 lr = schedule.apply(optimizer, step)
-                with autocast(device, bf16):
-                    chosen, rejected = pair_rewards(model, tokenizer, batch, config.max_length)
-                loss = bradley_terry_loss(chosen, rejected)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                clip = config.max_grad_norm or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-                # One host sync per step: the metrics and whether the update is finite.
-                values = torch.stack(
-                    [
-                        loss.detach(),
-                        (chosen > rejected).float().mean(),
-                        (chosen - rejected).mean().detach(),
-                        grad_norm,
-                        finite.float(),
-                    ]
-                ).tolist()
-                if values[4]:
-                    optimizer.step()  # a non-finite step leaves the weights as they were
+                values = _step(model, tokenizer, optimizer, trainable, batch, config, device, bf16)
                 metrics: dict[str, float] = {
                     "epoch": epoch + 1,
                     "train/loss": values[0],
