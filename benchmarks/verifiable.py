@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.base_rates import CANDIDATES
 from benchmarks.estimators import run_train_text
 from textenv.agents.runlog import atomic_write_text
 
@@ -49,20 +50,7 @@ COMMON = [
     "--no-save-checkpoint",
 ]
 # reasoning-gym's basic_arithmetic at the configuration whose base rate is 0.121 (base_rates.md).
-BASIC_ARITHMETIC = {
-    "dataset": "basic_arithmetic",
-    "config": {
-        "min_terms": 2,
-        "max_terms": 2,
-        "min_digits": 1,
-        "max_digits": 1,
-        "operators": ["+", "-"],
-        "allow_parentheses": False,
-        "allow_negation": False,
-    },
-    "answer_format": "last_number",
-    "system_prompt": "Answer with a single number.",
-}
+BASIC_ARITHMETIC = next(o for label, _, o, _ in CANDIDATES if label.startswith("basic_arithmetic"))
 PRESETS: dict[str, list[str]] = {
     "Instructions": [
         "--task",
