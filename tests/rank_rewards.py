@@ -1,4 +1,5 @@
-"""Rewards for the multi-process tests, importable as ``tests.rank_rewards:<name>``."""
+"""Rewards the tests name as ``tests.rank_rewards:<name>`` (a multi-process run imports them in
+each process)."""
 
 import os
 
@@ -8,3 +9,8 @@ def fails_on_rank_one(prompts: list[str], responses: list[str]) -> list[float]:
     if os.environ.get("RANK") == "1":
         raise RuntimeError("the reward service is unreachable from this process")
     return [0.0] * len(responses)
+
+
+def mean_char_code(prompts: list[str], responses: list[str]) -> list[float]:
+    """The mean character code of the response over 128: two random responses rarely tie."""
+    return [sum(map(ord, r)) / max(1, len(r)) / 128 for r in responses]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import string
 from types import SimpleNamespace
 
 import pytest
@@ -127,6 +128,17 @@ def test_tiny_models_are_named_by_their_seed():
             load_causal_lm(bad)
 
 
+def test_the_tiny_tokenizer_covers_printable_ascii_and_newline():
+    """An env's reply with digits, capitals or a newline must reach the tiny model unchanged."""
+    tok = char_tokenizer()
+    text = "Good. Now say 2.\n" + string.printable[:95]  # printable ASCII, newline included
+    ids = tok(text)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    # The first 31 characters keep their ids, so old token ids mean what they meant.
+    assert tok.convert_tokens_to_ids(list("abc .,!?")) == [3, 4, 5, 29, 30, 31, 32, 33]
+    assert tok("\t")["input_ids"] == [tok.unk_token_id]
+
+
 def test_the_tiny_model_architecture_is_pinned():
     """Tests across the suite size prompts against it: a change must be deliberate."""
     config = tiny_causal_lm(char_tokenizer()).config
@@ -138,7 +150,7 @@ def test_the_tiny_model_architecture_is_pinned():
         config.num_attention_heads,
         config.num_key_value_heads,
         config.max_position_embeddings,
-    ) == (34, 64, 128, 2, 4, 4, 256)
+    ) == (99, 64, 128, 2, 4, 4, 256)
     assert (config.pad_token_id, config.eos_token_id, config.tie_word_embeddings) == (0, 1, False)
 
 

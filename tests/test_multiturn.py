@@ -1266,7 +1266,7 @@ def test_a_row_that_filled_its_context_while_another_talks_on_is_read_inside_the
 
 
 def test_the_rollout_keeps_every_column_up_to_the_longest_conversation_and_no_more():
-    policy, rollout, lengths = _two_row_rollout(context=12, seed=3)
+    policy, rollout, lengths = _two_row_rollout(context=12, seed=1)
     assert lengths.min() < lengths.max()
     _check_conversations(policy, rollout, lengths)
 

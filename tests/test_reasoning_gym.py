@@ -109,7 +109,9 @@ def test_an_episode_on_a_tiny_model_scores_in_zero_one():
     scores = torch.full((4,), float("nan"))
     while not envs.all_done:
         _, _, _, _, info = envs.step(
-            torch.randint(0, 34, (4,), generator=torch.Generator().manual_seed(0))
+            torch.randint(
+                0, envs.single_action_space.n, (4,), generator=torch.Generator().manual_seed(0)
+            )
         )
         if "_score" in info:
             scores = torch.where(info["_score"], info["score"], scores)

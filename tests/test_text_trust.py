@@ -218,7 +218,11 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
         reward="test-count-a-sigterm",
     )
     train_text(_config(tmp_path, "whole", **kw))
-    sigterm_reward(4)  # at most 3 scoring calls per iteration: the 4th is in iteration 2
+    # Rows end at different steps, each step's ended rows scored in one call: count iteration
+    # 1's calls (its rollout is the same whatever the horizon), then stop in iteration 2.
+    sigterm_reward(None)
+    train_text(_config(tmp_path, "probe", **(kw | {"iterations": 1})))
+    sigterm_reward(_SIGTERM_AT["calls"] + 1)
     with pytest.raises(TrainingInterrupted):
         train_text(_config(tmp_path, "cut", **kw))
     assert len(_metrics(tmp_path, "cut")) == 2
@@ -231,6 +235,7 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_parameters(tmp_path
         "update_s",
         "tokens_per_s",
         "rollout_tokens_per_s",
+        "peak_memory_gib",  # the process's peak resident memory on a CPU: a measurement too
     )
     whole, cut = (
         [{k: v for k, v in m.items() if k not in timing} for m in _metrics(tmp_path, name)]

@@ -553,7 +553,9 @@ def test_gymnasiums_vector_wrappers_work_on_the_numpy_mode():
     rng = np.random.default_rng(0)
     normalizer.reset(seed=0)
     while not normalizer.unwrapped.all_done:
-        normalized.append(normalizer.step(rng.integers(0, 34, size=4))[1])
+        normalized.append(
+            normalizer.step(rng.integers(0, normalizer.unwrapped.single_action_space.n, size=4))[1]
+        )
         stds = np.sqrt(normalizer.return_rms.var + normalizer.epsilon)
         np.testing.assert_allclose(normalized[-1], rewards[len(normalized) - 1] / stds, rtol=1e-5)
 
@@ -634,7 +636,9 @@ def test_partial_resets_with_record_episode_statistics_count_every_episode():
     for _ in range(
         20
     ):  # rows end at different steps and restart at once: Gymnasium's DISABLED autoreset loop
-        _, reward, terminated, truncated, info = envs.step(rng.integers(0, 34, size=4))
+        _, reward, terminated, truncated, info = envs.step(
+            rng.integers(0, envs.single_action_space.n, size=4)
+        )
         done = terminated | truncated
         ended += int(done.sum())
         if done.any():

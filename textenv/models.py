@@ -37,7 +37,11 @@ _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ALPHABET = string.ascii_lowercase + " .,!?"
+# Printable ASCII and newline; the first 31 characters keep the ids they had before the rest
+# were appended.
+TINY_ALPHABET = "".join(
+    dict.fromkeys(string.ascii_lowercase + " .,!?" + string.printable[:95] + "\n")
+)
 
 
 def embedded_gguf_path() -> Path:
@@ -61,7 +65,7 @@ def char_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFast:
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
