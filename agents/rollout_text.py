@@ -20,6 +20,7 @@ from textenv.agents.gae import gae
 from textenv.agents.lm import LMActorCritic, entropy_of, filter_logits, sample_categorical
 from textenv.agents.ppo import explained_variance
 from textenv.kl import kl_penalized_rewards
+from textenv.rewards import RewardFn, score_batch
 
 BUCKET = 16  # a static cache's prompt columns are a multiple of this (or all of them)
 
@@ -524,15 +525,27 @@ def rollout_stats(
     return stats
 
 
-def evaluate_held_out(policy: LMActorCritic, envs, seed: int) -> dict[str, float]:
+def evaluate_held_out(
+    policy: LMActorCritic, envs, seed: int, extra: dict[str, RewardFn] | None = None
+) -> dict[str, float]:
     """Mean score (± its standard error) and mean KL to the reference (k1, nats per response)
-    of one response per row of ``envs``; the same ``seed`` draws the same prompts and noise."""
+    of one response per row of ``envs``; the same ``seed`` draws the same prompts and noise.
+
+    ``extra``: more rewards (a gold reward beside a learned proxy, say) scored on the same
+    prompts and responses, as ``<name>`` and ``<name>_se``."""
     generator = torch.Generator(device=envs.device).manual_seed(seed)
     rollout = collect_rollout(policy, envs, seed=seed, generator=generator)
-    scores = rollout.scores.double().cpu()
     kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).double().cpu()
-    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
-    return {"score": float(scores.mean()), "score_se": se, "kl": float(kl.mean())}
+    mean, se = _mean_se(rollout.scores.double().cpu())
+    result = {"score": mean, "score_se": se, "kl": float(kl.mean())}
+    for name, reward in (extra or {}).items():
+        scores = score_batch(reward, rollout.prompts, rollout.responses)
+        result[name], result[f"{name}_se"] = _mean_se(torch.tensor(scores, dtype=torch.float64))
+    return result
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    return float(x.mean()), float(x.std() / len(x) ** 0.5) if len(x) > 1 else float("nan")
 
 
 def samples_table(rollout: Rollout, n: int = 8) -> str:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import types
@@ -73,7 +74,7 @@ from textenv.agents.training import (
 from textenv.device import resolve_device, set_torch_threads
 from textenv.env import TextGenerationVectorEnv
 from textenv.models import AdaptersDisabled, load_causal_lm
-from textenv.rewards import RewardError, importing_from
+from textenv.rewards import RewardError, get_reward, importing_from
 from textenv.tasks import HELD_OUT_EVERY, Task, make_task, read_prompts
 
 __all__ = [
@@ -280,6 +281,13 @@ class TextTrainConfig:
     """responses sampled on the held-out prompts (every 5th of the set, not trained on) before and
     after training, their mean score and KL printed at the end (0: off, and every prompt is trained
     on)"""
+    eval_every: int = 0
+    """also evaluate on the held-out prompts every this many iterations, logged as eval_score,
+    eval_score_se and eval_kl (0: only before and after training)"""
+    eval_rewards: tuple[str, ...] = ()
+    """more rewards scored on the held-out responses at every evaluation, logged as
+    eval_<name> (e.g. a gold reward beside a learned reward model: --eval-rewards vader);
+    built-in or registered names, or module:callable"""
 
     def validate(self) -> None:
         check_finite_settings(self)
@@ -291,6 +299,14 @@ class TextTrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.sampling.temperature}")
         if self.kl.kl_target is not None and self.kl.kl_target <= 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl.kl_target}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if (self.eval_every or self.eval_rewards) and self.eval_samples < 1:
+            flag = "--eval-every" if self.eval_every else "--eval-rewards"
+            raise ValueError(f"{flag} needs --eval-samples > 0 (held-out responses to score)")
+        keys = [eval_reward_key(spec) for spec in self.eval_rewards]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"eval_rewards name the same metric twice: {list(self.eval_rewards)}")
         if self.target_window < 1:
             raise ValueError(f"target_window must be >= 1, got {self.target_window}")
         if self.lm.lora_r < 0:
@@ -401,6 +417,11 @@ _SUB_CONFIGS: dict[str, type] = {
     "lm": LMConfig,
     "logging": LoggingConfig,
 }
+
+
+def eval_reward_key(spec: str) -> str:
+    """The metric name of an ``--eval-rewards`` spec: ``eval_vader``, ``eval_mymodule_gold``."""
+    return "eval_" + re.sub(r"[^0-9A-Za-z]+", "_", spec).strip("_")
 
 
 def _field_names(cls: type) -> set[str]:
@@ -541,6 +562,7 @@ def _train_text(
                 rewards, advantages, returns = t.estimate_advantages(rollout, beta)
                 stats, timing["update_s"] = t.update(rollout, advantages, returns, beta, bar)
                 metrics = t.log(iteration, rollout, rewards, returns, stats, timing, beta, lr, bar)
+                metrics |= t.evaluate_during(iteration)
                 if t.controller is not None:  # adaptive β: the env's kl_coef, its one owner
                     t.envs.kl_coef = t.controller.update(metrics["kl_k1"], config.num_envs)
                 t.run.end_iteration(iteration, iteration, metrics, f"(up to iteration {iteration})")
@@ -625,6 +647,7 @@ class _TextTraining:
         self.first_iteration, self.total_tokens, previous_wall = 1, 0, 0.0
         self.score_first: float | None = None
         self.eval_before: dict[str, float] | None = None
+        self.eval_last: tuple[int, dict[str, float]] | None = None
         self.run_dir = TrainingRun.directory(
             config.logging.runs_dir,
             config.logging.run_name,
@@ -689,6 +712,10 @@ class _TextTraining:
             **shared,
         )
         self.eval_envs = None
+        with importing_from(config.import_dir):
+            self.eval_extra = {
+                eval_reward_key(spec): get_reward(spec) for spec in config.eval_rewards
+            }
         # The same frozen reference and reward, on the held-out prompts; rank 0 evaluates, or
         # with a sharded policy every rank (its forward is a collective), on the same prompts.
         if held_out and (dist.is_main or config.lm.fsdp):
@@ -779,8 +806,25 @@ class _TextTraining:
         if self.eval_envs is not None and self.eval_before is None:
             n = self.config.eval_samples
             self.say(f"sampling {n} responses on held-out prompts before training ...")
-            with autocast(self.device, self.bf16):
-                self.eval_before = evaluate_held_out(self.policy, self.eval_envs, self.config.seed)
+            self.eval_before = self.evaluate()
+
+    def evaluate(self) -> dict[str, float]:
+        """The policy's held-out score, KL and ``--eval-rewards``: the same prompts and sampling
+        noise at every evaluation."""
+        assert self.eval_envs is not None
+        with autocast(self.device, self.bf16):
+            return evaluate_held_out(self.policy, self.eval_envs, self.config.seed, self.eval_extra)
+
+    def evaluate_during(self, iteration: int) -> dict[str, float]:
+        """``eval_*`` metrics every ``--eval-every`` iterations (none on other iterations)."""
+        every = self.config.eval_every
+        if self.eval_envs is None or not every or iteration % every:
+            return {}
+        result = self.evaluate()
+        self.eval_last = (iteration, result)
+        return {
+            f"eval_{k}" if k in ("score", "score_se", "kl") else k: v for k, v in result.items()
+        }
 
     def collect(self, iteration: int, bar) -> tuple[Rollout, dict[str, float]]:
         """Sample one response per row; with ``recompute``, rescore it with the update's forward."""
@@ -996,8 +1040,10 @@ class _TextTraining:
         if self.eval_envs is not None and self.eval_before is not None:
             n = config.eval_samples
             self.say(f"sampling {n} responses on held-out prompts after training ...")
-            with autocast(self.device, self.bf16):
-                after = evaluate_held_out(self.policy, self.eval_envs, config.seed)
+            if self.eval_last is not None and self.eval_last[0] == self.run.last_iteration:
+                after = self.eval_last[1]  # the last iteration's evaluation: the same sample
+            else:
+                after = self.evaluate()
             before = self.eval_before
             summary |= {
                 "eval_samples": n,
@@ -1007,6 +1053,15 @@ class _TextTraining:
                 "eval_score_after_se": after["score_se"],
                 "eval_kl_after": after["kl"],
             }
+            if self.eval_extra:
+                summary["eval_rewards"] = list(self.eval_extra)
+            for key in self.eval_extra:  # a run resumed with new --eval-rewards lacks a before
+                if key in before:
+                    summary |= {
+                        f"{key}_before": before[key],
+                        f"{key}_before_se": before[f"{key}_se"],
+                    }
+                summary |= {f"{key}_after": after[key], f"{key}_after_se": after[f"{key}_se"]}
             self.eval_envs.close()
         if config.logging.save_checkpoint:
             summary["checkpoint"] = str(self.checkpoint(self.run.last_iteration))

@@ -7,6 +7,7 @@ score on held-out prompts before and after training.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -62,6 +63,11 @@ def held_out_line(summary: dict) -> str:
         f"± {summary['eval_score_before_se']:.3f} before -> {summary['eval_score_after']:.3f} "
         f"± {summary['eval_score_after_se']:.3f} after; "
         f"KL to the reference {summary['eval_kl_after']:.2f} nats per response"
+        + "".join(
+            f"; {key.removeprefix('eval_')} {summary.get(f'{key}_before', math.nan):.3f} "
+            f"-> {summary[f'{key}_after']:.3f}"
+            for key in summary.get("eval_rewards", ())
+        )
     )
 
 
