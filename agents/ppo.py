@@ -226,8 +226,7 @@ def ppo_update(
     one-process update of that union: losses divide by the global count, gradients are summed
     over ranks, advantages whitened and KL diagnostics (so target-KL) computed over all ranks.
     """
-    if dist is not None and not dist.active:
-        dist = None
+    dist = dist if dist is not None and dist.active else None
     params = [p for p in params if p.requires_grad]
     batch_size = batch["logprobs"].shape[0]
     config.validate(batch_size)
@@ -254,9 +253,8 @@ def ppo_update(
             mb_inds = order[start : start + layout.minibatch_size]
             stats_k = global_stats[:, k_mb] if global_stats is not None else None
             count, mb_adv = layout.minibatch_targets(mb_inds, stats_k, config.norm_adv)
-            mb_columns = None
-            if columns is not None:
-                mb_columns = columns[k_mb * micro_per_mb : (k_mb + 1) * micro_per_mb]
+            micro = slice(k_mb * micro_per_mb, (k_mb + 1) * micro_per_mb)
+            mb_columns = None if columns is None else columns[micro]
             optimizer.zero_grad(set_to_none=True)
             losses = _backward_minibatch(
                 layout, mb_inds, mb_adv, count, evaluate, config, logratios, mb_columns

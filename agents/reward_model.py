@@ -540,6 +540,137 @@ def _step(
     return values
 
 
+class _RewardModelTraining:
+    """One reward-model run's model, optimizer, schedule and state; its methods are the named
+    steps of :func:`train_reward_model`'s loop."""
+
+    def __init__(
+        self,
+        config: RewardModelConfig,
+        out: Path,
+        digest: str,
+        pairs: tuple[list, list],
+        resume: str | os.PathLike | None,
+    ) -> None:
+        self.config, (self.train, self.held) = config, pairs
+        set_torch_threads(config.torch_threads)
+        self.device = resolve_device(config.device)
+        self.bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        seed_everything(config.seed)
+        if config.progress:
+            print(f"loading the backbone ({config.model}) ...", file=sys.stderr, flush=True)
+        self.model, self.tokenizer = load_reward_backbone(
+            config.model,
+            device=self.device,
+            seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
+        )
+        if config.lora_r:
+            self.model = with_lora(
+                self.model, config.lora_r, config.lora_alpha, task_type="SEQ_CLS"
+            )
+        self.trainable = list(_trainable(self.model).values())
+        self.optimizer = adamw(self.trainable, lr=config.learning_rate)
+        self.steps_per_epoch = math.ceil(len(self.train) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.schedule = LinearLR(config.learning_rate, self.total_steps, enabled=config.anneal_lr)
+        self.state: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "pairs_sha256": digest}
+        self.checkpoint_path = out / CHECKPOINT_FILE
+        self.final_eval: dict[str, float] | None = None
+        if resume is not None:
+            self.state = _load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+            self.schedule = LinearLR.resumed(
+                self.state["lr_schedule"],
+                self.state["step"],
+                config.learning_rate,
+                self.total_steps,
+                config.anneal_lr,
+            )
+            print(
+                f"resuming {out} at step {self.state['step'] + 1} of {self.total_steps}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif self.held:
+            self.state["eval_before"] = self.evaluate()
+        self.start = time.perf_counter() - self.state["wall_time_s"]
+
+    def evaluate(self) -> dict[str, float]:
+        with autocast(self.device, self.bf16):
+            return evaluate_pairs(
+                self.model, self.tokenizer, self.held, max_length=self.config.max_length
+            )
+
+    def checkpoint(self, step: int) -> Path:
+        self.state.update(
+            step=step,
+            lr_schedule=self.schedule.state(),
+            wall_time_s=time.perf_counter() - self.start,
+        )
+        return _save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.state)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Step ``step``'s batch (the same with or without a resume) and its metrics; the held-out
+        pairs are scored at the end of each epoch."""
+        config = self.config
+        epoch, index = divmod(step - 1, self.steps_per_epoch)
+        order = _epoch_order(config.seed, epoch, len(self.train))
+        batch = [self.train[i] for i in order[index * config.batch_size :][: config.batch_size]]
+        lr = self.schedule.apply(self.optimizer, step)
+        values = _step(
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.trainable,
+            batch,
+            config,
+            self.device,
+            self.bf16,
+        )
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "train/loss": values[0],
+            "train/accuracy": values[1],
+            "train/margin": values[2],
+            "train/grad_norm": values[3],
+            "train/lr": lr,
+            "updates": int(values[4]),
+        }
+        if index == self.steps_per_epoch - 1 and self.held:
+            self.final_eval = self.evaluate()
+            metrics |= {f"eval/{k}": v for k, v in self.final_eval.items()}
+        return metrics
+
+    def finish(self, skipped: int) -> dict[str, Any]:
+        """Save the reward model (and the checkpoint, if kept); the summary."""
+        config = self.config
+        if self.held and self.final_eval is None:  # resumed at the end: nothing trained now
+            self.final_eval = self.evaluate()
+        save_reward_model(self.model, self.tokenizer, config.output)
+        if config.keep_checkpoint:
+            self.checkpoint(self.total_steps)
+        else:
+            self.checkpoint_path.unlink(missing_ok=True)
+        before, after = self.state.get("eval_before") or {}, self.final_eval or {}
+        return {
+            "output": config.output,
+            "model": config.model,
+            "train_pairs": len(self.train),
+            "eval_pairs": len(self.held),
+            "skipped_pairs": skipped,
+            "epochs": config.epochs,
+            "steps": self.total_steps,
+            "eval_accuracy": after.get("accuracy"),
+            "eval_loss": after.get("loss"),
+            "eval_margin": after.get("margin"),
+            "eval_accuracy_before": before.get("accuracy"),
+            "eval_loss_before": before.get("loss"),
+            "wall_time_s": time.perf_counter() - self.start,
+        }
+
+
 def train_reward_model(
     config: RewardModelConfig, resume: str | os.PathLike | None = None
 ) -> dict[str, Any]:
@@ -551,122 +682,39 @@ def train_reward_model(
     after each epoch. SIGINT/SIGTERM stop after the step with a checkpoint.
     """
     config, out, digest, (train, held, same) = _prepare(config, resume)
-    set_torch_threads(config.torch_threads)
-    device = resolve_device(config.device)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    seed_everything(config.seed)
-    if config.progress:
-        print(f"loading the backbone ({config.model}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_reward_backbone(
-        config.model, device=device, seed=config.seed, trust_remote_code=config.trust_remote_code
-    )
-    if config.lora_r:
-        model = with_lora(model, config.lora_r, config.lora_alpha, task_type="SEQ_CLS")
-    trainable = list(_trainable(model).values())
-    optimizer = adamw(trainable, lr=config.learning_rate)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    schedule = LinearLR(config.learning_rate, total_steps, enabled=config.anneal_lr)
-    state: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "pairs_sha256": digest}
-    checkpoint_path = out / CHECKPOINT_FILE
-    if resume is not None:
-        state = _load_checkpoint(checkpoint_path, model, optimizer)
-        schedule = LinearLR.resumed(
-            state["lr_schedule"], state["step"], config.learning_rate, total_steps, config.anneal_lr
-        )
-        print(
-            f"resuming {out} at step {state['step'] + 1} of {total_steps}",
-            file=sys.stderr,
-            flush=True,
-        )
-    elif held:
-        with autocast(device, bf16):
-            before = evaluate_pairs(model, tokenizer, held, max_length=config.max_length)
-        state["eval_before"] = before
-    start = time.perf_counter() - state["wall_time_s"]
-
-    def checkpoint(step: int) -> Path:
-        state.update(
-            step=step, lr_schedule=schedule.state(), wall_time_s=time.perf_counter() - start
-        )
-        return _save_checkpoint(checkpoint_path, model, optimizer, state)
-
-    first = state["step"] + 1
+    t = _RewardModelTraining(config, out, digest, (train, held), resume)
+    done = t.state["step"]
     run = TrainingRun(
         out,
         tensorboard=config.tensorboard,
-        checkpoint=checkpoint,
-        resumed_at=(state["step"], state["step"]) if resume is not None else None,
+        checkpoint=t.checkpoint,
+        resumed_at=(done, done) if resume is not None else None,
     )
-    run.last_iteration = state["step"]
-    final_eval: dict[str, float] | None = None
+    run.last_iteration = done
     from tqdm import tqdm
 
     bar = tqdm(
-        range(first, total_steps + 1),
-        initial=first - 1,
-        total=total_steps,
+        range(done + 1, t.total_steps + 1),
+        initial=done,
+        total=t.total_steps,
         disable=not config.progress,
         unit="step",
         dynamic_ncols=True,
     )
-    model.train()
+    t.model.train()
     try:
         with run.loop():
             for step in bar:
-                epoch, index = divmod(step - 1, steps_per_epoch)
-                order = _epoch_order(config.seed, epoch, len(train))
-                batch = [train[i] for i in order[index * config.batch_size :][: config.batch_size]]
-                lr = schedule.apply(optimizer, step)
-                values = _step(model, tokenizer, optimizer, trainable, batch, config, device, bf16)
-                metrics: dict[str, float] = {
-                    "epoch": epoch + 1,
-                    "train/loss": values[0],
-                    "train/accuracy": values[1],
-                    "train/margin": values[2],
-                    "train/grad_norm": values[3],
-                    "train/lr": lr,
-                    "updates": int(values[4]),
-                }
-                if index == steps_per_epoch - 1 and held:
-                    with autocast(device, bf16):
-                        final_eval = evaluate_pairs(
-                            model, tokenizer, held, max_length=config.max_length
-                        )
-                    metrics |= {f"eval/{k}": v for k, v in final_eval.items()}
-                bar.set_postfix_str(f"loss {values[0]:.3f} acc {values[1]:.2f}", refresh=False)
+                metrics = t.step(step)
+                loss, acc = metrics["train/loss"], metrics["train/accuracy"]
+                bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.2f}", refresh=False)
                 run.end_iteration(step, step, metrics, f"(up to step {step})")
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    if step < total_steps:
-                        checkpoint(step)
+                every = config.checkpoint_every
+                if every and step % every == 0 and step < t.total_steps:
+                    t.checkpoint(step)
     finally:
         bar.close()
-    if held and final_eval is None:  # resumed at the end: nothing trained in this session
-        with autocast(device, bf16):
-            final_eval = evaluate_pairs(model, tokenizer, held, max_length=config.max_length)
-    save_reward_model(model, tokenizer, out)
-    if config.keep_checkpoint:
-        checkpoint(total_steps)
-    else:
-        checkpoint_path.unlink(missing_ok=True)
-    before = state.get("eval_before") or {}
-    return run.finish(
-        {
-            "output": str(out),
-            "model": config.model,
-            "train_pairs": len(train),
-            "eval_pairs": len(held),
-            "skipped_pairs": len(same),
-            "epochs": config.epochs,
-            "steps": total_steps,
-            "eval_accuracy": final_eval["accuracy"] if final_eval else None,
-            "eval_loss": final_eval["loss"] if final_eval else None,
-            "eval_margin": final_eval["margin"] if final_eval else None,
-            "eval_accuracy_before": before.get("accuracy"),
-            "eval_loss_before": before.get("loss"),
-            "wall_time_s": time.perf_counter() - start,
-        }
-    )
+    return run.finish(t.finish(len(same)))
 
 
 # -- preference pairs without people ----------------------------------------------------------
@@ -796,6 +844,57 @@ def sample_two(
     return [str(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def _sampler(config: PairsConfig):
+    """The sampling model and a left-padding copy of its tokenizer, seeded by ``config.seed``."""
+    set_torch_threads(config.torch_threads)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    lm, tokenizer = load_causal_lm(
+        config.model, device=device, trust_remote_code=config.trust_remote_code
+    )
+    tokenizer = copy.deepcopy(tokenizer)  # the embedded model's tokenizer is shared: pad a copy
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    return lm, tokenizer
+
+
+def _label_pairs(
+    prompts: list[str],
+    responses: list[str],
+    scores: list[float],
+    want: int,
+    label_noise: float,
+    noise_rng: np.random.Generator,
+) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``want`` labelled pairs from two responses per prompt (rows ``2i``, ``2i + 1``) and
+    the number of ties skipped on the way; one noise draw per kept pair."""
+    rows: list[dict[str, Any]] = []
+    ties = 0
+    for i, prompt in enumerate(prompts):
+        if len(rows) == want:
+            break
+        first = (responses[2 * i], scores[2 * i])
+        second = (responses[2 * i + 1], scores[2 * i + 1])
+        if first[1] == second[1]:
+            ties += 1
+            continue
+        chosen, rejected = (first, second) if first[1] > second[1] else (second, first)
+        flip = bool(noise_rng.random() < label_noise)
+        if flip:
+            chosen, rejected = rejected, chosen
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen[0],
+                "rejected": rejected[0],
+                "gold_chosen": chosen[1],
+                "gold_rejected": rejected[1],
+                "flipped": flip,
+            }
+        )
+    return rows, ties
+
+
 def make_pairs(config: PairsConfig, gold: RewardFn | None = None) -> dict[str, Any]:
     """Sample pairs and label them with the gold reward (``gold``, a callable, replaces
     ``config.gold``); write ``config.output`` atomically; return the summary.
@@ -813,15 +912,7 @@ def make_pairs(config: PairsConfig, gold: RewardFn | None = None) -> dict[str, A
     if out.is_dir():
         raise ValueError(f"--output {str(out)!r} is a folder; give a file name")
     check_writable_dir(out.parent, "--output's folder")
-    set_torch_threads(config.torch_threads)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    lm, tokenizer = load_causal_lm(
-        config.model, device=device, trust_remote_code=config.trust_remote_code
-    )
-    tokenizer = copy.deepcopy(tokenizer)  # the embedded model's tokenizer is shared: pad a copy
-    ensure_pad_token(tokenizer)
-    tokenizer.padding_side = "left"
+    lm, tokenizer = _sampler(config)
     rendered = [_render(tokenizer, p, chat_fallback) for p in prompts]
     order_rng = np.random.default_rng(config.seed)
     noise_rng = np.random.default_rng([config.seed, 1])
@@ -847,30 +938,18 @@ def make_pairs(config: PairsConfig, gold: RewardFn | None = None) -> dict[str, A
             texts = [text for text, _ in batch for _ in range(2)]
             scores = score_batch(reward, texts, responses)
             drawn += len(batch)
-            for i, (prompt, _) in enumerate(batch):
-                if len(rows) == config.num_pairs:
-                    break
-                first = (responses[2 * i], scores[2 * i])
-                second = (responses[2 * i + 1], scores[2 * i + 1])
-                if first[1] == second[1]:
-                    ties += 1
-                    continue
-                chosen, rejected = (first, second) if first[1] > second[1] else (second, first)
-                flip = bool(noise_rng.random() < config.label_noise)
-                if flip:
-                    chosen, rejected = rejected, chosen
-                flipped += flip
-                rows.append(
-                    {
-                        "prompt": prompt,
-                        "chosen": chosen[0],
-                        "rejected": rejected[0],
-                        "gold_chosen": chosen[1],
-                        "gold_rejected": rejected[1],
-                        "flipped": flip,
-                    }
-                )
-                bar.update(1)
+            new, tied = _label_pairs(
+                [text for text, _ in batch],
+                responses,
+                scores,
+                config.num_pairs - len(rows),
+                config.label_noise,
+                noise_rng,
+            )
+            rows += new
+            ties += tied
+            flipped += sum(row["flipped"] for row in new)
+            bar.update(len(new))
     finally:
         bar.close()
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
