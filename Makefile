@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The main job: a short PPO run on the sentiment task with the embedded SmolLM2-135M that visibly
 # learns; it ends with the mean score on held-out prompts before and after, and the KL.
-TRAIN_FLAGS ?= --iterations 8 --num-envs 32 --max-new-tokens 12 --learning-rate 2e-4 --kl-coef 0.03 \
-	--update-epochs 1 --num-minibatches 4 --eval-samples 32
+TRAIN_FLAGS ?= --iterations 10 --num-envs 32 --max-new-tokens 12 --learning-rate 2e-4 --no-anneal-lr \
+	--kl-coef 0.03 --update-epochs 1 --num-minibatches 4 --eval-samples 32
 train: $(VENV)/.installed
 	$(PY) -m scripts.train_text --task Sentiment --model embedded $(TRAIN_FLAGS)
 

@@ -57,7 +57,7 @@ PPO = [
     "--kl-coef",
     "0.02",
     "--eval-samples",
-    "64",
+    "128",
     "--eval-every",
     "3",
     "--eval-rewards",
@@ -76,10 +76,14 @@ PPO = [
 
 @dataclass
 class Args:
-    seeds: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """PPO seeds per proxy"""
     pair_counts: tuple[int, ...] = (128, 1024)
     """training pairs of each proxy reward model (the first N of one labelled set)"""
+    rm_epochs: int = 3
+    """passes of each proxy over its pairs"""
+    rm_learning_rate: float = 5e-5
+    """each proxy's AdamW learning rate"""
     test_pairs: int = 256
     """pairs after the largest training set, held out to measure each proxy's accuracy"""
     jobs: int = 2
@@ -121,7 +125,7 @@ def make_proxies(args: Args, work: Path) -> list[dict]:
     test = [json.loads(x) for x in lines[-args.test_pairs :]]
     proxies = []
     for n in args.pair_counts:
-        out = work / f"rm-{n}"
+        out = work / f"rm-{n}-ep{args.rm_epochs}-lr{args.rm_learning_rate:g}"
         if not (out / "config.json").is_file():
             subset = work / f"pairs-{n}.jsonl"
             subset.write_text("\n".join(lines[:n]) + "\n")
@@ -130,10 +134,15 @@ def make_proxies(args: Args, work: Path) -> list[dict]:
                 _python(
                     "scripts.train_rm",
                     *("--pairs", str(subset), "--output", str(out), "--eval-fraction", "0"),
+                    *("--epochs", str(args.rm_epochs)),
+                    *("--learning-rate", str(args.rm_learning_rate)),
                     *("--no-progress", "--no-tensorboard", "--no-keep-checkpoint"),
                 )
             )
-        proxies.append({"pairs": n, "path": str(out), "test_accuracy": accuracy(out, test)})
+        recipe = {"epochs": args.rm_epochs, "learning_rate": args.rm_learning_rate}
+        proxies.append(
+            {"pairs": n, "path": str(out), "test_accuracy": accuracy(out, test), "recipe": recipe}
+        )
         print(f"proxy on {n} pairs: test accuracy {proxies[-1]['test_accuracy']:.3f}", flush=True)
     return proxies
 
@@ -181,6 +190,7 @@ def run_ppo(proxy: dict, seed: int, work: Path, commit: str) -> dict:
     record = {
         "proxy_pairs": proxy["pairs"],
         "proxy_test_accuracy": proxy["test_accuracy"],
+        "proxy_recipe": proxy["recipe"],
         "seed": seed,
         "points": points,
         "train_kl_last": s["kl_last"],
@@ -205,6 +215,8 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 
 def render(records: list[dict], out: Path) -> None:
     counts = sorted({r["proxy_pairs"] for r in records})
+    recipe = records[0]["proxy_recipe"]
+    samples = PPO[PPO.index("--eval-samples") + 1]
     lines = [
         "# Reward-model over-optimisation, offline",
         "",
@@ -214,9 +226,10 @@ def render(records: list[dict], out: Path) -> None:
         f"Gold reward: VADER compound sentiment of the response ({GOLD}, in [-1, 1]). Proxies: "
         "Bradley-Terry reward models on the embedded model (SmolLM2-135M), trained on the first "
         "N of one set of gold-labelled pairs of the embedded model's own answers to the "
-        "RewardModel task's training instructions. PPO: "
-        f"`{' '.join(PPO)}`. Every evaluation samples the same 64 held-out prompts with the same "
-        "noise and scores the responses with the proxy (the training reward) and the gold; KL is "
+        f"RewardModel task's training instructions ({recipe['epochs']} epochs at learning rate "
+        f"{recipe['learning_rate']:g}, `textenv-train-rm`'s defaults otherwise). PPO: "
+        f"`{' '.join(PPO)}`. Every evaluation samples {samples} responses on the held-out prompts "
+        "with the same noise and scores the responses with the proxy (the training reward) and the gold; KL is "
         "the policy's to the reference, nats per response (k1).",
         "",
         "| proxy pairs | proxy test accuracy | iteration | KL | proxy score | gold score |",
