@@ -17,6 +17,8 @@ The table and plot put the gold and the proxy score against KL. The pairs and re
 and the report is rendered from every record there (``--render-only``).
 
     python -m benchmarks.overoptimisation
+    python -m benchmarks.overoptimisation --pair-counts 1024 --seeds 1 --iterations 36 \
+        --out benchmarks/results/overoptimisation_long.md   # past the default run's end
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GOLD = "vader"
 MAX_NEW_TOKENS = 16
+ITERATIONS = 18
 PPO = [
     "--task",
     "RewardModel",
@@ -49,7 +52,7 @@ PPO = [
     "--max-new-tokens",
     str(MAX_NEW_TOKENS),
     "--iterations",
-    "18",
+    str(ITERATIONS),
     "--num-envs",
     "16",
     "--learning-rate",
@@ -78,6 +81,9 @@ PPO = [
 class Args:
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """PPO seeds per proxy"""
+    iterations: int = ITERATIONS
+    """PPO iterations of each run (other than the default: records and run names of their own,
+    and a report of its own at --out)"""
     pair_counts: tuple[int, ...] = (128, 1024)
     """training pairs of each proxy reward model (the first N of one labelled set)"""
     rm_epochs: int = 3
@@ -159,17 +165,28 @@ def accuracy(proxy: Path, test: list[dict]) -> float:
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(test)
 
 
-def raw_path(pairs: int, seed: int) -> Path:
-    return RESULTS / "raw" / f"overoptimisation.rm{pairs}-{seed}.json"
+def ppo_flags(iterations: int) -> list[str]:
+    flags = list(PPO)
+    flags[flags.index("--iterations") + 1] = str(iterations)
+    return flags
 
 
-def run_ppo(proxy: dict, seed: int, work: Path, commit: str) -> dict:
-    name = f"ppo-rm{proxy['pairs']}-{seed}"
+def _suffix(iterations: int) -> str:
+    return "" if iterations == ITERATIONS else f"-it{iterations}"
+
+
+def raw_path(pairs: int, seed: int, iterations: int = ITERATIONS) -> Path:
+    return RESULTS / "raw" / f"overoptimisation.rm{pairs}-{seed}{_suffix(iterations)}.json"
+
+
+def run_ppo(proxy: dict, seed: int, iterations: int, work: Path, commit: str) -> dict:
+    name = f"ppo-rm{proxy['pairs']}-{seed}{_suffix(iterations)}"
+    flags = ppo_flags(iterations)
     runs = work / "ppo"
     shutil.rmtree(runs / name, ignore_errors=True)  # a run cut short before: this one starts over
     cmd = _python(
         "scripts.train_text",
-        *PPO,
+        *flags,
         *("--reward-model", proxy["path"], "--seed", str(seed)),
         *("--runs-dir", str(runs), "--run-name", name),
     )
@@ -195,11 +212,11 @@ def run_ppo(proxy: dict, seed: int, work: Path, commit: str) -> dict:
         "points": points,
         "train_kl_last": s["kl_last"],
         "training_s": s["wall_time_s"],
-        "flags": PPO,
+        "flags": flags,
         "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    raw = raw_path(proxy["pairs"], seed)
+    raw = raw_path(proxy["pairs"], seed, iterations)
     raw.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(raw, json.dumps(record, indent=1) + "\n")
     return record
@@ -213,22 +230,22 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n**0.5
 
 
-def render(records: list[dict], out: Path) -> None:
+def render(records: list[dict], out: Path, command: str) -> None:
+    flags = records[0]["flags"]
     counts = sorted({r["proxy_pairs"] for r in records})
     recipe = records[0]["proxy_recipe"]
-    samples = PPO[PPO.index("--eval-samples") + 1]
+    samples = flags[flags.index("--eval-samples") + 1]
     lines = [
         "# Reward-model over-optimisation, offline",
         "",
-        "`python -m benchmarks.overoptimisation` (this file, the plot beside it and "
-        "`results/raw/overoptimisation.*.json`).",
+        f"`{command}` (this file, the plot beside it and `results/raw/overoptimisation.*.json`).",
         "",
         f"Gold reward: VADER compound sentiment of the response ({GOLD}, in [-1, 1]). Proxies: "
         "Bradley-Terry reward models on the embedded model (SmolLM2-135M), trained on the first "
         "N of one set of gold-labelled pairs of the embedded model's own answers to the "
         f"RewardModel task's training instructions ({recipe['epochs']} epochs at learning rate "
         f"{recipe['learning_rate']:g}, `textenv-train-rm`'s defaults otherwise). PPO: "
-        f"`{' '.join(PPO)}`. Every evaluation samples {samples} responses on the held-out prompts "
+        f"`{' '.join(flags)}`. Every evaluation samples {samples} responses on the held-out prompts "
         "with the same noise and scores the responses with the proxy (the training reward) and the gold; KL is "
         "the policy's to the reference, nats per response (k1).",
         "",
@@ -263,8 +280,8 @@ def render(records: list[dict], out: Path) -> None:
     lines += [
         "",
         f"Commit {', '.join(commits)}; {records[0]['machine']}; {min(seconds):.0f}-"
-        f"{max(seconds):.0f} s of training per run, {len(records)} runs, two at a time with one "
-        "torch thread each.",
+        f"{max(seconds):.0f} s of training per run, {len(records)} runs, one torch thread each "
+        "(`--jobs` runs at a time, and the times depend on what else ran).",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +335,7 @@ def main(args: Args) -> None:
         # Seed by seed, both proxies: a run cut short leaves the proxies equally covered.
         jobs = [(proxy, seed) for seed in args.seeds for proxy in proxies]
         with ThreadPoolExecutor(args.jobs) as pool:
-            for r in pool.map(lambda job: run_ppo(*job, work, commit), jobs):
+            for r in pool.map(lambda j: run_ppo(j[0], j[1], args.iterations, work, commit), jobs):
                 last = r["points"][-1]
                 print(
                     f"rm{r['proxy_pairs']} seed {r['seed']}: gold {r['points'][0]['gold']:.3f} "
@@ -327,10 +344,12 @@ def main(args: Args) -> None:
                 )
     raw = sorted((RESULTS / "raw").glob("overoptimisation.*.json"))
     # Records of other PPO settings (an earlier version of this benchmark) are left out.
-    records = [r for r in (json.loads(p.read_text()) for p in raw) if r["flags"] == PPO]
+    flags = ppo_flags(args.iterations)
+    records = [r for r in (json.loads(p.read_text()) for p in raw) if r["flags"] == flags]
     if not records:
         raise SystemExit("error: no records in benchmarks/results/raw/overoptimisation.*.json")
-    render(records, out)
+    command = " ".join(["python -m benchmarks.overoptimisation", *sys.argv[1:]])
+    render(records, out, command.replace(" --render-only", ""))
     print(f"wrote {out.relative_to(ROOT)}", flush=True)
 
 
