@@ -259,7 +259,7 @@ def render(records: list[dict], out: Path, command: str) -> None:
             cells = []
             for key in ("kl", "proxy", "gold"):
                 mean, se = _mean_se([r["points"][i][key] for r in runs])
-                cells.append(f"{mean:.3f} ± {se:.3f}")
+                cells.append(f"{mean:.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}"))
             lines.append(f"| {n} | {acc:.3f} | {point['iteration']} | " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± standard error over seeds {sorted({r['seed'] for r in records})}.", ""]
     lines += ["## Per seed: does the gold score peak and fall?", ""]
